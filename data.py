@@ -1,0 +1,249 @@
+"""Precomputed region features and captions in SCAN's layout, as the original VSRN reads them.
+
+    DATA/NAME/{split}_ims.npy   (num_images, regions, img_dim) float32
+    DATA/NAME/{split}_caps.txt  one UTF-8 caption per line, 5 per image (or 1 per image)
+
+Features are memory-mapped, so RAM does not grow with the dataset; captions are
+tokenized once and cached on disk, keyed by the file's content and the vocabulary.
+"""
+import hashlib
+import os
+import signal
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from utils.atomic import atomic_write
+from utils.errors import DataError
+from vocab import END, START, tokenize, tokenizer_identity
+
+DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev captions only
+
+
+def cache_dir():
+    return os.environ.get("VSRN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vsrn")
+
+
+def read_captions(path):
+    """Lines of a caption file as stripped str, decoded as UTF-8 (never bytes)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: caption file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    try:
+        return [line.decode("utf-8").strip() for line in lines]
+    except UnicodeDecodeError:
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise
+
+
+def encode_captions(captions, vocab, desc="tokenizing"):
+    """Word ids of every caption (without <start>/<end>) as one flat int32 array plus offsets."""
+    pieces = [np.asarray([vocab(w) for w in tokenize(c)], dtype=np.int32) for c in tqdm(captions, desc=desc, unit="cap", mininterval=1.0)]
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in pieces], out=offsets[1:])
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return flat, offsets
+
+
+def _vocab_digest(vocab):
+    words = "\n".join(vocab.idx2word[i] for i in range(len(vocab)))
+    return hashlib.sha256(words.encode("utf-8")).hexdigest()[:16]
+
+
+def load_caption_ids(path, vocab):
+    """encode_captions(read_captions(path)), cached on disk by content, vocabulary and tokenizer."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: caption file not found")
+    with open(path, "rb") as f:
+        content = hashlib.sha256(f.read()).hexdigest()
+    key = hashlib.sha256(f"{content}|{_vocab_digest(vocab)}|{tokenizer_identity()}".encode()).hexdigest()[:32]
+    cached = os.path.join(cache_dir(), f"caption_ids-{key}.npz")
+    if os.path.isfile(cached):
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                return z["ids"], z["offsets"], [int(i) for i in z["empty_lines"]]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: rebuild it below
+    captions = read_captions(path)
+    ids, offsets = encode_captions(captions, vocab, desc=f"tokenizing {os.path.basename(path)}")
+    empty_lines = [n for n, c in enumerate(captions, start=1) if not c]
+    try:
+        with atomic_write(cached, "wb") as f:
+            np.savez(f, ids=ids, offsets=offsets, empty_lines=np.asarray(empty_lines, dtype=np.int64))
+    except OSError as e:
+        warnings.warn(f"could not write the token cache {cached} ({e}); captions will be tokenized again next time")
+    return ids, offsets, empty_lines
+
+
+def caption_branch_target(caption, max_len):
+    """Label and mask (length max_len + 1) of the caption branch, built as the original.
+
+    The caption (<start> ... <end>) is cut to max_len ids with <end> last; the mask
+    covers the label up to and including its first padding position.
+    """
+    if len(caption) > max_len:
+        caption = torch.cat([caption[: max_len - 1], caption[-1:]])
+    label = torch.zeros(max_len + 1, dtype=torch.int64)
+    label[: len(caption)] = caption
+    first_pad = int((label == 0).nonzero()[0, 0])
+    mask = torch.zeros(max_len + 1, dtype=torch.float32)
+    mask[: first_pad + 1] = 1
+    return label, mask
+
+
+class PrecompDataset(Dataset):
+    """Item: (image (regions, img_dim), caption ids <start>..<end>, index, image index,
+    caption-branch label, caption-branch mask). Five captions per image share its features."""
+
+    def __init__(self, data_path, data_split, vocab, opt):
+        self.split = data_split
+        self.max_len = opt.max_len
+        self.start_id, self.end_id = vocab(START), vocab(END)
+        self.ims_path = os.path.join(data_path, f"{data_split}_ims.npy")
+        caps_path = os.path.join(data_path, f"{data_split}_caps.txt")
+        for path in (self.ims_path, caps_path):
+            if not os.path.isfile(path):
+                raise DataError(
+                    f"{path}: not found; expected the precomputed layout {data_path}/{data_split}_ims.npy "
+                    f"and {data_split}_caps.txt (see README, Data)"
+                )
+        self.images = open_features(self.ims_path, opt.img_dim)
+        self.caption_ids, self.offsets, empty_lines = load_caption_ids(caps_path, vocab)
+        num_captions, num_images = len(self.offsets) - 1, self.images.shape[0]
+        if empty_lines:
+            warnings.warn(
+                f"{caps_path}: {len(empty_lines)} empty caption line(s) (first: line {empty_lines[0]}); "
+                "kept as <start> <end>, as the original"
+            )
+        if num_captions == num_images:
+            self.im_div = 1
+        elif num_captions == 5 * num_images:
+            self.im_div = 5
+        else:
+            raise DataError(
+                f"{caps_path}: {num_captions} captions for the {num_images} images of {self.ims_path}; "
+                "expected 5 captions per image (or 1)"
+            )
+        self.length = min(num_captions, DEV_CAPTION_LIMIT) if data_split == "dev" else num_captions
+
+    def __len__(self):
+        return self.length
+
+    def caption(self, index):
+        words = self.caption_ids[self.offsets[index] : self.offsets[index + 1]]
+        caption = torch.empty(len(words) + 2, dtype=torch.int64)
+        caption[0], caption[-1] = self.start_id, self.end_id
+        caption[1:-1] = torch.from_numpy(words.astype(np.int64))
+        return caption
+
+    def __getitem__(self, index):
+        img_id = index // self.im_div
+        features = np.array(self.images[img_id], dtype=np.float32)
+        if not np.isfinite(features).all():
+            raise DataError(f"{self.ims_path}: NaN or Inf in the features of image {img_id} ({self.split} split, caption index {index})")
+        caption = self.caption(index)
+        label, mask = caption_branch_target(caption, self.max_len)
+        return torch.from_numpy(features), caption, index, img_id, label, mask
+
+
+def open_features(path, img_dim):
+    """Memory-map a (num_images, regions, img_dim) float array, checking its shape."""
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    if images.ndim != 3:
+        raise DataError(f"{path}: features have shape {images.shape}; expected 3-D (num_images, regions, img_dim)")
+    if images.shape[2] != img_dim:
+        raise DataError(f"{path}: features have {images.shape[2]} dims per region; --img_dim is {img_dim}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{path}: features are {images.dtype}; expected floating point")
+    return images
+
+
+def collate_fn(data):
+    """Batch items sorted by caption length, longest first, as the original."""
+    data = sorted(data, key=lambda item: len(item[1]), reverse=True)
+    images, captions, ids, img_ids, caption_labels, caption_masks = zip(*data)
+    lengths = [len(c) for c in captions]
+    targets = torch.zeros(len(captions), max(lengths), dtype=torch.int64)
+    for i, caption in enumerate(captions):
+        targets[i, : lengths[i]] = caption
+    return torch.stack(images), targets, lengths, ids, torch.stack(caption_labels), torch.stack(caption_masks)
+
+
+class EpochShuffleSampler(Sampler):
+    """A fresh random order each epoch, fixed by (seed, epoch) so a resumed run can continue
+    an epoch with exactly the batches it had not yet seen."""
+
+    def __init__(self, length, seed):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        """Iterate epoch `epoch`'s order from position `start` on."""
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.length, generator=generator)
+
+    def __iter__(self):
+        return iter(self.order(self.epoch)[self.start :].tolist())
+
+    def __len__(self):
+        return self.length - self.start
+
+
+def _ignore_sigint(worker_id):
+    # Ctrl-C reaches the whole process group; the main process alone decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _loader(dataset, batch_size, workers, sampler=None):
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0 and sampler is not None,
+        collate_fn=collate_fn,
+        worker_init_fn=_ignore_sigint,
+        # Its own generator: creating an iterator must not draw from the global RNG, which
+        # drives dropout, or a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator(),
+    )
+
+
+def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True, num_workers=2, seed=0):
+    dataset = PrecompDataset(data_path, data_split, vocab, opt)
+    sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    return _loader(dataset, batch_size, num_workers, sampler)
+
+
+def get_loaders(data_name, vocab, crop_size, batch_size, workers, opt):
+    """Train loader (shuffled by an EpochShuffleSampler seeded with opt.seed) and dev loader."""
+    path = os.path.join(opt.data_path, data_name)
+    train_loader = get_precomp_loader(path, "train", vocab, opt, batch_size, True, workers, opt.seed or 0)
+    val_loader = get_precomp_loader(path, "dev", vocab, opt, batch_size, False, workers)
+    return train_loader, val_loader
+
+
+def get_test_loader(split_name, data_name, vocab, crop_size, batch_size, workers, opt):
+    path = os.path.join(opt.data_path, data_name)
+    return get_precomp_loader(path, split_name, vocab, opt, batch_size, False, workers)

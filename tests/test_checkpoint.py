@@ -1,0 +1,88 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+from conftest import make_opt, shared_file
+from utils import checkpoint as checkpoint_module
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import CheckpointError
+
+
+def test_original_release_checkpoint_loads_safely_with_defaults_filled_in():
+    checkpoint = load_checkpoint(shared_file("fixtures", "legacy_vsrn_f30k_tiny.pth.tar"))
+    assert checkpoint["epoch"] == 17 and checkpoint["Eiters"] == 20000 and checkpoint["best_rsum"] == 480.0
+    opt = checkpoint["opt"]
+    assert isinstance(opt, argparse.Namespace)
+    assert opt.embed_size == 64 and opt.vocab_size == 8481 and opt.data_name == "f30k_precomp"
+    assert opt.seed is None and opt.amp is False  # options the original lacked take today's defaults
+    assert len(checkpoint["model"]) == 2
+
+
+def test_round_trip_of_our_checkpoint(tmp_path):
+    state = {"epoch": 1, "model": [{"w": torch.ones(2)}], "opt": make_opt(), "best_rsum": 3.0, "rng": {"torch": torch.get_rng_state()}}
+    save_checkpoint(state, is_best=True, folder=str(tmp_path))
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        loaded = load_checkpoint(str(tmp_path / name))
+        assert torch.equal(loaded["model"][0]["w"], torch.ones(2)) and loaded["opt"].embed_size == 32
+
+
+class _CreatesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_with_a_foreign_global_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"model": [], "opt": _CreatesFile(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pth.tar: refusing to load: it needs the global (builtins|io)\.open"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_legacy_format_with_a_foreign_global_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil_legacy.pth.tar"
+    torch.save({"model": [], "opt": _CreatesFile(str(marker))}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
+    path = tmp_path / "model.pth.tar"
+    save_checkpoint({"model": [{"w": torch.ones(1000)}], "opt": make_opt()}, False, str(tmp_path), "model.pth.tar")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.pth.tar: not a complete torch checkpoint"):
+        load_checkpoint(str(path))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.txt: not a"):
+        load_checkpoint(str(text))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a VSRN checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="missing.pth.tar: checkpoint not found"):
+        load_checkpoint(str(tmp_path / "missing.pth.tar"))
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_checkpoint({"model": [{"w": torch.zeros(3)}], "opt": make_opt()}, True, str(tmp_path))
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": [{"w": torch.ones(3)}], "opt": make_opt()}, True, str(tmp_path))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        assert torch.equal(load_checkpoint(str(tmp_path / name))["model"][0]["w"], torch.zeros(3))

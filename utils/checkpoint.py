@@ -1,0 +1,60 @@
+"""Safe checkpoint I/O: ours and the original release's legacy files, never a blind unpickle."""
+import argparse
+import os
+import pickle
+import re
+
+import torch
+
+from utils.atomic import atomic_copy, atomic_write
+from utils.errors import CheckpointError
+from utils.options import option_defaults
+
+# The only non-tensor class a VSRN checkpoint holds: `opt`, an argparse.Namespace.
+SAFE_GLOBALS = [argparse.Namespace]
+
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)")
+
+
+def _refused_global(message):
+    match = _UNSUPPORTED_GLOBAL.search(message)
+    return match.group(1) if match else None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict with `weights_only=True` and only argparse.Namespace allowed.
+
+    `opt` comes back as a Namespace in which options older files lack take today's defaults.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused_global(str(e))
+        if refused:
+            raise CheckpointError(f"{path}: refusing to load: it needs the global {refused}, which a VSRN checkpoint never holds") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a complete torch checkpoint (truncated or another format: {first})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
+        raise CheckpointError(f"{path}: not a VSRN checkpoint (expected a dict with 'model' and 'opt')")
+    opt = checkpoint["opt"]
+    if isinstance(opt, dict):
+        opt = argparse.Namespace(**opt)
+    if not isinstance(opt, argparse.Namespace):
+        raise CheckpointError(f"{path}: 'opt' must be an argparse.Namespace, found {type(opt).__name__}")
+    checkpoint["opt"] = argparse.Namespace(**{**option_defaults(), **vars(opt)})
+    return checkpoint
+
+
+def save_checkpoint(state, is_best, folder, filename="checkpoint.pth.tar", best_filename="model_best.pth.tar"):
+    """Write `folder/filename` atomically; copy it to `best_filename` (also atomically) when best."""
+    path = os.path.join(folder, filename)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+    if is_best:
+        atomic_copy(path, os.path.join(folder, best_filename))
+    return path

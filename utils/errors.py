@@ -1,0 +1,38 @@
+"""User-facing errors: each carries one line that names the file or flag and what was expected."""
+import re
+
+
+class VSRNError(Exception):
+    """Base class of the errors a user can act on; the scripts print them as one line and exit 2."""
+
+
+class DataError(VSRNError):
+    """A dataset file is missing or does not have the expected layout or content."""
+
+
+class VocabularyError(VSRNError):
+    """A vocabulary file cannot be read or is not safe to read."""
+
+
+class CheckpointError(VSRNError):
+    """A checkpoint file cannot be read, is not safe to read, or does not fit the model."""
+
+
+class OptionError(VSRNError):
+    """A command-line flag has a value the model cannot run with."""
+
+
+_WORKER_PREFIX = re.compile(r"^(?:\w+\.)*\w+Error: ")
+
+
+def one_line(error):
+    """The user-facing line of an error, also when a DataLoader worker re-raised it.
+
+    Worker processes re-raise with the whole remote traceback in the message; the
+    original message is its last line, after the exception's qualified name.
+    """
+    text = str(error).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return _WORKER_PREFIX.sub("", last, count=1)

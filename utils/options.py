@@ -1,0 +1,61 @@
+"""Command-line options of train.py: every flag of the original VSRN with its default, plus ours."""
+import argparse
+
+# Flags the original kept for raw-image training (a CNN on pixels). This port trains from
+# precomputed region features only, so they are accepted for compatibility and ignored.
+UNUSED_FLAGS = ("crop_size", "finetune", "cnn_type", "use_restval", "reset_train")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train VSRN on precomputed region features.")
+    add = p.add_argument
+    # The original's flags, names and defaults unchanged.
+    add("--data_path", default="/data", help="folder that holds DATA_NAME/{train,dev,test}_{ims.npy,caps.txt}")
+    add("--data_name", default="precomp", help="{coco,f8k,f30k,10crop}_precomp (only precomputed features)")
+    add("--vocab_path", default="./vocab/", help="folder with DATA_NAME_vocab.json (or the original .pkl)")
+    add("--margin", default=0.2, type=float, help="rank loss margin")
+    add("--num_epochs", default=30, type=int, help="number of training epochs")
+    add("--batch_size", default=128, type=int, help="size of a training mini-batch")
+    add("--word_dim", default=300, type=int, help="dimensionality of the word embedding")
+    add("--embed_size", default=2048, type=int, help="dimensionality of the joint embedding")
+    add("--grad_clip", default=2.0, type=float, help="gradient clipping threshold (0 disables)")
+    add("--crop_size", default=224, type=int, help="unused: raw-image crop size of the original")
+    add("--num_layers", default=1, type=int, help="number of GRU layers of the text encoder")
+    add("--learning_rate", default=0.0002, type=float, help="initial learning rate")
+    add("--lr_update", default=15, type=int, help="divide the learning rate by 10 every this many epochs")
+    add("--workers", default=10, type=int, help="number of data loader worker processes")
+    add("--log_step", default=10, type=int, help="print and record the log every this many steps")
+    add("--val_step", default=500, type=int, help="validate every this many steps")
+    add("--logger_name", default="runs/runX", help="folder for checkpoints and TensorBoard logs")
+    add("--resume", default="", type=str, metavar="PATH", help="checkpoint to continue training from")
+    add("--max_violation", action="store_true", help="use the hardest negative instead of the sum in the rank loss")
+    add("--img_dim", default=2048, type=int, help="dimensionality of the region features")
+    add("--finetune", action="store_true", help="unused: fine-tuned the CNN on raw images in the original")
+    add("--cnn_type", default="vgg19", help="unused: CNN of the original's raw-image encoder")
+    add("--use_restval", action="store_true", help="unused: COCO restval images for raw-image training")
+    add("--measure", default="cosine", choices=("cosine", "order"), help="similarity measure")
+    add("--use_abs", action="store_true", help="take the absolute value of the embeddings (order embeddings)")
+    add("--no_imgnorm", action="store_true", help="do not l2-normalise the image embeddings")
+    add("--reset_train", action="store_true", help="unused: the original always switched back to train mode")
+    # Caption branch.
+    add("--dim_vid", default=2048, type=int, help="input size of the caption encoder; must equal --embed_size")
+    add("--dim_hidden", default=512, type=int, help="hidden size of the caption encoder and decoder")
+    add("--bidirectional", default=0, type=int, help="1 for a bidirectional caption encoder")
+    add("--input_dropout_p", default=0.2, type=float, help="dropout on the caption branch inputs")
+    add("--rnn_type", default="gru", choices=("gru",), help="caption RNN cell (the original decoder works with gru only)")
+    add("--rnn_dropout_p", default=0.5, type=float, help="dropout between caption RNN layers (no effect with one layer, as in the original)")
+    add("--dim_word", default=300, type=int, help="word embedding size of the caption decoder")
+    add("--max_len", default=60, type=int, help="caption-branch length, <start> and <end> included")
+    # Ours.
+    add("--seed", default=None, type=int, help="seed for weights, dropout and batch order (CPU runs repeat exactly)")
+    add("--demo", action="store_true", help="train and evaluate on a generated toy dataset in a few minutes")
+    add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
+    add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
+    add("--compile", action="store_true", help="torch.compile the encoders (CUDA)")
+    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return p
+
+
+def option_defaults():
+    """Every option's default, for filling in options that older checkpoints lack."""
+    return vars(build_parser().parse_args([]))

@@ -1,0 +1,207 @@
+"""Tokenizer and vocabulary: build `NAME_vocab.json`, load it or the original release's pickles.
+
+    python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4]
+"""
+import argparse
+import io
+import json
+import os
+import pickle
+import sys
+import warnings
+from collections import Counter
+
+import nltk
+
+from utils.errors import VSRNError, VocabularyError, one_line
+from utils.atomic import atomic_write
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+
+_punkt_available = None
+
+
+def _has_punkt():
+    global _punkt_available
+    if _punkt_available is None:
+        try:
+            nltk.word_tokenize("probe.")
+            _punkt_available = True
+        except LookupError:
+            _punkt_available = False
+            warnings.warn(
+                "NLTK's punkt tokenizer data is not installed; tokenizing without sentence "
+                "splitting instead. Install it with `python utils/download_nltk.py` "
+                "(honours HTTPS_PROXY) to tokenize exactly as the original.",
+                stacklevel=3,
+            )
+    return _punkt_available
+
+
+def tokenize(text):
+    """Lower-case, then NLTK's word_tokenize, as the original VSRN.
+
+    Without the punkt data, NLTK's word tokenizer still runs with `preserve_line=True`
+    (no sentence splitting), which gives the same tokens for one-sentence captions.
+    """
+    text = text.lower()
+    if _has_punkt():
+        return nltk.word_tokenize(text)
+    return nltk.word_tokenize(text, preserve_line=True)
+
+
+def tokenizer_identity():
+    """What the tokens depend on besides the text: part of the token-cache key."""
+    return f"nltk-{nltk.__version__}-{'punkt' if _has_punkt() else 'preserve_line'}"
+
+
+class Vocabulary:
+    """Word <-> index mapping; unknown words map to `<unk>`."""
+
+    def __init__(self):
+        self.word2idx = {}
+        self.idx2word = {}
+        self.idx = 0
+
+    def add_word(self, word):
+        if word not in self.word2idx:
+            self.word2idx[word] = self.idx
+            self.idx2word[self.idx] = word
+            self.idx += 1
+
+    def __call__(self, word):
+        return self.word2idx.get(word, self.word2idx[UNK])
+
+    def __len__(self):
+        return len(self.word2idx)
+
+    def __setstate__(self, state):
+        # Called by the restricted unpickler: accept only the original's plain attributes.
+        word2idx = state.get("word2idx") if isinstance(state, dict) else None
+        idx2word = state.get("idx2word") if isinstance(state, dict) else None
+        if not (isinstance(word2idx, dict) and isinstance(idx2word, dict)):
+            raise pickle.UnpicklingError("Vocabulary state must hold word2idx and idx2word dicts")
+        if not all(isinstance(w, str) and isinstance(i, int) for w, i in word2idx.items()):
+            raise pickle.UnpicklingError("word2idx must map str to int")
+        if not all(isinstance(i, int) and isinstance(w, str) for i, w in idx2word.items()):
+            raise pickle.UnpicklingError("idx2word must map int to str")
+        self.word2idx = dict(word2idx)
+        self.idx2word = dict(idx2word)
+        self.idx = int(state.get("idx", len(word2idx)))
+
+
+def vocabulary_from_words(words):
+    vocab = Vocabulary()
+    for word in words:
+        vocab.add_word(word)
+    return vocab
+
+
+def build_vocab(captions, threshold=4):
+    """Specials first, then every word seen at least `threshold` times, most frequent first."""
+    counter = Counter()
+    for caption in captions:
+        counter.update(tokenize(caption))
+    words = sorted((w for w, c in counter.items() if c >= threshold), key=lambda w: (-counter[w], w))
+    return vocabulary_from_words(list(SPECIAL_TOKENS) + [w for w in words if w not in SPECIAL_TOKENS])
+
+
+def save_vocab(vocab, path):
+    words = [vocab.idx2word[i] for i in range(len(vocab))]
+    with atomic_write(path, "w") as f:
+        json.dump({"idx2word": words}, f, ensure_ascii=False)
+
+
+class _VocabularyUnpickler(pickle.Unpickler):
+    """Unpickles only the original `Vocabulary` (saved from `__main__` or `vocab`) and plain containers."""
+
+    ALLOWED = {("__main__", "Vocabulary"), ("vocab", "Vocabulary")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return Vocabulary
+        raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+
+
+def _load_pickle(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        vocab = _VocabularyUnpickler(io.BytesIO(data), encoding="utf-8").load()
+    except pickle.UnpicklingError as e:
+        raise VocabularyError(f"{path}: not a safe vocabulary pickle ({e})") from None
+    except Exception as e:
+        raise VocabularyError(f"{path}: not a readable vocabulary pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(vocab, Vocabulary):
+        raise VocabularyError(f"{path}: expected a pickled Vocabulary, found {type(vocab).__name__}")
+    return vocab
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = json.load(f)["idx2word"]
+        if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+            raise ValueError("idx2word must be a list of strings")
+    except (ValueError, KeyError, TypeError) as e:
+        raise VocabularyError(f"{path}: not a VSRN vocabulary JSON ({e})") from None
+    return vocabulary_from_words(words)
+
+
+def load_vocab(path):
+    """Read our JSON vocabulary or an original-release pickle, never running code from the file."""
+    if not os.path.isfile(path):
+        raise VocabularyError(f"{path}: vocabulary file not found")
+    vocab = _load_pickle(path) if path.endswith(".pkl") else _load_json(path)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab.word2idx]
+    if missing:
+        raise VocabularyError(f"{path}: vocabulary lacks the special tokens {missing}")
+    return vocab
+
+
+def vocab_file(vocab_dir, data_name):
+    """`DIR/NAME_vocab.json` if present, else the original's `DIR/NAME_vocab.pkl`; None if neither."""
+    for ext in ("json", "pkl"):
+        path = os.path.join(vocab_dir, f"{data_name}_vocab.{ext}")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_vocab_by_name(vocab_dir, data_name, data_path=None):
+    path = vocab_file(vocab_dir, data_name)
+    if path is None:
+        hint = f"python vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
+        raise VocabularyError(
+            f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
+        )
+    return load_vocab(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", default="data", help="folder that holds NAME/train_caps.txt")
+    parser.add_argument("--data_name", default="f30k_precomp")
+    parser.add_argument("--vocab_path", default="vocab", help="folder to write NAME_vocab.json to")
+    parser.add_argument("--threshold", default=4, type=int, help="minimum word count to enter the vocabulary")
+    args = parser.parse_args(argv)
+    caption_files = [os.path.join(args.data_path, args.data_name, f"{split}_caps.txt") for split in ("train", "dev")]
+    try:
+        for path in caption_files:
+            if not os.path.isfile(path):
+                raise VocabularyError(f"{path}: caption file not found (expected the precomputed layout DATA/NAME/{{train,dev}}_caps.txt)")
+        from data import read_captions  # data imports this module
+
+        vocab = build_vocab((c for path in caption_files for c in read_captions(path)), args.threshold)
+    except VSRNError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    out = os.path.join(args.vocab_path, f"{args.data_name}_vocab.json")
+    save_vocab(vocab, out)
+    print(f"Vocabulary of {len(vocab)} words written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
