@@ -1,0 +1,37 @@
+"""The caption branch computed step by step as the original VSRN wrote it (unidirectional
+encoder, teacher forcing, all max_len - 1 steps), on the parameters of a model.CaptionModel.
+
+It is the yardstick for model.CaptionDecoder.hidden_states: same weights, same loss,
+none of its hoisting of step-independent products.
+"""
+import torch
+from torch.nn import functional as F
+
+
+def attention(attn, hidden, encoder_outputs):
+    """The original Attention.forward: linear1 over [encoder_i; hidden] for every region."""
+    batch, regions, _ = encoder_outputs.size()
+    hidden = hidden.unsqueeze(1).repeat(1, regions, 1)
+    inputs = torch.cat((encoder_outputs, hidden), 2).view(-1, attn.dim * 2)
+    scores = attn.linear2(torch.tanh(attn.linear1(inputs))).view(batch, regions)
+    alpha = F.softmax(scores, dim=1)
+    return torch.bmm(alpha.unsqueeze(1), encoder_outputs).squeeze(1)
+
+
+def caption_loss(caption_model, regions, labels, masks):
+    """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch over the original's max_len - 1 steps."""
+    encoder, decoder = caption_model.encoder, caption_model.decoder
+    batch, num_regions, dim_vid = regions.size()
+    features = encoder.input_dropout(encoder.vid2hid(regions.reshape(-1, dim_vid)))
+    encoder_outputs, hidden = encoder.rnn(features.view(batch, num_regions, encoder.dim_hidden))
+    words = decoder.embedding(labels)
+    logprobs = []
+    for t in range(decoder.max_length - 1):
+        context = attention(decoder.attention, hidden.squeeze(0), encoder_outputs)
+        step_input = decoder.input_dropout(torch.cat([words[:, t], context], dim=1)).unsqueeze(1)
+        output, hidden = decoder.rnn(step_input, hidden)
+        logprobs.append(F.log_softmax(decoder.out(output.squeeze(1)), dim=1).unsqueeze(1))
+    logprobs = torch.cat(logprobs, 1)
+    steps = logprobs.size(1)
+    nll = F.nll_loss(logprobs.reshape(-1, logprobs.size(2)).float(), labels[:, 1 : steps + 1].reshape(-1), reduction="none")
+    return (nll * masks[:, 1 : steps + 1].reshape(-1)).sum() / batch

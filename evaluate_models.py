@@ -1,0 +1,47 @@
+"""Evaluate VSRN checkpoints: edit the paths below (as in the original) or pass them as flags.
+
+    python evaluate_models.py                                   # the blocks below
+    python evaluate_models.py --data_path DATA --split test m1.pth.tar [m2.pth.tar ...] [--fold5]
+
+Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
+"""
+import argparse
+import sys
+
+from evaluation import evalrank
+from utils.errors import VSRNError, one_line
+
+# MS-COCO: 1K test (5 folds of the 5000-image `testall` split) with the two-model ensemble.
+# Drop `fold5=True` for the 5K test.
+COCO = dict(
+    model_paths=("pretrain_model/coco/model_coco_1.pth.tar", "pretrain_model/coco/model_coco_2.pth.tar"),
+    data_path="data/", split="testall", fold5=True,
+)
+# Flickr30K: 1K test with the two-model ensemble.
+FLICKR30K = dict(
+    model_paths=("pretrain_model/flickr/model_fliker_1.pth.tar", "pretrain_model/flickr/model_fliker_2.pth.tar"),
+    data_path="data/", split="test", fold5=False,
+)
+RUN = [FLICKR30K]  # the blocks run without flags, e.g. [COCO, FLICKR30K]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_paths", nargs="*", help="checkpoints; several form an ensemble")
+    parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
+    parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
+    parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
+    parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path")
+    args = parser.parse_args(argv)
+    blocks = [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)] if args.model_paths else RUN
+    try:
+        for block in blocks:
+            evalrank(*block["model_paths"], data_path=block["data_path"], split=block["split"], fold5=block["fold5"], vocab_path=args.vocab_path)
+    except VSRNError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Image-text retrieval metrics of VSE++/VSRN: Recall@1/5/10, median and mean rank.
+
+Embeddings come as the encoder produces them: `images` is (5N, K) with each image repeated
+once per caption, `captions` is (5N, K), and captions 5i..5i+4 describe image i.
+
+Ranks are counted rather than sorted: the rank of a query is the number of targets scoring
+strictly above its ground truth. A target that ties the ground truth therefore does not count
+against it (ranks are optimistic), and top1 is the lowest index among equal best scores. The
+original's unstable argsort left both cases unspecified; continuous embeddings do not tie.
+"""
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import get_test_loader
+from model import VSRN
+from utils.atomic import atomic_write
+from utils.checkpoint import load_checkpoint
+from utils.errors import CheckpointError, DataError
+from vocab import load_vocab_by_name
+
+# Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
+# then needs little beyond its 500 MB similarity matrix, and order_sim's few (rows, targets, K)
+# temporaries stay within a few hundred MB.
+CHUNK_ELEMENTS = 1 << 24
+
+MEASURES = ('cosine', 'order')
+
+
+def order_sim(im, s):
+    """Order-embedding scores -||max(0, s - im)|| of every image against every caption: (n_im, n_s)."""
+    return -(s.unsqueeze(0) - im.unsqueeze(1)).clamp(min=0).pow(2).sum(2).sqrt()
+
+
+def similarity(images, captions, measure='cosine'):
+    """Scores of every image (one row in five of `images`) against every caption: (N, 5N) float32."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    ims = torch.as_tensor(images[::5], dtype=torch.float32)
+    caps = torch.as_tensor(captions, dtype=torch.float32)
+    sims = torch.empty(len(ims), len(caps))
+    elements_per_row = len(caps) * (caps.shape[1] if measure == 'order' else 1)
+    step = _rows_per_chunk(elements_per_row)
+    for start in range(0, len(ims), step):
+        chunk = ims[start:start + step]
+        if measure == 'order':
+            sims[start:start + step] = order_sim(chunk, caps)
+        else:
+            torch.mm(chunk, caps.T, out=sims[start:start + step])
+    return sims
+
+
+def ranks_i2t(sims):
+    """Rank of each image's best caption among 5i..5i+4, and its top-scored caption.
+
+    `sims` is an (n_images, n_captions) score matrix; returns two float arrays of n_images.
+    """
+    sims = torch.as_tensor(sims)
+    step = _rows_per_chunk(sims.shape[1])
+    ranks, top1 = [], []
+    for start in range(0, len(sims), step):
+        rows = sims[start:start + step]
+        own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
+        truth = rows.gather(1, own_captions).amax(1)
+        ranks.append(_count_above(rows, truth[:, None], dim=1))
+        top1.append(rows.argmax(1))
+    return _as_float_arrays(ranks, top1)
+
+
+def ranks_t2i(sims):
+    """Rank of each caption's image (caption j describes image j // 5), and its top-scored image.
+
+    `sims` is an (n_images, n_captions) score matrix; returns two float arrays of n_captions.
+    """
+    sims = torch.as_tensor(sims)
+    n_images = len(sims)
+    images = torch.arange(n_images, dtype=torch.int32)[:, None]
+    step = _rows_per_chunk(n_images)
+    ranks, top1 = [], []
+    for start in range(0, sims.shape[1], step):
+        columns = sims[:, start:start + step]
+        captions = torch.arange(start, start + columns.shape[1])
+        ranks.append(_count_above(columns, columns[captions // 5, captions - start], dim=0))
+        # The first image holding the column maximum: on CPU, argmax along dim 0 runs several
+        # times slower than these elementwise passes and an int32 amin.
+        is_best = columns == columns.amax(0)
+        top1.append(torch.where(is_best, images, n_images).amin(0))
+    return _as_float_arrays(ranks, top1)
+
+
+def recall_metrics(ranks):
+    """(R@1, R@5, R@10, median rank, mean rank) of 0-based ranks, in percent and 1-based ranks."""
+    ranks = np.asarray(ranks)
+    r1, r5, r10 = (100.0 * np.count_nonzero(ranks < k) / len(ranks) for k in (1, 5, 10))
+    medr = np.floor(np.median(ranks)) + 1
+    meanr = ranks.mean() + 1
+    return tuple(float(metric) for metric in (r1, r5, r10, medr, meanr))
+
+
+def i2t(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None):
+    """Caption retrieval for the first `npts` images (default: all) among all captions.
+
+    `sims`, an (n_images, n_captions) numpy or torch score matrix such as the average of two
+    models' `similarity`, replaces the one computed from the embeddings; `npts` then defaults
+    to its number of rows.
+    Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also (ranks, top1).
+    """
+    if npts is None:
+        npts = images.shape[0] // 5 if sims is None else len(sims)
+    if sims is None:
+        sims = similarity(images[:5 * npts], captions, measure)
+    ranks, top1 = ranks_i2t(torch.as_tensor(sims)[:npts])
+    metrics = recall_metrics(ranks)
+    return (metrics, (ranks, top1)) if return_ranks else metrics
+
+
+def t2i(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None):
+    """Image retrieval for the captions of the first `npts` images (default: all) among all images.
+
+    `sims` is as for `i2t`. Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also
+    (ranks, top1), one entry per caption.
+    """
+    if npts is None:
+        npts = images.shape[0] // 5 if sims is None else len(sims)
+    if sims is None:
+        sims = similarity(images, captions[:5 * npts], measure)
+    ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, :5 * npts])
+    metrics = recall_metrics(ranks)
+    return (metrics, (ranks, top1)) if return_ranks else metrics
+
+
+def _rows_per_chunk(elements_per_row):
+    return max(1, CHUNK_ELEMENTS // max(1, elements_per_row))
+
+
+def _count_above(scores, truth, dim):
+    # On CPU, int32 sums of booleans run about twice as fast as the default int64 ones.
+    return (scores > truth).sum(dim, dtype=torch.int32)
+
+
+def _as_float_arrays(ranks, top1):
+    return torch.cat(ranks).numpy().astype(float), torch.cat(top1).numpy().astype(float)
+
+
+def encode_data(model, data_loader):
+    """Image and caption embeddings (float32), one row per caption as the original.
+
+    Each image is encoded once per batch and copied to the rows of its captions: in
+    eval mode the encoder is deterministic, so this equals encoding every row.
+    """
+    model.val_start()
+    dataset = data_loader.dataset
+    img_embs = cap_embs = None
+    with torch.no_grad():
+        for images, captions, lengths, ids, _, _ in tqdm(data_loader, desc="encoding", unit="batch", leave=False):
+            image_ids = [index // dataset.im_div for index in ids]
+            first_row = {image_id: row for row, image_id in reversed(list(enumerate(image_ids)))}
+            unique_ids = list(first_row)
+            img_emb, cap_emb, _ = model.forward_emb(images[[first_row[i] for i in unique_ids]], captions, lengths)
+            if img_embs is None:
+                img_embs = np.zeros((len(dataset), img_emb.size(1)), dtype=np.float32)
+                cap_embs = np.zeros((len(dataset), cap_emb.size(1)), dtype=np.float32)
+            position = {image_id: k for k, image_id in enumerate(unique_ids)}
+            img_embs[list(ids)] = img_emb.cpu().numpy()[[position[i] for i in image_ids]]
+            cap_embs[list(ids)] = cap_emb.cpu().numpy()
+    return img_embs, cap_embs
+
+
+def _load_models(model_paths, data_path, vocab_path):
+    """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode])."""
+    checkpoints = [load_checkpoint(path) for path in model_paths]
+    opt = checkpoints[0]["opt"]
+    if data_path is not None:
+        opt.data_path = data_path
+    vocab = load_vocab_by_name(vocab_path or opt.vocab_path, opt.data_name, opt.data_path)
+    models = []
+    for path, checkpoint in zip(model_paths, checkpoints):
+        model_opt = checkpoint["opt"]
+        if model_opt.data_name != opt.data_name:
+            raise CheckpointError(f"{path}: trained on {model_opt.data_name}, the ensemble's first model on {opt.data_name}")
+        trained_size = getattr(model_opt, "vocab_size", len(vocab))
+        if trained_size != len(vocab):
+            raise CheckpointError(
+                f"{path}: trained with a vocabulary of {trained_size} words, but the {opt.data_name} vocabulary "
+                f"in {vocab_path or opt.vocab_path} has {len(vocab)}"
+            )
+        model_opt.vocab_size = len(vocab)
+        model = VSRN(model_opt)
+        model.load_state_dict(checkpoint["model"], source=path)
+        models.append(model)
+    return opt, vocab, models
+
+
+def _print_results(r, ri):
+    print("rsum: %.1f" % (sum(r[:3]) + sum(ri[:3])))
+    print("Average i2t Recall: %.1f" % (sum(r[:3]) / 3))
+    print("Image to text: %.1f %.1f %.1f %.1f %.1f" % tuple(r))
+    print("Average t2i Recall: %.1f" % (sum(ri[:3]) / 3))
+    print("Text to image: %.1f %.1f %.1f %.1f %.1f" % tuple(ri))
+
+
+METRIC_NAMES = ("r1", "r5", "r10", "medr", "meanr", "r1i", "r5i", "r10i", "medri", "meanri")
+
+
+def evaluate_embeddings(embeddings, measure="cosine", fold5=False):
+    """Recall of one model's (img_embs, cap_embs), or of several averaged as an ensemble.
+
+    Prints the original's lines; returns (metrics dict, (rt, rti)) with the ranks of the
+    whole split, or of the first fold for fold5 (as the original saved them).
+    """
+    num_captions = len(embeddings[0][1])
+
+    def evaluate(rows):
+        sims = sum(similarity(img[rows], cap[rows], measure) for img, cap in embeddings) / len(embeddings)
+        img, cap = embeddings[0][0][rows], embeddings[0][1][rows]
+        r, rt = i2t(img, cap, measure=measure, return_ranks=True, sims=sims)
+        ri, rti = t2i(img, cap, measure=measure, return_ranks=True, sims=sims)
+        return r, ri, rt, rti
+
+    if not fold5:
+        r, ri, rt, rti = evaluate(slice(0, num_captions))
+        _print_results(r, ri)
+        metrics = dict(zip(METRIC_NAMES, r + ri))
+    else:
+        results = []
+        for fold in range(5):
+            r, ri, rt_fold, rti_fold = evaluate(slice(fold * 5000, (fold + 1) * 5000))
+            if fold == 0:
+                rt, rti = rt_fold, rti_fold
+            print("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r)
+            print("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % ri)
+            rsum = sum(r[:3]) + sum(ri[:3])
+            print("rsum: %.1f ar: %.1f ari: %.1f" % (rsum, sum(r[:3]) / 3, sum(ri[:3]) / 3))
+            results.append(r + ri)
+        mean = np.mean(np.array(results), axis=0)
+        print("-----------------------------------")
+        print("Mean metrics: ")
+        _print_results(tuple(mean[:5]), tuple(mean[5:]))
+        metrics = dict(zip(METRIC_NAMES, (float(v) for v in mean)))
+    metrics["rsum"] = sum(metrics[k] for k in ("r1", "r5", "r10", "r1i", "r5i", "r10i"))
+    return metrics, (rt, rti)
+
+
+def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=None, ranks_path=None):
+    """Recall of one checkpoint, or of several as an ensemble (their similarity matrices averaged).
+
+    fold5: the original's COCO 1K protocol, five folds of 1000 images averaged.
+    Returns a dict of r1, r5, r10, medr, meanr, r1i, ..., meanri and rsum; saves the
+    per-query ranks to `ranks_path` (default: ranks.pth.tar next to the first checkpoint).
+    """
+    if not model_paths:
+        raise ValueError("evalrank needs at least one checkpoint path")
+    opt, vocab, models = _load_models(model_paths, data_path, vocab_path)
+    print("Loading dataset")
+    loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, min(opt.workers, 4), opt)
+    num_captions = len(loader.dataset)
+    if num_captions % 5:
+        raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")
+    if fold5 and num_captions < 25000:
+        raise DataError(f"fold5 needs 5 folds of 5000 captions; the {split} split of {opt.data_name} has {num_captions}")
+    print("Computing results...")
+    embeddings = [encode_data(model, loader) for model in models]
+    print("Images: %d, Captions: %d" % (num_captions // 5, num_captions))
+    metrics, (rt, rti) = evaluate_embeddings(embeddings, opt.measure, fold5)
+    ranks_path = ranks_path or os.path.join(os.path.dirname(os.path.abspath(model_paths[0])), "ranks.pth.tar")
+    with atomic_write(ranks_path, "wb") as f:
+        torch.save({"rt": tuple(torch.from_numpy(a) for a in rt), "rti": tuple(torch.from_numpy(a) for a in rti)}, f)
+    return metrics

@@ -1,0 +1,233 @@
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+from evaluation import i2t, order_sim, ranks_i2t, ranks_t2i, recall_metrics, similarity, t2i
+
+
+def dot_scores(im, s):
+    return im @ s.T
+
+
+def order_scores(im, s):
+    return -np.sqrt((np.clip(s[None] - im[:, None], 0, None) ** 2).sum(2))
+
+
+SCORES = {'cosine': dot_scores, 'order': order_scores}
+
+
+def loop_metrics(ranks):
+    r1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    r5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    r10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    medr = np.floor(np.median(ranks)) + 1
+    meanr = ranks.mean() + 1
+    return (r1, r5, r10, medr, meanr)
+
+
+def loop_i2t(images, captions, npts, score):
+    """The original VSRN i2t: one query at a time, argsort, position of the ground truth."""
+    ranks = np.zeros(npts)
+    top1 = np.zeros(npts)
+    for index in range(npts):
+        d = score(images[5 * index:5 * index + 1], captions).flatten()
+        inds = np.argsort(d)[::-1]
+        rank = 1e20
+        for i in range(5 * index, 5 * index + 5):
+            tmp = np.where(inds == i)[0][0]
+            if tmp < rank:
+                rank = tmp
+        ranks[index] = rank
+        top1[index] = inds[0]
+    return loop_metrics(ranks), (ranks, top1)
+
+
+def loop_t2i(images, captions, npts, score):
+    """The original VSRN t2i: the five captions of an image at a time against all images."""
+    ims = images[::5]
+    ranks = np.zeros(5 * npts)
+    top1 = np.zeros(5 * npts)
+    for index in range(npts):
+        d = score(ims, captions[5 * index:5 * index + 5]).T
+        for i in range(len(d)):
+            inds = np.argsort(d[i])[::-1]
+            ranks[5 * index + i] = np.where(inds == index)[0][0]
+            top1[5 * index + i] = inds[0]
+    return loop_metrics(ranks), (ranks, top1)
+
+
+def tie_free(sims):
+    """Whether no score ties a ground truth or a best score, where the loop's order is unspecified."""
+    n = len(sims)
+    own = sims.reshape(n, n, 5)[np.arange(n), np.arange(n)]
+    best_own = own.max(1, keepdims=True)
+    caption_truth = sims[np.arange(5 * n) // 5, np.arange(5 * n)]
+    return ((sims == best_own).sum(1) == (own == best_own).sum(1)).all() \
+        and ((sims == sims.max(1, keepdims=True)).sum(1) == 1).all() \
+        and ((sims == caption_truth).sum(0) == 1).all() \
+        and ((sims == sims.max(0)).sum(0) == 1).all()
+
+
+def exact_embeddings(seed, n_images, dim, score=dot_scores):
+    """Integer-valued float32 embeddings without ties under `score`.
+
+    Entries bound such that dim * (2 * bound)**2 <= 2**24 keep every dot product and order
+    score, and every partial sum of one, exact in float32: the loop's per-query products and
+    the chunked GEMMs then agree to the bit whatever their summation order.
+    """
+    rng = np.random.default_rng(seed)
+    bound = int(2 ** 11 / np.sqrt(dim))
+    while True:
+        images = np.repeat(rng.integers(-bound, bound + 1, (n_images, dim)), 5, axis=0)
+        captions = rng.integers(-bound, bound + 1, (5 * n_images, dim))
+        images, captions = images.astype(np.float32), captions.astype(np.float32)
+        if tie_free(score(images[::5], captions)):
+            return images, captions
+
+
+def one_hot_embeddings(sims):
+    """Embeddings whose dot products are exactly the given (N, 5N) score matrix."""
+    images = np.repeat(np.eye(len(sims), dtype=np.float32), 5, axis=0)
+    return images, np.ascontiguousarray(sims.T)
+
+
+def assert_same(fast, loop):
+    (metrics, (ranks, top1)), (loop_metrics_, (loop_ranks, loop_top1)) = fast, loop
+    assert metrics == loop_metrics_
+    assert all(type(m) is float for m in metrics)
+    assert ranks.dtype == top1.dtype == np.float64
+    np.testing.assert_array_equal(ranks, loop_ranks)
+    np.testing.assert_array_equal(top1, loop_top1)
+
+
+@pytest.mark.parametrize('measure', ['cosine', 'order'])
+@pytest.mark.parametrize('n_images, dim', [(1, 8), (7, 8), (7, 32), (100, 32)])
+def test_matches_loop(n_images, dim, measure):
+    score = SCORES[measure]
+    images, captions = exact_embeddings(0, n_images, dim, score)
+    for fast, loop in ((i2t, loop_i2t), (t2i, loop_t2i)):
+        result = fast(images, captions, measure=measure, return_ranks=True)
+        assert_same(result, loop(images, captions, n_images, score))
+        assert fast(images, captions, measure=measure) == result[0]
+
+
+@pytest.mark.parametrize('measure', ['cosine', 'order'])
+@pytest.mark.parametrize('chunk_elements', [1, 7 * 5 * 40, 3 * 200 * 16])
+def test_chunked_matches_loop(monkeypatch, chunk_elements, measure):
+    score = SCORES[measure]
+    images, captions = exact_embeddings(3, 40, 16, score)
+    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', chunk_elements)
+    assert_same(i2t(images, captions, measure=measure, return_ranks=True),
+                loop_i2t(images, captions, 40, score))
+    assert_same(t2i(images, captions, measure=measure, return_ranks=True),
+                loop_t2i(images, captions, 40, score))
+
+
+def test_npts_queries_a_prefix_against_all_targets():
+    images, captions = exact_embeddings(5, 30, 8)
+    assert_same(i2t(images, captions, npts=12, return_ranks=True),
+                loop_i2t(images, captions, 12, dot_scores))
+    assert_same(t2i(images, captions, npts=12, return_ranks=True),
+                loop_t2i(images, captions, 12, dot_scores))
+
+
+def test_continuous_scores_match_loop(monkeypatch):
+    rng = np.random.default_rng(11)
+    sims = rng.random((60, 300), dtype=np.float32)
+    assert tie_free(sims)
+    images, captions = one_hot_embeddings(sims)
+    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 4000)
+    assert_same(i2t(images, captions, return_ranks=True), loop_i2t(images, captions, 60, dot_scores))
+    assert_same(t2i(images, captions, return_ranks=True), loop_t2i(images, captions, 60, dot_scores))
+
+
+def test_ensemble_sims_match_loop_on_averaged_scores():
+    dim = 16
+    images, captions = exact_embeddings(8, 50, 2 * dim)
+    model1 = images[:, :dim], captions[:, :dim]
+    model2 = images[:, dim:], captions[:, dim:]
+    sims = (similarity(*model1) + similarity(*model2)) / 2
+
+    def averaged_scores(im, s):
+        return (im[:, :dim] @ s[:, :dim].T + im[:, dim:] @ s[:, dim:].T) / 2
+
+    assert_same(i2t(*model1, sims=sims, return_ranks=True),
+                loop_i2t(images, captions, 50, averaged_scores))
+    assert_same(t2i(*model1, sims=sims.numpy(), return_ranks=True),
+                loop_t2i(images, captions, 50, averaged_scores))
+
+
+def hand_made_sims():
+    """Two images, ten captions. Image 0: captions 5, 6, 7 beat its best own caption (3).
+    Image 1: its caption 9 is best. Caption 0 prefers image 1; all others their own image."""
+    sims = np.zeros((2, 10), dtype=np.float32)
+    sims[0] = [0.1, 0.2, 0.3, 0.5, 0.4, 0.9, 0.8, 0.7, 0.0, -0.1]
+    sims[1] = [0.6, 0.0, 0.0, 0.0, 0.0, 0.95, 0.85, 0.75, 0.2, 1.0]
+    return sims
+
+
+def test_hand_made_i2t():
+    metrics, (ranks, top1) = i2t(None, None, sims=hand_made_sims(), return_ranks=True)
+    np.testing.assert_array_equal(ranks, [3.0, 0.0])
+    np.testing.assert_array_equal(top1, [5.0, 9.0])
+    assert metrics == (50.0, 100.0, 100.0, 2.0, 2.5)
+
+
+def test_hand_made_t2i():
+    metrics, (ranks, top1) = t2i(None, None, sims=torch.from_numpy(hand_made_sims()), return_ranks=True)
+    np.testing.assert_array_equal(ranks, [1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(top1, [1, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert metrics == (90.0, 100.0, 100.0, 1.0, 1.1)
+
+
+def test_hand_made_embeddings():
+    # Image 0 points along x, image 1 along y; caption 2 of image 0 leans towards y.
+    images = np.repeat(np.array([[1, 0], [0, 1]], dtype=np.float32), 5, axis=0)
+    captions = np.array([[1, 0]] * 5 + [[0, 1]] * 5, dtype=np.float32)
+    captions[2] = [0.6, 0.8]
+    assert i2t(images, captions) == (100.0, 100.0, 100.0, 1.0, 1.0)
+    metrics, (ranks, top1) = t2i(images, captions, return_ranks=True)
+    np.testing.assert_array_equal(ranks, [0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    assert metrics == (90.0, 100.0, 100.0, 1.0, 1.1)
+
+
+def test_recall_metrics():
+    assert recall_metrics(np.array([0.0, 3.0, 12.0, 4.0])) == (25.0, 75.0, 75.0, 4.0, 5.75)
+    assert recall_metrics([9, 10, 0]) == (100 / 3, 100 / 3, 200 / 3, 10.0, 19 / 3 + 1)
+
+
+def test_ranks_on_wide_matrix():
+    # More captions than 5 per image are allowed: extra captions only compete.
+    sims = np.array([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    ranks, top1 = ranks_i2t(sims)
+    np.testing.assert_array_equal(ranks, [2])
+    np.testing.assert_array_equal(top1, [6])
+    ranks, top1 = ranks_t2i(sims[:, :5])
+    np.testing.assert_array_equal(ranks, np.zeros(5))
+    np.testing.assert_array_equal(top1, np.zeros(5))
+
+
+def test_order_sim():
+    im = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    s = torch.tensor([[3.0, 0.0], [0.0, 4.0], [-1.0, -1.0]])
+    expected = torch.tensor([[-2.0, -4.0, 0.0], [-3.0, -4.0, 0.0]])
+    torch.testing.assert_close(order_sim(im, s), expected, rtol=0, atol=0)
+
+
+def test_similarity_of_normalised_floats():
+    rng = np.random.default_rng(2)
+    images = np.repeat(rng.standard_normal((20, 64)), 5, axis=0)
+    captions = rng.standard_normal((100, 64))
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    captions /= np.linalg.norm(captions, axis=1, keepdims=True)
+    sims = similarity(images.astype(np.float32), captions.astype(np.float32))
+    assert sims.dtype == torch.float32 and sims.shape == (20, 100)
+    np.testing.assert_allclose(sims.numpy(), images[::5] @ captions.T, rtol=0, atol=1e-6)
+    order = similarity(images, captions, measure='order')
+    np.testing.assert_allclose(order.numpy(), order_scores(images[::5], captions), rtol=0, atol=1e-6)
+
+
+def test_unknown_measure():
+    with pytest.raises(ValueError, match='measure'):
+        similarity(np.zeros((5, 2)), np.zeros((5, 2)), measure='euclidean')
