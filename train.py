@@ -16,7 +16,7 @@ import torch
 
 import data
 from evaluation import encode_data, evalrank, i2t, t2i
-from model import VSRN
+from model import VSRN, check_options
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, VSRNError, one_line
 from utils.meters import AverageMeter, LogCollector
@@ -177,13 +177,13 @@ class Trainer:
         model.train_start()
         end = time.time()
         for i, batch in enumerate(self.train_loader, start=start_batch):
-            data_time.update(time.time() - end)
+            data_time.update(time.time() - end, 1)
             losses = model.train_emb(*batch)
             train_logger.update("Eit", model.Eiters)
             train_logger.update("lr", model.optimizer.param_groups[0]["lr"])
             for key, value in losses.items():
                 train_logger.update(key, value, len(batch[2]))
-            batch_time.update(time.time() - end)
+            batch_time.update(time.time() - end, 1)
             if model.Eiters % opt.log_step == 0:
                 logging.info(
                     "Epoch: [%d][%d/%d]\t%s\tTime %.3f (%.3f)\tData %.3f (%.3f)\t",
@@ -246,6 +246,7 @@ def main(argv=None):
 
 
 def run(opt):
+    check_options(opt)
     if opt.demo:
         prepare_demo(opt)
     print(opt)

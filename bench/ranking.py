@@ -115,7 +115,8 @@ def main():
         images, captions = embeddings(n_images)
         loop_s, loop = median_seconds(lambda: (loop_i2t(images, captions), loop_t2i(images, captions)),
                                       loop_repeats)
-        fast_s, fast = median_seconds(lambda: (i2t(images, captions), t2i(images, captions)), args.repeats)
+        fast_s, fast = median_seconds(lambda: (i2t(images, captions), t2i(images, captions)),
+                                      args.repeats)
         shared_s, shared = median_seconds(lambda: shared_similarity(images, captions), args.repeats)
         assert fast == shared == loop, f'metrics differ at {n_images} images: {fast}, {shared}, {loop}'
         name = f'{NAMES.get(n_images, "")} ({n_images} x {5 * n_images})'.strip()

@@ -63,18 +63,20 @@ def tie_free(sims):
     own = sims.reshape(n, n, 5)[np.arange(n), np.arange(n)]
     best_own = own.max(1, keepdims=True)
     caption_truth = sims[np.arange(5 * n) // 5, np.arange(5 * n)]
-    return ((sims == best_own).sum(1) == (own == best_own).sum(1)).all() \
-        and ((sims == sims.max(1, keepdims=True)).sum(1) == 1).all() \
-        and ((sims == caption_truth).sum(0) == 1).all() \
-        and ((sims == sims.max(0)).sum(0) == 1).all()
+    return all([
+        ((sims == best_own).sum(1) == (own == best_own).sum(1)).all(),
+        ((sims == sims.max(1, keepdims=True)).sum(1) == 1).all(),
+        ((sims == caption_truth).sum(0) == 1).all(),
+        ((sims == sims.max(0)).sum(0) == 1).all(),
+    ])
 
 
 def exact_embeddings(seed, n_images, dim, score=dot_scores):
-    """Integer-valued float32 embeddings without ties under `score`.
+    """Integer-valued float32 embeddings, drawn until no score ties under `score`.
 
-    Entries bound such that dim * (2 * bound)**2 <= 2**24 keep every dot product and order
-    score, and every partial sum of one, exact in float32: the loop's per-query products and
-    the chunked GEMMs then agree to the bit whatever their summation order.
+    Entries are bounded so that dim * (2 * bound)**2 <= 2**24, which keeps every dot product and
+    order score, partial sums included, exact in float32: the loop's per-query products and the
+    chunked GEMMs then agree to the bit whatever their summation order.
     """
     rng = np.random.default_rng(seed)
     bound = int(2 ** 11 / np.sqrt(dim))
@@ -93,12 +95,12 @@ def one_hot_embeddings(sims):
 
 
 def assert_same(fast, loop):
-    (metrics, (ranks, top1)), (loop_metrics_, (loop_ranks, loop_top1)) = fast, loop
-    assert metrics == loop_metrics_
+    (metrics, (ranks, top1)), (expected_metrics, (expected_ranks, expected_top1)) = fast, loop
+    assert metrics == expected_metrics
     assert all(type(m) is float for m in metrics)
     assert ranks.dtype == top1.dtype == np.float64
-    np.testing.assert_array_equal(ranks, loop_ranks)
-    np.testing.assert_array_equal(top1, loop_top1)
+    np.testing.assert_array_equal(ranks, expected_ranks)
+    np.testing.assert_array_equal(top1, expected_top1)
 
 
 @pytest.mark.parametrize('measure', ['cosine', 'order'])
