@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data import get_test_loader
-from model import VSRN
+from model import VSRN, order_sim
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint
 from utils.errors import CheckpointError, DataError
@@ -27,11 +27,6 @@ from vocab import load_vocab_by_name
 CHUNK_ELEMENTS = 1 << 24
 
 MEASURES = ('cosine', 'order')
-
-
-def order_sim(im, s):
-    """Order-embedding scores -||max(0, s - im)|| of every image against every caption: (n_im, n_s)."""
-    return -(s.unsqueeze(0) - im.unsqueeze(1)).clamp(min=0).pow(2).sum(2).sqrt()
 
 
 def similarity(images, captions, measure='cosine'):
