@@ -249,7 +249,7 @@ def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=
         raise ValueError("evalrank needs at least one checkpoint path")
     opt, vocab, models = _load_models(model_paths, data_path, vocab_path)
     print("Loading dataset")
-    loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, min(opt.workers, 4), opt)
+    loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, min(opt.workers, os.cpu_count() or 1), opt)
     num_captions = len(loader.dataset)
     if num_captions % 5:
         raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")

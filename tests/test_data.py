@@ -174,3 +174,27 @@ def test_loaders_use_workers_and_keep_the_global_rng(toy_data):
     assert torch.equal(state, torch.get_rng_state())
     assert sum(len(b[2]) for b in batches) == 100 and train_loader.num_workers == 1
     assert not train_loader.pin_memory or torch.cuda.is_available()
+
+
+def test_dataset_equals_the_original_straightforward_reading(toy_data):
+    """Memory-mapped features and cached word ids give the items of the original's
+    __getitem__: full np.load, per-item tokenization of the UTF-8 caption."""
+    from vocab import load_vocab_by_name, tokenize
+
+    data_path, vocab_path = toy_data
+    vocab = load_vocab_by_name(vocab_path, "toy_precomp")
+    folder = os.path.join(data_path, "toy_precomp")
+    opt = make_opt(max_len=12)
+    dataset = PrecompDataset(folder, "train", vocab, opt)
+    PrecompDataset(folder, "train", vocab, opt)  # second start-up: from the cache
+    images = np.load(os.path.join(folder, "train_ims.npy"))
+    with open(os.path.join(folder, "train_caps.txt"), encoding="utf-8") as f:
+        captions = [line.strip() for line in f]
+    for index in (0, 3, 4, 5, 199, 399):
+        image, caption, i, img_id, label, mask = dataset[index]
+        assert img_id == index // 5 and torch.equal(image, torch.from_numpy(images[index // 5]))
+        expected = [vocab("<start>")] + [vocab(t) for t in tokenize(captions[index])] + [vocab("<end>")]
+        assert caption.tolist() == expected
+        cut = expected if len(expected) <= 12 else expected[:11] + [vocab("<end>")]
+        assert label.tolist() == cut + [0] * (13 - len(cut))
+        assert mask.tolist() == [1.0] * (len(cut) + 1) + [0.0] * (12 - len(cut))
