@@ -78,7 +78,7 @@ def generate(folder, vocab_path, seed=0):
     for start in range(0, IMAGES, chunk):
         stop = min(start + chunk, IMAGES)
         features[start:stop] = rng.random((stop - start, REGIONS, IMG_DIM), dtype=np.float32)
-        features.flush()
+        features.flush()  # written back as we go, so dirty pages never pile up
     del features
     os.replace(tmp, ims_path)
 
@@ -158,8 +158,8 @@ def main(argv=None):
     cache = tempfile.mkdtemp(prefix="vsrn_cache_")
     try:
         if not complete(folder, vocab_path):
-            # In its own process: a child's ru_maxrss starts at its parent's peak (vfork, then
-            # exec), and writing the features maps all 8.6 GB of them.
+            # In its own process: writing the features maps all 8.6 GB of them, and a process
+            # started by subprocess (vfork, then exec) inherits its parent's peak in ru_maxrss.
             print(f"generating {folder} (~{IMAGES * REGIONS * IMG_DIM * 4 / 1e9:.1f} GB)", flush=True)
             run_child("generate", args, cache)
         cold = run_child("first-batch", args, cache)
@@ -169,12 +169,13 @@ def main(argv=None):
     finally:
         shutil.rmtree(cache)
 
-    print_table(describe(torch), "Train loader on a Flickr30K-sized split (29000 images, 145000 captions)")
+    title = f"Train loader on a Flickr30K-sized split ({IMAGES} images, {IMAGES * CAPTIONS_PER_IMAGE} captions)"
+    print_table(describe(torch), title)
     rows = [
         ("cold start (empty token cache)", f"{cold['from_start']:6.2f} s to the first batch ({cold['loader']:.2f} s after imports)"),
         ("warm start (token cache filled)", f"{warm['from_start']:6.2f} s to the first batch ({warm['loader']:.2f} s after imports)"),
         (f"iterating {args.batches} x {args.batch_size}, {args.workers} workers",
-         f"{iterate['peak']:6.2f} GB peak RSS (ru_maxrss{', + largest worker' if args.workers else ''}; VmHWM {iterate['VmHWM']:.2f}); "
+         f"{iterate['peak']:6.2f} GB peak RSS (ru_maxrss{', + largest worker' if args.workers else ''}; VmHWM of the main process {iterate['VmHWM']:.2f}); "
          f"at the end RssAnon {iterate['RssAnon']:.2f} GB, RssFile {iterate['RssFile']:.2f} GB; "
          f"{args.batches / (iterate['iterate'] + iterate['loader']):.1f} batches/s"),
     ]

@@ -41,6 +41,7 @@ def caption_words(rng, batch_size):
 
 
 def synthetic_batch(batch_size, max_len, seed=0):
+    """collate_fn's output for random features and random words."""
     rng = np.random.default_rng(seed)
     items = []
     for i, n in enumerate(caption_words(rng, batch_size)):
@@ -78,13 +79,13 @@ def timed(fns, steps, warmup, sync):
     """Seconds of each call of each function, `steps` rounds after `warmup` untimed ones. The
     functions take turns within a round, so a change of load on a shared machine hits all alike."""
     times = [[] for _ in fns]
-    for round in range(warmup + steps):
+    for index in range(warmup + steps):
         for fn, seconds in zip(fns, times):
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            if round >= warmup:
+            if index >= warmup:
                 seconds.append(time.perf_counter() - start)
     return times
 
@@ -181,7 +182,7 @@ def main(argv=None):
           f"decoder attention {flops_128['decoder attention'] / total_128:.1%}")
 
     results = [
-        ("GEMM rate (float32)", f"{rate:.1f} GFLOP/s  ({B * REGIONS}x2048 @ 2048x2048, {GEMMS_PER_ROUND} per round, timed in turn with the steps)"),
+        (f"GEMM rate (float32{', TF32 on' if args.tf32 else ''})", f"{rate:.1f} GFLOP/s  ({B * REGIONS}x2048 @ 2048x2048, {GEMMS_PER_ROUND} per round, timed in turn with the steps)"),
         ("train_emb step", f"{step * 1e3:.1f} ms  (median of {args.steps} rounds after {args.warmup} warm-up)"),
         ("efficiency", f"{efficiency:.2f}"),
     ]
