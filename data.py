@@ -3,8 +3,8 @@
     DATA/NAME/{split}_ims.npy   (num_images, regions, img_dim) float32
     DATA/NAME/{split}_caps.txt  one UTF-8 caption per line, 5 per image (or 1 per image)
 
-Features are memory-mapped, so RAM does not grow with the dataset; captions are
-tokenized once and cached on disk, keyed by the file's content and the vocabulary.
+Features are read one image at a time, so RAM does not grow with the dataset; captions
+are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
 """
 import hashlib
 import os
@@ -149,7 +149,7 @@ class PrecompDataset(Dataset):
 
     def __getitem__(self, index):
         img_id = index // self.im_div
-        features = np.array(self.images[img_id], dtype=np.float32)
+        features = self.images[img_id]
         if not np.isfinite(features).all():
             raise DataError(f"{self.ims_path}: NaN or Inf in the features of image {img_id} ({self.split} split, caption index {index})")
         caption = self.caption(index)
@@ -157,12 +157,51 @@ class PrecompDataset(Dataset):
         return torch.from_numpy(features), caption, index, img_id, label, mask
 
 
+class FeatureFile:
+    """Rows of a (num_images, regions, img_dim) .npy file, read one image at a time.
+
+    Each read copies one image from the file (the OS page cache keeps hot ones), so the
+    process's memory holds only the images of the current batches: neither a full
+    np.load (8.6 GB for Flickr30K) nor a memory map, whose touched pages count as the
+    process's resident memory until the kernel reclaims them.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(f)
+                self.offset = f.tell()
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path}: not a readable .npy array ({e})") from None
+        if fortran_order and len(shape) > 1:
+            raise DataError(f"{path}: features are stored in Fortran order; save them C-ordered (np.ascontiguousarray)")
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        expected = self.offset + shape[0] * self.row_bytes if shape else self.offset
+        if os.path.getsize(path) < expected:
+            raise DataError(f"{path}: file is truncated ({os.path.getsize(path)} bytes, the header promises {expected})")
+        self._file, self._pid = None, None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if self._pid != os.getpid():  # a DataLoader worker opens its own handle
+            self._file, self._pid = open(self.path, "rb", buffering=0), os.getpid()
+        self._file.seek(self.offset + index * self.row_bytes)
+        row = np.frombuffer(self._file.read(self.row_bytes), dtype=self.dtype).reshape(self.shape[1:])
+        return row.astype(np.float32)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
 def open_features(path, img_dim):
-    """Memory-map a (num_images, regions, img_dim) float array, checking its shape."""
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    """A FeatureFile of (num_images, regions, img_dim) floats, its shape checked."""
+    images = FeatureFile(path)
     if images.ndim != 3:
         raise DataError(f"{path}: features have shape {images.shape}; expected 3-D (num_images, regions, img_dim)")
     if images.shape[2] != img_dim:

@@ -257,6 +257,15 @@ def caption_steps(masks, max_len):
     return max(1, min(int(masks[:, 1:].sum(dim=1).max()), max_len - 1))
 
 
+def make_adam(params, lr):
+    """Adam as one fused kernel over all parameters (same update rule) where torch has it
+    for the device (CUDA; CPU since torch 2.4), the per-parameter loop otherwise."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
+
+
 def check_options(opt):
     if not opt.data_name.endswith("_precomp"):
         raise OptionError(
@@ -294,7 +303,7 @@ class VSRN:
         self.criterion = ContrastiveLoss(opt.margin, opt.measure, opt.max_violation)
         # Each parameter once: the original listed the caption branch's twice (see README).
         self.params = [p for module in self.modules() for p in module.parameters()]
-        self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate, fused=self.device.type == "cuda")
+        self.optimizer = make_adam(self.params, opt.learning_rate)
         self.Eiters = 0
 
     def modules(self):

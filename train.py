@@ -255,7 +255,7 @@ def run(opt):
     opt.vocab_size = len(vocab)
     model = VSRN(opt)
     if opt.compile:
-        for module in model.modules():
+        for module in (model.img_enc, model.txt_enc):
             module.compile()  # in place: state-dict keys stay the original's
     train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
     from torch.utils.tensorboard import SummaryWriter

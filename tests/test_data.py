@@ -146,9 +146,21 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path, vocab, monkeypatch
     assert len(load_caption_ids(path, vocab)[1]) == len(offsets) + 1
 
 
-def test_features_are_memory_mapped(tmp_path, vocab):
+def test_features_are_read_per_image_not_loaded(tmp_path, vocab):
     dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, make_opt(img_dim=4))
-    assert isinstance(dataset.images, np.memmap)
+    assert isinstance(dataset.images, data.FeatureFile) and dataset.images.shape == (2, 3, 4)
+    assert dataset.images[1].tolist() == np.arange(12, 24, dtype=np.float32).reshape(3, 4).tolist()
+
+
+def test_float16_features_and_truncated_files(tmp_path, vocab):
+    features = (np.arange(24).reshape(2, 3, 4) / 8).astype(np.float16)
+    dataset = PrecompDataset(tiny_split(tmp_path, features=features), "train", vocab, make_opt(img_dim=4))
+    assert dataset[5][0].dtype == torch.float32 and dataset[5][0].tolist() == (features[1].astype(np.float32)).tolist()
+    path = os.path.join(str(tmp_path / "tiny_precomp"), "train_ims.npy")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(DataError, match=r"train_ims.npy: file is truncated"):
+        PrecompDataset(str(tmp_path / "tiny_precomp"), "train", vocab, make_opt(img_dim=4))
 
 
 def test_epoch_order_is_fixed_by_seed_and_epoch_and_resumable():

@@ -51,7 +51,7 @@ def build_parser():
     add("--demo", action="store_true", help="train and evaluate on a generated toy dataset in a few minutes")
     add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
-    add("--compile", action="store_true", help="torch.compile the encoders (CUDA)")
+    add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA)")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return p
 
