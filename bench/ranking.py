@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation import i2t, similarity, t2i  # noqa: E402
+from reference_ranking import loop_i2t, loop_t2i  # noqa: E402
 
 DIM = 1024
 # Norm of each caption's noise relative to its image's; see embeddings().
@@ -48,37 +49,6 @@ def embeddings(n_images, seed=0):
 
 def normalise(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def loop_metrics(ranks):
-    r1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
-    r5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
-    r10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
-    medr = np.floor(np.median(ranks)) + 1
-    meanr = ranks.mean() + 1
-    return (r1, r5, r10, medr, meanr)
-
-
-def loop_i2t(images, captions):
-    npts = images.shape[0] // 5
-    ranks = np.zeros(npts)
-    for index in range(npts):
-        d = np.dot(images[5 * index:5 * index + 1], captions.T).flatten()
-        inds = np.argsort(d)[::-1]
-        ranks[index] = min(np.where(inds == i)[0][0] for i in range(5 * index, 5 * index + 5))
-    return loop_metrics(ranks)
-
-
-def loop_t2i(images, captions):
-    npts = images.shape[0] // 5
-    ims = np.array(images[::5])
-    ranks = np.zeros(5 * npts)
-    for index in range(npts):
-        d = np.dot(captions[5 * index:5 * index + 5], ims.T)
-        for i in range(len(d)):
-            inds = np.argsort(d[i])[::-1]
-            ranks[5 * index + i] = np.where(inds == index)[0][0]
-    return loop_metrics(ranks)
 
 
 def shared_similarity(images, captions):
@@ -113,7 +83,7 @@ def main():
     print(f'{"size":<32} {"loop s":>9} {"fast s":>9} {"speed-up":>9} {"shared s":>9}')
     for n_images in (int(size) for size in args.sizes.split(',')):
         images, captions = embeddings(n_images)
-        loop_s, loop = median_seconds(lambda: (loop_i2t(images, captions), loop_t2i(images, captions)),
+        loop_s, loop = median_seconds(lambda: (loop_i2t(images, captions)[0], loop_t2i(images, captions)[0]),
                                       loop_repeats)
         fast_s, fast = median_seconds(lambda: (i2t(images, captions), t2i(images, captions)),
                                       args.repeats)

@@ -1,8 +1,8 @@
-"""The caption branch computed step by step as the original VSRN wrote it (unidirectional
-encoder, teacher forcing, all max_len - 1 steps), on the parameters of a model.CaptionModel.
+"""The caption branch computed step by step as the original VSRN wrote it (teacher forcing,
+all max_len - 1 steps), on the parameters of a model.CaptionModel.
 
-It is the yardstick for model.CaptionDecoder.hidden_states: same weights, same loss,
-none of its hoisting of step-independent products.
+It is the yardstick for model.CaptionDecoder.hidden_states (tests and bench/train_step.py):
+same weights, same loss, none of its hoisting of step-independent products.
 """
 import torch
 from torch.nn import functional as F
@@ -18,12 +18,14 @@ def attention(attn, hidden, encoder_outputs):
     return torch.bmm(alpha.unsqueeze(1), encoder_outputs).squeeze(1)
 
 
-def caption_loss(caption_model, regions, labels, masks):
-    """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch over the original's max_len - 1 steps."""
+def caption_logprobs(caption_model, regions, labels):
+    """Log-probabilities (B, max_len - 1, vocab), one decoder step and one nn.GRU call at a time."""
     encoder, decoder = caption_model.encoder, caption_model.decoder
     batch, num_regions, dim_vid = regions.size()
     features = encoder.input_dropout(encoder.vid2hid(regions.reshape(-1, dim_vid)))
     encoder_outputs, hidden = encoder.rnn(features.view(batch, num_regions, encoder.dim_hidden))
+    if decoder.bidirectional_encoder:  # (2, B, H) -> (1, B, 2H), forward and backward side by side
+        hidden = torch.cat([hidden[0::2], hidden[1::2]], 2)
     words = decoder.embedding(labels)
     logprobs = []
     for t in range(decoder.max_length - 1):
@@ -31,7 +33,12 @@ def caption_loss(caption_model, regions, labels, masks):
         step_input = decoder.input_dropout(torch.cat([words[:, t], context], dim=1)).unsqueeze(1)
         output, hidden = decoder.rnn(step_input, hidden)
         logprobs.append(F.log_softmax(decoder.out(output.squeeze(1)), dim=1).unsqueeze(1))
-    logprobs = torch.cat(logprobs, 1)
+    return torch.cat(logprobs, 1)
+
+
+def caption_loss(caption_model, regions, labels, masks):
+    """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch over the original's max_len - 1 steps."""
+    logprobs = caption_logprobs(caption_model, regions, labels)
     steps = logprobs.size(1)
     nll = F.nll_loss(logprobs.reshape(-1, logprobs.size(2)).float(), labels[:, 1 : steps + 1].reshape(-1), reduction="none")
-    return (nll * masks[:, 1 : steps + 1].reshape(-1)).sum() / batch
+    return (nll * masks[:, 1 : steps + 1].reshape(-1)).sum() / labels.size(0)

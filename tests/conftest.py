@@ -19,6 +19,16 @@ def shared_file(*parts):
     return path
 
 
+class CreatesFile:
+    """Pickles to a call of open(path, "w"): loading it must never create the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def make_opt(**overrides):
     """Options as train.py parses them, with small dimensions for fast tests."""
     opt = dict(option_defaults())

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_opt, shared_file
+from conftest import CreatesFile, make_opt, shared_file
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
@@ -28,18 +28,10 @@ def test_round_trip_of_our_checkpoint(tmp_path):
         assert torch.equal(loaded["model"][0]["w"], torch.ones(2)) and loaded["opt"].embed_size == 32
 
 
-class _CreatesFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_checkpoint_with_a_foreign_global_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth.tar"
-    torch.save({"model": [], "opt": _CreatesFile(str(marker))}, path)
+    torch.save({"model": [], "opt": CreatesFile(str(marker))}, path)
     with pytest.raises(CheckpointError, match=r"evil.pth.tar: refusing to load: it needs the global (builtins|io)\.open"):
         load_checkpoint(str(path))
     assert not marker.exists()
@@ -48,7 +40,7 @@ def test_checkpoint_with_a_foreign_global_is_refused_and_never_runs(tmp_path):
 def test_legacy_format_with_a_foreign_global_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil_legacy.pth.tar"
-    torch.save({"model": [], "opt": _CreatesFile(str(marker))}, path, _use_new_zipfile_serialization=False)
+    torch.save({"model": [], "opt": CreatesFile(str(marker))}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(str(path))
     assert not marker.exists()

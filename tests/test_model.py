@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench import reference_caption
 from conftest import make_opt, shared_file
 from data import caption_branch_target, collate_fn
 from model import VSRN, ContrastiveLoss, caption_steps, l2norm, order_sim
@@ -127,23 +128,6 @@ def test_order_similarity():
     assert order_sim(im, s).tolist() == [[0.0, -5.0, 0.0]]
 
 
-def reference_caption_logprobs(caption_model, regions, labels, steps):
-    """The original decoder loop: attention on cat([enc, repeated h]), nn.GRU per step."""
-    enc, dec = caption_model.encoder, caption_model.decoder
-    outputs, hidden = enc.rnn(enc.vid2hid(regions))
-    if dec.bidirectional_encoder:
-        hidden = torch.cat([hidden[0:1], hidden[1:2]], 2)
-    words = dec.embedding(labels)
-    logprobs = []
-    for t in range(steps):
-        h = hidden.squeeze(0).unsqueeze(1).repeat(1, outputs.size(1), 1)
-        e = dec.attention.linear2(torch.tanh(dec.attention.linear1(torch.cat([outputs, h], 2)))).squeeze(2)
-        context = torch.bmm(torch.softmax(e, 1).unsqueeze(1), outputs).squeeze(1)
-        out, hidden = dec.rnn(torch.cat([words[:, t], context], 1).unsqueeze(1), hidden)
-        logprobs.append(F.log_softmax(dec.out(out.squeeze(1)), dim=1))
-    return torch.stack(logprobs, 1)
-
-
 def caption_batch(vocab_size, lengths, max_len):
     generator = torch.Generator().manual_seed(1)
     captions = [torch.cat([torch.tensor([1]), torch.randint(4, vocab_size, (n - 2,), generator=generator), torch.tensor([2])]) for n in lengths]
@@ -160,7 +144,7 @@ def test_caption_decoder_equals_the_original_step_by_step_loop(bidirectional):
     labels, masks = caption_batch(60, [9, 7, 5, 12], 12)
     with torch.no_grad():
         logprobs, preds = model.caption_model(regions, labels, "train")
-        expected = reference_caption_logprobs(model.caption_model, regions, labels, 11)
+        expected = reference_caption.caption_logprobs(model.caption_model, regions, labels)
     assert logprobs.shape == (4, 11, 60) and preds.shape == (4, 11)
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
 
@@ -174,9 +158,7 @@ def test_caption_loss_stopping_at_last_target_is_exact():
     steps = caption_steps(masks, 20)
     assert steps == 8  # longest caption: 8 ids, so targets 1..7 plus its first pad
     full = model.caption_model.loss(regions, labels, masks)
-    logprobs = reference_caption_logprobs(model.caption_model, regions, labels, 19)
-    original = -(logprobs.gather(2, labels[:, 1:20].unsqueeze(2)).squeeze(2) * masks[:, 1:20]).sum() / 3
-    torch.testing.assert_close(full, original)
+    torch.testing.assert_close(full, reference_caption.caption_loss(model.caption_model, regions, labels, masks))
     (grad_full,) = torch.autograd.grad(full, regions)
     short = model.caption_model.loss(regions, labels, masks, steps)
     (grad_short,) = torch.autograd.grad(short, regions)

@@ -3,11 +3,8 @@ import pytest
 import torch
 
 import evaluation
+from bench.reference_ranking import dot_scores, loop_i2t, loop_t2i
 from evaluation import i2t, order_sim, ranks_i2t, ranks_t2i, recall_metrics, similarity, t2i
-
-
-def dot_scores(im, s):
-    return im @ s.T
 
 
 def order_scores(im, s):
@@ -15,46 +12,6 @@ def order_scores(im, s):
 
 
 SCORES = {'cosine': dot_scores, 'order': order_scores}
-
-
-def loop_metrics(ranks):
-    r1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
-    r5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
-    r10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
-    medr = np.floor(np.median(ranks)) + 1
-    meanr = ranks.mean() + 1
-    return (r1, r5, r10, medr, meanr)
-
-
-def loop_i2t(images, captions, npts, score):
-    """The original VSRN i2t: one query at a time, argsort, position of the ground truth."""
-    ranks = np.zeros(npts)
-    top1 = np.zeros(npts)
-    for index in range(npts):
-        d = score(images[5 * index:5 * index + 1], captions).flatten()
-        inds = np.argsort(d)[::-1]
-        rank = 1e20
-        for i in range(5 * index, 5 * index + 5):
-            tmp = np.where(inds == i)[0][0]
-            if tmp < rank:
-                rank = tmp
-        ranks[index] = rank
-        top1[index] = inds[0]
-    return loop_metrics(ranks), (ranks, top1)
-
-
-def loop_t2i(images, captions, npts, score):
-    """The original VSRN t2i: the five captions of an image at a time against all images."""
-    ims = images[::5]
-    ranks = np.zeros(5 * npts)
-    top1 = np.zeros(5 * npts)
-    for index in range(npts):
-        d = score(ims, captions[5 * index:5 * index + 5]).T
-        for i in range(len(d)):
-            inds = np.argsort(d[i])[::-1]
-            ranks[5 * index + i] = np.where(inds == index)[0][0]
-            top1[5 * index + i] = inds[0]
-    return loop_metrics(ranks), (ranks, top1)
 
 
 def tie_free(sims):

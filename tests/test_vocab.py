@@ -6,7 +6,7 @@ import nltk
 import pytest
 
 import vocab as vocab_module
-from conftest import shared_file
+from conftest import CreatesFile, shared_file
 from utils.errors import VocabularyError
 from vocab import Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, vocabulary_from_words
 
@@ -96,19 +96,11 @@ def test_original_release_pickles_load(name, size):
     assert all(isinstance(w, str) for w in vocab.word2idx)
 
 
-class _CreatesFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_pickle_naming_another_global_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil_vocab.pkl"
     with open(path, "wb") as f:
-        pickle.dump(_CreatesFile(str(marker)), f, protocol=2)
+        pickle.dump(CreatesFile(str(marker)), f, protocol=2)
     with pytest.raises(VocabularyError, match=r"evil_vocab.pkl.*refusing global (builtins|io)\.open"):
         load_vocab(str(path))
     assert not marker.exists()
@@ -118,7 +110,7 @@ def test_vocabulary_pickle_with_malicious_state_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     legacy = Vocabulary()
     legacy.add_word("<pad>")
-    legacy.word2idx = {"<pad>": _CreatesFile(str(marker))}
+    legacy.word2idx = {"<pad>": CreatesFile(str(marker))}
     path = tmp_path / "evil_vocab.pkl"
     with open(path, "wb") as f:
         pickle.dump(legacy, f, protocol=2)
