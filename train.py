@@ -243,6 +243,12 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: training stopped: {e}; the last checkpoint in {opt.logger_name} is untouched", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the last complete checkpoint in {opt.logger_name} is intact", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e.filename or opt.logger_name}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def run(opt):

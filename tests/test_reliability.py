@@ -58,15 +58,18 @@ def wait_for(log_path, text, process, timeout=120):
     pytest.fail(f"'{text}' not logged in {timeout}s:\n{log_path.read_text()}")
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signum):
     data_path, vocab_path = toy_data
     run = tmp_path / "run"
-    process, log = start_training(train_args(data_path, vocab_path, run, "--num_epochs", "3"), tmp_path)
+    process, log = start_training(train_args(data_path, vocab_path, run, "--num_epochs", "3", "--workers", "1"), tmp_path)
     wait_for(log, "Epoch: [0][9/25]", process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     assert process.wait(timeout=120) == 0
     text = log.read_text()
-    assert "SIGTERM received" in text and f"continue with --resume {run}/checkpoint.pth.tar" in text
+    name = signal.Signals(signum).name
+    assert f"{name} received" in text and f"Stopped by {name}; continue with --resume {run}/checkpoint.pth.tar" in text
+    assert "Traceback" not in text
     stopped = final_state(str(run))
     assert stopped["Eiters"] >= 10 and (stopped["next_epoch"], stopped["next_batch"]) != (0, 0)
     assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "3", "--resume", str(run / "checkpoint.pth.tar"))) == 0

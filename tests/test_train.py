@@ -126,6 +126,19 @@ def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path):
     assert resumed["Eiters"] == 50 and resumed["epoch"] == 2 and resumed["best_rsum"] >= 12.5
 
 
+def test_evaluate_models_flags_run_an_ensemble(toy_run, toy_data, tmp_path, capsys):
+    import evaluate_models
+
+    data_path, vocab_path = toy_data
+    assert train.main(toy_run("--num_epochs", "1", name="one")) == 0
+    assert train.main(toy_run("--num_epochs", "1", "--seed", "2", name="two")) == 0
+    paths = [str(tmp_path / name / "model_best.pth.tar") for name in ("one", "two")]
+    capsys.readouterr()
+    assert evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "Images: 20, Captions: 100" in out and "Image to text:" in out and "Text to image:" in out
+
+
 def test_demo_preset_yields_to_explicit_flags():
     opt = train.parse_options(["--demo", "--num_epochs", "1", "--embed_size", "64"])
     assert opt.demo and opt.data_name == "toy_precomp" and opt.num_epochs == 1 and opt.embed_size == 64
