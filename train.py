@@ -15,13 +15,13 @@ import time
 import torch
 
 import data
-from evaluation import encode_data, evalrank, i2t, t2i
+from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, VSRNError, one_line
 from utils.meters import AverageMeter, LogCollector
 from utils.options import build_parser  # noqa: F401  (train.build_parser is the public entry)
-from vocab import load_vocab_by_name, save_vocab, vocab_file
+from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_file
 
 # Small enough to learn the toy dataset in a few minutes on two CPU cores.
 DEMO_PRESET = dict(
@@ -66,15 +66,14 @@ def parse_options(argv=None):
 def prepare_demo(opt):
     """Generate the toy dataset and its vocabulary if they are missing."""
     from utils.make_toy_data import make_toy_data
-    from vocab import build_vocab
 
     folder = os.path.join(opt.data_path, opt.data_name)
     if not os.path.isfile(os.path.join(folder, "test_caps.txt")):
         logging.info("Generating the toy dataset in %s", folder)
         make_toy_data(opt.data_path, opt.data_name, opt.img_dim)
     if vocab_file(opt.vocab_path, opt.data_name) is None:
-        captions = [c for split in ("train", "dev") for c in data.read_captions(os.path.join(folder, f"{split}_caps.txt"))]
-        save_vocab(build_vocab(captions), os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json"))
+        vocab = build_dataset_vocab(opt.data_path, opt.data_name)
+        save_vocab(vocab, os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json"))
 
 
 def adjust_learning_rate(opt, optimizer, epoch):
@@ -92,9 +91,10 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
+    # The checkpoint was mapped to the model's device; generator states live on the CPU.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class Trainer:
@@ -214,9 +214,10 @@ class Trainer:
 def validate(opt, val_loader, model, writer):
     """Recall in both directions on the dev split; returns r1 + r5 + r1i + r5i (the original's score)."""
     img_embs, cap_embs = encode_data(model, val_loader)
-    r1, r5, r10, medr, meanr = i2t(img_embs, cap_embs, measure=opt.measure)
+    sims = similarity(img_embs, cap_embs, opt.measure)
+    r1, r5, r10, medr, meanr = i2t(img_embs, cap_embs, sims=sims)
     logging.info("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f", r1, r5, r10, medr, meanr)
-    r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, measure=opt.measure)
+    r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, sims=sims)
     logging.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f", r1i, r5i, r10i, medri, meanri)
     rsum = r1 + r5 + r1i + r5i
     metrics = dict(r1=r1, r5=r5, r10=r10, medr=medr, meanr=meanr, r1i=r1i, r5i=r5i, r10i=r10i, medri=medri, meanri=meanri, rsum=rsum)

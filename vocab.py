@@ -179,6 +179,17 @@ def load_vocab_by_name(vocab_dir, data_name, data_path=None):
     return load_vocab(path)
 
 
+def build_dataset_vocab(data_path, data_name, threshold=4):
+    """The vocabulary of DATA/NAME's train and dev captions, as the original built it."""
+    from data import read_captions  # data imports this module
+
+    caption_files = [os.path.join(data_path, data_name, f"{split}_caps.txt") for split in ("train", "dev")]
+    for path in caption_files:
+        if not os.path.isfile(path):
+            raise VocabularyError(f"{path}: caption file not found (expected the precomputed layout DATA/NAME/{{train,dev}}_caps.txt)")
+    return build_vocab((c for path in caption_files for c in read_captions(path)), threshold)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default="data", help="folder that holds NAME/train_caps.txt")
@@ -186,14 +197,8 @@ def main(argv=None):
     parser.add_argument("--vocab_path", default="vocab", help="folder to write NAME_vocab.json to")
     parser.add_argument("--threshold", default=4, type=int, help="minimum word count to enter the vocabulary")
     args = parser.parse_args(argv)
-    caption_files = [os.path.join(args.data_path, args.data_name, f"{split}_caps.txt") for split in ("train", "dev")]
     try:
-        for path in caption_files:
-            if not os.path.isfile(path):
-                raise VocabularyError(f"{path}: caption file not found (expected the precomputed layout DATA/NAME/{{train,dev}}_caps.txt)")
-        from data import read_captions  # data imports this module
-
-        vocab = build_vocab((c for path in caption_files for c in read_captions(path)), args.threshold)
+        vocab = build_dataset_vocab(args.data_path, args.data_name, args.threshold)
     except VSRNError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
