@@ -8,10 +8,9 @@ another's memory or token cache: time to the first batch with an empty token cac
 and with the cache it left (warm), peak RSS while iterating shuffled batches, and, for
 contrast, the peak RSS of loading the features with a plain np.load.
 
-ru_maxrss counts every resident page mapped into the process, so it includes the pages of
-the memory-mapped feature file that the batches touched: those belong to the page cache,
-which the kernel can drop at any time. RssAnon, the process's own memory, is what the
-loader really holds; RssFile is the mapped file's share.
+ru_maxrss counts every resident page mapped into the process: the loader reads each image
+into its own buffer, so it stays near the process's own memory (RssAnon); a memory map
+of the features would add every page the batches touched (RssFile).
 """
 import argparse
 import gc

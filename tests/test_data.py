@@ -189,7 +189,7 @@ def test_loaders_use_workers_and_keep_the_global_rng(toy_data):
 
 
 def test_dataset_equals_the_original_straightforward_reading(toy_data):
-    """Memory-mapped features and cached word ids give the items of the original's
+    """Features read per image and cached word ids give the items of the original's
     __getitem__: full np.load, per-item tokenization of the UTF-8 caption."""
     from vocab import load_vocab_by_name, tokenize
 
