@@ -247,9 +247,11 @@ class EpochShuffleSampler(Sampler):
         return self.length - self.start
 
 
-def _ignore_sigint(worker_id):
-    # Ctrl-C reaches the whole process group; the main process alone decides how to stop.
+def _ignore_stop_signals(worker_id):
+    # Ctrl-C and schedulers signal the whole process group; the main process alone decides
+    # how to stop (it finishes the step and saves), and then ends its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _loader(dataset, batch_size, workers, sampler=None):
@@ -262,7 +264,7 @@ def _loader(dataset, batch_size, workers, sampler=None):
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0 and sampler is not None,
         collate_fn=collate_fn,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_ignore_stop_signals,
         # Its own generator: creating an iterator must not draw from the global RNG, which
         # drives dropout, or a resumed run would diverge from an uninterrupted one.
         generator=torch.Generator(),

@@ -40,6 +40,9 @@ def main(argv=None):
     except VSRNError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.filename or 'evaluation'}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

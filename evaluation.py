@@ -182,6 +182,8 @@ def _load_models(model_paths, data_path, vocab_path):
                 f"in {vocab_path or opt.vocab_path} has {len(vocab)}"
             )
         model_opt.vocab_size = len(vocab)
+        # Evaluate on this machine, in float32, whatever the training run used.
+        model_opt.device, model_opt.amp = None, False
         model = VSRN(model_opt)
         model.load_state_dict(checkpoint["model"], source=path)
         models.append(model)

@@ -83,18 +83,19 @@ def adjust_learning_rate(opt, optimizer, epoch):
         group["lr"] = lr
 
 
-def rng_state():
+def rng_state(device):
+    """The generators that dropout draws from: the CPU's, and the model's GPU's when on CUDA."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     # The checkpoint was mapped to the model's device; generator states live on the CPU.
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class Trainer:
@@ -110,22 +111,36 @@ class Trainer:
     def resume(self, path):
         checkpoint = load_checkpoint(path, map_location=self.model.device)
         self.model.load_state_dict(checkpoint["model"], source=path)
-        self.model.Eiters = int(checkpoint.get("Eiters", 0))
-        self.best_rsum = float(checkpoint.get("best_rsum", 0.0))
-        if "next_epoch" in checkpoint:
-            self.next_epoch, self.next_batch = int(checkpoint["next_epoch"]), int(checkpoint["next_batch"])
-            try:
-                self.model.optimizer.load_state_dict(checkpoint["optimizer"])
-            except (KeyError, ValueError) as e:
-                raise CheckpointError(f"{path}: optimizer state does not fit this model ({e})") from None
-            set_rng_state(checkpoint["rng"])
-        else:
-            # An original-release checkpoint: its 'epoch' counts started epochs; no optimizer state.
-            self.next_epoch = int(checkpoint.get("epoch", 0))
+        try:
+            self.model.Eiters = int(checkpoint.get("Eiters", 0))
+            self.best_rsum = float(checkpoint.get("best_rsum", 0.0))
+            if "next_epoch" in checkpoint:
+                self._restore_position(checkpoint, path)
+            else:
+                # An original-release checkpoint: its 'epoch' counts started epochs; no optimizer state.
+                self.next_epoch = int(checkpoint.get("epoch", 0))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
         logging.info(
             "=> resumed '%s' at epoch %d, batch %d (Eiters %d, best_rsum %.2f)",
             path, self.next_epoch, self.next_batch, self.model.Eiters, self.best_rsum,
         )
+
+    def _restore_position(self, checkpoint, path):
+        saved = checkpoint["opt"]
+        self.next_epoch, self.next_batch = int(checkpoint["next_epoch"]), int(checkpoint["next_batch"])
+        if self.next_batch and saved.batch_size != self.opt.batch_size:
+            raise CheckpointError(
+                f"{path}: stopped mid-epoch with --batch_size {saved.batch_size}; resume with the same batch size, not {self.opt.batch_size}"
+            )
+        # The rest of the epoch must follow the same order, whatever --seed says now.
+        self.opt.seed = self.train_loader.sampler.seed = saved.seed
+        optimizer = self.model.optimizer
+        implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, flags in zip(optimizer.param_groups, implementation):
+            group.update(flags)  # this machine's choice, not the saving machine's
+        set_rng_state(checkpoint["rng"], self.model.device)
 
     def checkpoint_state(self, epoch, next_epoch, next_batch):
         return {
@@ -137,7 +152,7 @@ class Trainer:
             "optimizer": self.model.optimizer.state_dict(),
             "next_epoch": next_epoch,
             "next_batch": next_batch,
-            "rng": rng_state(),
+            "rng": rng_state(self.model.device),
         }
 
     def save(self, epoch, next_epoch, next_batch, is_best=False):
@@ -160,7 +175,7 @@ class Trainer:
                 stopped = not self.train_epoch(epoch, start_batch)
                 if not stopped:
                     self.validate_and_save(epoch, epoch + 1, 0)
-                if stopped or self.stop:
+                if (stopped or self.stop) and epoch + 1 < self.opt.num_epochs:
                     logging.info("Stopped by %s; continue with --resume %s", self.stop.signal_name, self.checkpoint_path)
                     return False
             return True

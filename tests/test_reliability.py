@@ -175,8 +175,9 @@ def test_empty_caption_lines_warn_and_training_goes_on(toy_copy, tmp_path):
         (("--data_name", "f30k"), "--data_name f30k: only precomputed features"),
         (("--data_name", "coco_precomp"), "coco_precomp_vocab.json: vocabulary not found (nor .pkl); build it with: python vocab.py"),
         (("--resume", "nowhere.pth.tar"), "nowhere.pth.tar: checkpoint not found"),
+        (("--device", "gpu"), "--device gpu: expected cpu or cuda"),
     ],
-    ids=["dim-vid", "raw-images", "no-vocab", "no-checkpoint"],
+    ids=["dim-vid", "raw-images", "no-vocab", "no-checkpoint", "device"],
 )
 def test_bad_flags_are_one_line_with_exit_code_2(toy_data, tmp_path, capsys, extra, expected):
     data_path, vocab_path = toy_data

@@ -106,13 +106,29 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted_run(toy_run, tmp_path, 
     monkeypatch.setattr(train.Trainer, "train_epoch", original)
     stopped = final_state(str(tmp_path / "split"))
     assert (stopped["Eiters"], stopped["next_epoch"], stopped["next_batch"]) == (13, 0, 13)
-    resume = ["--resume", str(tmp_path / "split" / "checkpoint.pth.tar")]
+    # A different --seed on the command line must not change the rest of the epoch.
+    resume = ["--resume", str(tmp_path / "split" / "checkpoint.pth.tar"), "--seed", "99"]
     assert train.main(toy_run("--num_epochs", "2", "--val_step", "10", *resume, name="split")) == 0
     assert recorded_losses == full_losses
     resumed, full = final_state(str(tmp_path / "split")), final_state(str(tmp_path / "full"))
     assert resumed["Eiters"] == full["Eiters"] == 50 and resumed["best_rsum"] == full["best_rsum"]
     assert_same_weights(resumed, full)
     assert resumed["optimizer"]["state"][0]["step"] == full["optimizer"]["state"][0]["step"]
+
+
+def test_mid_epoch_resume_refuses_another_batch_size(toy_run, tmp_path, capsys, monkeypatch):
+    def stop_after_three(self, epoch, start_batch):
+        self.stop.signal_name = "SIGTERM"
+        return original(self, epoch, start_batch)
+
+    original = train.Trainer.train_epoch
+    monkeypatch.setattr(train.Trainer, "train_epoch", stop_after_three)
+    assert train.main(toy_run("--num_epochs", "2", name="bs")) == 0
+    monkeypatch.setattr(train.Trainer, "train_epoch", original)
+    assert final_state(str(tmp_path / "bs"))["next_batch"] == 1
+    resume = ["--resume", str(tmp_path / "bs" / "checkpoint.pth.tar"), "--batch_size", "8"]
+    assert train.main(toy_run("--num_epochs", "2", *resume, name="bs")) == 2
+    assert "resume with the same batch size, not 8" in capsys.readouterr().err
 
 
 def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path):

@@ -1,10 +1,6 @@
 """Command-line options of train.py: every flag of the original VSRN with its default, plus ours."""
 import argparse
 
-# Flags the original kept for raw-image training (a CNN on pixels). This port trains from
-# precomputed region features only, so they are accepted for compatibility and ignored.
-UNUSED_FLAGS = ("crop_size", "finetune", "cnn_type", "use_restval", "reset_train")
-
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train VSRN on precomputed region features.")
