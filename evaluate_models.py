@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from evaluation import evalrank
-from utils.errors import VSRNError, one_line
+from utils.errors import VSRNError, report
 
 # MS-COCO: 1K test (5 folds of the 5000-image `testall` split) with the two-model ensemble.
 # Drop `fold5=True` for the 5K test.
@@ -37,12 +37,8 @@ def main(argv=None):
     try:
         for block in blocks:
             evalrank(*block["model_paths"], data_path=block["data_path"], split=block["split"], fold5=block["fold5"], vocab_path=args.vocab_path)
-    except VSRNError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or 'evaluation'}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    except (VSRNError, OSError) as e:
+        return report(e)
     return 0
 
 

@@ -18,7 +18,7 @@ import data
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import CheckpointError, VSRNError, one_line
+from utils.errors import CheckpointError, VSRNError, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import build_parser  # noqa: F401  (train.build_parser is the public entry)
 from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_file
@@ -253,18 +253,14 @@ def main(argv=None):
     opt = parse_options(argv)
     try:
         return run(opt)
-    except VSRNError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except (VSRNError, OSError) as e:
+        return report(e)
     except FloatingPointError as e:
         print(f"error: training stopped: {e}; the last checkpoint in {opt.logger_name} is untouched", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"error: interrupted; the last complete checkpoint in {opt.logger_name} is intact", file=sys.stderr)
         return 130
-    except OSError as e:
-        print(f"error: {e.filename or opt.logger_name}: {e.strerror or e}", file=sys.stderr)
-        return 1
 
 
 def run(opt):

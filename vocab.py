@@ -13,7 +13,7 @@ from collections import Counter
 
 import nltk
 
-from utils.errors import VSRNError, VocabularyError, one_line
+from utils.errors import VSRNError, VocabularyError, report
 from utils.atomic import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -199,9 +199,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         vocab = build_dataset_vocab(args.data_path, args.data_name, args.threshold)
-    except VSRNError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except (VSRNError, OSError) as e:
+        return report(e)
     out = os.path.join(args.vocab_path, f"{args.data_name}_vocab.json")
     save_vocab(vocab, out)
     print(f"Vocabulary of {len(vocab)} words written to {out}")

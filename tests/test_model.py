@@ -6,7 +6,7 @@ from torch.nn import functional as F
 from bench import reference_caption
 from conftest import make_opt, shared_file
 from data import caption_branch_target, collate_fn
-from model import VSRN, ContrastiveLoss, caption_steps, l2norm, order_sim
+from model import VSRN, ContrastiveLoss, caption_steps, order_sim
 from GCN_lib.Rs_GCN import Rs_GCN
 from utils.checkpoint import load_checkpoint
 from utils.errors import CheckpointError, OptionError

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import evaluate_models
 import train
@@ -215,3 +214,11 @@ def test_evaluation_split_checks(toy_copy, trained, capsys):
     open(f"{folder}/test_caps.txt", "w").write("\n".join(lines[:19]) + "\n")
     assert evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test", trained]) == 2
     assert "test split of toy_precomp: 19 captions, not a multiple of 5" in error_line(capsys)
+
+
+def test_unwritable_logger_folder_is_one_line(toy_data, tmp_path, capsys):
+    data_path, vocab_path = toy_data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert train.main(train_args(data_path, vocab_path, blocker / "run", "--num_epochs", "1")) == 1
+    assert "file/run" in error_line(capsys)

@@ -1,6 +1,5 @@
 """End to end: vocab.py -> train.py -> evalrank on generated toy data; resume; stop; errors."""
 import os
-import shutil
 
 import pytest
 import torch

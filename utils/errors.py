@@ -1,5 +1,6 @@
 """User-facing errors: each carries one line that names the file or flag and what was expected."""
 import re
+import sys
 
 
 class VSRNError(Exception):
@@ -36,3 +37,13 @@ def one_line(error):
         return text
     last = text.splitlines()[-1]
     return _WORKER_PREFIX.sub("", last, count=1)
+
+
+def report(error):
+    """Print a VSRNError (exit code 2) or an OSError (exit code 1) as one line; return the code."""
+    if isinstance(error, VSRNError):
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    where = f"{error.filename}: " if error.filename else ""
+    print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+    return 1
