@@ -29,10 +29,17 @@ def cache_dir():
 
 def read_captions(path):
     """Lines of a caption file as stripped str, decoded as UTF-8 (never bytes)."""
+    return decode_captions(_read_bytes(path), path)
+
+
+def _read_bytes(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: caption file not found")
     with open(path, "rb") as f:
-        raw = f.read()
+        return f.read()
+
+
+def decode_captions(raw, path):
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -63,10 +70,8 @@ def _vocab_digest(vocab):
 
 def load_caption_ids(path, vocab):
     """encode_captions(read_captions(path)), cached on disk by content, vocabulary and tokenizer."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: caption file not found")
-    with open(path, "rb") as f:
-        content = hashlib.sha256(f.read()).hexdigest()
+    raw = _read_bytes(path)
+    content = hashlib.sha256(raw).hexdigest()
     key = hashlib.sha256(f"{content}|{_vocab_digest(vocab)}|{tokenizer_identity()}".encode()).hexdigest()[:32]
     cached = os.path.join(cache_dir(), f"caption_ids-{key}.npz")
     if os.path.isfile(cached):
@@ -75,7 +80,7 @@ def load_caption_ids(path, vocab):
                 return z["ids"], z["offsets"], [int(i) for i in z["empty_lines"]]
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: rebuild it below
-    captions = read_captions(path)
+    captions = decode_captions(raw, path)
     ids, offsets = encode_captions(captions, vocab, desc=f"tokenizing {os.path.basename(path)}")
     empty_lines = [n for n, c in enumerate(captions, start=1) if not c]
     try:
