@@ -3,6 +3,12 @@
     DATA/NAME/{split}_ims.npy   (num_images, regions, img_dim) float32
     DATA/NAME/{split}_caps.txt  one UTF-8 caption per line, 5 per image (or 1 per image)
 
+and, optionally (utils/tsv_to_precomp.py writes them; SCAN's release has none):
+
+    DATA/NAME/{split}_boxes.npy        (num_images, regions, 4) float32 x1 y1 x2 y2 in pixels
+    DATA/NAME/{split}_image_sizes.npy  (num_images, 2) int (height, width)
+    DATA/NAME/{split}_image_ids.txt    one image id per line
+
 Features are read one image at a time, so RAM does not grow with the dataset; captions
 are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
 """
@@ -214,6 +220,44 @@ def open_features(path, img_dim):
     if not np.issubdtype(images.dtype, np.floating):
         raise DataError(f"{path}: features are {images.dtype}; expected floating point")
     return images
+
+
+def read_image_ids(folder, split):
+    """The split's image ids (str, one per image, in feature order), or None when the file is absent."""
+    path = os.path.join(folder, f"{split}_image_ids.txt")
+    if not os.path.isfile(path):
+        return None
+    ids = decode_captions(_read_bytes(path), path)
+    num_images = len(FeatureFile(os.path.join(folder, f"{split}_ims.npy")))
+    if len(ids) != num_images:
+        raise DataError(f"{path}: {len(ids)} image ids for the {num_images} images of {split}_ims.npy")
+    return ids
+
+
+def read_region_boxes(folder, split, needed_by):
+    """(boxes (N, regions, 4) float32 pixels x1 y1 x2 y2, sizes (N, 2) int height, width) of a split.
+
+    `needed_by` names the feature that needs them, for the error when they are absent.
+    """
+    boxes_path = os.path.join(folder, f"{split}_boxes.npy")
+    sizes_path = os.path.join(folder, f"{split}_image_sizes.npy")
+    for path in (boxes_path, sizes_path):
+        if not os.path.isfile(path):
+            raise DataError(
+                f"{path}: not found; {needed_by} needs the region boxes and image sizes that "
+                "utils/tsv_to_precomp.py writes (SCAN's precomputed features have none)"
+            )
+    try:
+        boxes = np.load(boxes_path, allow_pickle=False).astype(np.float32)
+        sizes = np.load(sizes_path, allow_pickle=False).astype(np.int64)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{boxes_path}: not a readable .npy array ({e})") from None
+    images = FeatureFile(os.path.join(folder, f"{split}_ims.npy"))
+    if boxes.shape != (*images.shape[:2], 4):
+        raise DataError(f"{boxes_path}: boxes have shape {boxes.shape}; expected {(*images.shape[:2], 4)} for {split}_ims.npy")
+    if sizes.shape != (images.shape[0], 2):
+        raise DataError(f"{sizes_path}: sizes have shape {sizes.shape}; expected {(images.shape[0], 2)} (height, width per image)")
+    return boxes, sizes
 
 
 def collate_fn(data):

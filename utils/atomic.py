@@ -4,13 +4,25 @@ import os
 import tempfile
 
 
+def _umask():
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Open a temporary file next to `path`; on success it replaces `path` in one rename."""
+    """Open a temporary file next to `path`; on success it replaces `path` in one rename.
+
+    The file gets the mode a plain open() would give it (0666 less the umask): mkstemp's
+    private 0600 would make shared datasets and checkpoints unreadable to other users.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
