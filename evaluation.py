@@ -184,7 +184,7 @@ def _load_models(model_paths, data_path, vocab_path):
         model_opt.vocab_size = len(vocab)
         # Evaluate on this machine, in float32, whatever the training run used.
         model_opt.device, model_opt.amp = None, False
-        model = VSRN(model_opt)
+        model = VSRN(model_opt, training=False)
         model.load_state_dict(checkpoint["model"], source=path)
         models.append(model)
     return opt, vocab, models

@@ -291,7 +291,8 @@ def check_options(opt):
 class VSRN:
     """The image encoder, text encoder and caption branch, their loss and their optimizer."""
 
-    def __init__(self, opt):
+    def __init__(self, opt, training=True):
+        """`training=False` builds no optimizer: evaluation and inference need none."""
         check_options(opt)
         self.device = torch.device(getattr(opt, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.grad_clip = opt.grad_clip
@@ -311,7 +312,7 @@ class VSRN:
         self.criterion = ContrastiveLoss(opt.margin, opt.measure, opt.max_violation)
         # Each parameter once: the original listed the caption branch's twice (see README).
         self.params = [p for module in self.modules() for p in module.parameters()]
-        self.optimizer = make_adam(self.params, opt.learning_rate)
+        self.optimizer = make_adam(self.params, opt.learning_rate) if training else None
         self.Eiters = 0
 
     def modules(self):
