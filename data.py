@@ -62,7 +62,7 @@ def decode_captions(raw, path):
 
 def encode_captions(captions, vocab, desc="tokenizing"):
     """Word ids of every caption (without <start>/<end>) as one flat int32 array plus offsets."""
-    pieces = [np.asarray([vocab(w) for w in tokenize(c)], dtype=np.int32) for c in tqdm(captions, desc=desc, unit="cap", mininterval=1.0)]
+    pieces = [np.asarray([vocab(w) for w in tokenize(c)], dtype=np.int32) for c in tqdm(captions, desc=desc, unit="cap", mininterval=1.0, disable=None)]
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in pieces], out=offsets[1:])
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
@@ -303,7 +303,26 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def usable_workers(requested):
+    """--workers capped at this machine's cores: more processes than cores only compete
+    (and torch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(requested, cores))
+
+
+def check_data_folder(data_path, data_name, flag_hint="check --data_path and --data_name"):
+    """DATA/NAME must exist before anything is built from it; the error names the folder."""
+    folder = os.path.join(data_path, data_name)
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"{folder}: dataset folder not found; expected {data_name}/{{train,dev,test}}_ims.npy and _caps.txt "
+            f"under {data_path} (see README, Data); {flag_hint}"
+        )
+    return folder
+
+
 def _loader(dataset, batch_size, workers, sampler=None):
+    workers = usable_workers(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,

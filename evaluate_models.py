@@ -6,10 +6,12 @@
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """
 import argparse
+import os
 import sys
 
 from evaluation import evalrank
-from utils.errors import VSRNError, report
+from utils.errors import CheckpointError, VSRNError, report
+from utils.options import ScriptHelpFormatter
 
 # MS-COCO: 1K test (5 folds of the 5000-image `testall` split) with the two-model ensemble.
 # Drop `fold5=True` for the 5K test.
@@ -26,7 +28,7 @@ RUN = [FLICKR30K]  # the blocks run without flags, e.g. [COCO, FLICKR30K]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     parser.add_argument("model_paths", nargs="*", help="checkpoints; several form an ensemble")
     parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
@@ -35,6 +37,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     blocks = [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)] if args.model_paths else RUN
     try:
+        if not args.model_paths:
+            missing = [path for block in blocks for path in block["model_paths"] if not os.path.isfile(path)]
+            if missing:
+                raise CheckpointError(
+                    f"{missing[0]}: checkpoint not found; edit the blocks at the top of evaluate_models.py, or pass "
+                    "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
+                )
         for block in blocks:
             evalrank(*block["model_paths"], data_path=block["data_path"], split=block["split"], fold5=block["fold5"], vocab_path=args.vocab_path)
     except (VSRNError, OSError) as e:

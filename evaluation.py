@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import get_test_loader
+from data import check_data_folder, get_test_loader
 from model import VSRN, order_sim
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint
-from utils.errors import CheckpointError, DataError
-from vocab import load_vocab_by_name
+from utils.errors import CheckpointError, DataError, VocabularyError
+from vocab import load_vocab_by_name, vocab_file
 
 # Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
 # then needs little beyond its 500 MB similarity matrix, and order_sim's few (rows, targets, K)
@@ -149,7 +149,7 @@ def encode_data(model, data_loader):
     dataset = data_loader.dataset
     img_embs = cap_embs = None
     with torch.no_grad():
-        for images, captions, lengths, ids, _, _ in tqdm(data_loader, desc="encoding", unit="batch", leave=False):
+        for images, captions, lengths, ids, _, _ in tqdm(data_loader, desc="encoding", unit="batch", leave=False, disable=None):
             image_ids = [index // dataset.im_div for index in ids]
             first_row = {image_id: row for row, image_id in reversed(list(enumerate(image_ids)))}
             unique_ids = list(first_row)
@@ -169,6 +169,13 @@ def _load_models(model_paths, data_path, vocab_path):
     opt = checkpoints[0]["opt"]
     if data_path is not None:
         opt.data_path = data_path
+    check_data_folder(opt.data_path, opt.data_name,
+                      "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')")
+    if vocab_path is None and vocab_file(opt.vocab_path, opt.data_name) is None:
+        raise VocabularyError(
+            f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found; "
+            f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
+        )
     vocab = load_vocab_by_name(vocab_path or opt.vocab_path, opt.data_name, opt.data_path)
     models = []
     for path, checkpoint in zip(model_paths, checkpoints):
@@ -251,7 +258,7 @@ def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=
         raise ValueError("evalrank needs at least one checkpoint path")
     opt, vocab, models = _load_models(model_paths, data_path, vocab_path)
     print("Loading dataset")
-    loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, min(opt.workers, os.cpu_count() or 1), opt)
+    loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
     num_captions = len(loader.dataset)
     if num_captions % 5:
         raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")

@@ -4,10 +4,12 @@
     python train.py --demo          # toy dataset, a few minutes on a CPU
     python train.py --resume runs/f30k/checkpoint.pth.tar ...   # continue exactly where it stopped
 """
+import argparse
 import logging
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -17,10 +19,11 @@ import torch
 import data
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import CheckpointError, VSRNError, report
+from data import check_data_folder, usable_workers
+from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from utils.errors import CheckpointError, OptionError, VSRNError, report
 from utils.meters import AverageMeter, LogCollector
-from utils.options import build_parser  # noqa: F401  (train.build_parser is the public entry)
+from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
 from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_file
 
 # Small enough to learn the toy dataset in a few minutes on two CPU cores.
@@ -53,27 +56,91 @@ class StopRequest:
 
 
 def parse_options(argv=None):
+    """-> (options, the checkpoint to resume or None).
+
+    A resumed run takes its options from the checkpoint; explicit flags may change only
+    RESUME_OVERRIDABLE ones, and any other flag must agree with the checkpoint.
+    """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if "--demo" in argv:
         parser.set_defaults(**DEMO_PRESET)
     opt = parser.parse_args(argv)
+    given = explicit_options(argv)
+    checkpoint = None
+    if opt.resume:
+        checkpoint = load_checkpoint(opt.resume)
+        opt = resumed_options(checkpoint["opt"], opt, given, opt.resume)
+    elif opt.demo and "logger_name" not in given:
+        opt.logger_name = first_free_folder(opt.logger_name)
     if opt.seed is None:
         opt.seed = random.SystemRandom().randrange(2**31)
+    return opt, checkpoint
+
+
+def resumed_options(saved, command_line, given, path):
+    """The checkpoint's options, with the overridable ones the command line gives."""
+    opt = argparse.Namespace(**vars(saved))
+    for name in sorted(given - {"resume"}):
+        value, recorded = getattr(command_line, name), getattr(saved, name, None)
+        if name in RESUME_OVERRIDABLE or recorded is None:
+            setattr(opt, name, value)
+        elif value != recorded:
+            raise OptionError(
+                f"--{name} {value} contradicts the checkpoint's {recorded} ({path}); resume without it, "
+                "or start a new run with another --logger_name"
+            )
+    opt.resume = path
     return opt
 
 
+def first_free_folder(folder):
+    """`folder`, or `folder_2`, `folder_3`, ... when it already holds a run (the demo never overwrites)."""
+    candidate, n = folder, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = f"{folder}_{n}"
+    if candidate != folder:
+        logging.info("%s already holds a run; this one writes to %s", folder, candidate)
+    return candidate
+
+
+def holds_run(folder):
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (CHECKPOINT_NAME, BEST_NAME))
+
+
+def check_output_folder(opt):
+    """Never overwrite another run's checkpoints: a new run needs an empty --logger_name,
+    a resumed one may write only over the checkpoint it continues."""
+    existing = os.path.join(opt.logger_name, CHECKPOINT_NAME)
+    if opt.resume:
+        if os.path.isfile(existing) and not os.path.samefile(existing, opt.resume):
+            raise OptionError(
+                f"{opt.logger_name} holds another run's {CHECKPOINT_NAME}; resume into a new --logger_name"
+            )
+    elif holds_run(opt.logger_name):
+        raise OptionError(
+            f"{opt.logger_name} already holds a run; continue it with `{resume_command(existing)}`, "
+            "or start a new one with another --logger_name"
+        )
+
+
+def resume_command(checkpoint_path):
+    return f"python3 train.py --resume {shlex.quote(checkpoint_path)}"
+
+
 def prepare_demo(opt):
-    """Generate the toy dataset and its vocabulary if they are missing."""
+    """Generate the toy dataset and its vocabulary if they are missing, saying where."""
     from utils.make_toy_data import make_toy_data
 
     folder = os.path.join(opt.data_path, opt.data_name)
     if not os.path.isfile(os.path.join(folder, "test_caps.txt")):
-        logging.info("Generating the toy dataset in %s", folder)
+        logging.info("Writing the toy dataset to %s", os.path.abspath(folder))
         make_toy_data(opt.data_path, opt.data_name, opt.img_dim)
     if vocab_file(opt.vocab_path, opt.data_name) is None:
-        vocab = build_dataset_vocab(opt.data_path, opt.data_name)
-        save_vocab(vocab, os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json"))
+        path = os.path.join(opt.vocab_path, f"{opt.data_name}_vocab.json")
+        logging.info("Writing its vocabulary to %s", os.path.abspath(path))
+        save_vocab(build_dataset_vocab(opt.data_path, opt.data_name), path)
 
 
 def adjust_learning_rate(opt, optimizer, epoch):
@@ -108,8 +175,7 @@ class Trainer:
         self.next_epoch, self.next_batch = 0, 0
         self.stop = StopRequest()
 
-    def resume(self, path):
-        checkpoint = load_checkpoint(path, map_location=self.model.device)
+    def resume(self, checkpoint, path):
         self.model.load_state_dict(checkpoint["model"], source=path)
         try:
             self.model.Eiters = int(checkpoint.get("Eiters", 0))
@@ -165,18 +231,21 @@ class Trainer:
         self.save(epoch, next_epoch, next_batch, is_best)
 
     def run(self):
-        """Train to opt.num_epochs; False when a signal stopped it (its checkpoint saved)."""
+        """Train to opt.num_epochs; False when a signal stopped it first (its checkpoint saved).
+
+        A signal during the very last step still lets that epoch validate and save: then
+        nothing is left to do and the run is complete.
+        """
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.stop.install()
         try:
             for epoch in range(self.next_epoch, self.opt.num_epochs):
                 adjust_learning_rate(self.opt, self.model.optimizer, epoch)
                 start_batch = self.next_batch if epoch == self.next_epoch else 0
-                stopped = not self.train_epoch(epoch, start_batch)
-                if not stopped:
-                    self.validate_and_save(epoch, epoch + 1, 0)
-                if (stopped or self.stop) and epoch + 1 < self.opt.num_epochs:
-                    logging.info("Stopped by %s; continue with --resume %s", self.stop.signal_name, self.checkpoint_path)
+                if not self.train_epoch(epoch, start_batch):
+                    return False
+                self.validate_and_save(epoch, epoch + 1, 0)
+                if self.stop and epoch + 1 < self.opt.num_epochs:
                     return False
             return True
         finally:
@@ -223,7 +292,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self):
-        return os.path.join(self.opt.logger_name, "checkpoint.pth.tar")
+        return os.path.join(self.opt.logger_name, CHECKPOINT_NAME)
 
 
 def validate(opt, val_loader, model, writer):
@@ -250,23 +319,28 @@ def configure_backends(opt):
 
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, force=True)
-    opt = parse_options(argv)
+    opt = None
     try:
-        return run(opt)
+        opt, checkpoint = parse_options(argv)
+        return run(opt, checkpoint)
     except (VSRNError, OSError) as e:
         return report(e)
     except FloatingPointError as e:
         print(f"error: training stopped: {e}; the last checkpoint in {opt.logger_name} is untouched", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"error: interrupted; the last complete checkpoint in {opt.logger_name} is intact", file=sys.stderr)
+        where = f" in {opt.logger_name}" if opt else ""
+        print(f"error: interrupted; the last complete checkpoint{where} is intact", file=sys.stderr)
         return 130
 
 
-def run(opt):
+def run(opt, checkpoint=None):
+    """Train; 0 when complete, 128 + signal number when a signal stopped it (checkpoint saved)."""
     check_options(opt)
+    check_output_folder(opt)
     if opt.demo:
         prepare_demo(opt)
+    check_data_folder(opt.data_path, opt.data_name)
     print(opt)
     configure_backends(opt)
     vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
@@ -276,16 +350,23 @@ def run(opt):
         for module in (model.img_enc, model.txt_enc):
             module.compile()  # in place: state-dict keys stay the original's
     train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
+    if usable_workers(opt.workers) < opt.workers:
+        logging.info("--workers %d capped at this machine's %d cores", opt.workers, usable_workers(opt.workers))
     from torch.utils.tensorboard import SummaryWriter
 
     os.makedirs(opt.logger_name, exist_ok=True)
     with SummaryWriter(opt.logger_name, flush_secs=5) as writer:
         trainer = Trainer(opt, model, train_loader, val_loader, writer)
-        if opt.resume:
-            trainer.resume(opt.resume)
+        if checkpoint is not None:
+            trainer.resume(checkpoint, opt.resume)
         finished = trainer.run()
-    if finished and opt.demo:
-        best = os.path.join(opt.logger_name, "model_best.pth.tar")
+    if not finished:
+        name = trainer.stop.signal_name
+        print(f"Stopped by {name} before the last epoch ended; the run is not complete. Continue it with:\n"
+              f"  {resume_command(trainer.checkpoint_path)}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    if opt.demo:
+        best = os.path.join(opt.logger_name, BEST_NAME)
         print(f"\nDemo: recall of {best} on the toy test split")
         evalrank(best, data_path=opt.data_path, split="test", vocab_path=opt.vocab_path)
     return 0

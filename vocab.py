@@ -15,6 +15,7 @@ import nltk
 
 from utils.errors import VSRNError, VocabularyError, report
 from utils.atomic import atomic_write
+from utils.options import ScriptHelpFormatter
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -190,19 +191,23 @@ def build_dataset_vocab(data_path, data_name, threshold=4):
     return build_vocab((c for path in caption_files for c in read_captions(path)), threshold)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", default="data", help="folder that holds NAME/train_caps.txt")
-    parser.add_argument("--data_name", default="f30k_precomp")
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
+    parser.add_argument("--data_path", default="data", help="folder that holds NAME/train_caps.txt and dev_caps.txt")
+    parser.add_argument("--data_name", default="f30k_precomp", help="dataset folder name under --data_path")
     parser.add_argument("--vocab_path", default="vocab", help="folder to write NAME_vocab.json to")
     parser.add_argument("--threshold", default=4, type=int, help="minimum word count to enter the vocabulary")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = os.path.join(args.vocab_path, f"{args.data_name}_vocab.json")
     try:
         vocab = build_dataset_vocab(args.data_path, args.data_name, args.threshold)
+        save_vocab(vocab, out)
     except (VSRNError, OSError) as e:
         return report(e)
-    out = os.path.join(args.vocab_path, f"{args.data_name}_vocab.json")
-    save_vocab(vocab, out)
     print(f"Vocabulary of {len(vocab)} words written to {out}")
     return 0
 

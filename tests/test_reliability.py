@@ -64,14 +64,15 @@ def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signu
     process, log = start_training(train_args(data_path, vocab_path, run, "--num_epochs", "3", "--workers", "1"), tmp_path)
     wait_for(log, "Epoch: [0][9/25]", process)
     process.send_signal(signum)
-    assert process.wait(timeout=120) == 0
+    assert process.wait(timeout=120) == 128 + signum
     text = log.read_text()
     name = signal.Signals(signum).name
-    assert f"{name} received" in text and f"Stopped by {name}; continue with --resume {run}/checkpoint.pth.tar" in text
-    assert "Traceback" not in text
+    assert f"{name} received" in text and f"Stopped by {name} before the last epoch ended" in text
+    hint = text.splitlines()[-1].strip()
+    assert hint == f"python3 train.py --resume {run}/checkpoint.pth.tar" and "Traceback" not in text
     stopped = final_state(str(run))
     assert stopped["Eiters"] >= 10 and (stopped["next_epoch"], stopped["next_batch"]) != (0, 0)
-    assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "3", "--resume", str(run / "checkpoint.pth.tar"))) == 0
+    assert train.main(hint.split()[2:]) == 0
     assert final_state(str(run))["Eiters"] == 75
 
 

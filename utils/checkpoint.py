@@ -50,7 +50,10 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-def save_checkpoint(state, is_best, folder, filename="checkpoint.pth.tar", best_filename="model_best.pth.tar"):
+CHECKPOINT_NAME, BEST_NAME = "checkpoint.pth.tar", "model_best.pth.tar"
+
+
+def save_checkpoint(state, is_best, folder, filename=CHECKPOINT_NAME, best_filename=BEST_NAME):
     """Write `folder/filename` atomically; copy it to `best_filename` (also atomically) when best."""
     path = os.path.join(folder, filename)
     with atomic_write(path, "wb") as f:

@@ -14,6 +14,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.atomic import atomic_write  # noqa: E402
+from utils.errors import report  # noqa: E402
+from utils.options import ScriptHelpFormatter  # noqa: E402
 
 CONCEPTS = (
     "dog cat horse bird cow sheep bicycle car bus boat train kite "
@@ -62,16 +64,24 @@ def make_toy_data(data_path, name="toy_precomp", img_dim=128, seed=0, sizes=None
     return folder
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
+    parser.add_argument("--data_path", default="data", help="folder to write NAME/ into")
+    parser.add_argument("--data_name", default="toy_precomp", help="dataset folder name")
+    parser.add_argument("--img_dim", default=128, type=int, help="dimensionality of the generated region features")
+    parser.add_argument("--seed", default=0, type=int, help="random seed (the same seed writes the same files)")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", default="data")
-    parser.add_argument("--data_name", default="toy_precomp")
-    parser.add_argument("--img_dim", default=128, type=int)
-    parser.add_argument("--seed", default=0, type=int)
-    args = parser.parse_args(argv)
-    folder = make_toy_data(args.data_path, args.data_name, args.img_dim, args.seed)
+    args = build_parser().parse_args(argv)
+    try:
+        folder = make_toy_data(args.data_path, args.data_name, args.img_dim, args.seed)
+    except OSError as e:
+        return report(e)
     print(f"Toy dataset written to {folder}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,8 +2,14 @@
 import argparse
 
 
+class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of the scripts: the module docstring as written, and every flag's default."""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Train VSRN on precomputed region features.")
+    p = argparse.ArgumentParser(
+        description="Train VSRN on precomputed region features.", formatter_class=ScriptHelpFormatter
+    )
     add = p.add_argument
     # The original's flags, names and defaults unchanged.
     add("--data_path", default="/data", help="folder that holds DATA_NAME/{train,dev,test}_{ims.npy,caps.txt}")
@@ -19,11 +25,12 @@ def build_parser():
     add("--num_layers", default=1, type=int, help="number of GRU layers of the text encoder")
     add("--learning_rate", default=0.0002, type=float, help="initial learning rate")
     add("--lr_update", default=15, type=int, help="divide the learning rate by 10 every this many epochs")
-    add("--workers", default=10, type=int, help="number of data loader worker processes")
+    add("--workers", default=10, type=int, help="number of data loader worker processes (capped at this machine's cores)")
     add("--log_step", default=10, type=int, help="print and record the log every this many steps")
     add("--val_step", default=500, type=int, help="validate every this many steps")
     add("--logger_name", default="runs/runX", help="folder for checkpoints and TensorBoard logs")
-    add("--resume", default="", type=str, metavar="PATH", help="checkpoint to continue training from")
+    add("--resume", default="", type=str, metavar="PATH",
+        help="checkpoint to continue training from; the run's options come from it (see README, Resuming)")
     add("--max_violation", action="store_true", help="use the hardest negative instead of the sum in the rank loss")
     add("--img_dim", default=2048, type=int, help="dimensionality of the region features")
     add("--finetune", action="store_true", help="unused: fine-tuned the CNN on raw images in the original")
@@ -50,6 +57,22 @@ def build_parser():
     add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA)")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return p
+
+
+# What a resumed run may change: none of these alters the model or the batches already seen.
+# (A mid-epoch checkpoint also pins --batch_size; train.py checks that.)
+RESUME_OVERRIDABLE = frozenset({
+    "num_epochs", "workers", "log_step", "val_step", "learning_rate", "lr_update", "batch_size",
+    "data_path", "vocab_path", "logger_name", "device", "amp", "tf32", "compile",
+})
+
+
+def explicit_options(argv):
+    """The option names given on the command line `argv` (defaults and presets excluded)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def option_defaults():
