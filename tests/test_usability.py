@@ -194,3 +194,13 @@ def test_help_shows_defaults_and_workers_are_capped(toy_data):
     train_loader, _ = get_loaders("toy_precomp", load_vocab_by_name(vocab_path, "toy_precomp"), 224, 16, 10_000,
                                   make_opt(data_path=data_path))
     assert train_loader.num_workers == len(os.sched_getaffinity(0))
+
+
+def test_progress_bars_stay_out_of_redirected_logs(capsys):
+    from data import encode_captions
+    from vocab import vocabulary_from_words
+
+    vocab = vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "a", "dog"])
+    ids, offsets = encode_captions(["a dog"] * 3, vocab)
+    assert ids.tolist() == [4, 5] * 3 and offsets.tolist() == [0, 2, 4, 6]
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here
