@@ -1,7 +1,7 @@
 """Evaluate VSRN checkpoints: edit the paths below (as in the original) or pass them as flags.
 
-    python evaluate_models.py                                   # the blocks below
-    python evaluate_models.py --data_path DATA --split test m1.pth.tar [m2.pth.tar ...] [--fold5]
+    python3 evaluate_models.py                                   # the blocks below
+    python3 evaluate_models.py --data_path DATA --split test m1.pth.tar [m2.pth.tar ...] [--fold5]
 
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """

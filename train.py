@@ -1,8 +1,8 @@
 """Train VSRN on precomputed region features.
 
-    python train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
-    python train.py --demo          # toy dataset, a few minutes on a CPU
-    python train.py --resume runs/f30k/checkpoint.pth.tar ...   # continue exactly where it stopped
+    python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
+    python3 train.py --demo          # toy dataset, a few minutes on a CPU
+    python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
 """
 import argparse
 import logging

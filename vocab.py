@@ -1,6 +1,6 @@
 """Tokenizer and vocabulary: build `NAME_vocab.json`, load it or the original release's pickles.
 
-    python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4]
+    python3 vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4]
 """
 import argparse
 import io
@@ -173,7 +173,7 @@ def vocab_file(vocab_dir, data_name):
 def load_vocab_by_name(vocab_dir, data_name, data_path=None):
     path = vocab_file(vocab_dir, data_name)
     if path is None:
-        hint = f"python vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
+        hint = f"python3 vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
         raise VocabularyError(
             f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
         )

@@ -173,11 +173,12 @@ def test_empty_caption_lines_warn_and_training_goes_on(toy_copy, tmp_path):
     [
         (("--dim_vid", "16"), "--dim_vid 16 must equal --embed_size 32"),
         (("--data_name", "f30k"), "--data_name f30k: only precomputed features"),
-        (("--data_name", "coco_precomp"), "coco_precomp_vocab.json: vocabulary not found (nor .pkl); build it with: python vocab.py"),
+        (("--data_name", "coco_precomp"), "/coco_precomp: dataset folder not found; expected coco_precomp/"),
+        (("--vocab_path", "/no/vocab"), "/no/vocab/toy_precomp_vocab.json: vocabulary not found (nor .pkl); build it with: python3 vocab.py"),
         (("--resume", "nowhere.pth.tar"), "nowhere.pth.tar: checkpoint not found"),
         (("--device", "gpu"), "--device gpu: expected cpu or cuda"),
     ],
-    ids=["dim-vid", "raw-images", "no-vocab", "no-checkpoint", "device"],
+    ids=["dim-vid", "raw-images", "no-data", "no-vocab", "no-checkpoint", "device"],
 )
 def test_bad_flags_are_one_line_with_exit_code_2(toy_data, tmp_path, capsys, extra, expected):
     data_path, vocab_path = toy_data

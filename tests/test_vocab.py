@@ -84,7 +84,7 @@ def test_load_by_name_prefers_json(tmp_path):
 
 
 def test_missing_vocabulary_says_how_to_build_it(tmp_path):
-    with pytest.raises(VocabularyError, match="python vocab.py --data_path D --data_name toy"):
+    with pytest.raises(VocabularyError, match="python3 vocab.py --data_path D --data_name toy"):
         load_vocab_by_name(str(tmp_path), "toy", "D")
 
 

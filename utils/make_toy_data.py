@@ -4,7 +4,7 @@ Each image shows three of a few dozen concepts: its 36 region features are noisy
 of those concepts' prototype vectors (plus background regions), and each of its five
 captions names the three concepts in a different sentence. Deterministic for a seed.
 
-    python utils/make_toy_data.py --data_path data [--img_dim 128]
+    python3 utils/make_toy_data.py --data_path data [--img_dim 128]
 """
 import argparse
 import os
