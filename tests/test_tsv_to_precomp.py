@@ -186,6 +186,11 @@ def test_caption_errors_name_the_ids(tmp_path, capsys, images):
     assert "a.tsv:4: image 7 appears again (first at" in err
 
 
+def test_missing_files_are_named(tmp_path, capsys, images):
+    err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", str(tmp_path / "none.tsv")])
+    assert "none.tsv: TSV file not found" in err
+
+
 def test_karpathy_file_needs_a_split(tmp_path, capsys, images):
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(karpathy_document()))

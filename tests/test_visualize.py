@@ -129,6 +129,8 @@ def test_without_pictures_or_boxes_it_says_what_is_missing(toy_run, tmp_path, ca
     err = one_error(capsys)
     assert code == 2 and "missing: test_boxes.npy, test_image_sizes.npy, test_image_ids.txt in" in err
     assert "SCAN's precomputed features have no boxes" in err
+    assert main(["--checkpoint", toy_run[1], "--data_path", str(boxless), "--index", "0", "--captions"]) == 0
+    assert capsys.readouterr().out.startswith("top-5 captions for image 0, test split")
 
 
 def test_missing_picture_and_bad_flags_are_one_line(toy_run, tmp_path, capsys):

@@ -206,7 +206,8 @@ def _array(where, name, text, dtype, shape):
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if len(raw) != expected:
         dims = " x ".join(str(d) for d in shape)
-        raise DataError(f"{where}: field {name} holds {len(raw)} bytes; expected {dims} {np.dtype(dtype).name} ({expected} bytes)")
+        hint = " (--num_boxes x --feature_dim)" if name == "features" else ""
+        raise DataError(f"{where}: field {name} holds {len(raw)} bytes; expected {dims} {np.dtype(dtype).name} ({expected} bytes){hint}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -252,8 +253,6 @@ def parse_line(line, where, num_boxes, feature_dim):
 def read_tsv(paths, num_boxes, feature_dim):
     """Regions of every line of the files in order, one at a time (each file is streamed)."""
     for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: TSV file not found")
         with open(path, "rb") as f:
             for number, line in enumerate(f, start=1):
                 line = line.rstrip(b"\r\n")
@@ -290,6 +289,9 @@ class ArrayAppender:
 
 def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=2048, karpathy_splits=None, progress=None):
     """Write folder/SPLIT_* from the TSV files and captions; returns (images written, images skipped)."""
+    for path in tsv_paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: TSV file not found")
     table = read_caption_source(caption_path, karpathy_splits)
     used = {}  # caption position -> where its image's line is
     skipped = 0
