@@ -132,7 +132,7 @@ def render_attention(picture, scores, boxes, size, lam=50.0, top_boxes=3):
     ranks = region_ranks(scores)
     for region in np.argsort(ranks)[:top_boxes]:
         x1, y1, x2, y2 = boxes[region]
-        pen.rectangle((x1, y1, x2 - 1, y2 - 1), outline=OUTLINE, width=2)
+        pen.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=OUTLINE, width=2)
         pen.text((x1 + 4, y1 + 2), str(ranks[region]), fill=OUTLINE, font=_font(12))
     return image
 
