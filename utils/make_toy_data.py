@@ -33,30 +33,38 @@ SPLITS = {"train": 1000, "dev": 100, "test": 100}
 REGIONS = 36
 
 
+def make_prototypes(rng, img_dim):
+    return np.maximum(rng.normal(0.0, 1.0, size=(len(CONCEPTS), img_dim)), 0.0) * 2.0
+
+
 def make_split(rng, prototypes, num_images):
+    """Features (num_images, REGIONS, img_dim), 5 captions per image, and each region's
+    concept (num_images, REGIONS), -1 for background clutter."""
     num_concepts, img_dim = prototypes.shape
     features = np.empty((num_images, REGIONS, img_dim), dtype=np.float32)
+    owners_of_images = np.empty((num_images, REGIONS), dtype=np.int64)
     captions = []
     for i in range(num_images):
         chosen = rng.choice(num_concepts, size=3, replace=False)
         # Most regions show one of the three concepts; a few are background clutter.
         owners = rng.choice(np.append(chosen, -1), size=REGIONS, p=[0.3, 0.3, 0.3, 0.1])
+        owners_of_images[i] = owners
         base = np.where(owners[:, None] >= 0, prototypes[np.maximum(owners, 0)], 0.0)
         noise = rng.normal(0.0, 0.6, size=(REGIONS, img_dim))
         features[i] = np.maximum(base + noise, 0.0)
         for template in TEMPLATES:
             x, y, z = (CONCEPTS[c] for c in rng.permutation(chosen))
             captions.append(template.format(x=x, y=y, z=z, a=rng.choice(ADJECTIVES)))
-    return features, captions
+    return features, captions, owners_of_images
 
 
 def make_toy_data(data_path, name="toy_precomp", img_dim=128, seed=0, sizes=None):
     """Write DATA/NAME/{train,dev,test}_{ims.npy,caps.txt}; returns the dataset folder."""
     rng = np.random.RandomState(seed)
-    prototypes = np.maximum(rng.normal(0.0, 1.0, size=(len(CONCEPTS), img_dim)), 0.0) * 2.0
+    prototypes = make_prototypes(rng, img_dim)
     folder = os.path.join(data_path, name)
     for split, num_images in (sizes or SPLITS).items():
-        features, captions = make_split(rng, prototypes, num_images)
+        features, captions, _ = make_split(rng, prototypes, num_images)
         with atomic_write(os.path.join(folder, f"{split}_ims.npy"), "wb") as f:
             np.save(f, features)
         with atomic_write(os.path.join(folder, f"{split}_caps.txt"), "w") as f:
