@@ -314,8 +314,8 @@ def main(argv=None):
     except Exception as e:
         if not world.lost_peer(e):
             raise
-        first_line = str(e).strip().splitlines()[0]
-        print(f"error: rank {world.rank}: another process of the job failed ({first_line}); its own message comes first", file=sys.stderr)
+        detail = str(e).strip().splitlines()[0][:160]
+        print(f"error: rank {world.rank}: stopped because another process of the job failed ({detail}); its own message comes first", file=sys.stderr)
         code = 1
     return world.exit(code)
 
