@@ -315,7 +315,7 @@ def main(argv=None):
         if not world.lost_peer(e):
             raise
         detail = str(e).strip().splitlines()[0][:160]
-        print(f"error: rank {world.rank}: stopped because another process of the job failed ({detail}); its own message comes first", file=sys.stderr)
+        print(f"error: rank {world.rank}: communication with the other processes failed ({detail}); a failing process's own message comes first", file=sys.stderr)
         code = 1
     return world.exit(code)
 

@@ -210,3 +210,13 @@ def test_without_a_launcher_there_is_no_process_group(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert distributed.init_world(make_opt()) is distributed.SINGLE_PROCESS
     assert not torch.distributed.is_initialized()
+
+
+def test_float32_on_cuda_unless_tf32(monkeypatch):
+    # PyTorch's own default lets cuDNN (the GRUs) use TF32; the faithful default must not.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    train.configure_backends(make_opt(tf32=False))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    train.configure_backends(make_opt(tf32=True))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)

@@ -88,7 +88,8 @@ class SingleProcess:
         return code
 
     def lost_peer(self, error):
-        """Whether `error` says that another process of the job failed."""
+        """Whether `error` is a failure of the communication between the processes (most
+        often: another process failed and closed its connections)."""
         return False
 
 
@@ -201,7 +202,7 @@ class DistributedWorld(SingleProcess):
             return True
         text = str(error)
         return isinstance(error, RuntimeError) and any(
-            sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "NCCL", "Timed out", "timed out")
+            sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out")
         )
 
 
