@@ -112,7 +112,9 @@ class Trainer:
     """The original's training loop, resumable at any validation point.
 
     In data-parallel training every process runs it in step; rank 0 alone validates and
-    writes, and the processes agree on when to stop and on the best model."""
+    writes, and the processes agree on when to stop and on the best model: `save`,
+    `validate_and_save` and `stop_requested` communicate, so every process calls them at
+    the same points."""
 
     def __init__(self, opt, model, train_loader, val_loader, writer):
         self.opt, self.model, self.writer = opt, model, writer
