@@ -318,6 +318,7 @@ def main(argv=None):
             raise
         detail = str(e).strip().splitlines()[0][:160]
         print(f"error: rank {world.rank}: communication with the other processes failed ({detail}); a failing process's own message comes first", file=sys.stderr)
+        world.defer_to_failed_peer()
         code = 1
     return world.exit(code)
 

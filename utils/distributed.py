@@ -17,6 +17,7 @@ import datetime
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ from torch import nn
 from utils.errors import OptionError, VSRNError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Longer than torchrun's monitor interval (0.1 s; 5 s in early releases).
+PEER_FAILURE_GRACE_S = 10
 
 
 class DistributedError(VSRNError):
@@ -91,6 +94,10 @@ class SingleProcess:
         """Whether `error` is a failure of the communication between the processes (most
         often: another process failed and closed its connections)."""
         return False
+
+    def defer_to_failed_peer(self):
+        """Before a process that lost its peers exits, give the launcher time to see the peer
+        that failed first, so that it names that one as the root cause."""
 
 
 SINGLE_PROCESS = SingleProcess()
@@ -196,6 +203,9 @@ class DistributedWorld(SingleProcess):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+    def defer_to_failed_peer(self):
+        time.sleep(PEER_FAILURE_GRACE_S)  # torchrun ends this process sooner (SIGTERM) once it has seen the failure
 
     def lost_peer(self, error):
         if isinstance(error, dist.DistError):
