@@ -203,6 +203,14 @@ def test_global_batch_rules_are_one_line_errors(monkeypatch):
                                             MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
     with pytest.raises(OptionError, match="--batch_size 15 is the global batch and must divide evenly among the 2 processes"):
         distributed.init_world(make_opt(batch_size=15))
+    os.environ["WORLD_SIZE"] = "two"
+    with pytest.raises(distributed.DistributedError, match="environment variable WORLD_SIZE='two': expected an integer"):
+        distributed.init_world(make_opt())
+    with pytest.raises(OptionError, match="--device cuda:1: under torchrun each process uses the GPU of its LOCAL_RANK"):
+        distributed._device(make_opt(device="cuda:1"), 0)
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(OptionError, match="LOCAL_RANK 7 needs GPU cuda:7, but this node has"):
+            distributed._device(make_opt(device="cuda"), 7)
 
 
 def test_without_a_launcher_there_is_no_process_group(monkeypatch):

@@ -31,7 +31,7 @@ PEER_FAILURE_GRACE_S = 10
 
 
 class DistributedError(VSRNError):
-    """The process group cannot be joined, or a peer process of the job failed."""
+    """The launcher's environment is not usable, or the process group cannot be joined."""
 
 
 class SingleProcess:
@@ -40,7 +40,6 @@ class SingleProcess:
     rank = 0
     local_rank = 0
     size = 1
-    distributed = False
 
     @property
     def is_main(self):
@@ -133,8 +132,6 @@ class DistributedWorld(SingleProcess):
     host-side agreements (batch shares, stop requests, the validation score, random-number
     states) on a gloo group, so that they never wait for the GPU.
     """
-
-    distributed = True
 
     def __init__(self, rank, size, local_rank, device, control_group):
         self.rank, self.size, self.local_rank = rank, size, local_rank
