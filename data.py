@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from utils.atomic import atomic_write
-from utils.errors import DataError
+from utils.errors import DataError, OptionError
 from vocab import END, START, tokenize, tokenizer_identity
 
 DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev captions only
@@ -296,6 +296,48 @@ class EpochShuffleSampler(Sampler):
         return self.length - self.start
 
 
+def share_sizes(batch_size, world_size):
+    """Sizes of the world_size contiguous shares of a batch, the first ones one larger when it does not divide."""
+    base, extra = divmod(batch_size, world_size)
+    return [base + (rank < extra) for rank in range(world_size)]
+
+
+class GlobalBatchShareSampler(EpochShuffleSampler):
+    """One process's share of every global batch of the single-process order.
+
+    The global batches are EpochShuffleSampler's (same seed, same epochs, same resume
+    position); each is sorted by caption length as collate_fn sorts it and cut into
+    `world_size` contiguous shares, so the shares concatenated in rank order are the
+    single-process batch row for row. Batched by batch_size // world_size, the indices
+    this sampler yields are exactly the shares.
+    """
+
+    def __init__(self, length, seed, caption_lengths, batch_size, rank, world_size):
+        super().__init__(length, seed)
+        if batch_size % world_size:
+            raise OptionError(f"--batch_size {batch_size} must divide evenly among the {world_size} processes")
+        last = length % batch_size
+        if 0 < last < world_size:
+            raise OptionError(
+                f"--batch_size {batch_size}: the last batch of each epoch holds {last} of the {length} training captions, "
+                f"fewer than the {world_size} processes; choose a --batch_size that leaves none or at least {world_size}"
+            )
+        self.caption_lengths = caption_lengths
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self):
+        order = self.order(self.epoch)[self.start :].tolist()
+        for begin in range(0, len(order), self.batch_size):
+            batch = sorted(order[begin : begin + self.batch_size], key=self.caption_lengths.__getitem__, reverse=True)
+            sizes = share_sizes(len(batch), self.world_size)
+            first = sum(sizes[: self.rank])
+            yield from batch[first : first + sizes[self.rank]]
+
+    def __len__(self):
+        full, last = divmod(self.length - self.start, self.batch_size)
+        return full * (self.batch_size // self.world_size) + share_sizes(last, self.world_size)[self.rank]
+
+
 def _ignore_stop_signals(worker_id):
     # Ctrl-C and schedulers signal the whole process group; the main process alone decides
     # how to stop (it finishes the step and saves), and then ends its workers itself.
@@ -339,16 +381,22 @@ def _loader(dataset, batch_size, workers, sampler=None):
     )
 
 
-def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True, num_workers=2, seed=0):
+def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True, num_workers=2, seed=0, rank=0, world_size=1):
+    """A loader of the split; shuffled, it yields process `rank`'s shares of the global batches of `batch_size`."""
     dataset = PrecompDataset(data_path, data_split, vocab, opt)
+    if shuffle and world_size > 1:
+        caption_lengths = np.diff(dataset.offsets)
+        sampler = GlobalBatchShareSampler(len(dataset), seed, caption_lengths, batch_size, rank, world_size)
+        return _loader(dataset, batch_size // world_size, num_workers, sampler)
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
     return _loader(dataset, batch_size, num_workers, sampler)
 
 
-def get_loaders(data_name, vocab, crop_size, batch_size, workers, opt):
-    """Train loader (shuffled by an EpochShuffleSampler seeded with opt.seed) and dev loader."""
+def get_loaders(data_name, vocab, crop_size, batch_size, workers, opt, rank=0, world_size=1):
+    """Train loader (shuffled by an EpochShuffleSampler seeded with opt.seed; in data-parallel
+    training, process `rank`'s shares of its global batches) and dev loader."""
     path = os.path.join(opt.data_path, data_name)
-    train_loader = get_precomp_loader(path, "train", vocab, opt, batch_size, True, workers, opt.seed or 0)
+    train_loader = get_precomp_loader(path, "train", vocab, opt, batch_size, True, workers, opt.seed or 0, rank, world_size)
     val_loader = get_precomp_loader(path, "dev", vocab, opt, batch_size, False, workers)
     return train_loader, val_loader
 

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from GCN_lib.Rs_GCN import Rs_GCN
+from utils.distributed import SINGLE_PROCESS
 from utils.errors import CheckpointError, OptionError
 
 
@@ -238,23 +239,41 @@ class CaptionModel(nn.Module):
         logprobs = self.decoder(encoder_outputs, encoder_hidden, labels)
         return logprobs, logprobs.argmax(dim=2)
 
-    def loss(self, regions, labels, masks, steps=None):
-        """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch, as the original's criterion.
+    def loss(self, regions, labels, masks, steps=None, batch_size=None):
+        """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch_size, as the original's criterion.
 
         Steps past the last unmasked target add exactly zero to the loss and its
-        gradient (the decoder is causal), so `steps` may stop there.
+        gradient (the decoder is causal), so `steps` may stop there. `batch_size` is
+        this batch's by default; a process of data-parallel training passes the global one.
         """
         steps = self.decoder.max_length - 1 if steps is None else steps
         encoder_outputs, encoder_hidden = self.encoder(regions)
         states = self.decoder.hidden_states(encoder_outputs, encoder_hidden, labels, steps)
         logits = self.decoder.out(states)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1 : steps + 1].flatten(), reduction="none")
-        return (nll * masks[:, 1 : steps + 1].flatten()).sum() / labels.size(0)
+        return (nll * masks[:, 1 : steps + 1].flatten()).sum() / (batch_size or labels.size(0))
 
 
 def caption_steps(masks, max_len):
     """Decoder steps that carry loss: up to the last unmasked target, at most max_len - 1."""
     return max(1, min(int(masks[:, 1:].sum(dim=1).max()), max_len - 1))
+
+
+class TrainingForward(nn.Module):
+    """The part of a training step that each process runs on its share of the batch: the
+    embeddings and the caption loss. One module over the three parts, so that data-parallel
+    training wraps it in one DistributedDataParallel."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.img_enc, self.txt_enc, self.caption_model = model.modules()
+        self.vsrn = model  # not a module: a plain reference
+
+    def forward(self, images, captions, lengths, labels, masks, steps, batch_size):
+        img_emb, cap_emb, regions = self.vsrn.forward_emb(images, captions, lengths)
+        with self.vsrn._autocast():
+            caption_loss = self.caption_model.loss(regions, labels, masks, steps, batch_size)
+        return img_emb, cap_emb, caption_loss
 
 
 def make_adam(params, lr):
@@ -314,6 +333,14 @@ class VSRN:
         self.params = [p for module in self.modules() for p in module.parameters()]
         self.optimizer = make_adam(self.params, opt.learning_rate) if training else None
         self.Eiters = 0
+        self.world = SINGLE_PROCESS
+        self.training_forward = TrainingForward(self)
+
+    def distribute(self, world):
+        """Train as one process of `world` (utils.distributed): DistributedDataParallel, and the
+        hinge loss over the gathered global batch."""
+        self.world = world
+        self.training_forward = world.wrap(self.training_forward)
 
     def modules(self):
         """In the order of the checkpoint's 'model' list."""
@@ -365,19 +392,28 @@ class VSRN:
 
     def train_emb(self, images, captions, lengths, ids, caption_labels, caption_masks):
         """One optimisation step; returns the losses as floats. Raises FloatingPointError,
-        before any update, when the loss is not finite."""
+        before any update, when the loss is not finite.
+
+        In data-parallel training the batch is this process's share of the global batch;
+        the losses returned are the global batch's, the same on every process."""
         self.Eiters += 1
         steps = caption_steps(caption_masks, self.max_len)
-        img_emb, cap_emb, regions = self.forward_emb(images, captions, lengths)
         labels = caption_labels.to(self.device, non_blocking=True)
         masks = caption_masks.to(self.device, non_blocking=True)
-        with self._autocast():
-            caption_loss = self.caption_model.loss(regions, labels, masks, steps)
-        retrieval_loss = self.criterion(img_emb, cap_emb)
+        sizes = self.world.batch_sizes(len(lengths))
+        img_emb, cap_emb, caption_loss = self.training_forward(images, captions, lengths, labels, masks, steps, sum(sizes))
+        retrieval_loss = self.criterion(self.world.gather(img_emb, sizes), self.world.gather(cap_emb, sizes))
         loss = retrieval_loss + caption_loss
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world.size > 1:
+            # DistributedDataParallel averages the processes' gradients, but the loss is a sum
+            # over the global batch (each process holding one share of it): the average of N
+            # times each process's part is the single-process gradient, which clipping then sees.
+            loss = loss * self.world.size
         loss.backward()
-        values = torch.stack([retrieval_loss.detach(), caption_loss.detach().float(), loss.detach()]).tolist()
+        caption_loss = self.world.sum(caption_loss.detach().float())
+        retrieval_loss = retrieval_loss.detach()
+        values = torch.stack([retrieval_loss, caption_loss, retrieval_loss + caption_loss]).tolist()
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(
                 f"loss is not finite at iteration {self.Eiters} (retrieval {values[0]}, caption {values[1]})"

@@ -3,8 +3,10 @@
     python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
     python3 train.py --demo          # toy dataset, a few minutes on a CPU
     python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
 """
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -21,6 +23,7 @@ from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from data import check_data_folder, usable_workers
 from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from utils.distributed import SINGLE_PROCESS, init_world
 from utils.errors import CheckpointError, OptionError, VSRNError, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
@@ -165,12 +168,25 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+class NullWriter:
+    """TensorBoard for the processes other than rank 0, which write nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+
 class Trainer:
-    """The original's training loop, resumable at any validation point."""
+    """The original's training loop, resumable at any validation point.
+
+    In data-parallel training every process runs it in step; rank 0 alone validates and
+    writes, and the processes agree on when to stop and on the best model: `save`,
+    `validate_and_save` and `stop_requested` communicate, so every process calls them at
+    the same points."""
 
     def __init__(self, opt, model, train_loader, val_loader, writer):
         self.opt, self.model, self.writer = opt, model, writer
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.world = model.world
         self.best_rsum = 0.0
         self.next_epoch, self.next_batch = 0, 0
         self.stop = StopRequest()
@@ -199,16 +215,24 @@ class Trainer:
             raise CheckpointError(
                 f"{path}: stopped mid-epoch with --batch_size {saved.batch_size}; resume with the same batch size, not {self.opt.batch_size}"
             )
-        # The rest of the epoch must follow the same order, whatever --seed says now.
-        self.opt.seed = self.train_loader.sampler.seed = saved.seed
         optimizer = self.model.optimizer
         implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
         optimizer.load_state_dict(checkpoint["optimizer"])
         for group, flags in zip(optimizer.param_groups, implementation):
             group.update(flags)  # this machine's choice, not the saving machine's
-        set_rng_state(checkpoint["rng"], self.model.device)
+        self._restore_rng(checkpoint)
 
-    def checkpoint_state(self, epoch, next_epoch, next_batch):
+    def _restore_rng(self, checkpoint):
+        """Each process's own generator state when the checkpoint has one per process of this
+        world; otherwise rank 0's (the single-process state), the others a fresh stream."""
+        own = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+        if len(own) == self.world.size:
+            set_rng_state(own[self.world.rank], self.model.device)
+        else:
+            set_rng_state(checkpoint["rng"], self.model.device)
+            self.world.seed_dropout(self.opt.seed + self.model.Eiters)
+
+    def checkpoint_state(self, epoch, next_epoch, next_batch, rng_ranks):
         return {
             "epoch": epoch + 1,
             "model": self.model.state_dict(),
@@ -218,14 +242,26 @@ class Trainer:
             "optimizer": self.model.optimizer.state_dict(),
             "next_epoch": next_epoch,
             "next_batch": next_batch,
-            "rng": rng_state(self.model.device),
+            "rng": rng_ranks[0],
+            **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
         }
 
     def save(self, epoch, next_epoch, next_batch, is_best=False):
-        save_checkpoint(self.checkpoint_state(epoch, next_epoch, next_batch), is_best, self.opt.logger_name)
+        rng_ranks = self.world.gather_objects(rng_state(self.model.device))
+        if self.world.is_main:
+            save_checkpoint(self.checkpoint_state(epoch, next_epoch, next_batch, rng_ranks), is_best, self.opt.logger_name)
+
+    def stop_signal(self):
+        """The name of the signal that stopped the run, the same on every process."""
+        return next(name for name in self.world.gather_objects(self.stop.signal_name) if name)
+
+    def stop_requested(self):
+        """Whether a signal reached this process or another: all processes stop after the same step."""
+        return self.world.any(self.stop)
 
     def validate_and_save(self, epoch, next_epoch, next_batch):
-        rsum = validate(self.opt, self.val_loader, self.model, self.writer)
+        rsum = validate(self.opt, self.val_loader, self.model, self.writer) if self.world.is_main else None
+        rsum = self.world.broadcast(rsum)  # so that every process agrees on is_best
         is_best = rsum > self.best_rsum
         self.best_rsum = max(rsum, self.best_rsum)
         self.save(epoch, next_epoch, next_batch, is_best)
@@ -245,7 +281,7 @@ class Trainer:
                 if not self.train_epoch(epoch, start_batch):
                     return False
                 self.validate_and_save(epoch, epoch + 1, 0)
-                if self.stop and epoch + 1 < self.opt.num_epochs:
+                if self.stop_requested() and epoch + 1 < self.opt.num_epochs:
                     return False
             return True
         finally:
@@ -265,8 +301,9 @@ class Trainer:
             losses = model.train_emb(*batch)
             train_logger.update("Eit", model.Eiters)
             train_logger.update("lr", model.optimizer.param_groups[0]["lr"])
+            global_batch = min(opt.batch_size, len(self.train_loader.dataset) - i * opt.batch_size)
             for key, value in losses.items():
-                train_logger.update(key, value, len(batch[2]))
+                train_logger.update(key, value, global_batch)
             batch_time.update(time.time() - end, 1)
             if model.Eiters % opt.log_step == 0:
                 logging.info(
@@ -280,12 +317,13 @@ class Trainer:
             self.writer.add_scalar("data_time", data_time.val, step)
             train_logger.tb_log(self.writer, step)
             if i + 1 < num_batches:  # the epoch's end validates and saves anyway
+                stop = self.stop_requested()
                 if model.Eiters % opt.val_step == 0:
                     self.validate_and_save(epoch, epoch, i + 1)
                     model.train_start()
-                elif self.stop:
+                elif stop:
                     self.save(epoch, epoch, i + 1)
-                if self.stop:
+                if stop:
                     return False
             end = time.time()
         return True
@@ -311,61 +349,94 @@ def validate(opt, val_loader, model, writer):
 
 
 def configure_backends(opt):
-    if opt.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """Faithful float32 unless --tf32: PyTorch lets cuDNN (the GRUs) use TF32 by default on
+    Ampere and later GPUs, so both switches are set either way."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(opt.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(opt.tf32)
     torch.manual_seed(opt.seed)
 
 
+def open_writer(opt, world):
+    """TensorBoard in logger_name for rank 0; a writer that writes nothing for the other processes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not world.is_main:
+        return contextlib.nullcontext(NullWriter())
+    os.makedirs(opt.logger_name, exist_ok=True)
+    return SummaryWriter(opt.logger_name, flush_secs=5)
+
+
 def main(argv=None):
+    """Train; returns the exit code. A process of a torchrun job that fails exits at once
+    (utils.distributed.DistributedWorld.exit)."""
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, force=True)
-    opt = None
+    opt, world = None, SINGLE_PROCESS
     try:
         opt, checkpoint = parse_options(argv)
-        return run(opt, checkpoint)
+        check_options(opt)
+        world = init_world(opt)
+        code = run(opt, checkpoint, world)
     except (VSRNError, OSError) as e:
-        return report(e)
+        code = report(e)
     except FloatingPointError as e:
         print(f"error: training stopped: {e}; the last checkpoint in {opt.logger_name} is untouched", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         where = f" in {opt.logger_name}" if opt else ""
         print(f"error: interrupted; the last complete checkpoint{where} is intact", file=sys.stderr)
-        return 130
+        code = 130
+    except Exception as e:
+        if not world.lost_peer(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:160]
+        print(f"error: rank {world.rank}: communication with the other processes failed ({detail}); a failing process's own message comes first", file=sys.stderr)
+        world.defer_to_failed_peer()
+        code = 1
+    return world.exit(code)
 
 
-def run(opt, checkpoint=None):
+def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     """Train; 0 when complete, 128 + signal number when a signal stopped it (checkpoint saved)."""
-    check_options(opt)
     check_output_folder(opt)
-    if opt.demo:
-        prepare_demo(opt)
-    check_data_folder(opt.data_path, opt.data_name)
-    print(opt)
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone logs
     configure_backends(opt)
-    vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
-    opt.vocab_size = len(vocab)
+    # The first process of each node generates the demo data and fills the token cache; the others then read them.
+    with world.local_main_first():
+        if opt.demo:
+            prepare_demo(opt)
+        check_data_folder(opt.data_path, opt.data_name)
+        vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
+        opt.vocab_size = len(vocab)
+        train_loader, val_loader = data.get_loaders(
+            opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt, world.rank, world.size
+        )
+    if world.is_main:
+        print(opt)
     model = VSRN(opt)
     if opt.compile:
         for module in (model.img_enc, model.txt_enc):
             module.compile()  # in place: state-dict keys stay the original's
-    train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
     if usable_workers(opt.workers) < opt.workers:
         logging.info("--workers %d capped at this machine's %d cores", opt.workers, usable_workers(opt.workers))
-    from torch.utils.tensorboard import SummaryWriter
-
-    os.makedirs(opt.logger_name, exist_ok=True)
-    with SummaryWriter(opt.logger_name, flush_secs=5) as writer:
+    model.distribute(world)
+    world.seed_dropout(opt.seed)
+    with open_writer(opt, world) as writer:
         trainer = Trainer(opt, model, train_loader, val_loader, writer)
         if checkpoint is not None:
             trainer.resume(checkpoint, opt.resume)
         finished = trainer.run()
     if not finished:
-        name = trainer.stop.signal_name
-        print(f"Stopped by {name} before the last epoch ended; the run is not complete. Continue it with:\n"
-              f"  {resume_command(trainer.checkpoint_path)}", file=sys.stderr)
+        name = trainer.stop_signal()
+        world.close()
+        if world.is_main:
+            print(f"Stopped by {name} before the last epoch ended; the run is not complete. Continue it with:\n"
+                  f"  {resume_command(trainer.checkpoint_path)}"
+                  + ("\n(or under torchrun, with your launcher's flags: torchrun ... train.py --resume "
+                     f"{shlex.quote(trainer.checkpoint_path)})" if world.size > 1 else ""), file=sys.stderr)
         return 128 + signal.Signals[name].value
-    if opt.demo:
+    world.close()
+    if opt.demo and world.is_main:
         best = os.path.join(opt.logger_name, BEST_NAME)
         print(f"\nDemo: recall of {best} on the toy test split")
         evalrank(best, data_path=opt.data_path, split="test", vocab_path=opt.vocab_path)

@@ -25,6 +25,7 @@ import reference_caption  # noqa: E402
 from data import caption_branch_target, collate_fn  # noqa: E402
 from machine import describe, print_table  # noqa: E402
 from model import VSRN, caption_steps  # noqa: E402
+from train import configure_backends  # noqa: E402
 from utils.options import build_parser  # noqa: E402
 
 VOCAB_SIZE = 8481  # Flickr30K's vocabulary
@@ -127,11 +128,8 @@ def main(argv=None):
 
     opt = build_parser().parse_args([])
     opt.data_name, opt.vocab_size, opt.seed = "f30k_precomp", VOCAB_SIZE, 0
-    opt.device, opt.amp = args.device, args.amp
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(opt.seed)
+    opt.device, opt.amp, opt.tf32 = args.device, args.amp, args.tf32
+    configure_backends(opt)  # as train.py: float32 unless --tf32, seeded
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 

@@ -56,6 +56,7 @@ def build_parser():
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
     add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA)")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add("--dist_timeout", default=10.0, type=float, help="minutes a torchrun process waits for the others before failing")
     return p
 
 
