@@ -185,18 +185,23 @@ def load_vocab_by_name(vocab_dir, data_name, data_path=None, prefer="json"):
     """DIR/NAME_vocab.json or .pkl, the `prefer` one when both exist; `.path` says which was read."""
     paths = vocab_files(vocab_dir, data_name, prefer)
     if not paths:
-        hint = f"python vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
-        raise VocabularyError(
-            f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
-        )
+        raise _vocab_not_found(vocab_dir, data_name, data_path)
     return load_vocab(paths[0])
+
+
+def _vocab_not_found(vocab_dir, data_name, data_path):
+    hint = f"python vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
+    return VocabularyError(
+        f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
+    )
 
 
 def load_vocab_with_digest(vocab_dir, data_name, digest, checkpoint_path, data_path=None):
     """The vocabulary file among DIR/NAME_vocab.{json,pkl} whose words match `digest`, the one
     `checkpoint_path` was trained with; a CheckpointError naming both files when none does."""
-    load_vocab_by_name(vocab_dir, data_name, data_path)  # the usual error when neither file exists
     candidates = [load_vocab(path) for path in vocab_files(vocab_dir, data_name)]
+    if not candidates:
+        raise _vocab_not_found(vocab_dir, data_name, data_path)
     for vocab in candidates:
         if vocab_digest(vocab) == digest:
             return vocab
