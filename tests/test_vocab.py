@@ -1,6 +1,7 @@
 import hashlib
 import os
 import pickle
+import random
 import warnings
 
 import nltk
@@ -77,6 +78,16 @@ def test_tokenize_is_nltk_word_tokenize_with_punkt(caption, expected):
 @pytest.mark.parametrize("caption,expected", HARD_CAPTIONS)
 def test_table_is_what_nltk_gives_with_its_punkt_data(caption, expected):
     assert nltk.word_tokenize(caption.lower()) == expected
+
+
+@pytest.mark.skipif(not _nltk_has_punkt_data(), reason="NLTK's punkt data is not installed here")
+def test_tokenize_equals_nltk_with_its_punkt_data_on_random_captions():
+    rng = random.Random(0)
+    pieces = ["a man", "in a blue shirt.", "He runs", "St.", "Mr.", "no.", "3.5", "e.g.", "etc.", "...", "'", '"',
+              "!", "?", ".", ",", "(", ")", "p.m.", "Jr.", "the", "dog", "I", "But", "U.S.", "$3.50", "it's", "“", "”"]
+    for _ in range(2000):
+        caption = "".join(rng.choice(pieces) + rng.choice([" ", " ", "", "  "]) for _ in range(rng.randint(1, 12)))
+        assert tokenize(caption) == nltk.word_tokenize(caption.lower()), caption
 
 
 def test_tokenize_needs_no_nltk_data_and_does_not_warn(monkeypatch):
