@@ -115,7 +115,10 @@ class Trainer:
             raise CheckpointError(f"{path}: trained with another vocabulary than {self.vocab.path}; resume with the one it was trained with")
         self.model.load_state_dict(checkpoint["model"], source=path)
         # The optimizer the run was trained with, whatever the command line says.
-        self.opt.caption_updates = self.model.optimizer.caption_updates = checkpoint["opt"].caption_updates
+        caption_updates = checkpoint["opt"].caption_updates
+        if caption_updates != self.opt.caption_updates:
+            logging.info("--caption_updates %d, as the checkpoint was trained (not %d)", caption_updates, self.opt.caption_updates)
+        self.opt.caption_updates = self.model.optimizer.caption_updates = caption_updates
         try:
             self.model.Eiters = int(checkpoint.get("Eiters", 0))
             self.best_rsum = float(checkpoint.get("best_rsum", 0.0))
