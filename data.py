@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError
-from vocab import END, START, tokenize, tokenizer_identity
+from vocab import END, START, tokenize, tokenizer_identity, vocab_digest
 
 DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev captions only
 
@@ -69,16 +69,11 @@ def encode_captions(captions, vocab, desc="tokenizing"):
     return flat, offsets
 
 
-def _vocab_digest(vocab):
-    words = "\n".join(vocab.idx2word[i] for i in range(len(vocab)))
-    return hashlib.sha256(words.encode("utf-8")).hexdigest()[:16]
-
-
 def load_caption_ids(path, vocab):
     """encode_captions(read_captions(path)), cached on disk by content, vocabulary and tokenizer."""
     raw = _read_bytes(path)
     content = hashlib.sha256(raw).hexdigest()
-    key = hashlib.sha256(f"{content}|{_vocab_digest(vocab)}|{tokenizer_identity()}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{content}|{vocab_digest(vocab)}|{tokenizer_identity()}".encode()).hexdigest()[:32]
     cached = os.path.join(cache_dir(), f"caption_ids-{key}.npz")
     if os.path.isfile(cached):
         try:

@@ -17,9 +17,9 @@ from tqdm import tqdm
 from data import check_data_folder, get_test_loader
 from model import VSRN, order_sim
 from utils.atomic import atomic_write
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, load_checkpoint_vocab
 from utils.errors import CheckpointError, DataError, VocabularyError
-from vocab import load_vocab_by_name, vocab_file
+from vocab import vocab_file
 
 # Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
 # then needs little beyond its 500 MB similarity matrix, and order_sim's few (rows, targets, K)
@@ -176,12 +176,14 @@ def _load_models(model_paths, data_path, vocab_path):
             f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found; "
             f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
         )
-    vocab = load_vocab_by_name(vocab_path or opt.vocab_path, opt.data_name, opt.data_path)
+    vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path or opt.vocab_path, opt.data_name, opt.data_path)
     models = []
     for path, checkpoint in zip(model_paths, checkpoints):
         model_opt = checkpoint["opt"]
         if model_opt.data_name != opt.data_name:
             raise CheckpointError(f"{path}: trained on {model_opt.data_name}, the ensemble's first model on {opt.data_name}")
+        if checkpoint.get("vocab_digest", vocab_digest(vocab)) != vocab_digest(vocab):
+            raise CheckpointError(f"{path}: trained with another vocabulary than {vocab.path}, which the ensemble's first model uses")
         trained_size = getattr(model_opt, "vocab_size", len(vocab))
         if trained_size != len(vocab):
             raise CheckpointError(

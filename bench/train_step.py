@@ -99,7 +99,7 @@ def reference_train_step(model, images, captions, lengths, labels, masks):
     loss = model.criterion(img_emb, cap_emb) + caption_loss
     model.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.params, model.grad_clip)
+    model.optimizer.clip_grad_norm_(model.grad_clip)
     model.optimizer.step()
 
 

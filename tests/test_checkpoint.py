@@ -78,3 +78,53 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
         assert torch.equal(load_checkpoint(str(tmp_path / name))["model"][0]["w"], torch.zeros(3))
+
+
+def test_caption_updates_of_checkpoints_that_predate_the_option(tmp_path):
+    # The original release was trained with two caption updates per step, ours before the option with one.
+    assert load_checkpoint(shared_file("fixtures", "legacy_vsrn_f30k_tiny.pth.tar"))["opt"].caption_updates == 2
+    old = vars(make_opt())
+    del old["caption_updates"]
+    state = {"epoch": 1, "model": [{}], "opt": argparse.Namespace(**old), "optimizer": {"state": {}, "param_groups": []}}
+    save_checkpoint(state, is_best=False, folder=str(tmp_path))
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))["opt"].caption_updates == 1
+    state["opt"] = make_opt(caption_updates=2)
+    save_checkpoint(state, is_best=False, folder=str(tmp_path))
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))["opt"].caption_updates == 2
+
+
+def write_vocabularies(folder, json_words, pkl_words):
+    from vocab import save_vocab, vocabulary_from_words
+    import pickle
+
+    save_vocab(vocabulary_from_words(json_words), os.path.join(folder, "toy_vocab.json"))
+    with open(os.path.join(folder, "toy_vocab.pkl"), "wb") as f:
+        pickle.dump(vocabulary_from_words(pkl_words), f, protocol=2)
+
+
+SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
+
+
+def test_checkpoint_without_digest_uses_the_pkl_if_original_and_says_which(tmp_path, capsys):
+    write_vocabularies(str(tmp_path), SPECIALS + ["dog", "cat"], SPECIALS + ["cat", "dog"])
+    original = {"model": [], "opt": make_opt(), "epoch": 3}
+    vocab = checkpoint_module.load_checkpoint_vocab(original, "orig.pth.tar", str(tmp_path), "toy")
+    assert vocab.path == str(tmp_path / "toy_vocab.pkl") and vocab("cat") == 4
+    assert f"orig.pth.tar records no vocabulary digest: using the vocabulary {tmp_path / 'toy_vocab.pkl'}" in capsys.readouterr().out
+    ours_before_digests = {**original, "optimizer": {}}
+    assert checkpoint_module.load_checkpoint_vocab(ours_before_digests, "ours.pth.tar", str(tmp_path), "toy").path.endswith(".json")
+
+
+def test_checkpoint_digest_picks_the_matching_file_or_names_both(tmp_path):
+    from vocab import vocab_digest, vocabulary_from_words
+
+    write_vocabularies(str(tmp_path), SPECIALS + ["dog", "cat"], SPECIALS + ["cat", "dog"])
+    for words, ext in ((["cat", "dog"], "pkl"), (["dog", "cat"], "json")):
+        checkpoint = {"model": [], "opt": make_opt(), "optimizer": {}, "vocab_digest": vocab_digest(vocabulary_from_words(SPECIALS + words))}
+        assert checkpoint_module.load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy").path.endswith(ext)
+    checkpoint["vocab_digest"] = vocab_digest(vocabulary_from_words(SPECIALS + ["cow"]))
+    with pytest.raises(CheckpointError) as error:
+        checkpoint_module.load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy")
+    message = str(error.value)
+    assert message.startswith("m.pth.tar: trained with another vocabulary") and "\n" not in message
+    assert str(tmp_path / "toy_vocab.json") in message and str(tmp_path / "toy_vocab.pkl") in message

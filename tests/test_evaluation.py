@@ -80,3 +80,19 @@ def test_original_release_checkpoint_evaluates_without_conversion(tmp_path):
     assert 0 <= metrics["r1"] <= 100 and 1 <= metrics["medr"] <= 6 and 1 <= metrics["medri"] <= 6
     ranks = torch.load(tmp_path / "ranks.pth.tar")
     assert ranks["rt"][0].shape == (6,) and ranks["rti"][0].shape == (30,)
+
+
+def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsys):
+    from evaluation import _load_models
+    from vocab import save_vocab, vocabulary_from_words
+
+    checkpoint = shared_file("fixtures", "legacy_vsrn_f30k_tiny.pth.tar")
+    vocab_pkl = shared_file("vocab", "f30k_precomp_vocab.pkl")
+    words = load_vocab(vocab_pkl).idx2word
+    # A vocabulary of the same size and other word order, as vocab.py would build it.
+    save_vocab(vocabulary_from_words([words[i] for i in range(4)] + sorted(words[i] for i in range(4, len(words)))),
+               str(tmp_path / "f30k_precomp_vocab.json"))
+    os.symlink(vocab_pkl, tmp_path / "f30k_precomp_vocab.pkl")
+    _, vocab, _ = _load_models([checkpoint], None, str(tmp_path))
+    assert vocab.path == str(tmp_path / "f30k_precomp_vocab.pkl") and vocab.idx2word == words
+    assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().out

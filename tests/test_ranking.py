@@ -190,3 +190,16 @@ def test_similarity_of_normalised_floats():
 def test_unknown_measure():
     with pytest.raises(ValueError, match='measure'):
         similarity(np.zeros((5, 2)), np.zeros((5, 2)), measure='euclidean')
+
+
+def test_exact_ties_count_optimistically():
+    # As README says: a target that ties the ground truth does not count against it, so
+    # scores that all tie (a collapsed model) give perfect recall in both directions.
+    sims = np.zeros((20, 100), dtype=np.float32)
+    assert i2t(None, None, sims=sims)[:3] == t2i(None, None, sims=sims)[:3] == (100.0, 100.0, 100.0)
+    sims = np.random.default_rng(0).random((20, 100), dtype=np.float32)
+    sims[0, 7] = sims[0, :5].max()  # caption 7 ties image 0's best own caption
+    sims[1, 5] = sims[:, 5].max() + 1  # image 1 above every other image for caption 5 (image 1's own)
+    sims[3, 5] = sims[1, 5]  # image 3 ties it
+    assert ranks_i2t(sims)[0][0] == np.count_nonzero(sims[0] > sims[0, :5].max())
+    assert ranks_t2i(sims)[0][5] == 0

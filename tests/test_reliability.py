@@ -15,6 +15,7 @@ from conftest import ROOT
 from model import ContrastiveLoss
 from test_train import SMALL, assert_same_weights, final_state
 from utils.checkpoint import load_checkpoint
+from vocab import load_vocab, save_vocab, vocabulary_from_words
 
 
 @pytest.fixture
@@ -195,15 +196,19 @@ def trained(toy_data, tmp_path_factory):
 
 
 def test_checkpoint_vocabulary_mismatch(toy_data, trained, tmp_path, capsys):
+    # Same size, words in another order: the case that size checks cannot catch.
     data_path, vocab_path = toy_data
+    words = load_vocab(os.path.join(vocab_path, "toy_precomp_vocab.json")).idx2word
+    permuted = [words[i] for i in range(4)] + [words[i] for i in reversed(range(4, len(words)))]
     other = tmp_path / "vocab"
-    other.mkdir()
-    (other / "toy_precomp_vocab.json").write_text('{"idx2word": ["<pad>", "<start>", "<end>", "<unk>", "dog"]}')
+    save_vocab(vocabulary_from_words(permuted), str(other / "toy_precomp_vocab.json"))
     assert evaluate_models.main(["--data_path", data_path, "--vocab_path", str(other), trained]) == 2
-    assert "trained with a vocabulary of" in error_line(capsys)
+    line = error_line(capsys)
+    assert f"{trained}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
     resume = ("--resume", trained)
     assert train.main(train_args(data_path, str(other), tmp_path / "run", "--num_epochs", "2", *resume)) == 2
-    assert "txt_enc.embed.weight has shape" in error_line(capsys)
+    line = error_line(capsys)
+    assert f"{trained}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
 
 
 def test_evaluation_split_checks(toy_copy, trained, capsys):

@@ -1,4 +1,5 @@
 """End to end: vocab.py -> train.py -> evalrank on generated toy data; resume; stop; errors."""
+import contextlib
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import vocab as vocab_module
 from evaluation import evalrank
 from model import VSRN
 from utils.checkpoint import load_checkpoint
+from vocab import load_vocab_by_name, vocab_digest
 
 SMALL = [
     "--data_name", "toy_precomp", "--img_dim", "32", "--embed_size", "32", "--dim_vid", "32", "--word_dim", "16",
@@ -129,15 +131,63 @@ def test_mid_epoch_resume_refuses_another_batch_size(toy_run, tmp_path, capsys, 
     assert "resume with the same batch size, not 8" in capsys.readouterr().err
 
 
-def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path):
+@contextlib.contextmanager
+def stopped_after_one_step():
+    """Training stops (as on SIGTERM) after its first step, saving a checkpoint."""
+    original = train.Trainer.train_epoch
+
+    def train_epoch(self, epoch, start_batch):
+        self.stop.signal_name = "SIGTERM"
+        return original(self, epoch, start_batch)
+
+    train.Trainer.train_epoch = train_epoch
+    try:
+        yield
+    finally:
+        train.Trainer.train_epoch = original
+
+
+def first_caption_param(opt):
+    """Index in the optimizer state of the caption branch's first parameter."""
+    model = VSRN(opt, training=False)
+    return sum(1 for module in (model.img_enc, model.txt_enc) for _ in module.parameters())
+
+
+def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path, capsys):
     assert train.main(toy_run("--num_epochs", "1", name="orig")) == 0
     ours = final_state(str(tmp_path / "orig"))
+    caption = first_caption_param(ours["opt"])
+    assert ours["optimizer"]["state"][caption]["step"] == 2 * 25 and ours["optimizer"]["state"][0]["step"] == 25
     legacy = {"epoch": 1, "model": ours["model"][:2], "best_rsum": 12.5, "opt": ours["opt"], "Eiters": 25}
     path = str(tmp_path / "legacy.pth.tar")
     torch.save(legacy, path, _use_new_zipfile_serialization=False)
     assert train.main(toy_run("--num_epochs", "2", "--resume", path, name="cont")) == 0
     resumed = final_state(str(tmp_path / "cont"))
     assert resumed["Eiters"] == 50 and resumed["epoch"] == 2 and resumed["best_rsum"] >= 12.5
+    assert "counts as finished" not in capsys.readouterr().err
+    # Saved by the original at a validation in the middle of epoch 0, recorded as epoch 1:
+    # epoch 0 counts as finished and training goes on with epoch 1, as the checkpoint says.
+    torch.save({**legacy, "Eiters": 13}, path, _use_new_zipfile_serialization=False)
+    with stopped_after_one_step():
+        assert train.main(toy_run("--num_epochs", "2", "--resume", path, name="mid")) == 0
+    resumed = final_state(str(tmp_path / "mid"))
+    assert (resumed["Eiters"], resumed["next_epoch"], resumed["next_batch"]) == (14, 1, 1)
+    assert "Eiters 13 is not a whole number of epochs of 25 batches: saved during epoch 0, which counts as finished; continuing with epoch 1" in capsys.readouterr().err
+
+
+def test_checkpoints_record_the_vocabulary_and_resume_keeps_their_caption_updates(toy_run, toy_data, tmp_path):
+    with stopped_after_one_step():
+        assert train.main(toy_run("--num_epochs", "1", "--caption_updates", "1", name="once")) == 0
+    first = final_state(str(tmp_path / "once"))
+    assert first["vocab_digest"] == vocab_digest(load_vocab_by_name(toy_data[1], "toy_precomp"))
+    caption = first_caption_param(first["opt"])
+    assert first["opt"].caption_updates == 1 and first["optimizer"]["state"][caption]["step"] == 1
+    resume = ("--resume", str(tmp_path / "once" / "checkpoint.pth.tar"))
+    with stopped_after_one_step():
+        assert train.main(toy_run("--num_epochs", "1", *resume, name="once")) == 0  # the command line's default is 2
+    resumed = final_state(str(tmp_path / "once"))
+    assert resumed["opt"].caption_updates == 1 and resumed["optimizer"]["state"][caption]["step"] == 2
+    assert resumed["vocab_digest"] == first["vocab_digest"]
 
 
 def test_evaluate_models_flags_run_an_ensemble(toy_run, toy_data, tmp_path, capsys):

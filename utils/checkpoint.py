@@ -9,6 +9,7 @@ import torch
 from utils.atomic import atomic_copy, atomic_write
 from utils.errors import CheckpointError
 from utils.options import option_defaults
+from vocab import load_vocab_by_name, load_vocab_with_digest
 
 # The only non-tensor class a VSRN checkpoint holds: `opt`, an argparse.Namespace.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -46,11 +47,35 @@ def load_checkpoint(path, map_location="cpu"):
         opt = argparse.Namespace(**opt)
     if not isinstance(opt, argparse.Namespace):
         raise CheckpointError(f"{path}: 'opt' must be an argparse.Namespace, found {type(opt).__name__}")
-    checkpoint["opt"] = argparse.Namespace(**{**option_defaults(), **vars(opt)})
+    saved = vars(opt)
+    if not is_original_release(checkpoint) and "caption_updates" not in saved:
+        # Ours from before --caption_updates: every parameter was updated once.
+        saved = {**saved, "caption_updates": 1}
+    checkpoint["opt"] = argparse.Namespace(**{**option_defaults(), **saved})
     return checkpoint
 
 
 CHECKPOINT_NAME, BEST_NAME = "checkpoint.pth.tar", "model_best.pth.tar"
+
+
+def is_original_release(checkpoint):
+    """The original release's checkpoints hold no optimizer state; ours always do."""
+    return "optimizer" not in checkpoint
+
+
+def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None):
+    """The vocabulary the checkpoint at `path` was trained with, from DIR/NAME_vocab.{json,pkl}.
+
+    Ours record its digest (refused when neither file matches); without one, the original
+    release's are taken to use the .pkl (the only vocabularies it shipped), ours the .json,
+    and the file used is printed.
+    """
+    digest = checkpoint.get("vocab_digest")
+    if digest is not None:
+        return load_vocab_with_digest(vocab_dir, data_name, digest, path, data_path)
+    vocab = load_vocab_by_name(vocab_dir, data_name, data_path, prefer="pkl" if is_original_release(checkpoint) else "json")
+    print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}")
+    return vocab
 
 
 def save_checkpoint(state, is_best, folder, filename=CHECKPOINT_NAME, best_filename=BEST_NAME):

@@ -49,6 +49,9 @@ def build_parser():
     add("--rnn_dropout_p", default=0.5, type=float, help="dropout between caption RNN layers (no effect with one layer, as in the original)")
     add("--dim_word", default=300, type=int, help="word embedding size of the caption decoder")
     add("--max_len", default=60, type=int, help="caption-branch length, <start> and <end> included")
+    add("--caption_updates", default=2, type=int, choices=(1, 2),
+        help="Adam updates per step of the caption branch's parameters: 2 as the original (which listed them "
+        "twice: two updates from one gradient, counted twice by the gradient clipping), 1 for one update")
     # Ours.
     add("--seed", default=None, type=int, help="seed for weights, dropout and batch order (CPU runs repeat exactly)")
     add("--demo", action="store_true", help="train and evaluate on a generated toy dataset in a few minutes")
