@@ -19,7 +19,7 @@ from model import VSRN, order_sim
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint, load_checkpoint_vocab
 from utils.errors import CheckpointError, DataError, VocabularyError
-from vocab import vocab_file
+from vocab import vocab_digest, vocab_file
 
 # Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
 # then needs little beyond its 500 MB similarity matrix, and order_sim's few (rows, targets, K)

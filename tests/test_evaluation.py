@@ -93,6 +93,7 @@ def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsy
     save_vocab(vocabulary_from_words([words[i] for i in range(4)] + sorted(words[i] for i in range(4, len(words)))),
                str(tmp_path / "f30k_precomp_vocab.json"))
     os.symlink(vocab_pkl, tmp_path / "f30k_precomp_vocab.pkl")
-    _, vocab, _ = _load_models([checkpoint], None, str(tmp_path))
+    (tmp_path / "data" / "f30k_precomp").mkdir(parents=True)
+    _, vocab, _ = _load_models([checkpoint], str(tmp_path / "data"), str(tmp_path))
     assert vocab.path == str(tmp_path / "f30k_precomp_vocab.pkl") and vocab.idx2word == words
     assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().out

@@ -169,7 +169,7 @@ def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path, capsys):
     # epoch 0 counts as finished and training goes on with epoch 1, as the checkpoint says.
     torch.save({**legacy, "Eiters": 13}, path, _use_new_zipfile_serialization=False)
     with stopped_after_one_step():
-        assert train.main(toy_run("--num_epochs", "2", "--resume", path, name="mid")) == 0
+        assert train.main(toy_run("--num_epochs", "2", "--resume", path, name="mid")) == 143
     resumed = final_state(str(tmp_path / "mid"))
     assert (resumed["Eiters"], resumed["next_epoch"], resumed["next_batch"]) == (14, 1, 1)
     assert "Eiters 13 is not a whole number of epochs of 25 batches: saved during epoch 0, which counts as finished; continuing with epoch 1" in capsys.readouterr().err
@@ -177,14 +177,14 @@ def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path, capsys):
 
 def test_checkpoints_record_the_vocabulary_and_resume_keeps_their_caption_updates(toy_run, toy_data, tmp_path):
     with stopped_after_one_step():
-        assert train.main(toy_run("--num_epochs", "1", "--caption_updates", "1", name="once")) == 0
+        assert train.main(toy_run("--num_epochs", "1", "--caption_updates", "1", name="once")) == 143
     first = final_state(str(tmp_path / "once"))
     assert first["vocab_digest"] == vocab_digest(load_vocab_by_name(toy_data[1], "toy_precomp"))
     caption = first_caption_param(first["opt"])
     assert first["opt"].caption_updates == 1 and first["optimizer"]["state"][caption]["step"] == 1
     resume = ("--resume", str(tmp_path / "once" / "checkpoint.pth.tar"))
     with stopped_after_one_step():
-        assert train.main(toy_run("--num_epochs", "1", *resume, name="once")) == 0  # the command line's default is 2
+        assert train.main(toy_run("--num_epochs", "1", *resume, name="once")) == 143  # resumes with the checkpoint's 1
     resumed = final_state(str(tmp_path / "once"))
     assert resumed["opt"].caption_updates == 1 and resumed["optimizer"]["state"][caption]["step"] == 2
     assert resumed["vocab_digest"] == first["vocab_digest"]
