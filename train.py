@@ -15,6 +15,7 @@ import time
 import torch
 
 import data
+from caption import log_generated_captions, print_examples
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -238,6 +239,7 @@ def validate(opt, val_loader, model, writer):
     metrics = dict(r1=r1, r5=r5, r10=r10, medr=medr, meanr=meanr, r1i=r1i, r5i=r5i, r10i=r10i, medri=medri, meanri=meanri, rsum=rsum)
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, model.Eiters)
+    log_generated_captions(writer, model, val_loader.dataset, model.Eiters)
     return rsum
 
 
@@ -288,6 +290,7 @@ def run(opt):
         best = os.path.join(opt.logger_name, "model_best.pth.tar")
         print(f"\nDemo: recall of {best} on the toy test split")
         evalrank(best, data_path=opt.data_path, split="test", vocab_path=opt.vocab_path)
+        print_examples(best, opt.data_path, "test", opt.vocab_path)
     return 0
 
 

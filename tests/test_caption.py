@@ -1,14 +1,21 @@
 """The caption branch as a captioner: inference against the original's loop, sampling, beam search."""
 import itertools
+import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+import caption
 from bench import reference_caption
 from conftest import make_opt
+from data import PrecompDataset
 from model import END_ID, PAD_ID, START_ID, VSRN, beam_search
+from utils.checkpoint import load_checkpoint
+from vocab import load_vocab_by_name
 
 MAX_LEN = 12
 
@@ -181,3 +188,149 @@ def test_decoding_stops_working_on_finished_sequences(monkeypatch):
     # Before step t only the sequences without an <end> among their first t words still run.
     running = [int((preds[:, :t] == END_ID).any(1).logical_not().sum()) for t in range(len(rows_per_step))]
     assert rows_per_step == running and rows_per_step[-1] < 6
+
+
+# --- caption.py: generation for a split, scores, errors ---------------------------------------
+
+
+def load_checkpoint_opt(path):
+    return load_checkpoint(path)["opt"]
+
+
+@pytest.fixture
+def no_java(monkeypatch):
+    """Score as on a machine without Java (no METEOR, NLTK tokenization): fast."""
+    monkeypatch.setattr(caption, "java_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def captioner(toy_data, tmp_path_factory):
+    """A checkpoint whose caption branch was trained (its own loss, 150 Adam steps) on the toy
+    train split, from the GCN region features of the image encoder at initialisation."""
+    data_path, vocab_path = toy_data
+    vocab = load_vocab_by_name(vocab_path, "toy_precomp")
+    opt = make_opt(vocab_size=len(vocab), dim_hidden=64, max_len=16, data_path=data_path, vocab_path=vocab_path)
+    torch.manual_seed(0)
+    model = VSRN(opt, training=False)
+    train = PrecompDataset(os.path.join(data_path, "toy_precomp"), "train", vocab, opt)
+    items = [train[i] for i in range(len(train))]
+    labels, masks = torch.stack([item[4] for item in items]), torch.stack([item[5] for item in items])
+    model.val_start()
+    with torch.no_grad():
+        _, regions = model.img_enc(torch.stack([item[0] for item in items]))
+    branch = model.caption_model.train()
+    optimizer = torch.optim.Adam(branch.parameters(), lr=0.005)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = torch.randperm(len(items), generator=generator)[:64]
+        loss = branch.loss(regions[batch], labels[batch], masks[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = str(tmp_path_factory.mktemp("captioner") / "model.pth.tar")
+    torch.save({"model": model.state_dict(), "opt": opt}, path)
+    return path
+
+
+def test_trained_captions_name_the_concepts_of_their_images(captioner, no_java, tmp_path, capsys):
+    out = str(tmp_path / "captions.json")
+    assert caption.main(["--checkpoint", captioner, "--split", "test", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "METEOR skipped" in printed and "CIDEr-D" in printed and "BLEU-4" in printed
+    generated = json.load(open(out))
+    assert [g["image_id"] for g in generated] == list(range(20))  # no test_image_ids.txt: the indices
+    captions = [g["caption"] for g in generated]
+    assert all(captions) and all("<" not in c for c in captions)
+    data_path = load_checkpoint_opt(captioner).data_path
+    references = caption.split_references(os.path.join(data_path, "toy_precomp"), "test", 20)
+    own = caption.evaluate_captions(references, captions)["CIDEr-D"]
+    shuffled = caption.evaluate_captions(references, captions[1:] + captions[:1])["CIDEr-D"]
+    assert own > 0.3 and own > 2 * shuffled, (own, shuffled)
+
+
+def test_image_ids_file_names_the_captions_and_beam_search_runs(captioner, no_java, tmp_path):
+    source = os.path.join(load_checkpoint_opt(captioner).data_path, "toy_precomp")
+    folder = tmp_path / "data" / "toy_precomp"
+    folder.mkdir(parents=True)
+    for name in ("test_ims.npy", "test_caps.txt"):
+        shutil.copy(os.path.join(source, name), folder / name)
+    (folder / "test_image_ids.txt").write_text("".join(f"{391895 + i}\n" for i in range(20)))
+    out = str(tmp_path / "beam.json")
+    scores = caption.caption_split(captioner, str(tmp_path / "data"), "test", beam_size=3, out=out)
+    generated = json.load(open(out))
+    assert [g["image_id"] for g in generated] == [391895 + i for i in range(20)]
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
+
+
+def test_original_release_checkpoint_has_no_captioner(captioner, tmp_path, capsys):
+    checkpoint = torch.load(captioner, weights_only=False)
+    legacy = str(tmp_path / "legacy.pth.tar")
+    torch.save({"model": checkpoint["model"][:2], "opt": checkpoint["opt"]}, legacy)
+    assert caption.main(["--checkpoint", legacy]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {legacy}: has no caption-branch weights" in err
+    assert caption.main(["--checkpoint", captioner, "--beam_size", "0"]) == 2
+    assert capsys.readouterr().err == "error: --beam_size 0: must be at least 1\n"
+
+
+def test_validation_logs_generated_captions_without_drawing_random_numbers(captioner, toy_data):
+    data_path, vocab_path = toy_data
+    opt = load_checkpoint_opt(captioner)
+    vocab = load_vocab_by_name(vocab_path, "toy_precomp")
+    model = VSRN(opt, training=False)
+    model.load_state_dict(torch.load(captioner, weights_only=False)["model"])
+    dataset = PrecompDataset(os.path.join(data_path, "toy_precomp"), "dev", vocab, opt)
+    texts = []
+
+    class Writer:
+        def add_text(self, tag, text, step):
+            texts.append((tag, text, step))
+
+    state = torch.get_rng_state()
+    caption.log_generated_captions(Writer(), model, dataset, 7)
+    assert torch.equal(state, torch.get_rng_state())
+    ((tag, text, step),) = texts
+    lines = text.split("  \n")
+    assert tag == "captions" and step == 7 and len(lines) == 3
+    reference = caption.caption_text(vocab, dataset.caption(0)[1:])
+    assert lines[0].startswith("0: **a ") and lines[0].endswith(f"(reference: {reference})")
+
+
+HAND_MADE_REFERENCES = {
+    1: ["a dog runs on the grass", "a brown dog is running outside", "the dog plays in a field"],
+    2: ["two people ride bicycles down a street", "cyclists on a city road", "two men riding bikes"],
+}
+HAND_MADE_CAPTIONS = {1: ["a dog running on the grass"], 2: ["two people riding bikes on a road"]}
+
+
+def test_scores_are_pycocoevalcaps_scorers(no_java):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    scores = caption.score_captions(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)
+    bleu, _ = Bleu(4).compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS, verbose=0)
+    assert [scores[f"BLEU-{n}"] for n in (1, 2, 3, 4)] == pytest.approx(bleu)
+    assert scores["ROUGE-L"] == pytest.approx(Rouge().compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
+    assert scores["CIDEr-D"] == pytest.approx(Cider().compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
+    assert 0 < scores["BLEU-4"] < scores["BLEU-1"] < 1 and scores["CIDEr-D"] > 0
+    perfect = caption.score_captions(HAND_MADE_REFERENCES, {k: [v[0]] for k, v in HAND_MADE_REFERENCES.items()})
+    assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not caption.java_available(), reason="java is not on PATH")
+def test_with_java_meteor_and_the_ptb_tokenizer_run():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scores = caption.score_captions(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)
+    meteor = Meteor()
+    assert scores["METEOR"] == pytest.approx(meteor.compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
+    del meteor
+    raw = {"a": ["A dog, running on the grass.", "Two men \"riding\" bikes!"]}
+    ptb = caption.tokenize_for_scoring(raw)
+    assert ptb == {"a": ["a dog running on the grass", "two men riding bikes"]}
+    caption.java_available, java = (lambda: False), caption.java_available
+    try:
+        assert caption.tokenize_for_scoring(raw) == ptb  # the fallback agrees on plain captions
+    finally:
+        caption.java_available = java
