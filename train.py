@@ -28,7 +28,7 @@ from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_fil
 DEMO_PRESET = dict(
     data_path="data", data_name="toy_precomp", vocab_path="vocab", logger_name="runs/demo",
     img_dim=128, embed_size=128, dim_vid=128, word_dim=64, dim_hidden=64, dim_word=64, max_len=24,
-    batch_size=128, num_epochs=4, learning_rate=0.001, lr_update=10, workers=0, log_step=10, val_step=10**9,
+    batch_size=128, num_epochs=6, learning_rate=0.004, lr_update=10, workers=0, log_step=10, val_step=10**9,
     seed=0,
 )
 
