@@ -48,7 +48,8 @@ def generate_captions(model, images, beam_size=1, batch_size=128):
         for start in range(0, len(images), batch_size):
             batch = np.stack([images[i] for i in range(start, min(start + batch_size, len(images)))])
             if not np.isfinite(batch).all():
-                raise DataError(f"NaN or Inf in the features of images {start}..{start + len(batch) - 1}")
+                source = getattr(images, "path", "features")
+                raise DataError(f"{source}: NaN or Inf in the features of images {start}..{start + len(batch) - 1}")
             _, regions = model.img_enc(torch.from_numpy(batch).to(model.device))
             _, preds = model.caption_model(regions, mode="inference", opt={"beam_size": beam_size})
             outputs.append(preds.cpu())
@@ -143,6 +144,7 @@ def caption_split(checkpoint, data_path=None, split="test", beam_size=1, out=Non
     """Caption every image of a split, write them as JSON, print and return the scores."""
     if beam_size < 1:
         raise OptionError(f"--beam_size {beam_size}: must be at least 1")
+    _import_pycocoevalcap()  # before the work, not after it
     opt, vocab, model = load_captioner(checkpoint, data_path, vocab_path)
     folder = os.path.join(opt.data_path, opt.data_name)
     images = open_features(os.path.join(folder, f"{split}_ims.npy"), opt.img_dim)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -271,6 +272,17 @@ def test_original_release_checkpoint_has_no_captioner(captioner, tmp_path, capsy
     assert err.count("\n") == 1 and f"error: {legacy}: has no caption-branch weights" in err
     assert caption.main(["--checkpoint", captioner, "--beam_size", "0"]) == 2
     assert capsys.readouterr().err == "error: --beam_size 0: must be at least 1\n"
+
+
+def test_missing_packages_are_one_line(captioner, monkeypatch, capsys):
+    import evaluate_models
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    assert caption.main(["--checkpoint", captioner]) == 2
+    assert capsys.readouterr().err == "error: caption scores need pycocoevalcap: pip install pycocoevalcap\n"
+    monkeypatch.setitem(sys.modules, "eccv_caption", None)
+    assert evaluate_models.main(["--split", "testall", "--eccv", captioner]) == 2
+    assert capsys.readouterr().err == "error: ECCV Caption metrics need the eccv_caption package: pip install eccv_caption\n"
 
 
 def test_validation_logs_generated_captions_without_drawing_random_numbers(captioner, toy_data):
