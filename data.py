@@ -114,6 +114,7 @@ class PrecompDataset(Dataset):
 
     def __init__(self, data_path, data_split, vocab, opt):
         self.split = data_split
+        self.vocab = vocab
         self.max_len = opt.max_len
         self.start_id, self.end_id = vocab(START), vocab(END)
         self.ims_path = os.path.join(data_path, f"{data_split}_ims.npy")

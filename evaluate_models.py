@@ -2,6 +2,7 @@
 
     python3 evaluate_models.py                                   # the blocks below
     python3 evaluate_models.py --data_path DATA --split test m1.pth.tar [m2.pth.tar ...] [--fold5]
+    python3 evaluate_models.py --data_path DATA --split testall --eccv coco1.pth.tar [coco2.pth.tar]
 
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """
@@ -34,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
     parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path")
+    parser.add_argument("--eccv", action="store_true", help="COCO testall: also ECCV Caption, CxC and COCO 1K/5K metrics (eccv_caption)")
     args = parser.parse_args(argv)
     blocks = [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)] if args.model_paths else RUN
     try:
@@ -45,7 +47,8 @@ def main(argv=None):
                     "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
                 )
         for block in blocks:
-            evalrank(*block["model_paths"], data_path=block["data_path"], split=block["split"], fold5=block["fold5"], vocab_path=args.vocab_path)
+            evalrank(*block["model_paths"], data_path=block["data_path"], split=block["split"], fold5=block["fold5"],
+                     vocab_path=args.vocab_path, eccv=args.eccv)
     except (VSRNError, OSError) as e:
         return report(e)
     return 0

@@ -8,7 +8,10 @@ strictly above its ground truth. A target that ties the ground truth therefore d
 against it (ranks are optimistic), and top1 is the lowest index among equal best scores. The
 original's unstable argsort left both cases unspecified; continuous embeddings do not tie.
 """
+import contextlib
+import io
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -18,7 +21,7 @@ from data import check_data_folder, get_test_loader
 from model import VSRN, order_sim
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint, load_checkpoint_vocab
-from utils.errors import CheckpointError, DataError, VocabularyError
+from utils.errors import CheckpointError, DataError, OptionError, VocabularyError
 from vocab import vocab_digest, vocab_file
 
 # Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
@@ -163,9 +166,19 @@ def encode_data(model, data_loader):
     return img_embs, cap_embs
 
 
-def _load_models(model_paths, data_path, vocab_path):
-    """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode])."""
+def _load_models(model_paths, data_path, vocab_path, need_caption_branch=False):
+    """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode]).
+
+    need_caption_branch: refuse checkpoints without caption-branch weights (the original
+    release saved only the two encoders).
+    """
     checkpoints = [load_checkpoint(path) for path in model_paths]
+    for path, checkpoint in zip(model_paths, checkpoints):
+        if need_caption_branch and isinstance(checkpoint["model"], (list, tuple)) and len(checkpoint["model"]) == 2:
+            raise CheckpointError(
+                f"{path}: has no caption-branch weights (an original-release checkpoint holds only the image and "
+                "text encoders); generate captions with a checkpoint trained by this port's train.py"
+            )
     opt = checkpoints[0]["opt"]
     if data_path is not None:
         opt.data_path = data_path
@@ -210,23 +223,31 @@ def _print_results(r, ri):
 METRIC_NAMES = ("r1", "r5", "r10", "medr", "meanr", "r1i", "r5i", "r10i", "medri", "meanri")
 
 
-def evaluate_embeddings(embeddings, measure="cosine", fold5=False):
+def average_similarity(embeddings, measure="cosine", rows=slice(None)):
+    """The (images, captions) score matrix of one model's (img_embs, cap_embs), or the average
+    of several models' (an ensemble), over the caption rows `rows`."""
+    return sum(similarity(img[rows], cap[rows], measure) for img, cap in embeddings) / len(embeddings)
+
+
+def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
     """Recall of one model's (img_embs, cap_embs), or of several averaged as an ensemble.
 
-    Prints the original's lines; returns (metrics dict, (rt, rti)) with the ranks of the
-    whole split, or of the first fold for fold5 (as the original saved them).
+    `sims`: their `average_similarity` over the whole split when the caller has it already
+    (not used for fold5). Prints the original's lines; returns (metrics dict, (rt, rti))
+    with the ranks of the whole split, or of the first fold for fold5 (as the original saved them).
     """
     num_captions = len(embeddings[0][1])
 
-    def evaluate(rows):
-        sims = sum(similarity(img[rows], cap[rows], measure) for img, cap in embeddings) / len(embeddings)
+    def evaluate(rows, rows_sims=None):
+        if rows_sims is None:
+            rows_sims = average_similarity(embeddings, measure, rows)
         img, cap = embeddings[0][0][rows], embeddings[0][1][rows]
-        r, rt = i2t(img, cap, measure=measure, return_ranks=True, sims=sims)
-        ri, rti = t2i(img, cap, measure=measure, return_ranks=True, sims=sims)
+        r, rt = i2t(img, cap, measure=measure, return_ranks=True, sims=rows_sims)
+        ri, rti = t2i(img, cap, measure=measure, return_ranks=True, sims=rows_sims)
         return r, ri, rt, rti
 
     if not fold5:
-        r, ri, rt, rti = evaluate(slice(0, num_captions))
+        r, ri, rt, rti = evaluate(slice(0, num_captions), sims)
         _print_results(r, ri)
         metrics = dict(zip(METRIC_NAMES, r + ri))
     else:
@@ -249,16 +270,115 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False):
     return metrics, (rt, rti)
 
 
-def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=None, ranks_path=None):
+# The eccv_caption metric groups computed (its names).
+ECCV_TARGETS = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_1k_recalls", "coco_5k_recalls")
+ECCV_ROWS = (
+    ("ECCV mAP@R", ("eccv_map_at_r",)), ("ECCV R-Precision", ("eccv_rprecision",)), ("ECCV R@1", ("eccv_r1",)),
+    ("CxC R@1/5/10", ("cxc_r1", "cxc_r5", "cxc_r10")),
+    ("COCO 1K R@1/5/10", ("coco_1k_r1", "coco_1k_r5", "coco_1k_r10")),
+    ("COCO 5K R@1/5/10", ("coco_5k_r1", "coco_5k_r5", "coco_5k_r10")),
+)
+ECCV_TARGET_NAMES = tuple(name for _, names in ECCV_ROWS for name in names)  # what eccv_caption_metrics returns
+
+
+def _eccv_metrics_class():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its notice that ujson is absent
+            from eccv_caption import Metrics
+    except ImportError:
+        raise OptionError("ECCV Caption metrics need the eccv_caption package: pip install eccv_caption") from None
+    return Metrics
+
+
+def eccv_caption_metrics(img_embs, cap_embs, caption_ids=None, measure="cosine", sims=None):
+    """ECCV Caption (mAP@R, R-Precision, R@1), CxC R@1/5/10 and COCO 1K and 5K R@1/5/10 of the
+    eccv_caption package, in percent: {name: {"i2t": value, "t2i": value}}.
+
+    The embeddings are COCO's 5K test split in the Karpathy order of SCAN's `testall`, as
+    `encode_data` returns them (one image row per caption; captions 5i..5i+4 describe image
+    i). `caption_ids` are the COCO caption ids of the rows (default: the package's
+    `coco_test_ids`, which are that order). `sims`, an (images, captions) score matrix such as
+    an ensemble's `average_similarity`, replaces the one computed from the embeddings.
+    """
+    metrics = _eccv_metrics_class()()
+    caption_ids = np.asarray(metrics.coco_ids if caption_ids is None else caption_ids, dtype=np.int64)
+    if sorted(caption_ids.tolist()) != sorted(metrics.coco_ids.tolist()):
+        raise ValueError("caption_ids must be the 25000 COCO 5K test caption ids of eccv_caption (in any order)")
+    sims = torch.as_tensor(similarity(img_embs, cap_embs, measure) if sims is None else sims, dtype=torch.float32)
+    if tuple(sims.shape) != (len(caption_ids) // 5, len(caption_ids)):
+        raise ValueError(f"expected scores of 5000 images x 25000 captions, got {tuple(sims.shape)}")
+    image_ids = np.asarray([metrics.coco_gts["t2i"][int(c)][0] for c in caption_ids[::5]])
+    # The package's COCO 1K folds are blocks of 5000 of its own caption order.
+    position = {int(c): k for k, c in enumerate(metrics.coco_ids)}
+    caption_folds = np.asarray([position[int(c)] // 5000 for c in caption_ids])
+    image_folds = caption_folds[::5]
+    # Every positive of every query must be within reach: mAP@R reads R results deep.
+    depth = max(10, *(len(v) for gts in (metrics.coco_gts, metrics.cxc_gts, metrics.eccv_gts) for d in gts.values() for v in d.values()))
+    i2t_ranked = _ranked_targets(sims, depth, image_folds, caption_folds)
+    t2i_ranked = _ranked_targets(sims.T, depth, caption_folds, image_folds)
+    i2t_items = {int(image_ids[i]): caption_ids[ranked].tolist() for i, ranked in enumerate(i2t_ranked)}
+    t2i_items = {int(caption_ids[j]): image_ids[ranked].tolist() for j, ranked in enumerate(t2i_ranked)}
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        scores = metrics.compute_all_metrics(i2t_items, t2i_items, target_metrics=ECCV_TARGETS, Ks=(1, 5, 10))
+    return {name: {d: 100.0 * float(v) for d, v in value.items()} for name, value in scores.items()}
+
+
+def _ranked_targets(scores, depth, query_folds, target_folds, fold_depth=10):
+    """Per query (row of `scores`), target indices best first: its `depth` best overall,
+    merged with its `fold_depth` best among the targets of its own fold (for COCO 1K), so
+    that both the list's first `depth` entries and its fold's first `fold_depth` are exact."""
+    ranked = [None] * scores.shape[0]
+    for fold in np.unique(query_folds):
+        queries = torch.from_numpy(np.flatnonzero(query_folds == fold))
+        targets = torch.from_numpy(np.flatnonzero(target_folds == fold))
+        step = _rows_per_chunk(scores.shape[1])
+        for start in range(0, len(queries), step):
+            rows = queries[start:start + step]
+            chunk = scores[_as_index(rows)].contiguous()
+            best, best_index = chunk.topk(min(depth, chunk.shape[1]), dim=1)
+            in_fold, in_fold_index = chunk[:, _as_index(targets)].topk(min(fold_depth, len(targets)), dim=1)
+            values = torch.cat([best, in_fold], dim=1)
+            indices = torch.cat([best_index, targets[in_fold_index]], dim=1)
+            order = values.argsort(dim=1, descending=True, stable=True)
+            for row, merged in zip(rows.tolist(), indices.gather(1, order).tolist()):
+                ranked[row] = list(dict.fromkeys(merged))
+    return ranked
+
+
+def _as_index(indices):
+    """A slice (a view, no copy) when the sorted indices are consecutive, else the indices."""
+    if len(indices) and int(indices[-1]) - int(indices[0]) == len(indices) - 1:
+        return slice(int(indices[0]), int(indices[-1]) + 1)
+    return indices
+
+
+def print_eccv_metrics(scores):
+    print("ECCV Caption / CxC / COCO (eccv_caption), image to text | text to image:")
+    for label, names in ECCV_ROWS:
+        i2t_values = " / ".join("%.1f" % scores[n]["i2t"] for n in names)
+        t2i_values = " / ".join("%.1f" % scores[n]["t2i"] for n in names)
+        print(f"  {label:<18} {i2t_values:>18} | {t2i_values}")
+
+
+def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=None, ranks_path=None, eccv=False):
     """Recall of one checkpoint, or of several as an ensemble (their similarity matrices averaged).
 
     fold5: the original's COCO 1K protocol, five folds of 1000 images averaged.
+    eccv: also ECCV Caption / CxC / COCO metrics (`eccv_caption_metrics`; COCO `testall` only),
+    printed after the table and added to the result as NAME_i2t and NAME_t2i.
     Returns a dict of r1, r5, r10, medr, meanr, r1i, ..., meanri and rsum; saves the
     per-query ranks to `ranks_path` (default: ranks.pth.tar next to the first checkpoint).
     """
     if not model_paths:
         raise ValueError("evalrank needs at least one checkpoint path")
+    if eccv:
+        _eccv_metrics_class()  # a missing package fails before the encoding, not after
+        if split != "testall":
+            raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; use --split testall, not {split}")
     opt, vocab, models = _load_models(model_paths, data_path, vocab_path)
+    if eccv and not opt.data_name.startswith("coco"):
+        raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; the checkpoint is for {opt.data_name}")
     print("Loading dataset")
     loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
     num_captions = len(loader.dataset)
@@ -266,10 +386,17 @@ def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=
         raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")
     if fold5 and num_captions < 25000:
         raise DataError(f"fold5 needs 5 folds of 5000 captions; the {split} split of {opt.data_name} has {num_captions}")
+    if eccv and num_captions != 25000:
+        raise DataError(f"--eccv needs COCO's 5K test split (25000 captions); the {split} split of {opt.data_name} has {num_captions}")
     print("Computing results...")
     embeddings = [encode_data(model, loader) for model in models]
     print("Images: %d, Captions: %d" % (num_captions // 5, num_captions))
-    metrics, (rt, rti) = evaluate_embeddings(embeddings, opt.measure, fold5)
+    sims = average_similarity(embeddings, opt.measure) if eccv else None
+    metrics, (rt, rti) = evaluate_embeddings(embeddings, opt.measure, fold5, sims=sims)
+    if eccv:
+        scores = eccv_caption_metrics(None, None, sims=sims)
+        print_eccv_metrics(scores)
+        metrics.update({f"{name}_{direction}": value for name, d in scores.items() for direction, value in d.items()})
     ranks_path = ranks_path or os.path.join(os.path.dirname(os.path.abspath(model_paths[0])), "ranks.pth.tar")
     with atomic_write(ranks_path, "wb") as f:
         torch.save({"rt": tuple(torch.from_numpy(a) for a in rt), "rti": tuple(torch.from_numpy(a) for a in rti)}, f)

@@ -14,6 +14,9 @@ from GCN_lib.Rs_GCN import Rs_GCN
 from utils.distributed import SINGLE_PROCESS
 from utils.errors import CheckpointError, OptionError
 
+# Word ids fixed by the vocabulary's first entries (<pad>, <start>, <end>), the original's too.
+PAD_ID, START_ID, END_ID = 0, 1, 2
+
 
 def l2norm(x):
     """Divide by the L2 norm over dim 1, as the original.
@@ -185,6 +188,32 @@ class CaptionDecoder(nn.Module):
             return torch.cat([encoder_hidden[0], encoder_hidden[1]], dim=1)
         return encoder_hidden[0]
 
+    def word_gates(self, words):
+        """The words' share of the GRU input gates (bias included), for word ids of any shape."""
+        embedded = self.input_dropout(self.embedding(words))
+        return F.linear(embedded, self.rnn.weight_ih_l0[:, : self.dim_word], self.rnn.bias_ih_l0)
+
+    def fused_state_weights(self):
+        """(weight, bias) of the recurrent state's two products, attention and GRU hidden
+        gates, as one matrix product per step."""
+        weight = torch.cat([self.attention.hidden_weight, self.rnn.weight_hh_l0], dim=0)
+        return weight, F.pad(self.rnn.bias_hh_l0, (self.dim_hidden, 0))
+
+    def step(self, h, word_gates, encoder_outputs, encoder_projection, state_weights):
+        """One decoder step: attention with the state before it, then nn.GRU's update on
+        [word; context]. `word_gates` is `self.word_gates(words)` for this step's words."""
+        H = self.dim_hidden
+        state_projection = F.linear(h, *state_weights)
+        context = self.attention.context(encoder_outputs, encoder_projection, state_projection[:, :H])
+        context_weight = self.rnn.weight_ih_l0[:, self.dim_word :]
+        input_gates = word_gates + F.linear(self.input_dropout(context), context_weight)
+        i_r, i_z, i_n = input_gates.chunk(3, dim=1)
+        h_r, h_z, h_n = state_projection[:, H:].chunk(3, dim=1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (h - n)
+
     def hidden_states(self, encoder_outputs, encoder_hidden, targets, steps):
         """Decoder GRU states (B, steps, H) under teacher forcing on targets[:, :steps].
 
@@ -193,26 +222,13 @@ class CaptionDecoder(nn.Module):
         gates, the encoder's share of the attention) are computed once for all steps,
         and the state's two products (attention, hidden gates) are one matrix product.
         """
-        H = self.dim_hidden
-        w_ih, w_hh = self.rnn.weight_ih_l0, self.rnn.weight_hh_l0
-        words = self.input_dropout(self.embedding(targets[:, :steps]))
-        word_gates = F.linear(words, w_ih[:, : self.dim_word], self.rnn.bias_ih_l0)
-        context_weight = w_ih[:, self.dim_word :]
+        word_gates = self.word_gates(targets[:, :steps])
         encoder_projection = self.attention.project_encoder(encoder_outputs)
-        state_weight = torch.cat([self.attention.hidden_weight, w_hh], dim=0)
-        state_bias = F.pad(self.rnn.bias_hh_l0, (H, 0))
+        state_weights = self.fused_state_weights()
         h = self.initial_state(encoder_hidden)
         states = []
         for t in range(steps):
-            state_projection = F.linear(h, state_weight, state_bias)
-            context = self.attention.context(encoder_outputs, encoder_projection, state_projection[:, :H])
-            input_gates = word_gates[:, t] + F.linear(self.input_dropout(context), context_weight)
-            i_r, i_z, i_n = input_gates.chunk(3, dim=1)
-            h_r, h_z, h_n = state_projection[:, H:].chunk(3, dim=1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            h = n + z * (h - n)
+            h = self.step(h, word_gates[:, t], encoder_outputs, encoder_projection, state_weights)
             states.append(h)
         return torch.stack(states, dim=1)
 
@@ -221,6 +237,55 @@ class CaptionDecoder(nn.Module):
         steps = self.max_length - 1 if steps is None else steps
         states = self.hidden_states(encoder_outputs, encoder_hidden, targets, steps)
         return F.log_softmax(self.out(states), dim=2)
+
+    def generate(self, encoder_outputs, encoder_hidden, sample_max=True, temperature=1.0):
+        """The original's inference loop: <start> first, then each step's argmax (or a sample).
+
+        Returns (seq_logprobs, seq_preds), both (B, max_len - 2), as the original: the words
+        after <start> and their log-probabilities. A sequence stops at its <end>; the
+        positions after it hold <pad> with log-probability 0, and it costs no more work.
+        Sampling draws from softmax(logprobs / temperature) and records the untempered
+        log-probability of the drawn word.
+        """
+        batch, length = encoder_outputs.size(0), self.max_length - 2
+        device = encoder_outputs.device
+        preds = torch.full((batch, length), PAD_ID, dtype=torch.int64, device=device)
+        seq_logprobs = torch.zeros(batch, length, device=device)
+        encoder_projection = self.attention.project_encoder(encoder_outputs)
+        state_weights = self.fused_state_weights()
+        h = self.initial_state(encoder_hidden)
+        rows = torch.arange(batch, device=device)  # the unfinished sequences
+        words = torch.full((batch,), START_ID, dtype=torch.int64, device=device)
+        for t in range(length):
+            h = self.step(h, self.word_gates(words), encoder_outputs, encoder_projection, state_weights)
+            logprobs = F.log_softmax(self.out(h).float(), dim=1)
+            if sample_max:
+                word_logprobs, words = logprobs.max(dim=1)
+            else:
+                words = torch.multinomial(torch.softmax(logprobs / temperature, dim=1), 1).squeeze(1)
+                word_logprobs = logprobs.gather(1, words.unsqueeze(1)).squeeze(1)
+            preds[rows, t] = words
+            seq_logprobs[rows, t] = word_logprobs
+            running = words != END_ID
+            if not bool(running.all()):
+                if not bool(running.any()):
+                    break
+                rows, words, h = rows[running], words[running], h[running]
+                encoder_outputs, encoder_projection = encoder_outputs[running], encoder_projection[running]
+        return seq_logprobs, preds
+
+    def beam_search(self, encoder_outputs, encoder_hidden, beam_size):
+        """(seq_logprobs, seq_preds) as `generate`, of the highest-scoring of `beam_size` beams."""
+        state_weights = self.fused_state_weights()
+        encoder_outputs = encoder_outputs.repeat_interleave(beam_size, dim=0)
+        encoder_projection = self.attention.project_encoder(encoder_outputs)
+
+        def advance(h, words, rows):
+            h = self.step(h, self.word_gates(words), encoder_outputs[rows], encoder_projection[rows], state_weights)
+            return F.log_softmax(self.out(h).float(), dim=1), h
+
+        h = self.initial_state(encoder_hidden).repeat_interleave(beam_size, dim=0)
+        return beam_search(advance, h, beam_size, self.max_length - 2)
 
 
 class CaptionModel(nn.Module):
@@ -231,13 +296,27 @@ class CaptionModel(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, regions, labels, mode="train"):
-        """As the original: (seq_logprobs (B, max_len - 1, vocab), greedy predictions (B, max_len - 1))."""
-        if mode != "train":
-            raise ValueError("the caption branch is a training signal; only mode='train' exists")
+    def forward(self, regions, labels=None, mode="train", opt=None):
+        """As the original S2VTAttModel.
+
+        mode='train': (seq_logprobs (B, max_len - 1, vocab), greedy predictions (B, max_len - 1))
+        under teacher forcing on `labels`. mode='inference' (labels unused): generated captions
+        as (seq_logprobs, seq_preds), each (B, max_len - 2), with the original's `opt` keys
+        sample_max (1: greedy, 0: sample), temperature, and beam_size (> 1: beam search).
+        """
         encoder_outputs, encoder_hidden = self.encoder(regions)
-        logprobs = self.decoder(encoder_outputs, encoder_hidden, labels)
-        return logprobs, logprobs.argmax(dim=2)
+        if mode == "train":
+            logprobs = self.decoder(encoder_outputs, encoder_hidden, labels)
+            return logprobs, logprobs.argmax(dim=2)
+        if mode != "inference":
+            raise ValueError(f"mode must be 'train' or 'inference', got {mode!r}")
+        opt = opt or {}
+        beam_size = int(opt.get("beam_size", 1))
+        if beam_size > 1:
+            return self.decoder.beam_search(encoder_outputs, encoder_hidden, beam_size)
+        return self.decoder.generate(
+            encoder_outputs, encoder_hidden, bool(opt.get("sample_max", 1)), float(opt.get("temperature", 1.0))
+        )
 
     def loss(self, regions, labels, masks, steps=None, batch_size=None):
         """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch_size, as the original's criterion.
@@ -252,6 +331,52 @@ class CaptionModel(nn.Module):
         logits = self.decoder.out(states)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1 : steps + 1].flatten(), reduction="none")
         return (nll * masks[:, 1 : steps + 1].flatten()).sum() / (batch_size or labels.size(0))
+
+
+def beam_search(advance, state, beam_size, length):
+    """Beam search over sequences of `length` words that start after <start>, for a batch.
+
+    `state` holds one row per beam (batch * beam_size rows, the beams of an item adjacent);
+    `advance(state_rows, words, rows)` runs one step for the given rows of beams that
+    have not ended, fed `words`, and returns (log-probabilities (rows, vocab), their new
+    state). A beam's score is the sum of its words' log-probabilities; a beam that produced
+    <end> keeps its score (extended by <pad> at log-probability 0) and is not advanced.
+    Returns (seq_logprobs, seq_preds), each (batch, length), of each item's best beam.
+    """
+    rows_total = state.size(0)
+    batch, device = rows_total // beam_size, state.device
+    words = torch.full((rows_total,), START_ID, dtype=torch.int64, device=device)
+    # Only the first beam of each item is alive at the start; the others are dead ends.
+    scores = torch.full((batch, beam_size), -math.inf, device=device)
+    scores[:, 0] = 0
+    finished = (torch.arange(rows_total, device=device) % beam_size) != 0
+    preds = torch.full((batch, beam_size, length), PAD_ID, dtype=torch.int64, device=device)
+    seq_logprobs = torch.zeros(batch, beam_size, length, device=device)
+    item_rows = torch.arange(batch, device=device).unsqueeze(1) * beam_size
+    for t in range(length):
+        live = (~finished).nonzero().squeeze(1)
+        live_logprobs, live_state = advance(state[live], words[live], live)
+        step_logprobs = torch.full((rows_total, live_logprobs.size(1)), -math.inf, device=device)
+        step_logprobs[:, PAD_ID] = torch.where(finished, 0.0, -math.inf)
+        step_logprobs[live] = live_logprobs
+        state = state.index_copy(0, live, live_state)
+        vocab = step_logprobs.size(1)
+        candidates = (scores.reshape(-1, 1) + step_logprobs).view(batch, beam_size * vocab)
+        scores, best = candidates.topk(beam_size, dim=1)
+        parents, words = best // vocab, best % vocab
+        source = (item_rows + parents).view(-1)
+        words = words.view(-1)
+        preds = preds.gather(1, parents.unsqueeze(2).expand(-1, -1, length))
+        seq_logprobs = seq_logprobs.gather(1, parents.unsqueeze(2).expand(-1, -1, length))
+        preds[:, :, t] = words.view(batch, beam_size)
+        seq_logprobs[:, :, t] = step_logprobs[source, words].view(batch, beam_size)
+        state = state[source]
+        finished = finished[source] | (words == END_ID)
+        if bool(finished.all()):
+            break
+    best = scores.argmax(dim=1)
+    items = torch.arange(batch, device=device)
+    return seq_logprobs[items, best], preds[items, best]
 
 
 def caption_steps(masks, max_len):

@@ -19,6 +19,7 @@ import time
 import torch
 
 import data
+from caption import log_generated_captions, print_examples
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from data import check_data_folder, usable_workers
@@ -33,7 +34,7 @@ from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_dig
 DEMO_PRESET = dict(
     data_path="data", data_name="toy_precomp", vocab_path="vocab", logger_name="runs/demo",
     img_dim=128, embed_size=128, dim_vid=128, word_dim=64, dim_hidden=64, dim_word=64, max_len=24,
-    batch_size=128, num_epochs=4, learning_rate=0.001, lr_update=10, workers=0, log_step=10, val_step=10**9,
+    batch_size=128, num_epochs=6, learning_rate=0.004, lr_update=10, workers=0, log_step=10, val_step=10**9,
     seed=0,
 )
 
@@ -361,6 +362,7 @@ def validate(opt, val_loader, model, writer):
     metrics = dict(r1=r1, r5=r5, r10=r10, medr=medr, meanr=meanr, r1i=r1i, r5i=r5i, r10i=r10i, medri=medri, meanri=meanri, rsum=rsum)
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, model.Eiters)
+    log_generated_captions(writer, model, val_loader.dataset, model.Eiters)
     return rsum
 
 
@@ -459,6 +461,7 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
         best = os.path.join(opt.logger_name, BEST_NAME)
         print(f"\nDemo: recall of {best} on the toy test split")
         evalrank(best, data_path=opt.data_path, split="test", vocab_path=opt.vocab_path)
+        print_examples(best, opt.data_path, "test", opt.vocab_path)
     return 0
 
 
