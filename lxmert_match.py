@@ -39,7 +39,7 @@ MAX_TOKENS = 20  # LXMERT's pretraining max_seq_length, [CLS] and [SEP] included
 # Pairs are drawn in blocks of about this many batches, sorted by caption length inside a block so
 # that a batch pads its captions to similar lengths.
 BATCHES_PER_BLOCK = 64
-TIMED_BATCHES = 3  # batches after the first (warm-up) one that the expected-time estimate measures
+TIMED_BATCHES = 2  # batches after the first (warm-up) one that the expected-time estimate measures
 
 
 def _transformers():
@@ -104,6 +104,9 @@ class Split:
     def images(self, indices):
         """Features (len, regions, dim) and normalised boxes (len, regions, 4) of some images."""
         features = np.stack([self.features[int(i)] for i in indices])
+        if not np.isfinite(features).all():
+            bad = int(indices[int(np.flatnonzero(~np.isfinite(features).reshape(len(features), -1).all(1))[0])])
+            raise DataError(f"{self.ims_path}: NaN or Inf in the features of image {bad}")
         return torch.from_numpy(features), torch.from_numpy(self.boxes[np.asarray(indices)])
 
 
@@ -262,6 +265,7 @@ def lxmert_scores(scorer, split, input_ids, mask, pairs, batch_size, desc):
     caption_mask = mask[captions].to(scorer.device)
     lengths = mask.sum(1)
 
+    print(f"{desc}: {total:,} pairs ({len(images)} images, {len(captions)} captions)")
     progress = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
     timer = _ExpectedTime(total, progress)
     rows_per_block = max(1, BATCHES_PER_BLOCK * batch_size // pairs.shape[1])

@@ -9,6 +9,8 @@ downloaded; speed does not depend on the weights. Times, as lxmert_match.py runs
   - the language layers once per caption and the object-relationship layers once per image;
   - for comparison (at the first batch size), LxmertForPreTraining's whole forward per pair (all
     heads), as a direct transformers loop over the pairs would run it.
+Efficiency: the pairs' floating-point work per second over the float32 GEMM rate measured in the
+same run, a ratio less sensitive to the load of a shared machine than the raw rate.
 `--tokens` is the caption length in word pieces with [CLS] and [SEP] (Flickr30K and COCO
 captions average about 14 words; LXMERT cuts at 20).
 """
@@ -28,6 +30,26 @@ from model import check_device  # noqa: E402
 
 FLICKR_1K_PAIRS = 1000 * 5000
 COCO_5K = (5000, 25000)
+
+
+def cross_flops(tokens, regions, config):
+    """Floating-point operations per pair of the cross-modality layers and the matching head as
+    PairScorer runs them (the last layer computes only what the [CLS] output needs)."""
+    h, inner, t, r = config.hidden_size, config.intermediate_size, tokens, regions
+    language = 2 * t * h * h + 2 * r * h * h + 2 * t * r * h + 4 * t * h * h + 2 * t * t * h + 2 * t * h * inner
+    vision = 2 * r * h * h + 2 * t * h * h + 2 * r * t * h + 4 * r * h * h + 2 * r * r * h + 2 * r * h * inner
+    last = 2 * t * h * h + 2 * r * h * h + 2 * t * r * h + 2 * t * h * h + 2 * h * h + 2 * t * h + 2 * h * inner + h * h
+    return 2 * ((config.x_layers - 1) * (language + vision) + last)
+
+
+def gemm_flops_per_second(device, size=2048, repeats=5):
+    a, b = torch.rand(size, size, device=device), torch.rand(size, size, device=device)
+
+    def product():
+        torch.mm(a, b)
+        synchronise(device)
+
+    return 2 * size ** 3 / median_seconds(product, repeats)
 
 
 def median_seconds(run, repeats):
@@ -65,7 +87,10 @@ def main():
     print(f"command: python3 {' '.join(sys.argv)}")
 
     regions, tokens = 36, args.tokens
-    rows, rate_of = [], {}
+    flops = cross_flops(tokens, regions, config)
+    gemm_rate = gemm_flops_per_second(device)
+    rows, rate_of = [("float32 GEMM rate (2048^3, this run)", f"{gemm_rate / 1e9:,.1f} GFLOP/s"),
+                     ("cross layers + head per pair", f"{flops / 1e9:.2f} GFLOP")], {}
     with torch.inference_mode():
         for number, batch in enumerate(int(b) for b in args.batch_sizes.split(",")):
             ids = torch.randint(1000, config.vocab_size, (batch, tokens))
@@ -91,7 +116,7 @@ def main():
             caption_rate = batch / median_seconds(captions, args.repeats)
             image_rate = batch / median_seconds(images, args.repeats)
             rate_of[batch] = (pair_rate, caption_rate, image_rate)
-            rows.append((f"batch {batch}: pairs (cross layers + head)", f"{pair_rate:,.2f} pairs/s"))
+            rows.append((f"batch {batch}: pairs (cross layers + head)", f"{pair_rate:,.2f} pairs/s, efficiency {pair_rate * flops / gemm_rate:.2f}"))
             rows.append((f"batch {batch}: captions (language layers)", f"{caption_rate:,.1f} captions/s"))
             rows.append((f"batch {batch}: images (object-relationship layers)", f"{image_rate:,.1f} images/s"))
             if number == 0 and not args.no_direct:

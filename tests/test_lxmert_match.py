@@ -108,10 +108,11 @@ def test_inputs_are_lxmert_pretraining_ones(setup):
     np.testing.assert_allclose(normalised_boxes(boxes, np.array([[400, 200]])), [[[0.05, 0.05, 0.55, 0.55]]])
 
 
-def test_matched_recall_equals_all_pairs_with_transformers(setup, tmp_path):
+def test_matched_recall_equals_all_pairs_with_transformers(setup, tmp_path, capsys):
     data_path, model_dir, captions = setup
     scores_path = tmp_path / "scores.npy"
     metrics = evaluate(model_dir, data_path, NAME, "test", mode="matched", batch_size=7, save_scores=str(scores_path))
+    assert f"expected time for {IMAGES * len(captions)} pairs:" in capsys.readouterr().out
     model = LxmertForPreTraining.from_pretrained(model_dir).eval()
     inputs, _ = all_pair_inputs(data_path, captions)
     with torch.no_grad():
@@ -241,6 +242,17 @@ def test_feature_dimension_other_than_visual_feat_dim_is_one_line_error(setup, t
     write_split(tmp_path / "data" / NAME, feat_dim=FEAT_DIM + 4)
     with pytest.raises(DataError, match=f"16 dims per region; the LXMERT model's visual_feat_dim is {FEAT_DIM}"):
         evaluate(model_dir, str(tmp_path / "data"), NAME, "test")
+
+
+def test_non_finite_features_are_one_line_error(setup, tmp_path):
+    _, model_dir, _ = setup
+    folder = tmp_path / "data" / NAME
+    write_split(folder)
+    features = np.load(folder / "test_ims.npy")
+    features[5, 3, 1] = np.nan
+    np.save(folder / "test_ims.npy", features)
+    with pytest.raises(DataError, match=r"test_ims\.npy: NaN or Inf in the features of image 5"):
+        evaluate(model_dir, str(tmp_path / "data"), NAME, "test", mode="cosine")
 
 
 def test_command_line_prints_recall_and_saves_scores(setup, tmp_path, capsys):
