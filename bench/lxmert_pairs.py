@@ -157,7 +157,7 @@ def main():
         ("Flickr30K 1K test, all 5M pairs", format_duration(flickr)),
         (f"COCO 5K, two-stage top-20 (<= {coco_pairs:,} pairs)", format_duration(coco)),
         ("COCO 5K, all 125M pairs", format_duration(coco_all)),
-    ], f"\nprojected with batch {best} (LXMERT scoring only; VSRN's encoding adds minutes)")
+    ], f"\nprojected with batch {best} (LXMERT scoring only; a two-stage run adds VSRN's encoding)")
 
 
 if __name__ == "__main__":
