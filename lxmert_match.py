@@ -78,7 +78,10 @@ class Split:
         folder = os.path.join(data_path, data_name)
         self.ims_path = os.path.join(folder, f"{split}_ims.npy")
         if not os.path.isfile(self.ims_path):
-            raise DataError(f"{self.ims_path}: not found; expected the precomputed layout {folder}/{split}_ims.npy (see README, Data)")
+            raise DataError(
+                f"{self.ims_path}: not found; LXMERT needs {split}_ims.npy, {split}_caps.txt, {split}_boxes.npy "
+                f"and {split}_image_sizes.npy in {folder} (see README, LXMERT matching)"
+            )
         self.features = FeatureFile(self.ims_path)
         if self.features.ndim != 3:
             raise DataError(f"{self.ims_path}: features have shape {self.features.shape}; expected (num_images, regions, {visual_feat_dim})")
