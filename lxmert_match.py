@@ -263,7 +263,7 @@ def lxmert_scores(scorer, split, input_ids, mask, pairs, batch_size, desc):
     caption_slot = torch.full((pairs.shape[1],), -1, dtype=torch.int64)
     caption_slot[captions] = torch.arange(len(captions))
 
-    language = torch.cat([scorer.encode_captions(input_ids[c], mask[c]) for c in captions.split(batch_size)])
+    language = torch.cat([scorer.encode_captions(input_ids[c], mask[c]) for c in tqdm(captions.split(batch_size), desc="captions", unit="batch", leave=False)])
     vision = torch.cat([scorer.encode_images(*split.images(i.numpy())) for i in tqdm(images.split(batch_size), desc="images", unit="batch", leave=False)])
     caption_mask = mask[captions].to(scorer.device)
     lengths = mask.sum(1)
