@@ -488,16 +488,22 @@ def check_options(opt):
         raise OptionError(
             f"--dim_vid {opt.dim_vid} must equal --embed_size {opt.embed_size}: the caption branch reads the GCN region features"
         )
-    device = getattr(opt, "device", None)
-    if device:
-        try:
-            device_type = torch.device(device).type
-        except (RuntimeError, ValueError):
-            raise OptionError(f"--device {device}: expected cpu or cuda (cuda:N)") from None
-        if device_type == "cuda" and not torch.cuda.is_available():
-            raise OptionError(f"--device {device}: this torch build or machine has no CUDA device")
+    check_device(getattr(opt, "device", None))
     if opt.max_len < 2:
         raise OptionError(f"--max_len {opt.max_len}: must be at least 2 (<start> and <end>)")
+
+
+def check_device(device):
+    """`device` (None: cuda when available, else cpu) as a torch.device, or a one-line OptionError."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device}: expected cpu or cuda (cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {device}: this torch build or machine has no CUDA device")
+    return resolved
 
 
 class VSRN:
