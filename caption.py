@@ -1,6 +1,6 @@
 """Generate a caption for every image of a split with VSRN's caption branch, and score them.
 
-    python caption.py --checkpoint runs/coco/model_best.pth.tar --data_path DATA --split test \
+    python3 caption.py --checkpoint runs/coco/model_best.pth.tar --data_path DATA --split test \
         [--beam_size 3] [--out captions.json]
 
 Writes [{"image_id": ..., "caption": ...}] (ids from SPLIT_image_ids.txt when present, else
@@ -23,6 +23,7 @@ from evaluation import _load_models
 from model import END_ID, PAD_ID
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
+from utils.options import ScriptHelpFormatter
 from vocab import tokenize
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -194,7 +195,7 @@ def print_examples(checkpoint, data_path, split="test", vocab_path=None, count=5
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint trained by this port (with caption weights)")
     parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")

@@ -33,6 +33,7 @@ from evaluation import METRIC_NAMES, _load_models, _print_results, encode_data, 
 from model import check_device
 from utils.atomic import atomic_write
 from utils.errors import CheckpointError, DataError, OptionError, VSRNError, report
+from utils.options import ScriptHelpFormatter
 
 MODES = ("matched", "cosine")
 MAX_TOKENS = 20  # LXMERT's pretraining max_seq_length, [CLS] and [SEP] included
@@ -263,13 +264,13 @@ def lxmert_scores(scorer, split, input_ids, mask, pairs, batch_size, desc):
     caption_slot = torch.full((pairs.shape[1],), -1, dtype=torch.int64)
     caption_slot[captions] = torch.arange(len(captions))
 
-    language = torch.cat([scorer.encode_captions(input_ids[c], mask[c]) for c in tqdm(captions.split(batch_size), desc="captions", unit="batch", leave=False)])
-    vision = torch.cat([scorer.encode_images(*split.images(i.numpy())) for i in tqdm(images.split(batch_size), desc="images", unit="batch", leave=False)])
+    language = torch.cat([scorer.encode_captions(input_ids[c], mask[c]) for c in tqdm(captions.split(batch_size), desc="captions", unit="batch", leave=False, disable=None)])
+    vision = torch.cat([scorer.encode_images(*split.images(i.numpy())) for i in tqdm(images.split(batch_size), desc="images", unit="batch", leave=False, disable=None)])
     caption_mask = mask[captions].to(scorer.device)
     lengths = mask.sum(1)
 
     print(f"{desc}: {total:,} pairs ({len(images)} images, {len(captions)} captions)")
-    progress = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True, mininterval=1.0, disable=None)
     timer = _ExpectedTime(total, progress)
     rows_per_block = max(1, BATCHES_PER_BLOCK * batch_size // pairs.shape[1])
     for start in range(0, pairs.shape[0], rows_per_block):
@@ -355,7 +356,7 @@ def rerank(first_stage, second_stage, candidates, alpha=1.0):
 def vsrn_similarity(checkpoints, data_path, data_name, split, vocab_path=None):
     """VSRN's (num_images, num_captions) similarity on the split: one checkpoint or an ensemble's average."""
     opt, vocab, models = _load_models(checkpoints, data_path, vocab_path)
-    loader = get_test_loader(split, data_name, vocab, opt.crop_size, opt.batch_size, min(opt.workers, os.cpu_count() or 1), opt)
+    loader = get_test_loader(split, data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
     embeddings = [encode_data(model, loader) for model in models]
     return sum(similarity(images, captions, opt.measure) for images, captions in embeddings) / len(embeddings)
 
@@ -441,12 +442,13 @@ def evaluate(model_path, data_path, data_name, split, mode="matched", vsrn=None,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     parser.add_argument("--model", required=True, help="hub name (e.g. unc-nlp/lxmert-base-uncased) or local directory")
     parser.add_argument("--data_path", required=True, help="folder holding NAME/ (as train.py)")
     parser.add_argument("--data_name", required=True, help="e.g. f30k_precomp; the split needs boxes and image sizes")
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO 5K)")
-    parser.add_argument("--mode", default="matched", choices=MODES)
+    parser.add_argument("--mode", default="matched", choices=MODES,
+                        help="matched: the matching head's probability; cosine: pooled language and vision outputs")
     parser.add_argument("--vsrn", nargs="+", default=None, metavar="CHECKPOINT", help="two-stage: rerank these VSRN checkpoints' top-k (several: an ensemble)")
     parser.add_argument("--topk", type=int, default=20, help="candidates per query that LXMERT rescores (with --vsrn)")
     parser.add_argument("--alpha", type=float, default=1.0, help="candidates rank by alpha*LXMERT + (1-alpha)*VSRN (with --vsrn)")

@@ -1,8 +1,8 @@
 """What VSRN's final image representation attends to (paper, Sec. 4.5), and what it retrieves.
 
-    python visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --index N --out map.png
-    python visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --query "a dog on a bench" --out gallery.png
-    python visualize.py --checkpoint M --data_path DATA --split test --index N --captions
+    python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --index N --out map.png
+    python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --query "a dog on a bench" --out gallery.png
+    python3 visualize.py --checkpoint M --data_path DATA --split test --index N --captions
 
 The attention map: the inner product of each GCN region feature V*_i with the final image
 embedding I ranks the k regions (rank 1 = highest); region i gets s_i = lam * (k - r_i)^2
@@ -19,9 +19,10 @@ import torch
 
 from data import get_test_loader, open_features, read_captions, read_image_ids, read_region_boxes
 from evaluation import _load_models, encode_data
-from model import order_sim
+from model import cosine_sim, order_sim
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
+from utils.options import ScriptHelpFormatter
 from vocab import END, START, tokenize
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
@@ -86,7 +87,7 @@ def encode_text(model, vocab, text):
 
 def scores_against(images, captions, measure):
     """(n_images, n_captions) scores, as the model ranks them."""
-    return order_sim(images, captions) if measure == "order" else images @ captions.T
+    return (order_sim if measure == "order" else cosine_sim)(images, captions)
 
 
 def _pillow():
@@ -234,7 +235,7 @@ def show_query(args, opt, vocab, model, folder, features):
 
 
 def show_captions(args, opt, vocab, model, folder):
-    loader = get_test_loader(args.split, opt.data_name, vocab, opt.crop_size, opt.batch_size, min(opt.workers, os.cpu_count() or 1), opt)
+    loader = get_test_loader(args.split, opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
     dataset = loader.dataset
     image_embs, caption_embs = encode_data(model, loader)
     row = args.index * dataset.im_div
@@ -252,11 +253,11 @@ def show_captions(args, opt, vocab, model, folder):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a VSRN checkpoint (model_best.pth.tar)")
     p.add_argument("--data_path", default=None, help="folder holding the checkpoint's NAME_precomp (default: the checkpoint's)")
     p.add_argument("--vocab_path", default=None, help="folder of the vocabulary (default: the checkpoint's)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the split to show (dev, test, testall)")
     p.add_argument("--index", type=int, help="an image of the split, by position")
     p.add_argument("--query", help="a caption: show the top images for it")
     p.add_argument("--captions", action="store_true", help="with --index: list the image's top captions, ground truth marked")

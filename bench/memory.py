@@ -1,6 +1,6 @@
 """Start-up time and memory of the train loader on a Flickr30K-sized split.
 
-    python bench/memory.py [--dir DIR] [--batches 200] [--batch-size 128] [--workers 0] [--skip-full-load]
+    python3 bench/memory.py [--dir DIR] [--batches 200] [--batch-size 128] [--workers 0] [--skip-full-load]
 
 Generates DIR/f30k_synth_precomp once (29000 x 36 x 2048 float32 features, ~8.6 GB, and
 145000 captions), then measures each figure in a fresh process, so that none inherits

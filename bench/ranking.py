@@ -1,6 +1,6 @@
 """Time i2t + t2i: the chunked GEMM ranking of evaluation.py against the original per-query loop.
 
-    python bench/ranking.py [--sizes 1000,5000] [--repeats 3] [--loop-repeats 1]
+    python3 bench/ranking.py [--sizes 1000,5000] [--repeats 3] [--loop-repeats 1]
 
 1000 images x 5000 captions is the Flickr30K-1K test, 5000 x 25000 the COCO-5K one. "fast"
 calls i2t and t2i on the embeddings, each computing the similarity matrix; "shared" computes

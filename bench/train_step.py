@@ -1,6 +1,6 @@
 """Time VSRN's full training step at the Flickr30K configuration on a synthetic batch.
 
-    python bench/train_step.py [--batch-size 16] [--device cpu|cuda] [--steps 5] [--warmup 2]
+    python3 bench/train_step.py [--batch-size 16] [--device cpu|cuda] [--steps 5] [--warmup 2]
                                [--amp] [--tf32] [--compile] [--reference]
 
 Efficiency = 3 x (forward FLOPs of the original algorithm's step) / step time / GEMM rate,

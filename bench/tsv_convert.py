@@ -1,6 +1,6 @@
 """Memory and speed of utils/tsv_to_precomp.py on a generated multi-GB obj36 TSV.
 
-    python bench/tsv_convert.py [--dir DIR] [--gb 2.5] [--repeats 3]
+    python3 bench/tsv_convert.py [--dir DIR] [--gb 2.5] [--repeats 3]
 
 Generates DIR/features_obj36.tsv once (LXMERT's 10-field layout, 36 boxes x 2048 float32 per
 line, ~393 KB of base64 per image) and its captions, then converts it `--repeats` times, each

@@ -110,7 +110,7 @@ def test_checkpoint_without_digest_uses_the_pkl_if_original_and_says_which(tmp_p
     original = {"model": [], "opt": make_opt(), "epoch": 3}
     vocab = checkpoint_module.load_checkpoint_vocab(original, "orig.pth.tar", str(tmp_path), "toy")
     assert vocab.path == str(tmp_path / "toy_vocab.pkl") and vocab("cat") == 4
-    assert f"orig.pth.tar records no vocabulary digest: using the vocabulary {tmp_path / 'toy_vocab.pkl'}" in capsys.readouterr().out
+    assert f"orig.pth.tar records no vocabulary digest: using the vocabulary {tmp_path / 'toy_vocab.pkl'}" in capsys.readouterr().err
     ours_before_digests = {**original, "optimizer": {}}
     assert checkpoint_module.load_checkpoint_vocab(ours_before_digests, "ours.pth.tar", str(tmp_path), "toy").path.endswith(".json")
 

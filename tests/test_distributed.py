@@ -11,7 +11,7 @@ from torch import nn
 import train
 from conftest import make_opt
 from data import EpochShuffleSampler, GlobalBatchShareSampler, share_sizes
-from model import VSRN
+from model import CaptionRepeatingAdam, VSRN
 from test_train import SMALL, final_state
 from utils import distributed
 from utils.errors import OptionError
@@ -46,7 +46,7 @@ def install_probes(setattr, records, frozen_bn, stop_at=None):
     """Record each step's logged losses, the first step's gradients before clipping and the
     checkpoint writes; freeze BatchNorm; send this process SIGTERM after step `stop_at`."""
     records.update(losses=[], grads=None, saves=0)
-    train_emb, train_start, clip = VSRN.train_emb, VSRN.train_start, torch.nn.utils.clip_grad_norm_
+    train_emb, train_start, clip = VSRN.train_emb, VSRN.train_start, CaptionRepeatingAdam.clip_grad_norm_
     save_checkpoint = train.save_checkpoint
 
     def probed_train_emb(self, *batch):
@@ -67,11 +67,10 @@ def install_probes(setattr, records, frozen_bn, stop_at=None):
                     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                         layer.eval()
 
-    def probed_clip(params, max_norm, *args, **kwargs):
-        params = list(params)
+    def probed_clip(optimizer, max_norm):
         if records["grads"] is None:
-            records["grads"] = [p.grad.detach().clone() for p in params]
-        return clip(params, max_norm, *args, **kwargs)
+            records["grads"] = [p.grad.detach().clone() for p in optimizer.retrieval_params + optimizer.caption_params]
+        return clip(optimizer, max_norm)
 
     def probed_save(*args, **kwargs):
         records["saves"] += 1
@@ -79,7 +78,7 @@ def install_probes(setattr, records, frozen_bn, stop_at=None):
 
     setattr(VSRN, "train_emb", probed_train_emb)
     setattr(VSRN, "train_start", probed_train_start)
-    setattr(torch.nn.utils, "clip_grad_norm_", probed_clip)
+    setattr(CaptionRepeatingAdam, "clip_grad_norm_", probed_clip)
     setattr(train, "save_checkpoint", probed_save)
 
 

@@ -108,6 +108,7 @@ def coco_checkpoint(tmp_path, toy_data, name, seed):
 
 def test_evalrank_eccv_scores_the_ensembles_averaged_similarity(tmp_path, toy_data, monkeypatch, capsys):
     """The averaged similarity of the ensemble, computed once, feeds both the table and ECCV."""
+    (tmp_path / "coco_precomp").mkdir()  # the checkpoints' data folder (its loader is replaced below)
     paths = [coco_checkpoint(tmp_path, toy_data, name, seed) for seed, name in enumerate(("one", "two"))]
     ensemble = [coco5k_embeddings(1), coco5k_embeddings(2)]
     per_model = iter(ensemble)

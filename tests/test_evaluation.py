@@ -96,4 +96,4 @@ def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsy
     (tmp_path / "data" / "f30k_precomp").mkdir(parents=True)
     _, vocab, _ = _load_models([checkpoint], str(tmp_path / "data"), str(tmp_path))
     assert vocab.path == str(tmp_path / "f30k_precomp_vocab.pkl") and vocab.idx2word == words
-    assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().out
+    assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from utils.checkpoint import save_checkpoint
 from utils.make_toy_images import HEIGHT, WIDTH, make_toy_images
 from utils.tsv_to_precomp import convert
 from visualize import main, region_attention_map, region_ranks, render_attention
-from vocab import build_vocab, save_vocab
+from vocab import build_vocab, save_vocab, vocab_digest
 
 
 def test_ranks_are_descending_with_ties_in_region_order():
@@ -72,7 +72,7 @@ def toy_run(tmp_path_factory):
     save_vocab(vocab, str(root / "vocab" / "toyimg_precomp_vocab.json"))
     opt = make_opt(data_name="toyimg_precomp", data_path=data_path, vocab_path=str(root / "vocab"), vocab_size=len(vocab))
     model = VSRN(opt, training=False)
-    checkpoint = save_checkpoint({"model": model.state_dict(), "opt": opt}, False, str(root))
+    checkpoint = save_checkpoint({"model": model.state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)}, False, str(root))
     return root, checkpoint, data_path
 
 

@@ -3,6 +3,7 @@ import argparse
 import os
 import pickle
 import re
+import sys
 
 import torch
 
@@ -74,7 +75,7 @@ def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None
     if digest is not None:
         return load_vocab_with_digest(vocab_dir, data_name, digest, path, data_path)
     vocab = load_vocab_by_name(vocab_dir, data_name, data_path, prefer="pkl" if is_original_release(checkpoint) else "json")
-    print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}")
+    print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}", file=sys.stderr)
     return vocab
 
 

@@ -4,7 +4,7 @@ Each image draws its three toy concepts (see utils/make_toy_data.py) as labelled
 boxes of the regions that show a concept lie on its shape, background regions anywhere.
 Region features, captions and concepts are make_toy_data's, so a model learns it the same way.
 
-    python utils/make_toy_images.py --out data/toy_images [--img_dim 128]
+    python3 utils/make_toy_images.py --out data/toy_images [--img_dim 128]
 
 writes OUT/images/<id>.png, OUT/{train,dev,test}_obj36.tsv (LXMERT's 10-field layout) and
 OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils/tsv_to_precomp.py.
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.atomic import atomic_write  # noqa: E402
 from utils.errors import OptionError, VSRNError, report  # noqa: E402
 from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split  # noqa: E402
+from utils.options import ScriptHelpFormatter  # noqa: E402
 
 WIDTH, HEIGHT = 240, 160
 BACKGROUND = (235, 232, 225)
@@ -104,10 +105,10 @@ def make_toy_images(out, img_dim=128, seed=0, sizes=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/toy_images")
-    parser.add_argument("--img_dim", default=128, type=int)
-    parser.add_argument("--seed", default=0, type=int)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
+    parser.add_argument("--out", default="data/toy_images", help="folder for the pictures, the TSV and the caption files")
+    parser.add_argument("--img_dim", default=128, type=int, help="dimensionality of the generated region features")
+    parser.add_argument("--seed", default=0, type=int, help="random seed (the same seed writes the same files)")
     args = parser.parse_args(argv)
     try:
         out = make_toy_images(args.out, args.img_dim, args.seed)

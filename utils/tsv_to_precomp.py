@@ -1,6 +1,6 @@
 """Convert bottom-up-attention TSV features and their captions to VSRN's precomputed layout.
 
-    python utils/tsv_to_precomp.py --tsv A.tsv [B.tsv ...] --captions CAPS \
+    python3 utils/tsv_to_precomp.py --tsv A.tsv [B.tsv ...] --captions CAPS \
         --data_path DATA --data_name NAME_precomp --split SPLIT [--num_boxes 36] [--feature_dim 2048]
 
 TSV layouts (one image per line, tab-separated, arrays base64-encoded, read line by line):
@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.atomic import atomic_write  # noqa: E402
 from utils.errors import DataError, OptionError, VSRNError, report  # noqa: E402
+from utils.options import ScriptHelpFormatter  # noqa: E402
 
 CAPTIONS_PER_IMAGE = 5
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes", "features")
@@ -331,7 +332,7 @@ def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=20
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     p.add_argument("--tsv", nargs="+", required=True, help="TSV files, read in this order")
     p.add_argument("--captions", required=True, help="image_id<TAB>caption text, Karpathy's dataset_*.json or COCO captions_*.json")
     p.add_argument("--data_path", required=True, help="folder that holds NAME_precomp/")
