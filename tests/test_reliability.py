@@ -52,7 +52,7 @@ def wait_for(log_path, text, process, timeout=120):
         if text in log_path.read_text():
             return
         if process.poll() is not None:
-            pytest.fail(f"training exited early:\n{log_path.read_text()}")
+            pytest.fail(f"exited early:\n{log_path.read_text()}")
         time.sleep(0.05)
     process.kill()
     pytest.fail(f"'{text}' not logged in {timeout}s:\n{log_path.read_text()}")

@@ -12,7 +12,7 @@ import train
 from conftest import ROOT
 from data import GlobalBatchShareSampler, PrecompDataset
 from test_distributed import install_probes, one_thread  # noqa: F401  (fixture)
-from test_reliability import toy_copy  # noqa: F401  (fixture)
+from test_reliability import toy_copy, wait_for  # noqa: F401  (toy_copy: fixture)
 from test_train import SMALL, final_state
 from utils.checkpoint import load_checkpoint
 from vocab import load_vocab_by_name
@@ -30,18 +30,6 @@ def start_torchrun(args, tmp_path):
     log = open(tmp_path / "torchrun.log", "w")
     process = subprocess.Popen([*TORCHRUN, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return process, tmp_path / "torchrun.log"
-
-
-def wait_for(log_path, text, process, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in log_path.read_text():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"torchrun exited early:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"'{text}' not logged in {timeout}s:\n{log_path.read_text()}")
 
 
 def workers_of(pid):
