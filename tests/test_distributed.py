@@ -219,11 +219,15 @@ def test_without_a_launcher_there_is_no_process_group(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_float32_on_cuda_unless_tf32(monkeypatch):
+def test_float32_on_cuda_unless_tf32():
     # PyTorch's own default lets cuDNN (the GRUs) use TF32; the faithful default must not.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    train.configure_backends(make_opt(tf32=False))
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-    train.configure_backends(make_opt(tf32=True))
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    # (Set and restored by hand: these switches are properties that monkeypatch cannot undo.)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        train.configure_backends(make_opt(tf32=False))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        train.configure_backends(make_opt(tf32=True))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
