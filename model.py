@@ -528,7 +528,6 @@ class VSRN:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.criterion = ContrastiveLoss(opt.margin, opt.measure, opt.max_violation)
-        self.params = [p for module in self.modules() for p in module.parameters()]
         self.optimizer = None
         if training:
             retrieval = [p for module in (self.img_enc, self.txt_enc) for p in module.parameters()]
