@@ -189,6 +189,8 @@ class DistributedWorld(SingleProcess):
     def close(self):
         if not self._closed:
             self._closed = True
+            # Every process done with the group before any tears its connections down.
+            dist.barrier(group=self.control)
             dist.destroy_process_group()
 
     def exit(self, code):
