@@ -243,17 +243,21 @@ def read_region_boxes(folder, split, needed_by):
                 f"{path}: not found; {needed_by} needs the region boxes and image sizes that "
                 "utils/tsv_to_precomp.py writes (SCAN's precomputed features have none)"
             )
-    try:
-        boxes = np.load(boxes_path, allow_pickle=False).astype(np.float32)
-        sizes = np.load(sizes_path, allow_pickle=False).astype(np.int64)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{boxes_path}: not a readable .npy array ({e})") from None
+    boxes = _load_array(boxes_path).astype(np.float32)
+    sizes = _load_array(sizes_path).astype(np.int64)
     images = FeatureFile(os.path.join(folder, f"{split}_ims.npy"))
     if boxes.shape != (*images.shape[:2], 4):
         raise DataError(f"{boxes_path}: boxes have shape {boxes.shape}; expected {(*images.shape[:2], 4)} for {split}_ims.npy")
     if sizes.shape != (images.shape[0], 2):
         raise DataError(f"{sizes_path}: sizes have shape {sizes.shape}; expected {(images.shape[0], 2)} (height, width per image)")
     return boxes, sizes
+
+
+def _load_array(path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({e})") from None
 
 
 def collate_fn(data):

@@ -223,6 +223,13 @@ def _print_results(r, ri):
 METRIC_NAMES = ("r1", "r5", "r10", "medr", "meanr", "r1i", "r5i", "r10i", "medri", "meanri")
 
 
+def metrics_dict(values):
+    """METRIC_NAMES' values (i2t then t2i) as a dict, with rsum, the sum of the six recalls."""
+    metrics = dict(zip(METRIC_NAMES, values))
+    metrics["rsum"] = sum(metrics[k] for k in ("r1", "r5", "r10", "r1i", "r5i", "r10i"))
+    return metrics
+
+
 def average_similarity(embeddings, measure="cosine", rows=slice(None)):
     """The (images, captions) score matrix of one model's (img_embs, cap_embs), or the average
     of several models' (an ensemble), over the caption rows `rows`."""
@@ -249,7 +256,7 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
     if not fold5:
         r, ri, rt, rti = evaluate(slice(0, num_captions), sims)
         _print_results(r, ri)
-        metrics = dict(zip(METRIC_NAMES, r + ri))
+        metrics = metrics_dict(r + ri)
     else:
         results = []
         for fold in range(5):
@@ -265,8 +272,7 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
         print("-----------------------------------")
         print("Mean metrics: ")
         _print_results(tuple(mean[:5]), tuple(mean[5:]))
-        metrics = dict(zip(METRIC_NAMES, (float(v) for v in mean)))
-    metrics["rsum"] = sum(metrics[k] for k in ("r1", "r5", "r10", "r1i", "r5i", "r10i"))
+        metrics = metrics_dict(float(v) for v in mean)
     return metrics, (rt, rti)
 
 

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_captions, read_region_boxes
-from evaluation import METRIC_NAMES, _load_models, _print_results, encode_data, ranks_i2t, ranks_t2i, recall_metrics, similarity
+from evaluation import _load_models, _print_results, encode_data, metrics_dict, ranks_i2t, ranks_t2i, recall_metrics, similarity
 from model import check_device
 from utils.atomic import atomic_write
 from utils.errors import CheckpointError, DataError, OptionError, VSRNError, report
@@ -369,8 +369,7 @@ def recall_of(i2t_scores, t2i_scores):
     """evaluation.py's metrics: image-to-text ranks from one score matrix, text-to-image from another."""
     r = recall_metrics(ranks_i2t(i2t_scores)[0])
     ri = recall_metrics(ranks_t2i(t2i_scores)[0])
-    metrics = dict(zip(METRIC_NAMES, r + ri))
-    metrics["rsum"] = sum(metrics[k] for k in ("r1", "r5", "r10", "r1i", "r5i", "r10i"))
+    metrics = metrics_dict(r + ri)
     return metrics, r, ri
 
 
