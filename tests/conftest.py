@@ -46,6 +46,14 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VSRN_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def no_java(monkeypatch):
+    """Score captions as on a machine without Java (no METEOR, NLTK tokenization): fast."""
+    import caption
+
+    monkeypatch.setattr(caption, "java_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """A small generated toy_precomp dataset and its vocabulary: (data_path, vocab_path)."""

@@ -198,12 +198,6 @@ def load_checkpoint_opt(path):
     return load_checkpoint(path)["opt"]
 
 
-@pytest.fixture
-def no_java(monkeypatch):
-    """Score as on a machine without Java (no METEOR, NLTK tokenization): fast."""
-    monkeypatch.setattr(caption, "java_available", lambda: False)
-
-
 @pytest.fixture(scope="module")
 def captioner(toy_data, tmp_path_factory):
     """A checkpoint whose caption branch was trained (its own loss, 150 Adam steps) on the toy
