@@ -30,9 +30,10 @@ from utils.meters import AverageMeter, LogCollector
 from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
 from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
 
-# Small enough to learn the toy dataset in a few minutes on two CPU cores. No gradient
+# Small enough to learn the toy dataset in about a minute on two CPU cores. No gradient
 # clipping: the demo's sum-of-hinges loss has gradient norms of 200 to 10,000 at batch 128,
-# and clipping them to 2.0 leaves the caption branch writing one caption for every image.
+# and clipping them to 2.0 leaves the caption branch writing nearly the same caption for
+# every image.
 DEMO_PRESET = dict(
     data_path="data", data_name="toy_precomp", vocab_path="vocab", logger_name="runs/demo",
     img_dim=128, embed_size=128, dim_vid=128, word_dim=64, dim_hidden=64, dim_word=64, max_len=24,
