@@ -1,10 +1,14 @@
 import argparse
+import importlib
 import os
+import random
+import zipfile
 
 import pytest
 import torch
 
 from conftest import CreatesFile, make_opt, shared_file
+from test_reliability import error_line
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
@@ -46,22 +50,64 @@ def test_legacy_format_with_a_foreign_global_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
-    path = tmp_path / "model.pth.tar"
-    save_checkpoint({"model": [{"w": torch.ones(1000)}], "opt": make_opt()}, False, str(tmp_path), "model.pth.tar")
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.pth.tar: not a complete torch checkpoint"):
+def checkpoint_error(path):
+    """The one line load_checkpoint raises for `path`, checked never to advise loading it unsafely."""
+    with pytest.raises(CheckpointError) as raised:
         load_checkpoint(str(path))
+    message = str(raised.value)
+    assert "\n" not in message and "weights_only" not in message and len(message) < 200, message
+    return message
+
+
+def random_bytes(size, seed=0):
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, seed):
+    path = tmp_path / "garbage.pth.tar"
+    path.write_bytes(random_bytes(5000, seed))
+    assert checkpoint_error(path).startswith(f"{path}: not a PyTorch checkpoint")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_truncated_checkpoint_is_named_truncated_at_any_length(tmp_path, legacy):
+    whole = tmp_path / "whole.pth.tar"
+    torch.save({"model": [{"w": torch.ones(1000)}], "opt": make_opt()}, whole, _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    path = tmp_path / "model.pth.tar"
+    for length in (1, 3, 10, 100, len(data) // 2, len(data) - 100, len(data) - 1):
+        path.write_bytes(data[:length])
+        assert checkpoint_error(path).startswith(f"{path}: truncated PyTorch checkpoint"), length
+
+
+def test_foreign_and_missing_files_give_clear_errors(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="notes.txt: not a"):
-        load_checkpoint(str(text))
+    assert checkpoint_error(text) == f"{text}: not a PyTorch checkpoint (torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
+    empty = tmp_path / "empty.pth.tar"
+    empty.write_bytes(b"")
+    assert checkpoint_error(empty) == f"{empty}: empty file (0 bytes), not a PyTorch checkpoint"
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.txt", "hello")
+    assert checkpoint_error(archive) == f"{archive}: a zip archive without data.pkl, not a PyTorch checkpoint"
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a VSRN checkpoint"):
-        load_checkpoint(str(tmp_path / "other.pt"))
-    with pytest.raises(CheckpointError, match="missing.pth.tar: checkpoint not found"):
-        load_checkpoint(str(tmp_path / "missing.pth.tar"))
+    assert "not a VSRN checkpoint" in checkpoint_error(tmp_path / "other.pt")
+    assert checkpoint_error(tmp_path / "missing.pth.tar") == f"{tmp_path}/missing.pth.tar: checkpoint not found"
+
+
+def test_a_whole_checkpoint_with_an_odd_pickle_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "odd.pth.tar"
+    torch.save({"model": [], "opt": make_opt()}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = {name: z.read(name) for name in z.namelist()}
+    pickled = next(name for name in entries if name.endswith("/data.pkl"))
+    entries[pickled] = b"\x80\x02}q\x00(X\x01\x00\x00\x00a\x2f."  # opcode 0x2f: never in a weights-only pickle
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    assert checkpoint_error(path).startswith(f"{path}: refusing to load: it holds what a VSRN checkpoint never does (")
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -128,3 +174,21 @@ def test_checkpoint_digest_picks_the_matching_file_or_names_both(tmp_path):
     message = str(error.value)
     assert message.startswith("m.pth.tar: trained with another vocabulary") and "\n" not in message
     assert str(tmp_path / "toy_vocab.json") in message and str(tmp_path / "toy_vocab.pkl") in message
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("train", ["--resume"]), ("evaluate_models", []), ("caption", ["--checkpoint"]),
+    ("visualize", ["--index", "0", "--checkpoint"]),
+])
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_every_script_names_a_bad_checkpoint_in_one_line(tmp_path, capsys, monkeypatch, script, flags, damage):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "model_best.pth.tar"
+    if damage == "random":
+        path.write_bytes(random_bytes(3000))
+    else:
+        save_checkpoint({"model": [{"w": torch.ones(1000)}], "opt": make_opt()}, False, str(tmp_path), path.name)
+        path.write_bytes(path.read_bytes()[:2000])
+    expected = {"random": "not a PyTorch checkpoint", "truncated": "truncated PyTorch checkpoint"}[damage]
+    assert importlib.import_module(script).main([*flags, str(path)]) == 2
+    assert error_line(capsys).startswith(f"error: {path}: {expected}")

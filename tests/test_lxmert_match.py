@@ -12,6 +12,7 @@ from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel  # noqa
 from conftest import make_opt  # noqa: E402
 from evaluation import i2t, recall_metrics, t2i  # noqa: E402
 from lxmert_match import caption_tokens, evaluate, load_tokenizer, main, normalised_boxes, rerank, top_candidates  # noqa: E402
+from test_reliability import error_line  # noqa: E402
 from utils.errors import CheckpointError, DataError, VSRNError  # noqa: E402
 
 NAME = "lx_precomp"
@@ -276,3 +277,12 @@ def test_missing_transformers_is_one_line_error(setup, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(VSRNError, match="needs the transformers package"):
         evaluate(model_dir, data_path, NAME, "test")
+
+
+def test_a_bad_vsrn_checkpoint_is_one_line(setup, tmp_path, capsys):
+    data_path, model_dir, _ = setup
+    path = tmp_path / "vsrn.pth.tar"
+    path.write_bytes(bytes(range(256)) * 8)
+    code = main(["--model", model_dir, "--data_path", data_path, "--data_name", NAME, "--vsrn", str(path)])
+    assert code == 2
+    assert error_line(capsys) == f"error: {path}: not a PyTorch checkpoint (torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"

@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 
 import torch
 
@@ -16,11 +17,55 @@ from vocab import load_vocab_by_name, load_vocab_with_digest
 SAFE_GLOBALS = [argparse.Namespace]
 
 _UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how the legacy format (the original release's) begins
 
 
 def _refused_global(message):
     match = _UNSUPPORTED_GLOBAL.search(message)
     return match.group(1) if match else None
+
+
+def _begins_like(head, magic):
+    """Whether the first bytes of a file agree with `magic` as far as both go."""
+    common = min(len(head), len(magic))
+    return common > 0 and head[:common] == magic[:common]
+
+
+def _file_problem(path, error):
+    """What the bytes of `path` say about why torch.load failed on it; None when it looks whole."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty file (0 bytes), not a PyTorch checkpoint"
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    truncated = f"truncated PyTorch checkpoint (its end is missing: {size} bytes are left); copy it again"
+    if _begins_like(head, _ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:  # a zip archive's directory is at its end
+            return truncated
+        if not any(name.endswith("/data.pkl") for name in names):
+            return "a zip archive without data.pkl, not a PyTorch checkpoint"
+        return None
+    if _begins_like(head, _LEGACY_MAGIC):
+        if len(head) < len(_LEGACY_MAGIC) or isinstance(error, EOFError) or "unexpected EOF" in str(error):
+            return truncated
+        return None
+    return "not a PyTorch checkpoint (torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
+
+
+def _reason(error):
+    """The informative part of torch.load's message: its advice to load unsafely is never passed on."""
+    text = str(error)
+    match = _UNPICKLER_REASON.search(text)
+    if match:
+        return match.group(1).strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first.split(". ")[0]
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -33,14 +78,17 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
+            IndexError) as e:
+        problem = _file_problem(path, e)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}") from None
         refused = _refused_global(str(e))
         if refused:
             raise CheckpointError(f"{path}: refusing to load: it needs the global {refused}, which a VSRN checkpoint never holds") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a complete torch checkpoint (truncated or another format: {first})") from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(f"{path}: refusing to load: it holds what a VSRN checkpoint never does ({_reason(e)})") from None
+        raise CheckpointError(f"{path}: damaged PyTorch checkpoint ({_reason(e)})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
         raise CheckpointError(f"{path}: not a VSRN checkpoint (expected a dict with 'model' and 'opt')")
     opt = checkpoint["opt"]
