@@ -1,6 +1,6 @@
 """Tokenizer and vocabulary: build `NAME_vocab.json`, load it or the original release's pickles.
 
-    python3 vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4]
+    python3 vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4] [--overwrite]
 """
 import argparse
 import functools
@@ -230,7 +230,26 @@ def build_parser():
     parser.add_argument("--data_name", default="f30k_precomp", help="dataset folder name under --data_path")
     parser.add_argument("--vocab_path", default="vocab", help="folder to write NAME_vocab.json to")
     parser.add_argument("--threshold", default=4, type=int, help="minimum word count to enter the vocabulary")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing NAME_vocab.json that differs (checkpoints trained with it then need a copy of it)")
     return parser
+
+
+def check_replaceable(path, vocab):
+    """Refuse to replace the vocabulary file `path` by a different `vocab`: checkpoints trained
+    with the old one would then be refused (their digest is the old one's)."""
+    if not os.path.exists(path):
+        return
+    try:
+        old = load_vocab(path)
+    except VocabularyError:
+        raise VocabularyError(f"{path}: already exists and is not a readable vocabulary; pass --overwrite to replace it") from None
+    if vocab_digest(old) != vocab_digest(vocab):
+        raise VocabularyError(
+            f"{path}: already holds a different vocabulary ({len(old)} words, digest {vocab_digest(old)}; the new one: "
+            f"{len(vocab)} words, digest {vocab_digest(vocab)}), which checkpoints trained with it need; "
+            "pass --overwrite to replace it, or another --vocab_path"
+        )
 
 
 def main(argv=None):
@@ -238,6 +257,8 @@ def main(argv=None):
     out = os.path.join(args.vocab_path, f"{args.data_name}_vocab.json")
     try:
         vocab = build_dataset_vocab(args.data_path, args.data_name, args.threshold)
+        if not args.overwrite:
+            check_replaceable(out, vocab)
         save_vocab(vocab, out)
     except (VSRNError, OSError) as e:
         return report(e)

