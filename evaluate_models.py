@@ -11,21 +11,36 @@ import os
 import sys
 
 from evaluation import evalrank
-from utils.errors import CheckpointError, VSRNError, report
+from utils.errors import CheckpointError, OptionError, VSRNError, report
 from utils.options import ScriptHelpFormatter
 
 # MS-COCO: 1K test (5 folds of the 5000-image `testall` split) with the two-model ensemble.
-# Drop `fold5=True` for the 5K test.
+# Drop `fold5=True` for the 5K test. `vocab_path=None` reads the vocabulary from the folder the
+# checkpoint records; set a folder (e.g. "vocab/") to read it from there.
 COCO = dict(
     model_paths=("pretrain_model/coco/model_coco_1.pth.tar", "pretrain_model/coco/model_coco_2.pth.tar"),
-    data_path="data/", split="testall", fold5=True,
+    data_path="data/", vocab_path=None, split="testall", fold5=True,
 )
 # Flickr30K: 1K test with the two-model ensemble.
 FLICKR30K = dict(
     model_paths=("pretrain_model/flickr/model_fliker_1.pth.tar", "pretrain_model/flickr/model_fliker_2.pth.tar"),
-    data_path="data/", split="test", fold5=False,
+    data_path="data/", vocab_path=None, split="test", fold5=False,
 )
 RUN = [FLICKR30K]  # the blocks run without flags, e.g. [COCO, FLICKR30K]
+
+BLOCK_KEYS = ("model_paths", "data_path", "vocab_path", "split", "fold5")
+
+
+def block_arguments(block, vocab_path=None):
+    """evalrank's arguments for a block: its model paths and keywords; `vocab_path`, when given, overrides the block's."""
+    unknown = sorted(set(block) - set(BLOCK_KEYS))
+    if unknown or "model_paths" not in block:
+        problem = f"the unknown key(s) {', '.join(unknown)}" if unknown else "no model_paths"
+        raise OptionError(f"evaluate_models.py: a block has {problem}; its keys are {', '.join(BLOCK_KEYS)}")
+    keywords = {key: value for key, value in block.items() if key != "model_paths"}
+    if vocab_path is not None:
+        keywords["vocab_path"] = vocab_path
+    return block["model_paths"], keywords
 
 
 def main(argv=None):
@@ -34,21 +49,21 @@ def main(argv=None):
     parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
-    parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path")
+    parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path (and the blocks')")
     parser.add_argument("--eccv", action="store_true", help="COCO testall: also ECCV Caption, CxC and COCO 1K/5K metrics (eccv_caption)")
     args = parser.parse_args(argv)
     blocks = [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)] if args.model_paths else RUN
     try:
+        runs = [block_arguments(block, args.vocab_path) for block in blocks]
         if not args.model_paths:
-            missing = [path for block in blocks for path in block["model_paths"] if not os.path.isfile(path)]
+            missing = [path for model_paths, _ in runs for path in model_paths if not os.path.isfile(path)]
             if missing:
                 raise CheckpointError(
                     f"{missing[0]}: checkpoint not found; edit the blocks at the top of evaluate_models.py, or pass "
                     "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
                 )
-        for block in blocks:
-            evalrank(*block["model_paths"], data_path=block["data_path"], split=block["split"], fold5=block["fold5"],
-                     vocab_path=args.vocab_path, eccv=args.eccv)
+        for model_paths, keywords in runs:
+            evalrank(*model_paths, **keywords, eccv=args.eccv)
     except (VSRNError, OSError) as e:
         return report(e)
     return 0

@@ -211,6 +211,25 @@ def test_checkpoint_vocabulary_mismatch(toy_data, trained, tmp_path, capsys):
     assert f"{trained}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
 
 
+def test_evaluate_models_blocks_honour_their_vocab_path(toy_data, trained, tmp_path, capsys, monkeypatch):
+    data_path, vocab_path = toy_data
+    words = load_vocab(os.path.join(vocab_path, "toy_precomp_vocab.json")).idx2word
+    other = tmp_path / "vocab"
+    save_vocab(vocabulary_from_words([words[i] for i in range(4)] + [words[i] for i in reversed(range(4, len(words)))]),
+               str(other / "toy_precomp_vocab.json"))
+    block = dict(model_paths=(trained,), data_path=data_path, vocab_path=str(other), split="test", fold5=False)
+    monkeypatch.setattr(evaluate_models, "RUN", [block])
+    assert evaluate_models.main([]) == 2  # the block's vocabulary is read, and it is not the checkpoint's
+    line = error_line(capsys)
+    assert f"{trained}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
+    assert evaluate_models.main(["--vocab_path", vocab_path]) == 0  # the flag overrides the block
+    assert "rsum:" in capsys.readouterr().out
+    monkeypatch.setattr(evaluate_models, "RUN", [dict(block, vocab=vocab_path)])
+    assert evaluate_models.main([]) == 2
+    assert error_line(capsys) == ("error: evaluate_models.py: a block has the unknown key(s) vocab; "
+                                  "its keys are model_paths, data_path, vocab_path, split, fold5")
+
+
 def test_evaluation_split_checks(toy_copy, trained, capsys):
     data_path, vocab_path, folder = toy_copy
     assert evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--fold5", "--split", "test", trained]) == 2
