@@ -2,8 +2,11 @@
 folders that already hold a run, file modes, and one-line errors for bad output paths."""
 import contextlib
 import os
+import re
+import runpy
 import shlex
 import stat
+import sys
 
 import pytest
 
@@ -12,6 +15,7 @@ import train
 import vocab as vocab_module
 from data import get_loaders, usable_workers
 from evaluation import _load_models
+from conftest import ROOT
 from test_reliability import error_line, train_args
 from test_train import SMALL, final_state
 from utils import make_toy_data
@@ -204,3 +208,27 @@ def test_progress_bars_stay_out_of_redirected_logs(capsys):
     ids, offsets = encode_captions(["a dog"] * 3, vocab)
     assert ids.tolist() == [4, 5] * 3 and offsets.tolist() == [0, 2, 4, 6]
     assert capsys.readouterr().err == ""  # stderr is not a terminal here
+
+
+def script_paths():
+    """Every script with a command line: the top-level ones, utils/ and bench/."""
+    paths = [os.path.join(folder, name) for folder in ("", "utils", "bench")
+             for name in sorted(os.listdir(os.path.join(ROOT, folder) if folder else ROOT)) if name.endswith(".py")]
+    texts = {path: open(os.path.join(ROOT, path)).read() for path in paths}
+    return [path for path, text in texts.items() if "argparse" in text and re.search(r"__name__ == .__main__.", text)]
+
+
+@pytest.mark.parametrize("script", script_paths())
+def test_help_states_each_default_once_and_only_informative_ones(script, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    path = os.path.join(ROOT, script)
+    monkeypatch.setattr(sys, "argv", [path, "--help"])
+    monkeypatch.syspath_prepend(os.path.dirname(path))  # as `python3 SCRIPT` would
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(path, run_name="__main__")
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text
+    for line in text.splitlines():
+        assert line.count("(default") <= 1, line
+        assert not re.search(r"\(default: (None|False|)\)", line), line

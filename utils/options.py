@@ -2,8 +2,21 @@
 import argparse
 
 
-class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of the scripts: the module docstring as written, and every flag's default."""
+class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of the scripts: the module docstring as written, and every flag's default once.
+
+    A default is added unless the help already states it, or it says nothing: None (an
+    optional value, or a required one), an empty string and the off state of a switch.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text:
+            return text
+        silent = action.default is None or action.default is argparse.SUPPRESS or action.default == ""
+        if silent or action.nargs == 0:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser():
