@@ -6,6 +6,7 @@ import re
 import runpy
 import shlex
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -232,3 +233,16 @@ def test_help_states_each_default_once_and_only_informative_ones(script, monkeyp
     for line in text.splitlines():
         assert line.count("(default") <= 1, line
         assert not re.search(r"\(default: (None|False|)\)", line), line
+
+
+def test_readme_commands_never_write_over_files_of_the_repository():
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"{ROOT} is not a git checkout: its shipped files are unknown")
+    shipped = set(listed.stdout.split())
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    commands = " ".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S)).replace("\\\n", " ")
+    outputs = re.findall(r"--(?:out|save_scores|logger_name) (\S+)", commands)
+    assert "map.png" in outputs  # the search finds the visualize.py commands
+    for path in outputs:
+        assert os.path.normpath(path) not in shipped, path
