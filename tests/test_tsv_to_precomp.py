@@ -157,7 +157,9 @@ def good_lines(images, layout=lxmert_line):
     (lambda line: line.replace("\t", "\t\t", 1), r"a.tsv:2: 11 tab-separated fields; expected 10 \(LXMERT obj36\) or 6"),
     (lambda line: line[:-8] + "!!!!" + line[-4:], r"a.tsv:2: field features is not valid base64"),
     (lambda line: line.rsplit("\t", 1)[0] + "\t" + b64(np.zeros((BOXES, DIM + 1)), np.float32),
-     r"a.tsv:2: field features holds 60 bytes; expected 3 x 4 float32 \(48 bytes\)"),
+     r"a.tsv:2: image 42 has 5-dimensional region features, not 4 \(--feature_dim\): pass --feature_dim 5$"),
+    (lambda line: line.rsplit("\t", 1)[0] + "\t" + b64(np.zeros(BOXES * DIM + 1), np.float32),
+     r"a.tsv:2: field features holds 52 bytes; expected 3 x 4 float32 \(48 bytes\) \(--num_boxes x --feature_dim\)"),
     (lambda line: replace_field(line, 3, b64([1, 2], np.int64)), r"a.tsv:2: field objects_id holds 16 bytes; expected 3 int64"),
     (lambda line: replace_field(line, 1, "abc"), r"a.tsv:2: field image height is not an integer"),
 ])
@@ -184,6 +186,25 @@ def test_caption_errors_name_the_ids(tmp_path, capsys, images):
     assert "caps.txt: 1 image(s) with fewer than 5 captions: 8" in err
     err = errors_of(tmp_path, capsys, good_lines(images) + good_lines(images)[:1], caption_lines(ids))
     assert "a.tsv:4: image 7 appears again (first at" in err
+
+
+def test_empty_caption_files_are_named_as_such(tmp_path, capsys, images):
+    assert errors_of(tmp_path, capsys, good_lines(images), []).endswith("caps.txt: the caption file holds no captions (it is empty)")
+    assert errors_of(tmp_path, capsys, good_lines(images), ["", "  "]).endswith("caps.txt: the caption file holds no captions")
+
+
+def test_a_tsv_file_given_twice_is_named(tmp_path, capsys, images):
+    tsv = str(tmp_path / "a.tsv")
+    err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", tsv, tsv])
+    assert err == f"error: --tsv: {tsv} is given twice; each TSV file is read once"
+    os.symlink(tsv, tmp_path / "link.tsv")
+    err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", tsv, str(tmp_path / "link.tsv")])
+    assert err == f"error: --tsv: {tmp_path / 'link.tsv'} is given twice (first as {tsv}); each TSV file is read once"
+
+
+def test_the_data_feature_size_is_named_on_a_feature_dim_mismatch(tmp_path, capsys, images):
+    err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--feature_dim", "2048"])
+    assert err == "error: " + str(tmp_path / "a.tsv") + ":1: image 7 has 4-dimensional region features, not 2048 (--feature_dim): pass --feature_dim 4"
 
 
 def test_missing_files_are_named(tmp_path, capsys, images):

@@ -179,6 +179,9 @@ def read_caption_source(path, karpathy_splits=None):
             table = read_karpathy(path, document, karpathy_splits)
         else:
             raise DataError(f"{path}: JSON that is neither Karpathy's dataset_*.json (images[].sentences) nor a COCO captions file (images, annotations)")
+    if not table.captions and not table.skipped:
+        empty = os.path.getsize(path) == 0
+        raise DataError(f"{path}: the caption file holds no captions" + (" (it is empty)" if empty else ""))
     table.check_counts()
     return table
 
@@ -199,17 +202,36 @@ def _integer(where, name, text):
         raise DataError(f"{where}: field {name} is not an integer ({text[:20]!r})") from None
 
 
-def _array(where, name, text, dtype, shape):
+def _decode(where, name, text):
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise DataError(f"{where}: field {name} is not valid base64") from None
+
+
+def _array(where, name, text, dtype, shape):
+    raw = _decode(where, name, text)
+    return _reshape(where, name, raw, dtype, shape)
+
+
+def _reshape(where, name, raw, dtype, shape):
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if len(raw) != expected:
         dims = " x ".join(str(d) for d in shape)
         hint = " (--num_boxes x --feature_dim)" if name == "features" else ""
         raise DataError(f"{where}: field {name} holds {len(raw)} bytes; expected {dims} {np.dtype(dtype).name} ({expected} bytes){hint}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _features(where, image_id, text, num_boxes, feature_dim):
+    """The (num_boxes, feature_dim) features of a line; a line whose features have another size per box says which."""
+    raw = _decode(where, "features", text)
+    box_bytes = num_boxes * np.dtype(np.float32).itemsize
+    if raw and len(raw) % box_bytes == 0 and len(raw) != box_bytes * feature_dim:
+        dim = len(raw) // box_bytes
+        raise DataError(f"{where}: image {image_id} has {dim}-dimensional region features, not {feature_dim} (--feature_dim): "
+                        f"pass --feature_dim {dim}")
+    return _reshape(where, "features", raw, np.float32, (num_boxes, feature_dim))
 
 
 def parse_line(line, where, num_boxes, feature_dim):
@@ -245,7 +267,7 @@ def parse_line(line, where, num_boxes, feature_dim):
         for name, dtype in LXMERT_ARRAYS:
             _array(where, name, named[name], dtype, (num_boxes,))
     boxes = _array(where, "boxes", named["boxes"], np.float32, (num_boxes, 4))
-    features = _array(where, "features", named["features"], np.float32, (num_boxes, feature_dim))
+    features = _features(where, image_id, named["features"], num_boxes, feature_dim)
     if not (np.isfinite(features).all() and np.isfinite(boxes).all()):
         raise DataError(f"{where}: NaN or Inf in the boxes or features of image {image_id}")
     return Region(image_id, size, boxes, features)
@@ -290,9 +312,16 @@ class ArrayAppender:
 
 def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=2048, karpathy_splits=None, progress=None):
     """Write folder/SPLIT_* from the TSV files and captions; returns (images written, images skipped)."""
+    first_named = {}  # (device, inode) -> the path that named the file first
     for path in tsv_paths:
         if not os.path.isfile(path):
             raise DataError(f"{path}: TSV file not found")
+        stat = os.stat(path)
+        key = (stat.st_dev, stat.st_ino)
+        if key in first_named:
+            also = f" (first as {first_named[key]})" if first_named[key] != path else ""
+            raise OptionError(f"--tsv: {path} is given twice{also}; each TSV file is read once")
+        first_named[key] = path
     table = read_caption_source(caption_path, karpathy_splits)
     used = {}  # caption position -> where its image's line is
     skipped = 0
