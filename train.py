@@ -462,7 +462,7 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     world.close()
     if opt.demo and world.is_main:
         best = os.path.join(opt.logger_name, BEST_NAME)
-        print(f"\nDemo: recall of {best} on the toy test split")
+        print(f"\nDemo: recall of {best} on the test split of {os.path.join(opt.data_path, opt.data_name)}")
         evalrank(best, data_path=opt.data_path, split="test", vocab_path=opt.vocab_path)
         print_examples(best, opt.data_path, "test", opt.vocab_path)
     return 0

@@ -5,6 +5,7 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -246,3 +247,25 @@ def test_readme_commands_never_write_over_files_of_the_repository():
     assert "map.png" in outputs  # the search finds the visualize.py commands
     for path in outputs:
         assert os.path.normpath(path) not in shipped, path
+
+
+def test_the_demo_on_other_data_names_that_data(toy_data, tmp_path, monkeypatch, capsys):
+    data_path, vocab_path = toy_data
+    shutil.copytree(os.path.join(data_path, "toy_precomp"), tmp_path / "data" / "mine_precomp")
+    shutil.copy(os.path.join(vocab_path, "toy_precomp_vocab.json"), tmp_path / "mine_precomp_vocab.json")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--demo", "--data_name", "mine_precomp", "--vocab_path", ".", "--num_epochs", "1", *DEMO_SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "Demo: recall of runs/demo/model_best.pth.tar on the test split of data/mine_precomp\n" in out
+    assert "toy" not in out
+
+
+def test_pytest_shows_why_tests_skip(tmp_path):
+    configs = [name for name in ("pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
+               if os.path.exists(os.path.join(ROOT, name))]
+    assert configs == ["pytest.ini"]  # the one configuration pytest reads here
+    shutil.copy(os.path.join(ROOT, "pytest.ini"), tmp_path)
+    (tmp_path / "test_skips.py").write_text('import pytest\n\n\ndef test_it():\n    pytest.skip("the reason")\n')
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_skips.py"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "SKIPPED [1] test_skips.py:5: the reason" in done.stdout, done.stdout
