@@ -9,10 +9,14 @@ embedding I ranks the k regions (rank 1 = highest); region i gets s_i = lam * (k
 (lam = 50) and a pixel the sum of s_i over the boxes that contain it. Maps need the region
 boxes, image sizes and image ids that utils/tsv_to_precomp.py writes, and the pictures
 (--image_dir: <id>.jpg / <id>.png, or --image_pattern such as COCO_val2014_{:012d}.jpg).
+The picture is drawn at a readable size under a title (image id, caption or query, score), the
+map shown by dimming the photo where the map is low, with a brightness scale, the top-ranked
+boxes outlined and numbered (utils/figures.py).
 """
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,17 +24,20 @@ import torch
 from data import get_test_loader, open_features, read_captions, read_image_ids, read_region_boxes
 from evaluation import _load_models, encode_data
 from model import cosine_sim, order_sim
-from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
+from utils.figures import DIM, compose, dim_outside, outline_boxes, pillow, resize_longer_side, save_png
 from utils.options import ScriptHelpFormatter
 from vocab import END, START, tokenize
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
-COLOUR_MAP = "jet"
-HEAT_OPACITY = 0.5
-OUTLINE = (255, 255, 255)
-TILE_HEIGHT = 200
 ENCODE_BATCH = 128
+MAP_SIDE = 640  # pixels of the longer side of an --index picture
+TILE_SIDE = 400  # and of each picture of a --query gallery
+GALLERY_COLUMNS = 3
+SCALE_NOTE = (f"Brightness shows each picture's attention map (the image's own, whatever the query): the photo as it "
+              f"is where the map peaks, dimmed to {DIM:.0%} where it is 0. The map sums lambda (k - r)^2 over the boxes "
+              "that hold a pixel (r: a region's rank by the inner product of its GCN feature with the image embedding). "
+              "Numbered: the boxes of the top-ranked regions.")
 
 
 def region_ranks(scores):
@@ -90,74 +97,34 @@ def scores_against(images, captions, measure):
     return (order_sim if measure == "order" else cosine_sim)(images, captions)
 
 
-def _pillow():
-    try:
-        from PIL import Image, ImageDraw, ImageFont
-    except ImportError:
-        raise OptionError("visualize.py draws with Pillow: pip install pillow") from None
-    return Image, ImageDraw, ImageFont
+@dataclass
+class Tile:
+    """A picture with its attention map: the image, the map at its pixels, its rank labels' rectangles."""
+
+    image: object
+    attention: np.ndarray
+    labels: list
 
 
-def _colour_map():
-    try:
-        import matplotlib
-    except ImportError:
-        raise OptionError("visualize.py colours the maps with matplotlib: pip install matplotlib") from None
-    return matplotlib.colormaps[COLOUR_MAP]
-
-
-def _font(size):
-    _, _, ImageFont = _pillow()
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def render_attention(picture, scores, boxes, size, lam=50.0, top_boxes=3):
-    """The picture with the attention map as a heat overlay and its top boxes outlined (RGB PIL image).
+def render_attention(picture, scores, boxes, size, lam=50.0, top_boxes=3, side=MAP_SIDE):
+    """The picture scaled to a longer side of `side` pixels and dimmed where its attention map is low
+    (utils.figures.dim_outside), the boxes of its `top_boxes` highest-ranked regions outlined and
+    numbered by rank (a Tile).
 
     `boxes` are in the pixels of `size` (height, width), the image the features were extracted
-    from; a picture stored at another size gets the boxes scaled to it.
+    from; they are scaled to the drawn picture, and the map is computed at its pixels.
     """
-    _, ImageDraw, _ = _pillow()
-    picture = picture.convert("RGB")
+    Image = pillow()[0]
+    picture = resize_longer_side(picture, side)
     width, height = picture.size
     scale = np.array([width / size[1], height / size[0]] * 2)
     boxes = np.asarray(boxes, dtype=np.float64) * scale
     attention = region_attention_map(scores, boxes, height, width, lam)
-    heat = _colour_map()(attention / attention.max() if attention.max() > 0 else attention)[..., :3]
-    blended = (1 - HEAT_OPACITY) * np.asarray(picture, dtype=np.float64) / 255 + HEAT_OPACITY * heat
-    image = _from_array(blended)
-    pen = ImageDraw.Draw(image)
+    image = Image.fromarray(dim_outside(np.asarray(picture), attention), "RGB")
     ranks = region_ranks(scores)
-    for region in np.argsort(ranks)[:top_boxes]:
-        x1, y1, x2, y2 = boxes[region]
-        pen.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=OUTLINE, width=2)
-        pen.text((x1 + 4, y1 + 2), str(ranks[region]), fill=OUTLINE, font=_font(12))
-    return image
-
-
-def _from_array(rgb):
-    Image, _, _ = _pillow()
-    return Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
-
-
-def gallery(tiles, labels, title):
-    """Tiles side by side at one height, each labelled underneath, under a title line."""
-    Image, ImageDraw, _ = _pillow()
-    tiles = [t.resize((max(1, round(t.width * TILE_HEIGHT / t.height)), TILE_HEIGHT)) for t in tiles]
-    margin, text_height = 8, 18
-    width = sum(t.width for t in tiles) + margin * (len(tiles) + 1)
-    canvas = Image.new("RGB", (width, TILE_HEIGHT + 2 * text_height + 3 * margin), (255, 255, 255))
-    pen = ImageDraw.Draw(canvas)
-    pen.text((margin, margin), title, fill=(0, 0, 0), font=_font(14))
-    x = margin
-    for tile, label in zip(tiles, labels):
-        canvas.paste(tile, (x, text_height + 2 * margin))
-        pen.text((x, TILE_HEIGHT + text_height + 2 * margin + 2), label, fill=(0, 0, 0), font=_font(12))
-        x += tile.width + margin
-    return canvas
+    top = np.argsort(ranks, kind="stable")[:top_boxes]
+    labels = outline_boxes(image, boxes[top], [str(ranks[region]) for region in top])
+    return Tile(image, attention, labels)
 
 
 def find_picture(image_dir, image_id, pattern=None):
@@ -176,7 +143,7 @@ def find_picture(image_dir, image_id, pattern=None):
 
 
 def open_picture(path):
-    Image, _, _ = _pillow()
+    Image = pillow()[0]
     try:
         with Image.open(path) as picture:
             return picture.convert("RGB")
@@ -203,21 +170,33 @@ class Pictures:
         self.ids = read_image_ids(folder, split)
         self.image_dir, self.pattern = image_dir, pattern
 
-    def render(self, model, features, index, lam, top_boxes):
-        _, scores = region_scores(model, features[index][None])
+    def render(self, model, features, index, lam, top_boxes, side):
+        """(the image's Tile, its embedding (1, D))."""
+        embedding, scores = region_scores(model, features[index][None])
         picture = open_picture(find_picture(self.image_dir, self.ids[index], self.pattern))
-        return render_attention(picture, scores[0].cpu().numpy(), self.boxes[index], self.sizes[index], lam, top_boxes)
+        tile = render_attention(picture, scores[0].cpu().numpy(), self.boxes[index], self.sizes[index], lam, top_boxes, side)
+        return tile, embedding.cpu()
 
 
-def save_png(image, path):
-    with atomic_write(path, "wb") as f:
-        image.save(f, format="PNG")
-    print(f"written: {path}")
+def first_caption(folder, split, index, num_images):
+    """Image `index`'s first caption (a split has five captions per image, or one), or None without a caption file."""
+    path = os.path.join(folder, f"{split}_caps.txt")
+    if not os.path.isfile(path):
+        return None
+    captions = read_captions(path)
+    return captions[index * max(1, len(captions) // num_images)]
 
 
-def show_map(args, model, folder, features):
+def show_map(args, opt, vocab, model, folder, features):
     pictures = Pictures(folder, args.split, args.image_dir, args.image_pattern)
-    save_png(pictures.render(model, features, args.index, args.lam, args.top_boxes), args.out or "attention_map.png")
+    tile, embedding = pictures.render(model, features, args.index, args.lam, args.top_boxes, MAP_SIDE)
+    title = f"{pictures.ids[args.index]} ({args.split} image {args.index})"
+    caption = first_caption(folder, args.split, args.index, len(features))
+    if caption is not None:
+        score = scores_against(embedding, encode_text(model, vocab, caption), opt.measure)[0, 0]
+        title += f'\nits first caption, score {score:.3f}: "{caption}"'
+    print(title)
+    save_png(compose(title, [tile.image], [""], 1, SCALE_NOTE), args.out or "attention_map.png")
 
 
 def show_query(args, opt, vocab, model, folder, features):
@@ -229,9 +208,10 @@ def show_query(args, opt, vocab, model, folder, features):
     for place, index in enumerate(top, start=1):
         print(f"  {place}. image {index}" + (f" ({ids[index]})" if ids else "") + f"  score {scores[index]:.4f}")
     pictures = Pictures(folder, args.split, args.image_dir, args.image_pattern)
-    tiles = [pictures.render(model, features, index, args.lam, args.top_boxes) for index in top]
-    labels = [f"{place}. {pictures.ids[index]}  {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
-    save_png(gallery(tiles, labels, f"query: {args.query}"), args.out or "gallery.png")
+    tiles = [pictures.render(model, features, index, args.lam, args.top_boxes, TILE_SIDE)[0].image for index in top]
+    captions = [f"{place}. {pictures.ids[index]}, score {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
+    title = f'The top {len(top)} {args.split} images for "{args.query}"'
+    save_png(compose(title, tiles, captions, GALLERY_COLUMNS, SCALE_NOTE), args.out or "gallery.png")
 
 
 def show_captions(args, opt, vocab, model, folder):
@@ -286,7 +266,7 @@ def run(args):
         return show_query(args, opt, vocab, model, folder, features)
     if args.index >= len(features):
         raise OptionError(f"--index {args.index}: the {args.split} split has {len(features)} images (0 to {len(features) - 1})")
-    return show_map(args, model, folder, features)
+    return show_map(args, opt, vocab, model, folder, features)
 
 
 def main(argv=None):
