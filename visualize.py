@@ -3,12 +3,14 @@
     python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --index N --out map.png
     python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --query "a dog on a bench" --out gallery.png
     python3 visualize.py --checkpoint M --data_path DATA --split test --index N --captions
+    python3 visualize.py --checkpoint M --images PHOTOS --detector pytorch_model.bin --query "a dog on a bench" --out gallery.png
 
 The attention map: the inner product of each GCN region feature V*_i with the final image
 embedding I ranks the k regions (rank 1 = highest); region i gets s_i = lam * (k - r_i)^2
 (lam = 50) and a pixel the sum of s_i over the boxes that contain it. Maps need the region
 boxes, image sizes and image ids that utils/tsv_to_precomp.py writes, and the pictures
-(--image_dir: <id>.jpg / <id>.png, or --image_pattern such as COCO_val2014_{:012d}.jpg).
+(--image_dir: <id>.jpg / <id>.png, or --image_pattern such as COCO_val2014_{:012d}.jpg); with
+--images, your own pictures' regions are extracted by the detector (extract_regions.py, cached).
 The picture is drawn at a readable size under a title (image id, caption or query, score), the
 map shown by dimming the photo where the map is low, with a brightness scale, the top-ranked
 boxes outlined and numbered (utils/figures.py).
@@ -76,11 +78,11 @@ def region_scores(model, features):
 
 
 @torch.no_grad()
-def encode_images(model, feature_file):
-    """Embeddings of every image of a split, in batches."""
+def encode_images(model, feature_file, batch_size=ENCODE_BATCH):
+    """Embeddings of every image of a split (or a list of region arrays), in batches."""
     chunks = []
-    for start in range(0, len(feature_file), ENCODE_BATCH):
-        batch = np.stack([feature_file[i] for i in range(start, min(start + ENCODE_BATCH, len(feature_file)))])
+    for start in range(0, len(feature_file), batch_size):
+        batch = np.stack([feature_file[i] for i in range(start, min(start + batch_size, len(feature_file)))])
         chunks.append(region_scores(model, batch)[0].cpu())
     return torch.cat(chunks)
 
@@ -170,12 +172,44 @@ class Pictures:
         self.ids = read_image_ids(folder, split)
         self.image_dir, self.pattern = image_dir, pattern
 
-    def render(self, model, features, index, lam, top_boxes, side):
-        """(the image's Tile, its embedding (1, D))."""
-        embedding, scores = region_scores(model, features[index][None])
-        picture = open_picture(find_picture(self.image_dir, self.ids[index], self.pattern))
-        tile = render_attention(picture, scores[0].cpu().numpy(), self.boxes[index], self.sizes[index], lam, top_boxes, side)
-        return tile, embedding.cpu()
+    def picture(self, index):
+        return open_picture(find_picture(self.image_dir, self.ids[index], self.pattern))
+
+
+class Photos:
+    """Pictures of your own (files and folders, as extract_regions.py takes them) and their regions,
+    extracted by the detector through extract_regions.cached_regions, so a second run reads them
+    from the cache. Unreadable pictures are reported there, one line each, and left out."""
+
+    def __init__(self, sources, weights, config, policy, img_dim, device):
+        from extract_regions import FIXED_BOXES, cached_regions, list_images  # the detector needs torchvision
+
+        items = list_images(sources)
+        regions = cached_regions([path for _, path in items], weights, config, policy=policy, num_boxes=FIXED_BOXES, device=str(device))
+        self.ids = [image_id for image_id, _ in items if image_id in regions]
+        if not self.ids:
+            raise DataError(f"--images {' '.join(sources)}: none of the {len(items)} pictures could be read")
+        self.paths = [path for image_id, path in items if image_id in regions]
+        kept = [regions[image_id] for image_id in self.ids]
+        width = kept[0]["features"].shape[1]
+        if width != img_dim:
+            raise OptionError(f"--detector {weights}: gives {width}-d region features, but the checkpoint's image encoder takes {img_dim}-d (img_dim)")
+        self.features = [r["features"] for r in kept]
+        self.boxes = [r["boxes"] for r in kept]
+        self.sizes = [(r["img_h"], r["img_w"]) for r in kept]
+
+    def picture(self, index):
+        # read_image applies the EXIF orientation, as the detector saw the picture and placed its boxes.
+        from utils.images import read_image
+
+        return pillow()[0].fromarray(read_image(self.paths[index]), "RGB")
+
+
+def render_image(model, features, pictures, index, lam, top_boxes, side):
+    """(the Tile of image `index` of `pictures` (Pictures or Photos), its embedding (1, D))."""
+    embedding, scores = region_scores(model, features[index][None])
+    tile = render_attention(pictures.picture(index), scores[0].cpu().numpy(), pictures.boxes[index], pictures.sizes[index], lam, top_boxes, side)
+    return tile, embedding.cpu()
 
 
 def first_caption(folder, split, index, num_images):
@@ -189,29 +223,52 @@ def first_caption(folder, split, index, num_images):
 
 def show_map(args, opt, vocab, model, folder, features):
     pictures = Pictures(folder, args.split, args.image_dir, args.image_pattern)
-    tile, embedding = pictures.render(model, features, args.index, args.lam, args.top_boxes, MAP_SIDE)
+    tile, embedding = render_image(model, features, pictures, args.index, args.lam, args.top_boxes, MAP_SIDE)
     title = f"{pictures.ids[args.index]} ({args.split} image {args.index})"
     caption = first_caption(folder, args.split, args.index, len(features))
     if caption is not None:
         score = scores_against(embedding, encode_text(model, vocab, caption), opt.measure)[0, 0]
         title += f'\nits first caption, score {score:.3f}: "{caption}"'
     print(title)
-    save_png(compose(title, [tile.image], [""], 1, SCALE_NOTE), args.out or "attention_map.png")
+    figure = compose(title, [tile.image], [""], 1, SCALE_NOTE)
+    save_png(figure, args.out or "attention_map.png")
+    return figure
+
+
+def rank_for_query(args, opt, vocab, model, features, batch):
+    """(scores of all images for --query, the --top images' indices, best first)."""
+    images = encode_images(model, features, batch)
+    scores = scores_against(images, encode_text(model, vocab, args.query), opt.measure)[:, 0]
+    return scores, torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
+
+
+def draw_gallery(args, model, features, pictures, scores, top, which):
+    tiles = [render_image(model, features, pictures, index, args.lam, args.top_boxes, TILE_SIDE)[0].image for index in top]
+    captions = [f"{place}. {pictures.ids[index]}, score {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
+    title = f'The top {len(top)} {which} for "{args.query}"'
+    figure = compose(title, tiles, captions, GALLERY_COLUMNS, SCALE_NOTE)
+    save_png(figure, args.out or "gallery.png")
+    return figure
 
 
 def show_query(args, opt, vocab, model, folder, features):
-    images = encode_images(model, features)
-    scores = scores_against(images, encode_text(model, vocab, args.query), opt.measure)[:, 0]
-    top = torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
+    scores, top = rank_for_query(args, opt, vocab, model, features, ENCODE_BATCH)
     ids = read_image_ids(folder, args.split)
     print(f"top-{len(top)} images for {args.query!r} ({args.split} split):")
     for place, index in enumerate(top, start=1):
         print(f"  {place}. image {index}" + (f" ({ids[index]})" if ids else "") + f"  score {scores[index]:.4f}")
     pictures = Pictures(folder, args.split, args.image_dir, args.image_pattern)
-    tiles = [pictures.render(model, features, index, args.lam, args.top_boxes, TILE_SIDE)[0].image for index in top]
-    captions = [f"{place}. {pictures.ids[index]}, score {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
-    title = f'The top {len(top)} {args.split} images for "{args.query}"'
-    save_png(compose(title, tiles, captions, GALLERY_COLUMNS, SCALE_NOTE), args.out or "gallery.png")
+    return draw_gallery(args, model, features, pictures, scores, top, f"{args.split} images")
+
+
+def show_photos(args, opt, vocab, model):
+    photos = Photos(args.images, args.detector, args.detector_config, args.policy, opt.img_dim, model.device)
+    # One picture at a time: a picture with fewer proposals than 36 has fewer regions.
+    scores, top = rank_for_query(args, opt, vocab, model, photos.features, 1)
+    print(f"top-{len(top)} of {len(photos.ids)} pictures for {args.query!r}:")
+    for place, index in enumerate(top, start=1):
+        print(f"  {place}. {photos.paths[index]}  score {scores[index]:.4f}")
+    return draw_gallery(args, model, photos.features, photos, scores, top, f"of {len(photos.ids)} pictures")
 
 
 def show_captions(args, opt, vocab, model, folder):
@@ -243,6 +300,12 @@ def build_parser():
     p.add_argument("--captions", action="store_true", help="with --index: list the image's top captions, ground truth marked")
     p.add_argument("--image_dir", help="folder of the split's pictures, found by image id")
     p.add_argument("--image_pattern", help="picture file name for an id, e.g. COCO_val2014_{:012d}.jpg (default <id>.jpg / <id>.png)")
+    p.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                   help="your own pictures (folders, files) to rank for --query: their regions are extracted with --detector, cached")
+    p.add_argument("--detector", help="with --images: the detector's weights, pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl")
+    p.add_argument("--detector_config", help="with --images: the detector's config.yaml (default: the published values)")
+    p.add_argument("--policy", default="caffe", choices=("caffe", "hf"),
+                   help="with --images: the regions' selection; caffe is how SCAN's features, and so VSRN's, were made")
     p.add_argument("--out", help="PNG to write (default attention_map.png, or gallery.png for --query)")
     p.add_argument("--top", type=int, default=5, help="images or captions to show")
     p.add_argument("--top_boxes", type=int, default=3, help="outline the boxes of this many top-ranked regions")
@@ -251,13 +314,25 @@ def build_parser():
 
 
 def run(args):
+    """Do what the arguments ask; the Figure drawn, if any."""
     if (args.index is None) == (args.query is None):
         raise OptionError("give either --index N (an image's map, or with --captions its top captions) or --query TEXT")
     if args.captions and args.index is None:
         raise OptionError("--captions lists the top captions of the image given by --index")
     if args.index is not None and args.index < 0:
         raise OptionError(f"--index {args.index}: images are counted from 0")
-    opt, vocab, (model,) = _load_models([args.checkpoint], args.data_path, args.vocab_path)
+    if args.images:
+        if args.query is None:
+            raise OptionError("--images ranks your pictures for --query TEXT (--index and --captions are for a converted split)")
+        if not args.detector:
+            raise OptionError("--images needs --detector, the bottom-up-attention detector's weights (pytorch_model.bin)")
+        if args.image_dir or args.image_pattern:
+            raise OptionError("--image_dir and --image_pattern find the pictures of a converted split; --images names yours")
+    elif args.detector or args.detector_config:
+        raise OptionError("--detector extracts the regions of the pictures given by --images")
+    opt, vocab, (model,) = _load_models([args.checkpoint], args.data_path, args.vocab_path, need_data=not args.images)
+    if args.images:
+        return show_photos(args, opt, vocab, model)
     folder = os.path.join(opt.data_path, opt.data_name)
     if args.captions:
         return show_captions(args, opt, vocab, model, folder)

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import visualize
@@ -203,3 +204,91 @@ def test_missing_picture_and_bad_flags_are_one_line(toy_run, tmp_path, capsys):
 def test_image_pattern_formats_numeric_ids(tmp_path):
     (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"")
     assert visualize.find_picture(str(tmp_path), "42", "COCO_val2014_{:012d}.jpg") == str(tmp_path / "COCO_val2014_000000000042.jpg")
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    """Pictures of one's own (four toy pictures, one of them EXIF-rotated, and a broken file), the tiny
+    random detector and an untrained VSRN whose img_dim is the detector's feature width."""
+    from tiny_detector import TINY_ARCH, tiny_detector_state_dict
+
+    root = tmp_path_factory.mktemp("photos")
+    toy = make_toy_images(str(root / "toy"), img_dim=32, sizes={"test": 4})
+    photos = root / "photos"
+    photos.mkdir()
+    for n in range(3):
+        shutil.copy(os.path.join(toy, "images", f"toy_test_{n:05d}.png"), photos / f"photo{n}.png")
+    with Image.open(os.path.join(toy, "images", "toy_test_00003.png")) as picture:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # shown turned a quarter clockwise: upright it is taller than wide
+        picture.convert("RGB").save(photos / "rotated.jpg", exif=exif, quality=95)
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    weights = str(root / "detector.bin")
+    torch.save(tiny_detector_state_dict(), weights)
+    vocab = build_vocab([line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "test_captions.txt"))], threshold=1)
+    save_vocab(vocab, str(root / "vocab" / "toyimg_precomp_vocab.json"))
+    opt = make_opt(data_name="toyimg_precomp", data_path=str(root / "no_data"), vocab_path=str(root / "vocab"),
+                   vocab_size=len(vocab), img_dim=TINY_ARCH["res5"][-1])
+    checkpoint = save_checkpoint({"model": VSRN(opt, training=False).state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)}, False, str(root))
+    return photos, weights, checkpoint
+
+
+def test_images_extracts_ranks_and_draws_own_pictures_from_the_cache_the_second_time(photo_run, tmp_path, capsys, monkeypatch):
+    import detector
+
+    photos, weights, checkpoint = photo_run
+    out = tmp_path / "gallery.png"
+    args = ["--checkpoint", checkpoint, "--images", str(photos), "--detector", weights, "--query", "a dog near a cat", "--top", "4", "--out", str(out)]
+    figure = visualize.run(visualize.build_parser().parse_args(args))
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and len(captured.err.strip().splitlines()) == 1
+    lines = captured.out.splitlines()
+    assert lines[0] == "top-4 of 4 pictures for 'a dog near a cat':"
+    ranked = [re.fullmatch(r"  (\d)\. (.+)  score (-?[\d.]+)", line).groups() for line in lines[1:5]]
+    assert sorted(os.path.basename(path) for _, path, _ in ranked) == ["photo0.png", "photo1.png", "photo2.png", "rotated.jpg"]
+    scores = [float(score) for _, _, score in ranked]
+    assert scores == sorted(scores, reverse=True)
+    with Image.open(out) as png:
+        assert png.text["Title"] == 'The top 4 of 4 pictures for "a dog near a cat"'
+        assert png.text["Description"].splitlines() == [f"{place}. {os.path.splitext(os.path.basename(path))[0]}, score {float(score):.3f}"
+                                                        for place, path, score in ranked]
+    sizes = {os.path.basename(path): (x2 - x1, y2 - y1) for (_, path, _), (x1, y1, x2, y2) in zip(ranked, figure.tiles)}
+    assert sizes["rotated.jpg"] == (round(visualize.TILE_SIDE * HEIGHT / WIDTH), visualize.TILE_SIDE)  # upright, as the detector saw it
+    assert sizes["photo0.png"] == (visualize.TILE_SIDE, round(visualize.TILE_SIDE * HEIGHT / WIDTH))
+    place = [os.path.basename(path) for _, path, _ in ranked].index("photo0.png")
+    x1, y1, x2, y2 = figure.tiles[place]
+    shown = np.asarray(figure.image, dtype=np.float64)[y1:y2, x1:x2]
+    with Image.open(photos / "photo0.png") as picture:
+        photo = np.asarray(figures.resize_longer_side(picture, visualize.TILE_SIDE), dtype=np.float64)
+    under_the_map = ((shown >= np.floor(photo * figures.DIM) - 1) & (shown <= photo + 1)).all(axis=2)
+    assert under_the_map.mean() > 0.9  # the photo, dimmed by the map, wherever no box outline is drawn
+
+    def no_detector(*args, **kwargs):
+        raise AssertionError("extracted again")
+
+    monkeypatch.setattr(detector, "load_detector", no_detector)  # the readable pictures' regions come from the cache
+    readable = sorted(str(path) for path in photos.iterdir() if path.name != "broken.jpg")
+    again = ["--checkpoint", checkpoint, "--images", *readable, "--detector", weights, "--query", "a dog near a cat", "--top", "4", "--out", str(tmp_path / "again.png")]
+    assert main(again) == 0
+    assert capsys.readouterr().out.splitlines()[:5] == lines[:5]
+
+
+def test_images_flags_and_a_mismatched_detector_are_one_line(photo_run, toy_run, tmp_path, capsys):
+    photos, weights, checkpoint = photo_run
+    own = ["--checkpoint", checkpoint, "--images", str(photos)]
+    assert main([*own, "--index", "0", "--detector", weights]) == 2
+    assert "--images ranks your pictures for --query TEXT" in one_error(capsys)
+    assert main([*own, "--query", "a dog"]) == 2
+    assert "--images needs --detector" in one_error(capsys)
+    assert main([*own, "--query", "a dog", "--detector", weights, "--image_dir", str(tmp_path)]) == 2
+    assert "--image_dir and --image_pattern find the pictures of a converted split" in one_error(capsys)
+    assert main([*own, "--query", "a dog", "--detector", str(tmp_path / "absent.bin")]) == 2
+    assert "absent.bin: detector weights not found" in one_error(capsys)
+    assert main(["--checkpoint", checkpoint, "--images", str(tmp_path), "--detector", weights, "--query", "a dog"]) == 2
+    assert f"--images {tmp_path}: no pictures" in one_error(capsys)
+    assert visualize_cli(toy_run, "--query", "a dog", "--detector", weights) == 2
+    assert "--detector extracts the regions of the pictures given by --images" in one_error(capsys)
+    assert main(["--checkpoint", toy_run[1], "--images", str(photos), "--detector", weights, "--query", "a dog"]) == 2
+    skipped, error = capsys.readouterr().err.strip().splitlines()  # the broken picture, then the mismatch
+    assert skipped.endswith("broken.jpg: not a picture file Pillow can read")
+    assert error.endswith("gives 64-d region features, but the checkpoint's image encoder takes 32-d (img_dim)")
