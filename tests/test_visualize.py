@@ -61,6 +61,8 @@ def test_labels_of_boxes_sharing_a_corner_stay_inside_and_clear_of_each_other():
     assert disjoint(labels) and all(0 <= x1 and 0 <= y1 and x2 <= 120 and y2 <= 110 for x1, y1, x2, y2 in labels)
     crowded = figures.place_labels([(0, 0, 10, 10)] * 6, [(10, 10)] * 6, 32, 21)  # six 10 x 10 labels fit in 32 x 21 only in a grid
     assert disjoint(crowded) and all(x2 <= 32 and y2 <= 21 for _, _, x2, y2 in crowded)
+    many = figures.place_labels([(100, 100, 150, 150)] * 36, [(20, 20)] * 36, 400, 267)  # --top_boxes 36, all boxes alike
+    assert disjoint(many) and all(x2 <= 400 and y2 <= 267 for _, _, x2, y2 in many)
     assert figures.place_labels([(0, 0, 5, 5)] * 2, [(10, 10)] * 2, 10, 10) == [(0, 0, 10, 10)] * 2  # no room: the first spot
 
 

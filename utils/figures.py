@@ -77,10 +77,6 @@ def dim_outside(photo, attention, dim=DIM):
     return np.round(np.asarray(photo, dtype=np.float64) * (dim + (1 - dim) * share)[..., None]).astype(np.uint8)
 
 
-def _overlaps(a, b, gap):
-    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
-
-
 def _spots_next_to(box, w, h):
     """Top-left corners for a w x h label at the box's corners: above, inside and below, left then right."""
     x1, y1, x2, y2 = box
@@ -95,21 +91,20 @@ def place_labels(boxes, label_sizes, width, height, gap=1):
     placed = []
     for box, (w, h) in zip(boxes, label_sizes):
         free_w, free_h = max(0, width - w), max(0, height - h)
-
-        def clamp(spot):
-            return (min(max(0, round(spot[0])), free_w), min(max(0, round(spot[1])), free_h))
-
-        def is_free(spot):
-            return not any(_overlaps((*spot, spot[0] + w, spot[1] + h), other, gap) for other in placed)
-
-        by_corner = [clamp(spot) for spot in _spots_next_to(box, w, h)]
-        spot = next((s for s in by_corner if is_free(s)), None)
+        # blocked[y, x]: a label with its top-left corner at (x, y) would come within `gap` of a placed one.
+        blocked = np.zeros((free_h + 1, free_w + 1), dtype=bool)
+        for x1, y1, x2, y2 in placed:
+            blocked[max(0, y1 - h - gap + 1) : max(0, y2 + gap), max(0, x1 - w - gap + 1) : max(0, x2 + gap)] = True
+        by_corner = [(min(max(0, round(x)), free_w), min(max(0, round(y)), free_h)) for x, y in _spots_next_to(box, w, h)]
+        spot = next((s for s in by_corner if not blocked[s[1], s[0]]), None)
         if spot is None:
-            columns, rows = np.meshgrid(np.arange(free_w + 1), np.arange(free_h + 1))
-            corner = np.array(clamp(box[:2]))
-            order = np.argsort(np.abs(columns - corner[0]).ravel() + np.abs(rows - corner[1]).ravel(), kind="stable")
-            grid = np.stack([columns.ravel(), rows.ravel()], axis=1)[order]
-            spot = next((tuple(int(v) for v in s) for s in grid if is_free(tuple(s))), by_corner[0])
+            rows, columns = np.nonzero(~blocked)
+            if len(rows):
+                x, y = by_corner[1]  # inside the top-left corner
+                nearest = np.argmin(np.abs(columns - x) + np.abs(rows - y))
+                spot = (int(columns[nearest]), int(rows[nearest]))
+            else:
+                spot = by_corner[0]
         placed.append((spot[0], spot[1], spot[0] + w, spot[1] + h))
     return placed
 
