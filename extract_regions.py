@@ -29,7 +29,6 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import cache_dir as vsrn_cache_dir
 from utils import tsv_to_precomp
 from utils.distributed import SINGLE_PROCESS, join_world
 from utils.errors import DataError, OptionError, VSRNError, report
@@ -129,6 +128,16 @@ def shares(count, batch_size, world):
         yield range(first, min(first + batch_size, count))
 
 
+def region_count_problem(path, regions, num_boxes):
+    """Why a picture's regions cannot be a row (none, or not the fixed count), or None."""
+    found = len(regions["boxes"])
+    if found and (num_boxes is None or found == num_boxes):
+        return None
+    wanted = f"{num_boxes} needed" if num_boxes else "at least 1 needed"
+    return (f"{path}: the detector kept {found} regions, {wanted} (a {regions['img_w']} x {regions['img_h']} picture; "
+            "under the caffe policy, pictures of a few pixels leave no proposal)")
+
+
 def extract_rows(detector_module, detector, items, pictures, settings):
     """(line or None, problem or None) for each (id, path) with its picture array or ImageError."""
     results = [None] * len(items)
@@ -142,7 +151,9 @@ def extract_rows(detector_module, detector, items, pictures, settings):
         with torch.inference_mode():
             regions = detector_module.extract_regions_batch(detector, [pictures[p] for p in good], **settings)
         for position, region in zip(good, regions):
-            results[position] = (tsv_to_precomp.format_obj36_line(items[position][0], region).encode("utf-8"), None)
+            (image_id, path) = items[position]
+            problem = region_count_problem(path, region, settings["num_boxes"])
+            results[position] = (None, problem) if problem else (tsv_to_precomp.format_obj36_line(image_id, region).encode("utf-8"), None)
     return results
 
 
@@ -199,6 +210,8 @@ def detector_settings(args):
     variable = args.min_boxes is not None or args.max_boxes is not None
     if variable and args.boxes is not None:
         raise OptionError("--boxes N takes exactly N boxes per image; --min_boxes/--max_boxes take a variable number: give one or the other")
+    if variable and args.policy != "caffe":
+        raise OptionError(f"--min_boxes/--max_boxes select with the caffe policy; --policy {args.policy} takes --boxes N")
     settings = dict(policy=args.policy, conf_thresh=args.conf_thresh, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
     if variable:
         settings.update(num_boxes=None, min_boxes=DEFAULT_MIN_BOXES if args.min_boxes is None else args.min_boxes,
@@ -324,6 +337,7 @@ def _digest(text, length=20):
 
 def regions_cache_path(weights, config=None, policy="caffe", num_boxes=36, cache_dir=None):
     """The cache TSV of one detector file (by path, size and modification time) and one set of settings."""
+    from data import cache_dir as vsrn_cache_dir  # data.py's tokenizer imports take seconds; only the demos need it
     key = json.dumps({
         "weights": _file_identity(weights),
         "config": _file_identity(config) if isinstance(config, str) else config,
