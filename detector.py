@@ -657,7 +657,9 @@ def _backbone_groups(inputs):
     return list(groups.values())
 
 
-def _run(detector, images, plan, timer=None):
+def _score(detector, images, plan, timer=None):
+    """Every proposal of every image: its box in network-input pixels, feature, object and
+    attribute logits, with the image's input and scale factors."""
     device = detector.device
     with _timed(timer, "preprocess"):
         prepared = [plan.prepare(image) for image in images]
@@ -687,38 +689,38 @@ def _run(detector, images, plan, timer=None):
         ])
     with _timed(timer, "res5"):
         features = detector.res5_mean(pooled)
-    predictor = detector.roi_heads.box_predictor
     with _timed(timer, "heads"):
-        obj_logits, attr_logits = predictor(features)
-    results = []
-    with _timed(timer, "selection"):
-        for i, part in enumerate(zip(*(t.split([len(b) for b in proposals]) for t in (features, obj_logits, attr_logits)))):
-            results.append(_select(plan, predictor, images[i], proposals[i], prepared[i], *part))
-    return results
+        obj_logits, attr_logits = detector.roi_heads.box_predictor(features)
+    counts = [len(boxes) for boxes in proposals]
+    return [
+        {"proposals": boxes, "features": f, "obj_logits": o, "attr_logits": a, "input": x, "scale_yx": scale_yx, "scale": scale}
+        for boxes, f, o, a, (x, scale_yx, scale) in zip(proposals, *(t.split(counts) for t in (features, obj_logits, attr_logits)), prepared)
+    ]
 
 
-def _select(plan, predictor, image, proposals, prepared, features, obj_logits, attr_logits):
-    x, (scale_y, scale_x), _ = prepared
-    probs = obj_logits.float().softmax(dim=1)[:, :-1]
+def _select(plan, predictor, scored, image):
+    proposals, features = scored["proposals"], scored["features"]
+    scale_y, scale_x = scored["scale_yx"]
+    to_image = proposals.new_tensor([scale_x, scale_y, scale_x, scale_y])
+    probs = scored["obj_logits"].float().softmax(dim=1)[:, :-1]
     if plan.policy == "caffe":
         # Caffe's class c (1..1600) is column c - 1 here; its background, column 0, is our last.
-        boxes = proposals * proposals.new_tensor([scale_x, scale_y, scale_x, scale_y])
-        max_conf = per_class_max_conf(boxes, probs)
-        keep = select_caffe(max_conf, plan.boxes[0], plan.boxes[1], plan.conf_thresh)
+        boxes = proposals / scored["scale"]
+        keep = select_caffe(per_class_max_conf(boxes, probs), plan.boxes[0], plan.boxes[1], plan.conf_thresh)
         objects_conf, objects_id = probs[keep].max(dim=1)
-        # Caffe's attribute softmax covers all 401 outputs; ids and scores exclude "no attribute".
-        attrs_conf, attrs_id = attr_logits[keep].float().softmax(dim=1)[:, :-1].max(dim=1)
+        # Caffe's attribute softmax covers all 401 outputs; ids and scores leave "no attribute" out.
+        attrs_conf, attrs_id = scored["attr_logits"][keep].float().softmax(dim=1)[:, :-1].max(dim=1)
         boxes = boxes[keep]
     else:
         classes_conf, classes = probs.max(dim=1)
         deltas = predictor.box_deltas(features, classes)
-        weights = plan.config["roi_box_head"]["bbox_reg_weights"]
-        boxes = clip_boxes(decode_boxes(deltas, proposals, weights), x.shape[1], x.shape[2])
+        height, width = scored["input"].shape[1:]
+        boxes = clip_boxes(decode_boxes(deltas, proposals, plan.config["roi_box_head"]["bbox_reg_weights"]), height, width)
         keep = select_hf(boxes, classes_conf, plan.boxes[0], plan.boxes[1], plan.config["roi_heads"]["nms_thresh_test"])
         objects_conf, objects_id = classes_conf[keep], classes[keep]
         # The demo's attribute softmax leaves "no attribute" out.
-        attrs_conf, attrs_id = attr_logits[keep, :-1].float().softmax(dim=1).max(dim=1)
-        boxes = boxes[keep] * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+        attrs_conf, attrs_id = scored["attr_logits"][keep, :-1].float().softmax(dim=1).max(dim=1)
+        boxes = boxes[keep] * to_image
     return {
         "boxes": boxes.float().cpu().numpy(),
         "features": features[keep].float().cpu().numpy(),
@@ -731,6 +733,18 @@ def _select(plan, predictor, image, proposals, prepared, features, obj_logits, a
     }
 
 
+def score_regions(detector, images, policy="caffe", min_size=None, max_size=None, proposals=None):
+    """Every proposal before selection, per image (list of RGB uint8 arrays or paths): a dict
+    with `proposals` (P, 4) in network-input pixels, `features` (P, D), `obj_logits` (P, C + 1,
+    background last), `attr_logits` (P, A + 1, "no attribute" last), `input` (3, h, w) and
+    `scale_yx` (image pixels per network-input pixel; caffe: also `scale`, py-faster-rcnn's
+    im_scale, network-input pixels per image pixel)."""
+    plan = _Plan(detector, policy, None, 10, 100, 0.2, min_size, max_size, proposals)
+    arrays = [_as_rgb_array(image) for image in images]
+    with torch.inference_mode():
+        return _score(detector, arrays, plan) if arrays else []
+
+
 def extract_regions_batch(detector, images, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,
                           min_size=None, max_size=None, proposals=None, timer=None):
     """`extract_regions` for a list of images (paths or RGB uint8 arrays), run together: images of
@@ -740,8 +754,11 @@ def extract_regions_batch(detector, images, policy="caffe", num_boxes=None, min_
     arrays = [_as_rgb_array(image) for image in images]
     if not arrays:
         return []
+    predictor = detector.roi_heads.box_predictor
     with torch.inference_mode():
-        return _run(detector, arrays, plan, timer)
+        scored = _score(detector, arrays, plan, timer)
+        with _timed(timer, "selection"):
+            return [_select(plan, predictor, s, image) for s, image in zip(scored, arrays)]
 
 
 def extract_regions(detector, image, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,

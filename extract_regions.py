@@ -29,7 +29,6 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import cache_dir as vsrn_cache_dir
 from utils import tsv_to_precomp
 from utils.distributed import SINGLE_PROCESS, join_world
 from utils.errors import DataError, OptionError, VSRNError, report
@@ -129,6 +128,16 @@ def shares(count, batch_size, world):
         yield range(first, min(first + batch_size, count))
 
 
+def region_count_problem(path, regions, num_boxes):
+    """Why a picture's regions cannot be a row (none, or not the fixed count), or None."""
+    found = len(regions["boxes"])
+    if found and (num_boxes is None or found == num_boxes):
+        return None
+    wanted = f"{num_boxes} needed" if num_boxes else "at least 1 needed"
+    return (f"{path}: the detector kept {found} regions, {wanted} (a {regions['img_w']} x {regions['img_h']} picture; "
+            "under the caffe policy, pictures of a few pixels leave no proposal)")
+
+
 def extract_rows(detector_module, detector, items, pictures, settings):
     """(line or None, problem or None) for each (id, path) with its picture array or ImageError."""
     results = [None] * len(items)
@@ -142,7 +151,9 @@ def extract_rows(detector_module, detector, items, pictures, settings):
         with torch.inference_mode():
             regions = detector_module.extract_regions_batch(detector, [pictures[p] for p in good], **settings)
         for position, region in zip(good, regions):
-            results[position] = (tsv_to_precomp.format_obj36_line(items[position][0], region).encode("utf-8"), None)
+            (image_id, path) = items[position]
+            problem = region_count_problem(path, region, settings["num_boxes"])
+            results[position] = (None, problem) if problem else (tsv_to_precomp.format_obj36_line(image_id, region).encode("utf-8"), None)
     return results
 
 
@@ -199,6 +210,8 @@ def detector_settings(args):
     variable = args.min_boxes is not None or args.max_boxes is not None
     if variable and args.boxes is not None:
         raise OptionError("--boxes N takes exactly N boxes per image; --min_boxes/--max_boxes take a variable number: give one or the other")
+    if variable and args.policy != "caffe":
+        raise OptionError(f"--min_boxes/--max_boxes select with the caffe policy; --policy {args.policy} takes --boxes N")
     settings = dict(policy=args.policy, conf_thresh=args.conf_thresh, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
     if variable:
         settings.update(num_boxes=None, min_boxes=DEFAULT_MIN_BOXES if args.min_boxes is None else args.min_boxes,
@@ -277,18 +290,18 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE", help="folders of pictures and picture files")
     p.add_argument("--weights", required=True, help="the detector: pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl")
-    p.add_argument("--config", default=None, help="the detector's config.yaml (default: the published values)")
+    p.add_argument("--config", default=None, help="the detector's config.yaml (None: the published values)")
     p.add_argument("--out", required=True, help="the obj36 TSV to write, or to complete when it exists")
     p.add_argument("--policy", default="caffe", choices=("caffe", "hf"),
                    help="caffe: bottom-up-attention's generate_tsv.py (SCAN's and LXMERT's features); hf: the LXMERT demo's selection")
-    p.add_argument("--boxes", type=int, default=None, help=f"exactly this many boxes per image (default {FIXED_BOXES} unless --min_boxes/--max_boxes)")
-    p.add_argument("--min_boxes", type=int, default=None, help=f"variable count: at least this many boxes (default {DEFAULT_MIN_BOXES} when --max_boxes is given)")
-    p.add_argument("--max_boxes", type=int, default=None, help=f"variable count: at most this many boxes (default {DEFAULT_MAX_BOXES} when --min_boxes is given)")
+    p.add_argument("--boxes", type=int, default=None, help=f"exactly this many boxes per image (None: {FIXED_BOXES}, unless --min_boxes/--max_boxes)")
+    p.add_argument("--min_boxes", type=int, default=None, help=f"variable count, caffe policy: at least this many boxes (None: {DEFAULT_MIN_BOXES} when --max_boxes is given)")
+    p.add_argument("--max_boxes", type=int, default=None, help=f"variable count, caffe policy: at most this many boxes (None: {DEFAULT_MAX_BOXES} when --min_boxes is given)")
     p.add_argument("--conf_thresh", type=float, default=0.2, help="with a variable count: keep regions of at least this confidence")
-    p.add_argument("--min_size", type=int, default=None, help="shortest side of the network input (default: the policy's, 600 caffe / 800 hf)")
-    p.add_argument("--max_size", type=int, default=None, help="longest side at most (default: the policy's, 1000 caffe / 1333 hf)")
-    p.add_argument("--proposals", type=int, default=None, help="RPN proposals kept after NMS (default: the policy's)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; under torchrun each process takes its LOCAL_RANK's GPU)")
+    p.add_argument("--min_size", type=int, default=None, help="shortest side of the network input (None: the policy's, 600 caffe / 800 hf)")
+    p.add_argument("--max_size", type=int, default=None, help="longest side at most (None: the policy's, 1000 caffe / 1333 hf)")
+    p.add_argument("--proposals", type=int, default=None, help="RPN proposals kept after NMS (None: the policy's, 300)")
+    p.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available; under torchrun each process takes its LOCAL_RANK's GPU)")
     p.add_argument("--batch_size", type=int, default=1, help="pictures per forward pass of each process")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode pictures ahead of the detector")
     p.add_argument("--dist_timeout", type=float, default=10.0, help="minutes a torchrun process waits for the others before failing")
@@ -324,6 +337,7 @@ def _digest(text, length=20):
 
 def regions_cache_path(weights, config=None, policy="caffe", num_boxes=36, cache_dir=None):
     """The cache TSV of one detector file (by path, size and modification time) and one set of settings."""
+    from data import cache_dir as vsrn_cache_dir  # data.py's tokenizer imports take seconds; only the demos need it
     key = json.dumps({
         "weights": _file_identity(weights),
         "config": _file_identity(config) if isinstance(config, str) else config,

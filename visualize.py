@@ -28,6 +28,7 @@ from evaluation import _load_models, encode_data
 from model import cosine_sim, order_sim
 from utils.errors import DataError, OptionError, VSRNError, report
 from utils.figures import DIM, compose, dim_outside, outline_boxes, pillow, resize_longer_side, save_png
+from utils.images import read_image
 from utils.options import ScriptHelpFormatter
 from vocab import END, START, tokenize
 
@@ -145,12 +146,8 @@ def find_picture(image_dir, image_id, pattern=None):
 
 
 def open_picture(path):
-    Image = pillow()[0]
-    try:
-        with Image.open(path) as picture:
-            return picture.convert("RGB")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    """The picture as the detector saw it (upright, RGB): utils.images.read_image."""
+    return pillow()[0].fromarray(read_image(path), "RGB")
 
 
 class Pictures:
@@ -199,10 +196,7 @@ class Photos:
         self.sizes = [(r["img_h"], r["img_w"]) for r in kept]
 
     def picture(self, index):
-        # read_image applies the EXIF orientation, as the detector saw the picture and placed its boxes.
-        from utils.images import read_image
-
-        return pillow()[0].fromarray(read_image(self.paths[index]), "RGB")
+        return open_picture(self.paths[index])
 
 
 def render_image(model, features, pictures, index, lam, top_boxes, side):
@@ -263,8 +257,7 @@ def show_query(args, opt, vocab, model, folder, features):
 
 def show_photos(args, opt, vocab, model):
     photos = Photos(args.images, args.detector, args.detector_config, args.policy, opt.img_dim, model.device)
-    # One picture at a time: a picture with fewer proposals than 36 has fewer regions.
-    scores, top = rank_for_query(args, opt, vocab, model, photos.features, 1)
+    scores, top = rank_for_query(args, opt, vocab, model, photos.features, ENCODE_BATCH)
     print(f"top-{len(top)} of {len(photos.ids)} pictures for {args.query!r}:")
     for place, index in enumerate(top, start=1):
         print(f"  {place}. {photos.paths[index]}  score {scores[index]:.4f}")

@@ -22,7 +22,7 @@ def _draw(key, shape, rng):
     if key.endswith("cls_embedding.weight"):
         return rng.normal(0, 1, shape)
     if key.endswith("cls_score.weight") or key.endswith("attr_score.weight"):
-        w = rng.normal(0, 8 / np.sqrt(fan_in), shape)
+        w = rng.normal(0, 3 / np.sqrt(fan_in), shape)
         return w - w.mean(axis=1, keepdims=True)
     if key.endswith("anchor_deltas.weight") or key.endswith("bbox_pred.weight"):
         return rng.normal(0, 0.2 / np.sqrt(fan_in), shape)
