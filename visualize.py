@@ -314,6 +314,8 @@ def run(args):
         raise OptionError("--captions lists the top captions of the image given by --index")
     if args.index is not None and args.index < 0:
         raise OptionError(f"--index {args.index}: images are counted from 0")
+    if args.top < 1 or args.top_boxes < 0:
+        raise OptionError(f"--top {args.top} --top_boxes {args.top_boxes}: expected at least 1 image or caption, and 0 or more boxes")
     if args.images:
         if args.query is None:
             raise OptionError("--images ranks your pictures for --query TEXT (--index and --captions are for a converted split)")

@@ -196,6 +196,8 @@ def test_missing_picture_and_bad_flags_are_one_line(toy_run, tmp_path, capsys):
     assert "--index 12: the test split has 12 images (0 to 11)" in one_error(capsys)
     assert visualize_cli(toy_run, "--index", "0", "--query", "a dog") == 2
     assert "give either --index N" in one_error(capsys)
+    assert visualize_cli(toy_run, "--query", "a dog", "--top", "0") == 2
+    assert "--top 0 --top_boxes 3: expected at least 1 image or caption, and 0 or more boxes" in one_error(capsys)
     assert visualize_cli(toy_run, "--captions", "--query", "a dog") == 2
     assert "--captions lists the top captions of the image given by --index" in one_error(capsys)
     pattern = "COCO_val2014_{:012d}.jpg"
