@@ -166,11 +166,12 @@ def encode_data(model, data_loader):
     return img_embs, cap_embs
 
 
-def _load_models(model_paths, data_path, vocab_path, need_caption_branch=False):
+def _load_models(model_paths, data_path, vocab_path, need_caption_branch=False, need_data=True):
     """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode]).
 
     need_caption_branch: refuse checkpoints without caption-branch weights (the original
-    release saved only the two encoders).
+    release saved only the two encoders). need_data: refuse a missing data folder (False for
+    callers that read no split, such as visualize.py --images).
     """
     checkpoints = [load_checkpoint(path) for path in model_paths]
     for path, checkpoint in zip(model_paths, checkpoints):
@@ -182,8 +183,9 @@ def _load_models(model_paths, data_path, vocab_path, need_caption_branch=False):
     opt = checkpoints[0]["opt"]
     if data_path is not None:
         opt.data_path = data_path
-    check_data_folder(opt.data_path, opt.data_name,
-                      "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')")
+    if need_data:
+        check_data_folder(opt.data_path, opt.data_name,
+                          "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')")
     if vocab_path is None and vocab_file(opt.vocab_path, opt.data_name) is None:
         raise VocabularyError(
             f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found; "

@@ -3,16 +3,22 @@
     python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --index N --out map.png
     python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --query "a dog on a bench" --out gallery.png
     python3 visualize.py --checkpoint M --data_path DATA --split test --index N --captions
+    python3 visualize.py --checkpoint M --images PHOTOS --detector pytorch_model.bin --query "a dog on a bench" --out gallery.png
 
 The attention map: the inner product of each GCN region feature V*_i with the final image
 embedding I ranks the k regions (rank 1 = highest); region i gets s_i = lam * (k - r_i)^2
 (lam = 50) and a pixel the sum of s_i over the boxes that contain it. Maps need the region
 boxes, image sizes and image ids that utils/tsv_to_precomp.py writes, and the pictures
-(--image_dir: <id>.jpg / <id>.png, or --image_pattern such as COCO_val2014_{:012d}.jpg).
+(--image_dir: <id>.jpg / <id>.png, or --image_pattern such as COCO_val2014_{:012d}.jpg); with
+--images, your own pictures' regions are extracted by the detector (extract_regions.py, cached).
+The picture is drawn at a readable size under a title (image id, caption or query, score), the
+map shown by dimming the photo where the map is low, with a brightness scale, the top-ranked
+boxes outlined and numbered (utils/figures.py).
 """
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,17 +26,21 @@ import torch
 from data import get_test_loader, open_features, read_captions, read_image_ids, read_region_boxes
 from evaluation import _load_models, encode_data
 from model import cosine_sim, order_sim
-from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
+from utils.figures import DIM, compose, dim_outside, outline_boxes, pillow, resize_longer_side, save_png
+from utils.images import read_image
 from utils.options import ScriptHelpFormatter
 from vocab import END, START, tokenize
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
-COLOUR_MAP = "jet"
-HEAT_OPACITY = 0.5
-OUTLINE = (255, 255, 255)
-TILE_HEIGHT = 200
 ENCODE_BATCH = 128
+MAP_SIDE = 640  # pixels of the longer side of an --index picture
+TILE_SIDE = 400  # and of each picture of a --query gallery
+GALLERY_COLUMNS = 3
+SCALE_NOTE = (f"Brightness shows each picture's attention map (the image's own, whatever the query): the photo as it "
+              f"is where the map peaks, dimmed to {DIM:.0%} where it is 0. The map sums lambda (k - r)^2 over the boxes "
+              "that hold a pixel (r: a region's rank by the inner product of its GCN feature with the image embedding). "
+              "Numbered: the boxes of the top-ranked regions.")
 
 
 def region_ranks(scores):
@@ -69,11 +79,11 @@ def region_scores(model, features):
 
 
 @torch.no_grad()
-def encode_images(model, feature_file):
-    """Embeddings of every image of a split, in batches."""
+def encode_images(model, feature_file, batch_size=ENCODE_BATCH):
+    """Embeddings of every image of a split (or a list of region arrays), in batches."""
     chunks = []
-    for start in range(0, len(feature_file), ENCODE_BATCH):
-        batch = np.stack([feature_file[i] for i in range(start, min(start + ENCODE_BATCH, len(feature_file)))])
+    for start in range(0, len(feature_file), batch_size):
+        batch = np.stack([feature_file[i] for i in range(start, min(start + batch_size, len(feature_file)))])
         chunks.append(region_scores(model, batch)[0].cpu())
     return torch.cat(chunks)
 
@@ -90,74 +100,34 @@ def scores_against(images, captions, measure):
     return (order_sim if measure == "order" else cosine_sim)(images, captions)
 
 
-def _pillow():
-    try:
-        from PIL import Image, ImageDraw, ImageFont
-    except ImportError:
-        raise OptionError("visualize.py draws with Pillow: pip install pillow") from None
-    return Image, ImageDraw, ImageFont
+@dataclass
+class Tile:
+    """A picture with its attention map: the image, the map at its pixels, its rank labels' rectangles."""
+
+    image: object
+    attention: np.ndarray
+    labels: list
 
 
-def _colour_map():
-    try:
-        import matplotlib
-    except ImportError:
-        raise OptionError("visualize.py colours the maps with matplotlib: pip install matplotlib") from None
-    return matplotlib.colormaps[COLOUR_MAP]
-
-
-def _font(size):
-    _, _, ImageFont = _pillow()
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def render_attention(picture, scores, boxes, size, lam=50.0, top_boxes=3):
-    """The picture with the attention map as a heat overlay and its top boxes outlined (RGB PIL image).
+def render_attention(picture, scores, boxes, size, lam=50.0, top_boxes=3, side=MAP_SIDE):
+    """The picture scaled to a longer side of `side` pixels and dimmed where its attention map is low
+    (utils.figures.dim_outside), the boxes of its `top_boxes` highest-ranked regions outlined and
+    numbered by rank (a Tile).
 
     `boxes` are in the pixels of `size` (height, width), the image the features were extracted
-    from; a picture stored at another size gets the boxes scaled to it.
+    from; they are scaled to the drawn picture, and the map is computed at its pixels.
     """
-    _, ImageDraw, _ = _pillow()
-    picture = picture.convert("RGB")
+    Image = pillow()[0]
+    picture = resize_longer_side(picture, side)
     width, height = picture.size
     scale = np.array([width / size[1], height / size[0]] * 2)
     boxes = np.asarray(boxes, dtype=np.float64) * scale
     attention = region_attention_map(scores, boxes, height, width, lam)
-    heat = _colour_map()(attention / attention.max() if attention.max() > 0 else attention)[..., :3]
-    blended = (1 - HEAT_OPACITY) * np.asarray(picture, dtype=np.float64) / 255 + HEAT_OPACITY * heat
-    image = _from_array(blended)
-    pen = ImageDraw.Draw(image)
+    image = Image.fromarray(dim_outside(np.asarray(picture), attention), "RGB")
     ranks = region_ranks(scores)
-    for region in np.argsort(ranks)[:top_boxes]:
-        x1, y1, x2, y2 = boxes[region]
-        pen.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=OUTLINE, width=2)
-        pen.text((x1 + 4, y1 + 2), str(ranks[region]), fill=OUTLINE, font=_font(12))
-    return image
-
-
-def _from_array(rgb):
-    Image, _, _ = _pillow()
-    return Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
-
-
-def gallery(tiles, labels, title):
-    """Tiles side by side at one height, each labelled underneath, under a title line."""
-    Image, ImageDraw, _ = _pillow()
-    tiles = [t.resize((max(1, round(t.width * TILE_HEIGHT / t.height)), TILE_HEIGHT)) for t in tiles]
-    margin, text_height = 8, 18
-    width = sum(t.width for t in tiles) + margin * (len(tiles) + 1)
-    canvas = Image.new("RGB", (width, TILE_HEIGHT + 2 * text_height + 3 * margin), (255, 255, 255))
-    pen = ImageDraw.Draw(canvas)
-    pen.text((margin, margin), title, fill=(0, 0, 0), font=_font(14))
-    x = margin
-    for tile, label in zip(tiles, labels):
-        canvas.paste(tile, (x, text_height + 2 * margin))
-        pen.text((x, TILE_HEIGHT + text_height + 2 * margin + 2), label, fill=(0, 0, 0), font=_font(12))
-        x += tile.width + margin
-    return canvas
+    top = np.argsort(ranks, kind="stable")[:top_boxes]
+    labels = outline_boxes(image, boxes[top], [str(ranks[region]) for region in top])
+    return Tile(image, attention, labels)
 
 
 def find_picture(image_dir, image_id, pattern=None):
@@ -176,12 +146,8 @@ def find_picture(image_dir, image_id, pattern=None):
 
 
 def open_picture(path):
-    Image, _, _ = _pillow()
-    try:
-        with Image.open(path) as picture:
-            return picture.convert("RGB")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    """The picture as the detector saw it (upright, RGB): utils.images.read_image."""
+    return pillow()[0].fromarray(read_image(path), "RGB")
 
 
 class Pictures:
@@ -203,35 +169,99 @@ class Pictures:
         self.ids = read_image_ids(folder, split)
         self.image_dir, self.pattern = image_dir, pattern
 
-    def render(self, model, features, index, lam, top_boxes):
-        _, scores = region_scores(model, features[index][None])
-        picture = open_picture(find_picture(self.image_dir, self.ids[index], self.pattern))
-        return render_attention(picture, scores[0].cpu().numpy(), self.boxes[index], self.sizes[index], lam, top_boxes)
+    def picture(self, index):
+        return open_picture(find_picture(self.image_dir, self.ids[index], self.pattern))
 
 
-def save_png(image, path):
-    with atomic_write(path, "wb") as f:
-        image.save(f, format="PNG")
-    print(f"written: {path}")
+class Photos:
+    """Pictures of your own (files and folders, as extract_regions.py takes them) and their regions,
+    extracted by the detector through extract_regions.cached_regions, so a second run reads them
+    from the cache. Unreadable pictures are reported there, one line each, and left out."""
+
+    def __init__(self, sources, weights, config, policy, img_dim, device):
+        from extract_regions import FIXED_BOXES, cached_regions, list_images  # the detector needs torchvision
+
+        items = list_images(sources)
+        regions = cached_regions([path for _, path in items], weights, config, policy=policy, num_boxes=FIXED_BOXES, device=str(device))
+        self.ids = [image_id for image_id, _ in items if image_id in regions]
+        if not self.ids:
+            raise DataError(f"--images {' '.join(sources)}: none of the {len(items)} pictures could be read")
+        self.paths = [path for image_id, path in items if image_id in regions]
+        kept = [regions[image_id] for image_id in self.ids]
+        width = kept[0]["features"].shape[1]
+        if width != img_dim:
+            raise OptionError(f"--detector {weights}: gives {width}-d region features, but the checkpoint's image encoder takes {img_dim}-d (img_dim)")
+        self.features = [r["features"] for r in kept]
+        self.boxes = [r["boxes"] for r in kept]
+        self.sizes = [(r["img_h"], r["img_w"]) for r in kept]
+
+    def picture(self, index):
+        return open_picture(self.paths[index])
 
 
-def show_map(args, model, folder, features):
+def render_image(model, features, pictures, index, lam, top_boxes, side):
+    """(the Tile of image `index` of `pictures` (Pictures or Photos), its embedding (1, D))."""
+    embedding, scores = region_scores(model, features[index][None])
+    tile = render_attention(pictures.picture(index), scores[0].cpu().numpy(), pictures.boxes[index], pictures.sizes[index], lam, top_boxes, side)
+    return tile, embedding.cpu()
+
+
+def first_caption(folder, split, index, num_images):
+    """Image `index`'s first caption (a split has five captions per image, or one), or None without a caption file."""
+    path = os.path.join(folder, f"{split}_caps.txt")
+    if not os.path.isfile(path):
+        return None
+    captions = read_captions(path)
+    return captions[index * max(1, len(captions) // num_images)]
+
+
+def show_map(args, opt, vocab, model, folder, features):
     pictures = Pictures(folder, args.split, args.image_dir, args.image_pattern)
-    save_png(pictures.render(model, features, args.index, args.lam, args.top_boxes), args.out or "attention_map.png")
+    tile, embedding = render_image(model, features, pictures, args.index, args.lam, args.top_boxes, MAP_SIDE)
+    title = f"{pictures.ids[args.index]} ({args.split} image {args.index})"
+    caption = first_caption(folder, args.split, args.index, len(features))
+    if caption is not None:
+        score = scores_against(embedding, encode_text(model, vocab, caption), opt.measure)[0, 0]
+        title += f'\nits first caption, score {score:.3f}: "{caption}"'
+    print(title)
+    figure = compose(title, [tile.image], [""], 1, SCALE_NOTE)
+    save_png(figure, args.out or "attention_map.png")
+    return figure
+
+
+def rank_for_query(args, opt, vocab, model, features, batch):
+    """(scores of all images for --query, the --top images' indices, best first)."""
+    images = encode_images(model, features, batch)
+    scores = scores_against(images, encode_text(model, vocab, args.query), opt.measure)[:, 0]
+    return scores, torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
+
+
+def draw_gallery(args, model, features, pictures, scores, top, which):
+    tiles = [render_image(model, features, pictures, index, args.lam, args.top_boxes, TILE_SIDE)[0].image for index in top]
+    captions = [f"{place}. {pictures.ids[index]}, score {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
+    title = f'The top {len(top)} {which} for "{args.query}"'
+    figure = compose(title, tiles, captions, GALLERY_COLUMNS, SCALE_NOTE)
+    save_png(figure, args.out or "gallery.png")
+    return figure
 
 
 def show_query(args, opt, vocab, model, folder, features):
-    images = encode_images(model, features)
-    scores = scores_against(images, encode_text(model, vocab, args.query), opt.measure)[:, 0]
-    top = torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
+    scores, top = rank_for_query(args, opt, vocab, model, features, ENCODE_BATCH)
     ids = read_image_ids(folder, args.split)
     print(f"top-{len(top)} images for {args.query!r} ({args.split} split):")
     for place, index in enumerate(top, start=1):
         print(f"  {place}. image {index}" + (f" ({ids[index]})" if ids else "") + f"  score {scores[index]:.4f}")
     pictures = Pictures(folder, args.split, args.image_dir, args.image_pattern)
-    tiles = [pictures.render(model, features, index, args.lam, args.top_boxes) for index in top]
-    labels = [f"{place}. {pictures.ids[index]}  {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
-    save_png(gallery(tiles, labels, f"query: {args.query}"), args.out or "gallery.png")
+    return draw_gallery(args, model, features, pictures, scores, top, f"{args.split} images")
+
+
+def show_photos(args, opt, vocab, model):
+    photos = Photos(args.images, args.detector, args.detector_config, args.policy, opt.img_dim, model.device)
+    scores, top = rank_for_query(args, opt, vocab, model, photos.features, ENCODE_BATCH)
+    print(f"top-{len(top)} of {len(photos.ids)} pictures for {args.query!r}:")
+    for place, index in enumerate(top, start=1):
+        print(f"  {place}. {photos.paths[index]}  score {scores[index]:.4f}")
+    return draw_gallery(args, model, photos.features, photos, scores, top, f"of {len(photos.ids)} pictures")
 
 
 def show_captions(args, opt, vocab, model, folder):
@@ -263,6 +293,12 @@ def build_parser():
     p.add_argument("--captions", action="store_true", help="with --index: list the image's top captions, ground truth marked")
     p.add_argument("--image_dir", help="folder of the split's pictures, found by image id")
     p.add_argument("--image_pattern", help="picture file name for an id, e.g. COCO_val2014_{:012d}.jpg (default <id>.jpg / <id>.png)")
+    p.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                   help="your own pictures (folders, files) to rank for --query: their regions are extracted with --detector, cached")
+    p.add_argument("--detector", help="with --images: the detector's weights, pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl")
+    p.add_argument("--detector_config", help="with --images: the detector's config.yaml (default: the published values)")
+    p.add_argument("--policy", default="caffe", choices=("caffe", "hf"),
+                   help="with --images: the regions' selection; caffe is how SCAN's features, and so VSRN's, were made")
     p.add_argument("--out", help="PNG to write (default attention_map.png, or gallery.png for --query)")
     p.add_argument("--top", type=int, default=5, help="images or captions to show")
     p.add_argument("--top_boxes", type=int, default=3, help="outline the boxes of this many top-ranked regions")
@@ -271,13 +307,27 @@ def build_parser():
 
 
 def run(args):
+    """Do what the arguments ask; the Figure drawn, if any."""
     if (args.index is None) == (args.query is None):
         raise OptionError("give either --index N (an image's map, or with --captions its top captions) or --query TEXT")
     if args.captions and args.index is None:
         raise OptionError("--captions lists the top captions of the image given by --index")
     if args.index is not None and args.index < 0:
         raise OptionError(f"--index {args.index}: images are counted from 0")
-    opt, vocab, (model,) = _load_models([args.checkpoint], args.data_path, args.vocab_path)
+    if args.top < 1 or args.top_boxes < 0:
+        raise OptionError(f"--top {args.top} --top_boxes {args.top_boxes}: expected at least 1 image or caption, and 0 or more boxes")
+    if args.images:
+        if args.query is None:
+            raise OptionError("--images ranks your pictures for --query TEXT (--index and --captions are for a converted split)")
+        if not args.detector:
+            raise OptionError("--images needs --detector, the bottom-up-attention detector's weights (pytorch_model.bin)")
+        if args.image_dir or args.image_pattern:
+            raise OptionError("--image_dir and --image_pattern find the pictures of a converted split; --images names yours")
+    elif args.detector or args.detector_config:
+        raise OptionError("--detector extracts the regions of the pictures given by --images")
+    opt, vocab, (model,) = _load_models([args.checkpoint], args.data_path, args.vocab_path, need_data=not args.images)
+    if args.images:
+        return show_photos(args, opt, vocab, model)
     folder = os.path.join(opt.data_path, opt.data_name)
     if args.captions:
         return show_captions(args, opt, vocab, model, folder)
@@ -286,7 +336,7 @@ def run(args):
         return show_query(args, opt, vocab, model, folder, features)
     if args.index >= len(features):
         raise OptionError(f"--index {args.index}: the {args.split} split has {len(features)} images (0 to {len(features) - 1})")
-    return show_map(args, model, folder, features)
+    return show_map(args, opt, vocab, model, folder, features)
 
 
 def main(argv=None):
