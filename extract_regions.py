@@ -56,13 +56,16 @@ def list_images(sources):
             raise OptionError(f"--images {source}: no such file or folder")
     if not items:
         raise OptionError(f"--images {' '.join(sources)}: no pictures ({', '.join(IMAGE_EXTENSIONS)})")
-    check_unique_ids(items)
+    check_ids(items)
     return items
 
 
-def check_unique_ids(items):
+def check_ids(items):
+    """Each image id once, and each one a TSV field can hold."""
     seen = {}
     for image_id, path in items:
+        if any(c in image_id for c in "\t\r\n") or image_id.encode("utf-8", "replace").decode("utf-8") != image_id:
+            raise OptionError(f"--images: {path!r}: a file name with a tab, a newline or bytes that are not UTF-8 cannot be a TSV image id; rename it")
         if image_id in seen:
             raise OptionError(f"--images: {seen[image_id]} and {path} have the same image id {image_id!r} (the file name without its extension)")
         seen[image_id] = path
@@ -371,7 +374,7 @@ def cached_regions(image_paths, weights, config=None, policy="caffe", num_boxes=
         raise OptionError(f"{weights}: detector weights not found")
     items = [(_digest(_file_identity(path) if os.path.exists(path) else path), path) for path in image_paths]
     names = [(os.path.splitext(os.path.basename(path))[0], path) for path in image_paths]
-    check_unique_ids(names)
+    check_ids(names)
     cache = regions_cache_path(weights, config, policy, num_boxes, cache_dir)
     settings = dict(policy=policy, num_boxes=num_boxes)
     with _locked(cache):

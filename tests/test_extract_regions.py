@@ -107,7 +107,7 @@ def test_a_torn_last_line_is_dropped_and_redone(detector, tmp_path, capsys):
     assert torn.read_bytes() == clean.read_bytes()
 
 
-def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path):
+def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path, capsys):
     weights, env = detector
     make_pictures(tmp_path / "pics", count=12)
     clean, killed = tmp_path / "clean.tsv", tmp_path / "killed.tsv"
@@ -123,27 +123,27 @@ def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path):
     process.wait()
     survived = killed.read_bytes().count(b"\n")
     assert 3 <= survived < 12
-    result = run_script([*args, "--out", str(killed)], env)
-    assert result.returncode == 0, result.stderr
-    assert f"{12 - survived} images written to {killed}; {survived} were already there" in result.stdout
+    capsys.readouterr()
+    assert extract_regions.main([*args, "--out", str(killed)]) == 0
+    assert f"{12 - survived} images written to {killed}; {survived} were already there" in capsys.readouterr().out
     assert killed.read_bytes() == clean.read_bytes()
 
 
-def test_torchrun_with_two_processes_writes_the_single_process_tsv(detector, tmp_path):
+def test_torchrun_with_two_processes_writes_the_single_process_tsv(detector, tmp_path, capsys):
     weights, env = detector
     make_pictures(tmp_path / "pics", count=7)
     (tmp_path / "pics" / "broken.jpg").write_text("not a picture")
     args = ["--images", str(tmp_path / "pics"), "--weights", weights, *FAST, "--batch_size", "2"]
-    single = run_script([*args, "--out", str(tmp_path / "single.tsv")], env)
-    assert single.returncode == 0, single.stderr
+    assert extract_regions.main([*args, "--out", str(tmp_path / "single.tsv")]) == 0
+    single = capsys.readouterr()
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "extract_regions.py",
                                *args, "--out", str(tmp_path / "two.tsv")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
     assert (tmp_path / "two.tsv").read_bytes() == (tmp_path / "single.tsv").read_bytes()
     assert len(rows(tmp_path / "two.tsv")) == 7
-    for result in (single, torchrun):
-        assert "7 images written" in result.stdout and "1 skipped" in result.stdout
-        assert result.stderr.count("broken.jpg: not a picture file") == 1  # one line, from the main process
+    for out, err in ((single.out, single.err), (torchrun.stdout, torchrun.stderr)):
+        assert "7 images written" in out and "1 skipped" in out
+        assert err.count("broken.jpg: not a picture file") == 1  # one line, from the main process
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
