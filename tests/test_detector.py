@@ -121,3 +121,189 @@ def test_reference_end_to_end_in_one_batch(reference):
             clear = (top2[:, 1] - top2[:, 0]) > 1e-3
             assert clear.sum() >= len(kept) - 2
             np.testing.assert_array_equal(ids[clear], ref[f"img{i}_{name}_ids"][0][clear])
+
+
+# ----------------------------------------------------------------------------- policy='caffe'
+# A plain transcription of py-faster-rcnn's NMS and bottom-up-attention's generate_tsv.py
+# selection, in Caffe's layout (background / "no attribute" first).
+
+def transcribed_nms(dets, thresh):
+    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        w = np.maximum(0.0, xx2 - xx1 + 1)
+        h = np.maximum(0.0, yy2 - yy1 + 1)
+        inter = w * h
+        ovr = inter / (areas[i] + areas[order[1:]] - inter)
+        inds = np.where(ovr <= thresh)[0]
+        order = order[inds + 1]
+    return keep
+
+
+def transcribed_max_conf(cls_boxes, cls_prob, nms_thresh=0.3):
+    max_conf = np.zeros((cls_boxes.shape[0]))
+    for cls_ind in range(1, cls_prob.shape[1]):
+        cls_scores = cls_prob[:, cls_ind]
+        dets = np.hstack((cls_boxes, cls_scores[:, np.newaxis])).astype(np.float32)
+        keep = np.array(transcribed_nms(dets, nms_thresh))
+        max_conf[keep] = np.where(cls_scores[keep] > max_conf[keep], cls_scores[keep], max_conf[keep])
+    return max_conf
+
+
+def transcribed_keep_boxes(max_conf, conf_thresh, MIN_BOXES, MAX_BOXES):
+    keep_boxes = np.where(max_conf >= conf_thresh)[0]
+    if len(keep_boxes) < MIN_BOXES:
+        keep_boxes = np.argsort(max_conf)[::-1][:MIN_BOXES]
+    elif len(keep_boxes) > MAX_BOXES:
+        keep_boxes = np.argsort(max_conf)[::-1][:MAX_BOXES]
+    return keep_boxes
+
+
+def transcribed_generate_tsv(cls_boxes, cls_prob, attr_prob, pool5, conf_thresh, MIN_BOXES, MAX_BOXES):
+    keep_boxes = transcribed_keep_boxes(transcribed_max_conf(cls_boxes, cls_prob), conf_thresh, MIN_BOXES, MAX_BOXES)
+    return {
+        "boxes": cls_boxes[keep_boxes],
+        "features": pool5[keep_boxes],
+        "objects_id": np.argmax(cls_prob[keep_boxes][:, 1:], axis=1),
+        "objects_conf": np.max(cls_prob[keep_boxes][:, 1:], axis=1),
+        "attrs_id": np.argmax(attr_prob[keep_boxes][:, 1:], axis=1),
+        "attrs_conf": np.max(attr_prob[keep_boxes][:, 1:], axis=1),
+    }
+
+
+def background_first(probs):
+    """Our layout (background last) in Caffe's."""
+    return np.concatenate([probs[:, -1:], probs[:, :-1]], axis=1)
+
+
+def synthetic_regions(seed, regions=150, classes=40):
+    """Boxes in clusters (so that NMS suppresses) and class probabilities, Caffe's layout."""
+    rng = np.random.RandomState(seed)
+    centres = rng.uniform(50, 450, (12, 2))[rng.randint(0, 12, regions)] + rng.normal(0, 15, (regions, 2))
+    sizes = rng.uniform(20, 120, (regions, 2))
+    boxes = np.hstack([centres - sizes / 2, centres + sizes / 2]).astype(np.float32)
+    logits = rng.normal(0, 2.5, (regions, classes + 1))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return boxes, probs.astype(np.float32)
+
+
+def thresh_for(max_conf, count):
+    """A confidence threshold that exactly `count` regions reach."""
+    ranked = np.sort(max_conf)[::-1]
+    return float((ranked[count - 1] + ranked[count]) / 2)
+
+
+def test_per_class_max_conf_matches_transcription():
+    for seed in range(3):
+        boxes, probs = synthetic_regions(seed)
+        ours = D.per_class_max_conf(torch.from_numpy(boxes), torch.from_numpy(probs[:, 1:])).numpy()
+        np.testing.assert_allclose(ours, transcribed_max_conf(boxes, probs), rtol=0, atol=0)
+        # Clusters make NMS bite: many regions are suppressed in their best class.
+        assert (ours < probs[:, 1:].max(axis=1)).mean() >= 0.05
+
+
+@pytest.mark.parametrize("count, low, high", [
+    (36, 36, 36), (20, 36, 36), (60, 36, 36),  # fixed 36 (obj36): exactly reached, too few, too many
+    (50, 10, 100), (4, 10, 100), (130, 10, 100),  # 10 to 100: within, too few, too many
+])
+def test_select_caffe_matches_transcription(count, low, high):
+    boxes, probs = synthetic_regions(7)
+    max_conf = transcribed_max_conf(boxes, probs)
+    conf_thresh = thresh_for(max_conf, count)
+    expected = transcribed_keep_boxes(max_conf, conf_thresh, low, high)
+    ours = D.select_caffe(torch.from_numpy(max_conf), low, high, conf_thresh).numpy()
+    np.testing.assert_array_equal(ours, expected)
+    assert len(ours) == min(max(count, low), high)
+    if low <= count <= high:
+        assert list(ours) == sorted(ours)  # in region order, as np.where gives them
+
+
+@pytest.fixture(scope="module")
+def small_vocabulary_detector():
+    """The tiny detector with 60 classes and 20 attributes, so that the transcription is quick."""
+    return D.load_detector(tiny_detector_state_dict(seed=1, num_classes=60, num_attributes=20))
+
+
+def photo(seed, height=120, width=160):
+    """A random picture with some structure: smooth blobs over noise."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = rng.uniform(0, 60, (height, width, 3))
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(8, 40)
+        image += rng.uniform(0, 190, 3) * (((y - cy) ** 2 + (x - cx) ** 2) < r * r)[..., None]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("selection", [
+    {"num_boxes": 36},
+    {"min_boxes": 10, "max_boxes": 100, "conf_thresh": "within"},
+    {"min_boxes": 10, "max_boxes": 100, "conf_thresh": 0.99},
+    {"min_boxes": 10, "max_boxes": 30, "conf_thresh": 0.0},
+])
+def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detector, selection):
+    """extract_regions(policy='caffe') against the transcription run on the same proposals' outputs."""
+    image = photo(3)
+    scored = D.score_regions(small_vocabulary_detector, [image], policy="caffe", proposals=120)[0]
+    cls_boxes = (scored["proposals"] / scored["scale"]).numpy()
+    cls_prob = background_first(scored["obj_logits"].softmax(dim=1).numpy())
+    attr_prob = background_first(scored["attr_logits"].softmax(dim=1).numpy())
+    pool5 = scored["features"].numpy()
+    selection = dict(selection)
+    if selection.get("conf_thresh") == "within":
+        selection["conf_thresh"] = thresh_for(transcribed_max_conf(cls_boxes, cls_prob), 50)
+    low = selection.get("num_boxes", selection.get("min_boxes"))
+    high = selection.get("num_boxes", selection.get("max_boxes"))
+    expected = transcribed_generate_tsv(cls_boxes, cls_prob, attr_prob, pool5, selection.get("conf_thresh", 0.2), low, high)
+    regions = D.extract_regions(small_vocabulary_detector, image, policy="caffe", proposals=120, **selection)
+    assert (regions["img_h"], regions["img_w"]) == image.shape[:2]
+    for key, value in expected.items():
+        np.testing.assert_allclose(regions[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+        assert regions[key].dtype == (np.int64 if key.endswith("_id") else np.float32)
+
+
+def test_caffe_anchors_are_py_faster_rcnn_generate_anchors():
+    # What py-faster-rcnn's generate_anchors() returns for scales 8, 16, 32 (ratio-major; its
+    # docstring shows the MATLAB version's, one pixel off).
+    published = np.array([
+        [-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
+        [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
+        [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359],
+    ])
+    ours = D.caffe_cell_anchors([128, 256, 512], [0.5, 1.0, 2.0]).numpy()
+    # Ours are size-major, the checkpoint's channel order.
+    np.testing.assert_array_equal(ours, published.reshape(3, 3, 4).transpose(1, 0, 2).reshape(9, 4))
+    assert D.caffe_cell_anchors([64, 128, 256, 512], [0.5, 1.0, 2.0]).shape == (12, 4)
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((480, 640), (1.25, 600, 800)),
+    ((300, 1000), (1.0, 300, 1000)),  # 600 / 300 would make the longest side 2000
+    ((333, 500), (600 / 333, 600, 901)),
+    ((10, 17), (60.0, 600, 1000)),  # 17 * 60 = 1020 rounds above 1000: scale from the longest side
+])
+def test_caffe_scale(size, expected):
+    scale, height, width = D.caffe_scale(*size)
+    if size == (10, 17):
+        expected = (1000 / 17, 588, 1000)
+    assert (height, width) == expected[1:]
+    assert scale == pytest.approx(expected[0], rel=1e-12)
+
+
+def test_caffe_resize_is_cv2_linear_at_the_given_scale():
+    """cv2.resize(fx=fy=scale, INTER_LINEAR) samples at (dst + 0.5) / scale - 0.5, clamped."""
+    image = np.zeros((2, 4, 3), np.uint8)
+    image[..., 0] = [[0, 40, 80, 120], [0, 40, 80, 120]]  # red: the first channel in RGB, the last in BGR
+    x, scale = D.caffe_input(image, short=3, longest=100)
+    assert scale == 1.5 and x.shape == (3, 3, 6)
+    red = x[2, 0].numpy() + D.PUBLISHED_CONFIG["model"]["pixel_mean"][2]
+    # Sources: -1/6 (clamped to 0), 1/2, 7/6, 11/6, 5/2 and 19/6 (past the last pixel: clamped).
+    np.testing.assert_allclose(red, [0, 20, 40 * 7 / 6, 40 * 11 / 6, 100, 120], rtol=1e-5)
