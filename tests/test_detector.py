@@ -307,3 +307,179 @@ def test_caffe_resize_is_cv2_linear_at_the_given_scale():
     red = x[2, 0].numpy() + D.PUBLISHED_CONFIG["model"]["pixel_mean"][2]
     # Sources: -1/6 (clamped to 0), 1/2, 7/6, 11/6, 5/2 and 19/6 (past the last pixel: clamped).
     np.testing.assert_allclose(red, [0, 20, 40 * 7 / 6, 40 * 11 / 6, 100, 120], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- policy='hf'
+
+def test_select_hf_fills_with_the_best_suppressed_when_too_few_survive():
+    """The demo crashes when fewer than num_boxes survive NMS even at 0.7; we keep the survivors
+    of that last NMS, best first, then the best of the suppressed regions."""
+    rng = np.random.RandomState(0)
+    # Two clusters of nearly equal boxes: NMS keeps about one box per cluster.
+    base = np.array([[10, 10, 100, 100], [200, 50, 300, 200]], np.float32)
+    boxes = torch.from_numpy(base[rng.randint(0, 2, 30)] + rng.normal(0, 1, (30, 4)).astype(np.float32))
+    scores = torch.from_numpy(rng.uniform(0, 1, 30).astype(np.float32))
+    survivors = D.nms(boxes, scores, 0.7)
+    assert len(survivors) < 10
+    keep = D.select_hf(boxes, scores, 10, 10, [0.5, 0.6, 0.7])
+    assert len(keep) == 10 and len(set(keep.tolist())) == 10
+    assert keep[: len(survivors)].tolist() == survivors.tolist()
+    rest = [i for i in np.argsort(-scores.numpy(), kind="stable") if i not in survivors.tolist()]
+    assert keep[len(survivors):].tolist() == rest[: 10 - len(survivors)]
+    # When enough survive, the first threshold that leaves num_boxes decides, best first.
+    keep = D.select_hf(boxes, scores, 2, 2, [0.5, 0.6, 0.7])
+    assert keep.tolist() == D.nms(boxes, scores, 0.5)[:2].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return D.load_detector(tiny_detector_state_dict())
+
+
+def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
+    for policy in D.POLICIES:
+        regions = D.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
+        assert len(regions["boxes"]) == len(regions["features"]) == 20
+
+
+def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
+    regions = D.extract_regions(tiny, photo(1), policy="hf")
+    assert regions["boxes"].shape == (36, 4) and regions["features"].shape == (36, 64)
+    assert (regions["boxes"][:, 2] <= regions["img_w"] + 1e-3).all() and (regions["boxes"][:, 3] <= regions["img_h"] + 1e-3).all()
+    assert (np.diff(regions["objects_conf"]) <= 0).all()  # NMS order: best first
+
+
+# ----------------------------------------------------------------------------- the API
+
+@pytest.mark.parametrize("policy", D.POLICIES)
+def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
+    # Two images of one size (they share a backbone pass) and one of another.
+    images = [photo(0), photo(1, 90, 200), photo(2)]
+    together = D.extract_regions_batch(tiny, images, policy=policy, num_boxes=36)
+    for image, batched in zip(images, together):
+        alone = D.extract_regions(tiny, image, policy=policy, num_boxes=36)
+        assert batched.keys() == alone.keys()
+        for key in alone:
+            np.testing.assert_allclose(batched[key], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_policies_and_colour_order_matter(tiny):
+    image = photo(4)
+    caffe = D.extract_regions(tiny, image, num_boxes=10)
+    hf = D.extract_regions(tiny, image, policy="hf", num_boxes=10)
+    swapped = D.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10)
+    assert not np.allclose(caffe["features"], hf["features"])
+    assert not np.allclose(caffe["features"], swapped["features"])
+
+
+def test_image_path_is_read_with_utils_images(tiny, monkeypatch, tmp_path):
+    import sys
+    import types
+
+    read = []
+    images = types.ModuleType("utils.images")
+    images.read_image = lambda path: read.append(path) or photo(5)
+    monkeypatch.setitem(sys.modules, "utils.images", images)
+    path = str(tmp_path / "photo.jpg")
+    regions = D.extract_regions(tiny, path, num_boxes=10)
+    assert read == [path]
+    np.testing.assert_array_equal(regions["features"], D.extract_regions(tiny, photo(5), num_boxes=10)["features"])
+
+
+def test_unknown_policy_and_bad_arrays_are_refused(tiny):
+    with pytest.raises(OptionError, match="policy: expected one of caffe, hf, got 'detectron'"):
+        D.extract_regions(tiny, photo(0), policy="detectron")
+    with pytest.raises(ValueError, match="RGB uint8"):
+        D.extract_regions(tiny, photo(0).astype(np.float32))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        D.extract_regions(tiny, photo(0)[..., 0])
+
+
+# ----------------------------------------------------------------------------- loading
+
+def same_detector(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loads_the_bin_and_the_detectron2_pickle(tiny, tmp_path):
+    state_dict = tiny_detector_state_dict()
+    torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    assert same_detector(D.load_detector(str(tmp_path / "pytorch_model.bin")), tiny)
+    arrays = {k: v.numpy() for k, v in state_dict.items()}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"faster_rcnn_from_caffe_attr_{protocol}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump({"model": arrays, "__author__": "Caffe"}, f, protocol=protocol)
+        assert same_detector(D.load_detector(str(path)), tiny)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps(arrays))
+    assert same_detector(D.load_detector(str(plain)), tiny)
+
+
+def test_architecture_is_read_off_the_state_dict(tiny):
+    assert tiny.arch["res4"] == (2, 8, 32) and tiny.arch["classes"] == 1600 and tiny.arch["attributes"] == 400
+    assert len(tiny.roi_heads.res5) == 1 and tiny.roi_heads.res5[0].conv2.dilation == (2, 2)
+
+
+def test_config_yaml_in_any_case(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"INPUT": {"MIN_SIZE_TEST": 320}, "ROI_HEADS": {"NMS_THRESH_TEST": [0.4]}, "max_detections": 12}))
+    detector = D.load_detector(tiny_detector_state_dict(), config=str(path))
+    assert detector.config["input"] == {"min_size_test": 320, "max_size_test": 1333}
+    assert detector.config["roi_heads"]["nms_thresh_test"] == [0.4] and detector.config["max_detections"] == 12
+
+
+def refusal(weights):
+    with pytest.raises(CheckpointError) as error:
+        D.load_detector(weights)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_refuses_other_checkpoints(tmp_path):
+    vsrn = tmp_path / "model_best.pth.tar"
+    torch.save({"model": [{"w": torch.zeros(1)}], "opt": argparse.Namespace(embed_size=1024), "epoch": 3}, vsrn)
+    assert refusal(str(vsrn)) == f"{vsrn}: refusing to load: it needs the global argparse.Namespace, which a detector checkpoint never holds"
+    bert = tmp_path / "pytorch_model.bin"
+    torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(4, 2), "cls.predictions.bias": torch.zeros(4)}, bert)
+    message = refusal(str(bert))
+    assert message.startswith(f"{bert}: not a bottom-up-attention detector: missing backbone.res2.0.conv1.weight")
+    lxmert = {"lxmert.encoder.x_layers.0.visual_attention.att.query.weight": torch.zeros(2, 2), "answer_head.logit_fc.0.weight": torch.zeros(2, 2)}
+    assert "not a bottom-up-attention detector: missing" in refusal(lxmert)
+
+
+def test_refuses_truncated_files(tmp_path):
+    good = tmp_path / "good.bin"
+    torch.save(tiny_detector_state_dict(), good)
+    data = good.read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
+    assert "cut.bin: not a complete torch checkpoint" in refusal(str(tmp_path / "cut.bin"))
+    pickled = pickle.dumps({k: v.numpy() for k, v in tiny_detector_state_dict().items()})
+    (tmp_path / "cut.pkl").write_bytes(pickled[: len(pickled) // 2])
+    assert "cut.pkl: not a complete pickle" in refusal(str(tmp_path / "cut.pkl"))
+    assert refusal(str(tmp_path / "absent.bin")) == f"{tmp_path / 'absent.bin'}: checkpoint not found"
+
+
+def test_refuses_missing_and_misshapen_keys():
+    state_dict = tiny_detector_state_dict()
+    del state_dict["backbone.res4.1.conv2.weight"]
+    state_dict["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(4 * 1599, 64)
+    state_dict["roi_heads.box_predictor.extra.weight"] = torch.zeros(1)
+    message = refusal(state_dict)
+    assert message == (
+        "state dict: does not fit the bottom-up-attention detector: missing backbone.res4.1.conv2.weight; "
+        "unexpected roi_heads.box_predictor.extra.weight; "
+        "misshapen roi_heads.box_predictor.bbox_pred.weight [6396, 64] (expected [6400, 64])"
+    )
+
+
+def test_refuses_pickles_that_would_run_code(tmp_path):
+    victim = tmp_path / "created_by_unpickling"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"model": {"backbone.stem.conv1.weight": CreatesFile(str(victim))}}))
+    assert "evil.pkl: refusing to load: it needs the global io.open" in refusal(str(path))
+    assert not victim.exists()
+    (tmp_path / "objects.pkl").write_bytes(pickle.dumps({"model": {"backbone.stem.conv1.weight": [1.0, 2.0]}}))
+    assert "not a state dict of arrays: backbone.stem.conv1.weight" in refusal(str(tmp_path / "objects.pkl"))
