@@ -299,19 +299,23 @@ def architecture(state_dict, name="state dict"):
     }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays (and the plain containers around them), nothing that runs code."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict"),
-    }
+        (module, name)
+        for prefix in ("numpy.core", "numpy._core")
+        for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.multiarray", "scalar"), (f"{prefix}.numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it needs the global {module}.{name}")
+        raise _RefusedGlobal(f"it needs the global {module}.{name}")
 
 
 def _read_pickle(path):
@@ -321,9 +325,9 @@ def _read_pickle(path):
         with open(path, "rb") as f:
             # Detectron's pickles come from Python 2: bytes are latin-1.
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refusing to load: {str(e).splitlines()[0]} (a detectron2 .pkl holds numpy arrays only)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+    except _RefusedGlobal as e:
+        raise CheckpointError(f"{path}: refusing to load: {e} (a detectron2 .pkl holds numpy arrays only)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a complete pickle (truncated or another format: {type(e).__name__}: {e})") from None
 
 
