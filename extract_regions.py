@@ -283,9 +283,9 @@ def run(args, world):
         extract_to_tsv(net, todo, args.out, settings, counts, world, args.batch_size, args.workers)
     if world.is_main:
         print(counts.summary(args.out))
-        if args.precomp:
-            write_split(args, settings["num_boxes"])
-    world.close()
+    world.close()  # before the conversion: the other processes need not wait for it
+    if world.is_main and args.precomp:
+        write_split(args, settings["num_boxes"])
     return 0
 
 

@@ -211,15 +211,17 @@ def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, ca
     assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole"]
 
 
-@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "same ids", "other box count", "precomp flags"])
+@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count", "precomp flags"])
 def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, case):
     weights, env = detector
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.bin").write_text("not a detector")
     make_pictures(tmp_path / "pics", count=2)
     args = {
         "empty folder": ["--images", str(tmp_path / "empty"), "--weights", weights],
         "missing folder": ["--images", str(tmp_path / "absent"), "--weights", weights],
         "missing weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "absent.bin")],
+        "wrong weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "notes.bin")],
         "same ids": ["--images", str(tmp_path / "pics"), str(tmp_path / "pics" / "pic00.png"), "--weights", weights],
         "other box count": ["--images", str(tmp_path / "pics"), "--weights", weights, "--boxes", "12"],
         "precomp flags": ["--images", str(tmp_path / "pics"), "--weights", weights, "--precomp", "--captions", "c.txt"],
@@ -240,6 +242,7 @@ def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, cas
         "empty folder": f"--images {tmp_path / 'empty'}: no pictures",
         "missing folder": f"--images {tmp_path / 'absent'}: no such file or folder",
         "missing weights": f"--weights {tmp_path / 'absent.bin'}: file not found",
+        "wrong weights": f"error: {tmp_path / 'notes.bin'}: ",
         "same ids": "have the same image id 'pic00'",
         "other box count": f"--out {out} holds rows of 10 boxes; this run extracts 12",
         "precomp flags": "--precomp writes a VSRN split: give --data_path, --data_name, --split too",
