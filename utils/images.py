@@ -72,7 +72,7 @@ def read_image(path):
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not a picture file Pillow can read") from None
-    # What Pillow's decoders raise on damaged files (its fuzzing tests list these).
+    # Besides OSError, what Pillow can raise on damaged files.
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error, MemoryError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"{path}: unreadable or truncated picture ({reason})") from None
