@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -82,14 +83,28 @@ def read_written(path):
     with open(path, "r+b") as f:
         for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
+                if not (ids or _row_start(line)):  # another kind of file: leave it as it is
+                    raise DataError(f"{path}:{number}: not an obj36 row; choose another --out")
                 f.truncate(end)
                 break
             fields = line.count(b"\t") + 1
-            if fields != TSV_FIELDS:
-                raise DataError(f"{path}:{number}: {fields} tab-separated fields, not an obj36 row; choose another --out")
-            ids.add(line[: line.index(b"\t")].decode("utf-8"))
+            try:
+                if fields != TSV_FIELDS:
+                    raise ValueError(f"{fields} tab-separated fields")
+                ids.add(line[: line.index(b"\t")].decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError is one
+                raise DataError(f"{path}:{number}: not an obj36 row ({str(e)[:60]}); choose another --out") from None
             last, end = line, end + len(line)
     return ids, last
+
+
+_ROW_FIELD = re.compile(rb"[0-9A-Za-z+/=]*")
+
+
+def _row_start(fragment):
+    """Whether `fragment` can be the beginning of an obj36 row: an id, then digits and base64."""
+    fields = fragment.split(b"\t")
+    return 2 <= len(fields) <= TSV_FIELDS and all(_ROW_FIELD.fullmatch(field) for field in fields[1:])
 
 
 def check_resumable(path, last_row, num_boxes):
@@ -168,6 +183,8 @@ def append_rows(f, rows):
 
 
 class Counts:
+    """Pictures of a run: already in the TSV, written, skipped."""
+
     def __init__(self, already):
         self.already, self.written, self.skipped = already, 0, 0
 
@@ -278,7 +295,7 @@ def run(args, world):
     if todo:
         import detector as detector_module
 
-        device = world.device if world.size > 1 else default_device(args.device)
+        device = default_device(args.device) if world is SINGLE_PROCESS else world.device
         net = detector_module.load_detector(args.weights, args.config, device)
         extract_to_tsv(net, todo, args.out, settings, counts, world, args.batch_size, args.workers)
     if world.is_main:

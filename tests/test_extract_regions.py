@@ -211,7 +211,8 @@ def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, ca
     assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole"]
 
 
-@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count", "precomp flags"])
+@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count",
+                                  "out is another file", "out is a text line", "precomp flags"])
 def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, case):
     weights, env = detector
     (tmp_path / "empty").mkdir()
@@ -223,12 +224,16 @@ def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, cas
         "missing weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "absent.bin")],
         "wrong weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "notes.bin")],
         "same ids": ["--images", str(tmp_path / "pics"), str(tmp_path / "pics" / "pic00.png"), "--weights", weights],
+        "out is another file": ["--images", str(tmp_path / "pics"), "--weights", weights],
+        "out is a text line": ["--images", str(tmp_path / "pics"), "--weights", weights],
         "other box count": ["--images", str(tmp_path / "pics"), "--weights", weights, "--boxes", "12"],
         "precomp flags": ["--images", str(tmp_path / "pics"), "--weights", weights, "--precomp", "--captions", "c.txt"],
     }[case]
     out = tmp_path / "regions.tsv"
     if case == "other box count":
         assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST]) == 0
+    if case.startswith("out is"):  # a wrong --out is never cut or appended to
+        out.write_text("some notes\nof the user's" if case == "out is another file" else "one line without a newline")
     before = out.read_bytes() if out.exists() else None
     capsys.readouterr()
     if case == "missing weights":  # as a user sees it: the script's own process
@@ -244,6 +249,8 @@ def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, cas
         "missing weights": f"--weights {tmp_path / 'absent.bin'}: file not found",
         "wrong weights": f"error: {tmp_path / 'notes.bin'}: ",
         "same ids": "have the same image id 'pic00'",
+        "out is another file": f"{out}:1: not an obj36 row (1 tab-separated fields); choose another --out",
+        "out is a text line": f"{out}:1: not an obj36 row; choose another --out",
         "other box count": f"--out {out} holds rows of 10 boxes; this run extracts 12",
         "precomp flags": "--precomp writes a VSRN split: give --data_path, --data_name, --split too",
     }[case]
