@@ -156,6 +156,20 @@ def region_count_problem(path, regions, num_boxes):
             "under the caffe policy, pictures of a few pixels leave no proposal)")
 
 
+def detect(detector_module, detector, arrays, settings):
+    """The regions of each picture, or the error of a picture the detector cannot take (a sliver
+    of a few pixels fails in its convolutions): a batch that fails is tried one picture at a time."""
+    try:
+        with torch.inference_mode():
+            return detector_module.extract_regions_batch(detector, arrays, **settings)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        if len(arrays) == 1:
+            return [error]
+    return [detect(detector_module, detector, [array], settings)[0] for array in arrays]
+
+
 def extract_rows(detector_module, detector, items, pictures, settings):
     """(line or None, problem or None) for each (id, path) with its picture array or ImageError."""
     results = [None] * len(items)
@@ -166,10 +180,14 @@ def extract_rows(detector_module, detector, items, pictures, settings):
         else:
             good.append(position)
     if good:
-        with torch.inference_mode():
-            regions = detector_module.extract_regions_batch(detector, [pictures[p] for p in good], **settings)
+        regions = detect(detector_module, detector, [pictures[p] for p in good], settings)
         for position, region in zip(good, regions):
             (image_id, path) = items[position]
+            if isinstance(region, Exception):
+                height, width = pictures[position].shape[:2]
+                reason = str(region).strip().splitlines()[0][:120] if str(region).strip() else type(region).__name__
+                results[position] = (None, f"{path}: the detector cannot take this {width} x {height} picture ({reason})")
+                continue
             problem = region_count_problem(path, region, settings["num_boxes"])
             results[position] = (None, problem) if problem else (tsv_to_precomp.format_obj36_line(image_id, region).encode("utf-8"), None)
     return results

@@ -180,10 +180,11 @@ def bad_pictures(folder):
     exif[0x0112] = 6
     noise.crop((0, 0, 40, 20)).save(folder / "rotated.jpg", exif=exif)
     Image.new("RGB", (1, 1), (9, 9, 9)).save(folder / "tiny.png")
+    Image.new("RGB", (3000, 1), (9, 9, 9)).save(folder / "sliver.png")  # too thin for the network's convolutions
     from test_images import png_header_only
 
     png_header_only(folder / "huge.png", 40000, 40000)
-    return ["huge", "text", "truncated"]
+    return ["huge", "sliver", "text", "truncated"]
 
 
 def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, capsys):
@@ -201,14 +202,19 @@ def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, ca
     assert sorted(written) == ["alpha", "cmyk", "gray", "rotated", "sixteen", "tiny", "whole"]
     assert written["rotated"] == [b"40", b"20"]  # height, width once upright
     assert written["tiny"] == [b"1", b"1"]
-    assert f"7 images written to {out}; 3 skipped, each named above" in result.out
+    assert "sliver.png: the detector cannot take this 3000 x 1 picture (" in result.err
+    assert f"7 images written to {out}; 4 skipped, each named above" in result.out
 
     # The caffe policy drops proposals under 16 pixels of the picture: a 1 x 1 picture has none left.
-    tiny = [str(tmp_path / "pics" / "tiny.png"), str(tmp_path / "pics" / "whole.jpg")]
-    assert extract_regions.main(["--images", *tiny, "--weights", weights, "--out", str(tmp_path / "caffe.tsv"), *FAST]) == 0
-    assert capsys.readouterr().err == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; " \
-        "under the caffe policy, pictures of a few pixels leave no proposal)\n"
-    assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole"]
+    # A batch with a picture the detector cannot take is done again one picture at a time.
+    tiny = [str(tmp_path / "pics" / name) for name in ("tiny.png", "whole.jpg", "sliver.png", "gray.png")]
+    args = ["--images", *tiny, "--weights", weights, "--out", str(tmp_path / "caffe.tsv"), *FAST, "--batch_size", "2"]
+    assert extract_regions.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; " \
+        "under the caffe policy, pictures of a few pixels leave no proposal)"
+    assert err[1].startswith(f"skipped: {tiny[2]}: the detector cannot take this 3000 x 1 picture (") and len(err) == 2
+    assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole", b"gray"]
 
 
 @pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count",
