@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, box_iou, nms, roi_pool
 
 from utils.checkpoint import safe_torch_load
-from utils.errors import CheckpointError, OptionError
+from utils.errors import CheckpointError, DataError, OptionError
 
 POLICIES = ("caffe", "hf")
 
@@ -58,6 +58,8 @@ CAFFE_ANCHOR_BASE = 16
 FEATURE_STRIDE = 16
 # detectron2's clamp on the log-size deltas (py-faster-rcnn has none).
 SCALE_CLAMP = math.log(1000.0 / 16)
+# The stem's stride-2 convolution and unpadded 3x3 pooling need 3 input pixels on each side.
+MIN_INPUT_SIDE = 3
 # Regions through res5 at once: bounds memory (a region's res5 activations are 1.6 MB in fp32).
 RES5_CHUNK = {"cpu": 64, "cuda": 512}
 
@@ -649,6 +651,14 @@ class _Plan:
     def prepare(self, image):
         """-> network input (3, h, w), the factors (y, x) from its pixels to the image's, and
         py-faster-rcnn's im_scale (caffe; None for hf)."""
+        height, width = image.shape[:2]
+        new_h, new_w = caffe_scale(height, width, self.min_size, self.max_size)[1:] if self.policy == "caffe" \
+            else hf_resize_shape(height, width, self.min_size, self.max_size)
+        if min(new_h, new_w) < MIN_INPUT_SIDE:
+            raise DataError(
+                f"a {height}x{width} picture is too elongated for the detector: resized to {new_h}x{new_w} "
+                f"(longest side {self.max_size}), it is under {MIN_INPUT_SIDE} pixels across"
+            )
         if self.policy == "caffe":
             x, scale = caffe_input(image, self.min_size, self.max_size)
             return x, (1.0 / scale, 1.0 / scale), scale
