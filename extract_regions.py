@@ -158,13 +158,13 @@ def region_count_problem(path, regions, num_boxes):
 
 def detect(detector_module, detector, arrays, settings):
     """The regions of each picture, or the error of a picture the detector cannot take (a sliver
-    of a few pixels fails in its convolutions): a batch that fails is tried one picture at a time."""
+    a few pixels thin): a batch that fails is tried one picture at a time."""
     try:
         with torch.inference_mode():
             return detector_module.extract_regions_batch(detector, arrays, **settings)
     except torch.cuda.OutOfMemoryError:
         raise
-    except (RuntimeError, ValueError) as error:
+    except (VSRNError, RuntimeError, ValueError) as error:
         if len(arrays) == 1:
             return [error]
     return [detect(detector_module, detector, [array], settings)[0] for array in arrays]

@@ -13,7 +13,7 @@ import yaml
 import detector as D
 from conftest import CreatesFile, shared_file
 from tiny_detector import tiny_detector_state_dict
-from utils.errors import CheckpointError, OptionError
+from utils.errors import CheckpointError, DataError, OptionError
 
 REFERENCE = "frcnn_reference"
 
@@ -340,6 +340,15 @@ def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
     for policy in D.POLICIES:
         regions = D.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
         assert len(regions["boxes"]) == len(regions["features"]) == 20
+
+
+def test_tiny_and_elongated_pictures(tiny):
+    # py-faster-rcnn drops proposals under 16 pixels of the picture: a smaller picture has none.
+    assert len(D.extract_regions(tiny, photo(0, 12, 12), num_boxes=36)["boxes"]) == 0
+    assert len(D.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36)["boxes"]) == 36
+    for policy in D.POLICIES:
+        with pytest.raises(DataError, match=r"a 3x2000 picture is too elongated for the detector: resized to 2x1\d+ "):
+            D.extract_regions(tiny, photo(0, 3, 2000), policy=policy)
 
 
 def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
