@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, box_iou, nms, roi_pool
 
 from utils.checkpoint import safe_torch_load
-from utils.errors import CheckpointError, OptionError
+from utils.errors import CheckpointError, DataError, OptionError
 
 POLICIES = ("caffe", "hf")
 
@@ -44,6 +44,12 @@ PUBLISHED_CONFIG = {
     "max_detections": 36,
 }
 
+# The published checkpoint's architecture, as `architecture` reads it off its state dict.
+PUBLISHED_ARCH = {
+    "stem": 64, "res2": (3, 64, 256), "res3": (4, 128, 512), "res4": (23, 256, 1024), "res5": (3, 512, 2048),
+    "rpn_hidden": 512, "anchors": 12, "classes": 1600, "embedding": 256, "attr_hidden": 512, "attributes": 400,
+}
+
 # py-faster-rcnn's test settings in bottom-up-attention's generate_tsv.py.
 CAFFE_SCALE, CAFFE_MAX_SIZE = 600, 1000
 CAFFE_PRE_NMS, CAFFE_POST_NMS, CAFFE_RPN_NMS, CAFFE_RPN_MIN_SIZE = 6000, 300, 0.7, 16
@@ -52,6 +58,8 @@ CAFFE_ANCHOR_BASE = 16
 FEATURE_STRIDE = 16
 # detectron2's clamp on the log-size deltas (py-faster-rcnn has none).
 SCALE_CLAMP = math.log(1000.0 / 16)
+# The stem's stride-2 convolution and unpadded 3x3 pooling need 3 input pixels on each side.
+MIN_INPUT_SIDE = 3
 # Regions through res5 at once: bounds memory (a region's res5 activations are 1.6 MB in fp32).
 RES5_CHUNK = {"cpu": 64, "cuda": 512}
 
@@ -132,7 +140,8 @@ class RPNHead(nn.Module):
         n, _, h, w = x.shape
         logits = self.objectness_logits(t).permute(0, 2, 3, 1).reshape(n, -1)
         deltas = self.anchor_deltas(t).view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
-        return logits, deltas
+        # Boxes are computed in fp32 also under autocast (bf16 would round them to pixels and more).
+        return logits.float(), deltas.float()
 
 
 class ProposalGenerator(nn.Module):
@@ -164,7 +173,7 @@ class BoxPredictor(nn.Module):
         """The box deltas (R, 4) of one class per region, without computing all the others."""
         weight = self.bbox_pred.weight.view(-1, 4, features.shape[1])[classes]
         bias = self.bbox_pred.bias.view(-1, 4)[classes]
-        return torch.einsum("rd,rkd->rk", features, weight) + bias
+        return (torch.einsum("rd,rkd->rk", features, weight) + bias).float()
 
 
 class ROIHeads(nn.Module):
@@ -299,19 +308,23 @@ def architecture(state_dict, name="state dict"):
     }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays (and the plain containers around them), nothing that runs code."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict"),
-    }
+        (module, name)
+        for prefix in ("numpy.core", "numpy._core")
+        for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.multiarray", "scalar"), (f"{prefix}.numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it needs the global {module}.{name}")
+        raise _RefusedGlobal(f"it needs the global {module}.{name}")
 
 
 def _read_pickle(path):
@@ -321,9 +334,9 @@ def _read_pickle(path):
         with open(path, "rb") as f:
             # Detectron's pickles come from Python 2: bytes are latin-1.
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refusing to load: {str(e).splitlines()[0]} (a detectron2 .pkl holds numpy arrays only)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+    except _RefusedGlobal as e:
+        raise CheckpointError(f"{path}: refusing to load: {e} (a detectron2 .pkl holds numpy arrays only)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a complete pickle (truncated or another format: {type(e).__name__}: {e})") from None
 
 
@@ -636,7 +649,16 @@ class _Plan:
         self.cell_anchors = cell.to(detector.device)
 
     def prepare(self, image):
-        """-> network input (3, h, w) and the factors (y, x) from its pixels to the image's."""
+        """-> network input (3, h, w), the factors (y, x) from its pixels to the image's, and
+        py-faster-rcnn's im_scale (caffe; None for hf)."""
+        height, width = image.shape[:2]
+        new_h, new_w = caffe_scale(height, width, self.min_size, self.max_size)[1:] if self.policy == "caffe" \
+            else hf_resize_shape(height, width, self.min_size, self.max_size)
+        if min(new_h, new_w) < MIN_INPUT_SIDE:
+            raise DataError(
+                f"a {height}x{width} picture is too elongated for the detector: resized to {new_h}x{new_w} "
+                f"(longest side {self.max_size}), it is under {MIN_INPUT_SIDE} pixels across"
+            )
         if self.policy == "caffe":
             x, scale = caffe_input(image, self.min_size, self.max_size)
             return x, (1.0 / scale, 1.0 / scale), scale
@@ -700,8 +722,6 @@ def _score(detector, images, plan, timer=None):
 
 def _select(plan, predictor, scored, image):
     proposals, features = scored["proposals"], scored["features"]
-    scale_y, scale_x = scored["scale_yx"]
-    to_image = proposals.new_tensor([scale_x, scale_y, scale_x, scale_y])
     probs = scored["obj_logits"].float().softmax(dim=1)[:, :-1]
     if plan.policy == "caffe":
         # Caffe's class c (1..1600) is column c - 1 here; its background, column 0, is our last.
@@ -720,7 +740,8 @@ def _select(plan, predictor, scored, image):
         objects_conf, objects_id = classes_conf[keep], classes[keep]
         # The demo's attribute softmax leaves "no attribute" out.
         attrs_conf, attrs_id = scored["attr_logits"][keep, :-1].float().softmax(dim=1).max(dim=1)
-        boxes = boxes[keep] * to_image
+        scale_y, scale_x = scored["scale_yx"]
+        boxes = boxes[keep] * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
     return {
         "boxes": boxes.float().cpu().numpy(),
         "features": features[keep].float().cpu().numpy(),

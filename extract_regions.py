@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -56,13 +57,16 @@ def list_images(sources):
             raise OptionError(f"--images {source}: no such file or folder")
     if not items:
         raise OptionError(f"--images {' '.join(sources)}: no pictures ({', '.join(IMAGE_EXTENSIONS)})")
-    check_unique_ids(items)
+    check_ids(items)
     return items
 
 
-def check_unique_ids(items):
+def check_ids(items):
+    """Each image id once, and each one a TSV field can hold."""
     seen = {}
     for image_id, path in items:
+        if any(c in image_id for c in "\t\r\n") or image_id.encode("utf-8", "replace").decode("utf-8") != image_id:
+            raise OptionError(f"--images: {path!r}: a file name with a tab, a newline or bytes that are not UTF-8 cannot be a TSV image id; rename it")
         if image_id in seen:
             raise OptionError(f"--images: {seen[image_id]} and {path} have the same image id {image_id!r} (the file name without its extension)")
         seen[image_id] = path
@@ -79,14 +83,28 @@ def read_written(path):
     with open(path, "r+b") as f:
         for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
+                if not (ids or _row_start(line)):  # another kind of file: leave it as it is
+                    raise DataError(f"{path}:{number}: not an obj36 row; choose another --out")
                 f.truncate(end)
                 break
             fields = line.count(b"\t") + 1
-            if fields != TSV_FIELDS:
-                raise DataError(f"{path}:{number}: {fields} tab-separated fields, not an obj36 row; choose another --out")
-            ids.add(line[: line.index(b"\t")].decode("utf-8"))
+            try:
+                if fields != TSV_FIELDS:
+                    raise ValueError(f"{fields} tab-separated fields")
+                ids.add(line[: line.index(b"\t")].decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError is one
+                raise DataError(f"{path}:{number}: not an obj36 row ({str(e)[:60]}); choose another --out") from None
             last, end = line, end + len(line)
     return ids, last
+
+
+_ROW_FIELD = re.compile(rb"[0-9A-Za-z+/=]*")
+
+
+def _row_start(fragment):
+    """Whether `fragment` can be the beginning of an obj36 row: an id, then digits and base64."""
+    fields = fragment.split(b"\t")
+    return 2 <= len(fields) <= TSV_FIELDS and all(_ROW_FIELD.fullmatch(field) for field in fields[1:])
 
 
 def check_resumable(path, last_row, num_boxes):
@@ -138,6 +156,20 @@ def region_count_problem(path, regions, num_boxes):
             "under the caffe policy, pictures of a few pixels leave no proposal)")
 
 
+def detect(detector_module, detector, arrays, settings):
+    """The regions of each picture, or the error of a picture the detector cannot take (a sliver
+    a few pixels thin): a batch that fails is tried one picture at a time."""
+    try:
+        with torch.inference_mode():
+            return detector_module.extract_regions_batch(detector, arrays, **settings)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (VSRNError, RuntimeError, ValueError) as error:
+        if len(arrays) == 1:
+            return [error]
+    return [detect(detector_module, detector, [array], settings)[0] for array in arrays]
+
+
 def extract_rows(detector_module, detector, items, pictures, settings):
     """(line or None, problem or None) for each (id, path) with its picture array or ImageError."""
     results = [None] * len(items)
@@ -148,10 +180,14 @@ def extract_rows(detector_module, detector, items, pictures, settings):
         else:
             good.append(position)
     if good:
-        with torch.inference_mode():
-            regions = detector_module.extract_regions_batch(detector, [pictures[p] for p in good], **settings)
+        regions = detect(detector_module, detector, [pictures[p] for p in good], settings)
         for position, region in zip(good, regions):
             (image_id, path) = items[position]
+            if isinstance(region, Exception):
+                height, width = pictures[position].shape[:2]
+                reason = str(region).strip().splitlines()[0][:120] if str(region).strip() else type(region).__name__
+                results[position] = (None, f"{path}: the detector cannot take this {width} x {height} picture ({reason})")
+                continue
             problem = region_count_problem(path, region, settings["num_boxes"])
             results[position] = (None, problem) if problem else (tsv_to_precomp.format_obj36_line(image_id, region).encode("utf-8"), None)
     return results
@@ -165,6 +201,8 @@ def append_rows(f, rows):
 
 
 class Counts:
+    """Pictures of a run: already in the TSV, written, skipped."""
+
     def __init__(self, already):
         self.already, self.written, self.skipped = already, 0, 0
 
@@ -275,14 +313,14 @@ def run(args, world):
     if todo:
         import detector as detector_module
 
-        device = world.device if world.size > 1 else default_device(args.device)
+        device = default_device(args.device) if world is SINGLE_PROCESS else world.device
         net = detector_module.load_detector(args.weights, args.config, device)
         extract_to_tsv(net, todo, args.out, settings, counts, world, args.batch_size, args.workers)
     if world.is_main:
         print(counts.summary(args.out))
-        if args.precomp:
-            write_split(args, settings["num_boxes"])
-    world.close()
+    world.close()  # before the conversion: the other processes need not wait for it
+    if world.is_main and args.precomp:
+        write_split(args, settings["num_boxes"])
     return 0
 
 
@@ -371,7 +409,7 @@ def cached_regions(image_paths, weights, config=None, policy="caffe", num_boxes=
         raise OptionError(f"{weights}: detector weights not found")
     items = [(_digest(_file_identity(path) if os.path.exists(path) else path), path) for path in image_paths]
     names = [(os.path.splitext(os.path.basename(path))[0], path) for path in image_paths]
-    check_unique_ids(names)
+    check_ids(names)
     cache = regions_cache_path(weights, config, policy, num_boxes, cache_dir)
     settings = dict(policy=policy, num_boxes=num_boxes)
     with _locked(cache):

@@ -107,7 +107,7 @@ def test_a_torn_last_line_is_dropped_and_redone(detector, tmp_path, capsys):
     assert torn.read_bytes() == clean.read_bytes()
 
 
-def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path):
+def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path, capsys):
     weights, env = detector
     make_pictures(tmp_path / "pics", count=12)
     clean, killed = tmp_path / "clean.tsv", tmp_path / "killed.tsv"
@@ -123,27 +123,27 @@ def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path):
     process.wait()
     survived = killed.read_bytes().count(b"\n")
     assert 3 <= survived < 12
-    result = run_script([*args, "--out", str(killed)], env)
-    assert result.returncode == 0, result.stderr
-    assert f"{12 - survived} images written to {killed}; {survived} were already there" in result.stdout
+    capsys.readouterr()
+    assert extract_regions.main([*args, "--out", str(killed)]) == 0
+    assert f"{12 - survived} images written to {killed}; {survived} were already there" in capsys.readouterr().out
     assert killed.read_bytes() == clean.read_bytes()
 
 
-def test_torchrun_with_two_processes_writes_the_single_process_tsv(detector, tmp_path):
+def test_torchrun_with_two_processes_writes_the_single_process_tsv(detector, tmp_path, capsys):
     weights, env = detector
     make_pictures(tmp_path / "pics", count=7)
     (tmp_path / "pics" / "broken.jpg").write_text("not a picture")
     args = ["--images", str(tmp_path / "pics"), "--weights", weights, *FAST, "--batch_size", "2"]
-    single = run_script([*args, "--out", str(tmp_path / "single.tsv")], env)
-    assert single.returncode == 0, single.stderr
+    assert extract_regions.main([*args, "--out", str(tmp_path / "single.tsv")]) == 0
+    single = capsys.readouterr()
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "extract_regions.py",
                                *args, "--out", str(tmp_path / "two.tsv")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
     assert (tmp_path / "two.tsv").read_bytes() == (tmp_path / "single.tsv").read_bytes()
     assert len(rows(tmp_path / "two.tsv")) == 7
-    for result in (single, torchrun):
-        assert "7 images written" in result.stdout and "1 skipped" in result.stdout
-        assert result.stderr.count("broken.jpg: not a picture file") == 1  # one line, from the main process
+    for out, err in ((single.out, single.err), (torchrun.stdout, torchrun.stderr)):
+        assert "7 images written" in out and "1 skipped" in out
+        assert err.count("broken.jpg: not a picture file") == 1  # one line, from the main process
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -180,10 +180,11 @@ def bad_pictures(folder):
     exif[0x0112] = 6
     noise.crop((0, 0, 40, 20)).save(folder / "rotated.jpg", exif=exif)
     Image.new("RGB", (1, 1), (9, 9, 9)).save(folder / "tiny.png")
+    Image.new("RGB", (3000, 1), (9, 9, 9)).save(folder / "sliver.png")  # too thin for the network's convolutions
     from test_images import png_header_only
 
     png_header_only(folder / "huge.png", 40000, 40000)
-    return ["huge", "text", "truncated"]
+    return ["huge", "sliver", "text", "truncated"]
 
 
 def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, capsys):
@@ -201,32 +202,44 @@ def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, ca
     assert sorted(written) == ["alpha", "cmyk", "gray", "rotated", "sixteen", "tiny", "whole"]
     assert written["rotated"] == [b"40", b"20"]  # height, width once upright
     assert written["tiny"] == [b"1", b"1"]
-    assert f"7 images written to {out}; 3 skipped, each named above" in result.out
+    assert "sliver.png: the detector cannot take this 3000 x 1 picture (" in result.err
+    assert f"7 images written to {out}; 4 skipped, each named above" in result.out
 
     # The caffe policy drops proposals under 16 pixels of the picture: a 1 x 1 picture has none left.
-    tiny = [str(tmp_path / "pics" / "tiny.png"), str(tmp_path / "pics" / "whole.jpg")]
-    assert extract_regions.main(["--images", *tiny, "--weights", weights, "--out", str(tmp_path / "caffe.tsv"), *FAST]) == 0
-    assert capsys.readouterr().err == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; " \
-        "under the caffe policy, pictures of a few pixels leave no proposal)\n"
-    assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole"]
+    # A batch with a picture the detector cannot take is done again one picture at a time.
+    tiny = [str(tmp_path / "pics" / name) for name in ("tiny.png", "whole.jpg", "sliver.png", "gray.png")]
+    args = ["--images", *tiny, "--weights", weights, "--out", str(tmp_path / "caffe.tsv"), *FAST, "--batch_size", "2"]
+    assert extract_regions.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; " \
+        "under the caffe policy, pictures of a few pixels leave no proposal)"
+    assert err[1].startswith(f"skipped: {tiny[2]}: the detector cannot take this 3000 x 1 picture (") and len(err) == 2
+    assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole", b"gray"]
 
 
-@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "same ids", "other box count", "precomp flags"])
+@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count",
+                                  "out is another file", "out is a text line", "precomp flags"])
 def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, case):
     weights, env = detector
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.bin").write_text("not a detector")
     make_pictures(tmp_path / "pics", count=2)
     args = {
         "empty folder": ["--images", str(tmp_path / "empty"), "--weights", weights],
         "missing folder": ["--images", str(tmp_path / "absent"), "--weights", weights],
         "missing weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "absent.bin")],
+        "wrong weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "notes.bin")],
         "same ids": ["--images", str(tmp_path / "pics"), str(tmp_path / "pics" / "pic00.png"), "--weights", weights],
+        "out is another file": ["--images", str(tmp_path / "pics"), "--weights", weights],
+        "out is a text line": ["--images", str(tmp_path / "pics"), "--weights", weights],
         "other box count": ["--images", str(tmp_path / "pics"), "--weights", weights, "--boxes", "12"],
         "precomp flags": ["--images", str(tmp_path / "pics"), "--weights", weights, "--precomp", "--captions", "c.txt"],
     }[case]
     out = tmp_path / "regions.tsv"
     if case == "other box count":
         assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST]) == 0
+    if case.startswith("out is"):  # a wrong --out is never cut or appended to
+        out.write_text("some notes\nof the user's" if case == "out is another file" else "one line without a newline")
     before = out.read_bytes() if out.exists() else None
     capsys.readouterr()
     if case == "missing weights":  # as a user sees it: the script's own process
@@ -240,7 +253,10 @@ def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, cas
         "empty folder": f"--images {tmp_path / 'empty'}: no pictures",
         "missing folder": f"--images {tmp_path / 'absent'}: no such file or folder",
         "missing weights": f"--weights {tmp_path / 'absent.bin'}: file not found",
+        "wrong weights": f"error: {tmp_path / 'notes.bin'}: ",
         "same ids": "have the same image id 'pic00'",
+        "out is another file": f"{out}:1: not an obj36 row (1 tab-separated fields); choose another --out",
+        "out is a text line": f"{out}:1: not an obj36 row; choose another --out",
         "other box count": f"--out {out} holds rows of 10 boxes; this run extracts 12",
         "precomp flags": "--precomp writes a VSRN split: give --data_path, --data_name, --split too",
     }[case]

@@ -12,6 +12,7 @@
   decompression-bomb guard) are refused, as are unreadable, truncated and non-image files:
   each with an ImageError, one line naming the file.
 """
+import struct
 import warnings
 
 import numpy as np
@@ -71,7 +72,8 @@ def read_image(path):
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not a picture file Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
+    # Besides OSError, what Pillow can raise on damaged files.
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error, MemoryError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"{path}: unreadable or truncated picture ({reason})") from None
     return np.ascontiguousarray(array)
