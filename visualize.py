@@ -22,6 +22,7 @@ from evaluation import _load_models, encode_data
 from model import cosine_sim, order_sim
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
+from utils.images import read_image
 from utils.options import ScriptHelpFormatter
 from vocab import END, START, tokenize
 
@@ -176,12 +177,9 @@ def find_picture(image_dir, image_id, pattern=None):
 
 
 def open_picture(path):
+    """The picture as the detector saw it (upright, RGB): utils.images.read_image."""
     Image, _, _ = _pillow()
-    try:
-        with Image.open(path) as picture:
-            return picture.convert("RGB")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    return Image.fromarray(read_image(path))
 
 
 class Pictures:

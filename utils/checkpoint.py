@@ -23,24 +23,32 @@ def _refused_global(message):
     return match.group(1) if match else None
 
 
+def safe_torch_load(path, map_location="cpu", kind="VSRN checkpoint", safe_globals=()):
+    """`torch.load` with `weights_only=True`; any failure becomes a one-line CheckpointError.
+
+    `kind` names what the file should be, `safe_globals` the classes it may hold besides tensors.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused_global(str(e))
+        if refused:
+            raise CheckpointError(f"{path}: refusing to load: it needs the global {refused}, which a {kind} never holds") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a complete torch checkpoint (truncated or another format: {first})") from None
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict with `weights_only=True` and only argparse.Namespace allowed.
 
     `opt` comes back as a Namespace in which options older files lack take today's defaults.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = _refused_global(str(e))
-        if refused:
-            raise CheckpointError(f"{path}: refusing to load: it needs the global {refused}, which a VSRN checkpoint never holds") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a complete torch checkpoint (truncated or another format: {first})") from None
+    checkpoint = safe_torch_load(path, map_location, safe_globals=SAFE_GLOBALS)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
         raise CheckpointError(f"{path}: not a VSRN checkpoint (expected a dict with 'model' and 'opt')")
     opt = checkpoint["opt"]

@@ -70,6 +70,10 @@ class SingleProcess:
         """Every process's value, in rank order (picklable values)."""
         return [value]
 
+    def gather_to_main(self, value):
+        """Every process's value, in rank order, on the main process; None on the others (picklable values)."""
+        return [value]
+
     def wrap(self, module):
         """`module` as its training forward runs in this world (DistributedDataParallel when distributed)."""
         return module
@@ -165,6 +169,11 @@ class DistributedWorld(SingleProcess):
     def gather_objects(self, value):
         values = [None] * self.size
         dist.all_gather_object(values, value, group=self.control)
+        return values
+
+    def gather_to_main(self, value):
+        values = [None] * self.size if self.is_main else None
+        dist.gather_object(value, values, dst=0, group=self.control)
         return values
 
     def wrap(self, module):
@@ -274,12 +283,23 @@ def init_world(opt):
     """
     if not launched():
         return SINGLE_PROCESS
-    rank, size, local_rank = (_launch_variable(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    size = _launch_variable("WORLD_SIZE")
     if opt.batch_size % size:
         raise OptionError(
             f"--batch_size {opt.batch_size} is the global batch and must divide evenly among the {size} processes "
             f"(e.g. --batch_size {opt.batch_size // size * size or size})"
         )
+    world = join_world(opt)
+    opt.seed = world.broadcast(opt.seed)
+    return world
+
+
+def join_world(opt):
+    """Join the job's process group when a launcher started this process (opt.device, opt.dist_timeout);
+    SINGLE_PROCESS otherwise."""
+    if not launched():
+        return SINGLE_PROCESS
+    rank, size, local_rank = (_launch_variable(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = _device(opt, local_rank)
     _die_with_launcher()
     if device.type == "cuda":
@@ -292,6 +312,4 @@ def init_world(opt):
     except (RuntimeError, ValueError) as e:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise DistributedError(f"cannot join the {backend} process group at {where} as rank {rank} of {size}: {str(e).splitlines()[0]}") from None
-    world = DistributedWorld(rank, size, local_rank, device, control)
-    opt.seed = world.broadcast(opt.seed)
-    return world
+    return DistributedWorld(rank, size, local_rank, device, control)

@@ -10,7 +10,6 @@ writes OUT/images/<id>.png, OUT/{train,dev,test}_obj36.tsv (LXMERT's 10-field la
 OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils/tsv_to_precomp.py.
 """
 import argparse
-import base64
 import colorsys
 import os
 import sys
@@ -22,6 +21,7 @@ from utils.atomic import atomic_write  # noqa: E402
 from utils.errors import OptionError, VSRNError, report  # noqa: E402
 from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split  # noqa: E402
 from utils.options import ScriptHelpFormatter  # noqa: E402
+from utils.tsv_to_precomp import format_obj36_line  # noqa: E402
 
 WIDTH, HEIGHT = 240, 160
 BACKGROUND = (235, 232, 225)
@@ -68,16 +68,10 @@ def draw(rectangles):
     return image
 
 
-def b64(array, dtype):
-    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
-
-
 def obj36_line(image_id, boxes, features, owners):
-    objects = np.maximum(owners, 0)
-    confidence = np.where(owners >= 0, 0.9, 0.2)
-    fields = [image_id, str(HEIGHT), str(WIDTH), b64(objects, np.int64), b64(confidence, np.float32), b64(np.zeros(REGIONS), np.int64),
-              b64(np.zeros(REGIONS), np.float32), str(REGIONS), b64(boxes, np.float32), b64(features, np.float32)]
-    return "\t".join(fields) + "\n"
+    regions = {"img_h": HEIGHT, "img_w": WIDTH, "objects_id": np.maximum(owners, 0), "objects_conf": np.where(owners >= 0, 0.9, 0.2),
+               "attrs_id": np.zeros(REGIONS), "attrs_conf": np.zeros(REGIONS), "boxes": boxes, "features": features}
+    return format_obj36_line(image_id, regions)
 
 
 def make_toy_images(out, img_dim=128, seed=0, sizes=None):

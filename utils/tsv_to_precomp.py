@@ -251,6 +251,39 @@ def parse_line(line, where, num_boxes, feature_dim):
     return Region(image_id, size, boxes, features)
 
 
+def encode_array(array, dtype):
+    """A TSV array field: base64 of the array's raw bytes as `dtype`."""
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+
+def format_obj36_line(image_id, regions):
+    """One LXMERT obj36 TSV line, with its newline, of a detector's regions (a dict with
+    boxes, features, objects_id, objects_conf, attrs_id, attrs_conf, img_h, img_w)."""
+    if not image_id or any(c in image_id for c in "\t\r\n"):
+        raise ValueError(f"image id {image_id!r}: must be non-empty without tabs or newlines")
+    arrays = [encode_array(regions[name], dtype) for name, dtype in LXMERT_ARRAYS]
+    fields = [image_id, str(int(regions["img_h"])), str(int(regions["img_w"])), *arrays, str(len(regions["boxes"])),
+              encode_array(regions["boxes"], np.float32), encode_array(regions["features"], np.float32)]
+    return "\t".join(fields) + "\n"
+
+
+def parse_obj36_line(line, where):
+    """The regions dict of one LXMERT obj36 line (bytes without its newline), any box count;
+    the feature width is read off the features field."""
+    fields = line.split(b"\t")
+    if len(fields) != len(LXMERT_FIELDS):
+        raise DataError(f"{where}: {len(fields)} tab-separated fields; expected {len(LXMERT_FIELDS)} (LXMERT obj36)")
+    named = dict(zip(LXMERT_FIELDS, fields))
+    count = _integer(where, "num_boxes", named["num_boxes"])
+    regions = {"img_h": _integer(where, "img_h", named["img_h"]), "img_w": _integer(where, "img_w", named["img_w"])}
+    for name, dtype in LXMERT_ARRAYS:
+        regions[name] = _array(where, name, named[name], dtype, (count,)).copy()
+    regions["boxes"] = _array(where, "boxes", named["boxes"], np.float32, (count, 4)).copy()
+    width = len(named["features"]) * 3 // 4 // 4 // max(count, 1)  # base64 carries 3 bytes per 4 characters
+    regions["features"] = _array(where, "features", named["features"], np.float32, (count, width)).copy()
+    return regions
+
+
 def read_tsv(paths, num_boxes, feature_dim):
     """Regions of every line of the files in order, one at a time (each file is streamed)."""
     for path in paths:
@@ -331,14 +364,26 @@ def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=20
     return features.count, skipped
 
 
+def add_split_arguments(p, required=True):
+    """The flags that name a split's captions and where it goes (shared with extract_regions.py --precomp)."""
+    p.add_argument("--captions", required=required, help="image_id<TAB>caption text, Karpathy's dataset_*.json or COCO captions_*.json")
+    p.add_argument("--data_path", required=required, help="folder that holds NAME_precomp/")
+    p.add_argument("--data_name", required=required, help="NAME_precomp")
+    p.add_argument("--split", required=required, help="train, dev, test, testall or another split name")
+    p.add_argument("--karpathy_split", nargs="+", choices=KARPATHY_SPLITS, help="the Karpathy splits to take (e.g. train restval)")
+
+
+def split_folder(args):
+    """DATA_PATH/NAME_precomp of the parsed split flags; OptionError for a name VSRN does not read."""
+    if not args.data_name.endswith("_precomp"):
+        raise OptionError(f"--data_name {args.data_name}: VSRN reads NAME_precomp folders; end the name with _precomp")
+    return os.path.join(args.data_path, args.data_name)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     p.add_argument("--tsv", nargs="+", required=True, help="TSV files, read in this order")
-    p.add_argument("--captions", required=True, help="image_id<TAB>caption text, Karpathy's dataset_*.json or COCO captions_*.json")
-    p.add_argument("--data_path", required=True, help="folder that holds NAME_precomp/")
-    p.add_argument("--data_name", required=True, help="NAME_precomp")
-    p.add_argument("--split", required=True, help="train, dev, test, testall or another split name")
-    p.add_argument("--karpathy_split", nargs="+", choices=KARPATHY_SPLITS, help="the Karpathy splits to take (e.g. train restval)")
+    add_split_arguments(p)
     p.add_argument("--num_boxes", type=int, default=36, help="boxes per image (fixed)")
     p.add_argument("--feature_dim", type=int, default=2048, help="dimensions of a region feature")
     return p
@@ -346,10 +391,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    folder = os.path.join(args.data_path, args.data_name)
     try:
-        if not args.data_name.endswith("_precomp"):
-            raise OptionError(f"--data_name {args.data_name}: VSRN reads NAME_precomp folders; end the name with _precomp")
+        folder = split_folder(args)
         written, skipped = convert(args.tsv, args.captions, folder, args.split, args.num_boxes, args.feature_dim,
                                    args.karpathy_split, progress=_progress)
     except (VSRNError, OSError) as e:

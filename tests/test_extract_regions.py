@@ -1,0 +1,284 @@
+"""extract_regions.py: the obj36 TSV, its round trip through tsv_to_precomp, resume after a kill,
+torchrun sharding, bad pictures, and cached_regions."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detector as detector_module
+import extract_regions
+from conftest import ROOT
+from utils import tsv_to_precomp
+from utils.distributed import SINGLE_PROCESS
+from tiny_detector import tiny_detector_state_dict
+from utils.images import read_image
+
+# Small network inputs and 10 boxes: a fraction of a second per picture with the tiny detector.
+FAST = ["--boxes", "10", "--min_size", "128", "--max_size", "200"]
+SLOWED = ("import sys, time; sys.path.insert(0, sys.argv.pop(1)); import detector; batch = detector.extract_regions_batch; "
+          "detector.extract_regions_batch = lambda *a, **k: (time.sleep(0.3), batch(*a, **k))[1]; "
+          "import extract_regions; sys.exit(extract_regions.main(sys.argv[1:]))")
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    """(weights path, environment of a subprocess) of a tiny random detector."""
+    folder = tmp_path_factory.mktemp("detector")
+    weights = folder / "tiny_detector.bin"
+    torch.save(tiny_detector_state_dict(), weights)
+    return str(weights), dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def make_pictures(folder, count=6, seed=0):
+    """`count` small pictures of different sizes and contents; their paths in name order."""
+    rng = np.random.RandomState(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        height, width = rng.randint(48, 96, size=2)
+        path = folder / f"pic{i:02d}.png"
+        Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def run_script(args, env, script="extract_regions.py"):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rows(path):
+    with open(path, "rb") as f:
+        return f.read().splitlines(keepends=True)
+
+
+def test_the_tsv_round_trips_through_tsv_to_precomp(detector, tmp_path, capsys):
+    weights, _ = detector
+    paths = make_pictures(tmp_path / "pics")
+    out = tmp_path / "regions.tsv"
+    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST, "--batch_size", "2"]) == 0
+    assert f"6 images written to {out}" in capsys.readouterr().out
+
+    net = detector_module.load_detector(weights)
+    expected = [detector_module.extract_regions(net, read_image(p), num_boxes=10, min_size=128, max_size=200) for p in paths]
+    ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for line, image_id, regions in zip(rows(out), ids, expected):
+        parsed = tsv_to_precomp.parse_obj36_line(line.rstrip(b"\n"), "row")
+        assert line.split(b"\t")[0].decode() == image_id and len(line.split(b"\t")) == 10
+        for key, value in regions.items():
+            np.testing.assert_array_equal(parsed[key], value)
+            if isinstance(value, np.ndarray):
+                assert parsed[key].dtype == (np.int64 if key.endswith("_id") else np.float32)
+
+    captions = tmp_path / "caps.txt"
+    captions.write_text("".join(f"{i}.png\tcaption {k} of {i}\n" for i in ids for k in range(5)))
+    folder = tmp_path / "data" / "mine_precomp"
+    width = expected[0]["features"].shape[1]
+    assert tsv_to_precomp.convert([str(out)], str(captions), str(folder), "test", 10, width) == (6, 0)
+    np.testing.assert_array_equal(np.load(folder / "test_ims.npy"), np.stack([r["features"] for r in expected]))
+    np.testing.assert_array_equal(np.load(folder / "test_boxes.npy"), np.stack([r["boxes"] for r in expected]))
+    assert np.load(folder / "test_image_sizes.npy").tolist() == [[r["img_h"], r["img_w"]] for r in expected]
+    assert (folder / "test_image_ids.txt").read_text().split() == ids
+
+    # --precomp writes the same split through the converter.
+    assert extract_regions.main(["--images", *paths, "--weights", weights, "--out", str(out), *FAST, "--precomp", "--captions", str(captions),
+                                 "--data_path", str(tmp_path / "data2"), "--data_name", "mine_precomp", "--split", "test"]) == 0
+    assert "0 images written" in capsys.readouterr().out  # all were in the TSV already
+    for name in ("ims.npy", "boxes.npy", "image_sizes.npy", "image_ids.txt", "caps.txt"):
+        assert (tmp_path / "data2" / "mine_precomp" / f"test_{name}").read_bytes() == (folder / f"test_{name}").read_bytes()
+
+
+def test_a_torn_last_line_is_dropped_and_redone(detector, tmp_path, capsys):
+    weights, _ = detector
+    make_pictures(tmp_path / "pics")
+    clean, torn = tmp_path / "clean.tsv", tmp_path / "torn.tsv"
+    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(clean), *FAST]) == 0
+    whole = rows(clean)
+    # Three whole rows and half of the fourth, as a crash in the middle of a write leaves them.
+    torn.write_bytes(b"".join(whole[:3]) + whole[3][: len(whole[3]) // 2])
+    capsys.readouterr()
+    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(torn), *FAST]) == 0
+    assert f"3 images written to {torn}; 3 were already there" in capsys.readouterr().out
+    assert torn.read_bytes() == clean.read_bytes()
+
+
+def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path, capsys):
+    weights, env = detector
+    make_pictures(tmp_path / "pics", count=12)
+    clean, killed = tmp_path / "clean.tsv", tmp_path / "killed.tsv"
+    args = ["--images", str(tmp_path / "pics"), "--weights", weights, *FAST, "--batch_size", "1"]
+    assert extract_regions.main([*args, "--out", str(clean)]) == 0
+    process = subprocess.Popen([sys.executable, "-c", SLOWED, ROOT, *args, "--out", str(killed)], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed.exists() and killed.read_bytes().count(b"\n") >= 3) and time.time() < deadline:
+        assert process.poll() is None, "finished before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    survived = killed.read_bytes().count(b"\n")
+    assert 3 <= survived < 12
+    capsys.readouterr()
+    assert extract_regions.main([*args, "--out", str(killed)]) == 0
+    assert f"{12 - survived} images written to {killed}; {survived} were already there" in capsys.readouterr().out
+    assert killed.read_bytes() == clean.read_bytes()
+
+
+def test_torchrun_with_two_processes_writes_the_single_process_tsv(detector, tmp_path, capsys):
+    weights, env = detector
+    make_pictures(tmp_path / "pics", count=7)
+    (tmp_path / "pics" / "broken.jpg").write_text("not a picture")
+    args = ["--images", str(tmp_path / "pics"), "--weights", weights, *FAST, "--batch_size", "2"]
+    assert extract_regions.main([*args, "--out", str(tmp_path / "single.tsv")]) == 0
+    single = capsys.readouterr()
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "extract_regions.py",
+                               *args, "--out", str(tmp_path / "two.tsv")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert (tmp_path / "two.tsv").read_bytes() == (tmp_path / "single.tsv").read_bytes()
+    assert len(rows(tmp_path / "two.tsv")) == 7
+    for out, err in ((single.out, single.err), (torchrun.stdout, torchrun.stderr)):
+        assert "7 images written" in out and "1 skipped" in out
+        assert err.count("broken.jpg: not a picture file") == 1  # one line, from the main process
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_shares_cover_every_position_once_in_order(world_size, batch_size):
+    class World:
+        size = world_size
+
+    per_rank = []
+    for rank in range(world_size):
+        World.rank = rank
+        per_rank.append(list(extract_regions.shares(11, batch_size, World)))
+    steps = len(per_rank[0])
+    assert all(len(shares) == steps for shares in per_rank)  # every process takes part in every step
+    gathered = [p for step in range(steps) for shares in per_rank for p in shares[step]]
+    assert gathered == list(range(11))
+    assert [list(s) for s in extract_regions.shares(5, 2, SINGLE_PROCESS)] == [[0, 1], [2, 3], [4]]
+
+
+def bad_pictures(folder):
+    """One picture of each awkward kind, named after it; returns the names that must be skipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(1)
+    noise = Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "text.jpg").write_text("a text file named like a picture\n")
+    noise.convert("L").save(folder / "gray.png")
+    noise.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((rng.randint(0, 65536, (20, 30))).astype(np.uint16)).save(folder / "sixteen.png")
+    noise.convert("RGBA").save(folder / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise.crop((0, 0, 40, 20)).save(folder / "rotated.jpg", exif=exif)
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(folder / "tiny.png")
+    from test_images import png_header_only
+
+    png_header_only(folder / "huge.png", 40000, 40000)
+    return ["huge", "text", "truncated"]
+
+
+def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, capsys):
+    weights, _ = detector
+    skipped = bad_pictures(tmp_path / "pics")
+    out = tmp_path / "regions.tsv"
+    hf = ["--policy", "hf", "--boxes", "10", "--min_size", "128", "--max_size", "200"]
+    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *hf]) == 0
+    result = capsys.readouterr()
+    lines = result.err.splitlines()
+    assert len(lines) == len(skipped)
+    for name, line in zip(skipped, sorted(lines)):
+        assert line.startswith(f"skipped: {tmp_path / 'pics' / name}.")
+    written = {line.split(b"\t")[0].decode(): line.split(b"\t")[1:3] for line in rows(out)}
+    assert sorted(written) == ["alpha", "cmyk", "gray", "rotated", "sixteen", "tiny", "whole"]
+    assert written["rotated"] == [b"40", b"20"]  # height, width once upright
+    assert written["tiny"] == [b"1", b"1"]
+    assert f"7 images written to {out}; 3 skipped, each named above" in result.out
+
+    # The caffe policy drops proposals under 16 pixels of the picture: a 1 x 1 picture has none left.
+    tiny = [str(tmp_path / "pics" / "tiny.png"), str(tmp_path / "pics" / "whole.jpg")]
+    assert extract_regions.main(["--images", *tiny, "--weights", weights, "--out", str(tmp_path / "caffe.tsv"), *FAST]) == 0
+    assert capsys.readouterr().err == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; " \
+        "under the caffe policy, pictures of a few pixels leave no proposal)\n"
+    assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole"]
+
+
+@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count", "precomp flags"])
+def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, case):
+    weights, env = detector
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.bin").write_text("not a detector")
+    make_pictures(tmp_path / "pics", count=2)
+    args = {
+        "empty folder": ["--images", str(tmp_path / "empty"), "--weights", weights],
+        "missing folder": ["--images", str(tmp_path / "absent"), "--weights", weights],
+        "missing weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "absent.bin")],
+        "wrong weights": ["--images", str(tmp_path / "pics"), "--weights", str(tmp_path / "notes.bin")],
+        "same ids": ["--images", str(tmp_path / "pics"), str(tmp_path / "pics" / "pic00.png"), "--weights", weights],
+        "other box count": ["--images", str(tmp_path / "pics"), "--weights", weights, "--boxes", "12"],
+        "precomp flags": ["--images", str(tmp_path / "pics"), "--weights", weights, "--precomp", "--captions", "c.txt"],
+    }[case]
+    out = tmp_path / "regions.tsv"
+    if case == "other box count":
+        assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST]) == 0
+    before = out.read_bytes() if out.exists() else None
+    capsys.readouterr()
+    if case == "missing weights":  # as a user sees it: the script's own process
+        result = run_script([*args, "--out", str(out)], env)
+        code, stderr = result.returncode, result.stderr
+    else:
+        code, stderr = extract_regions.main([*args, "--out", str(out)]), capsys.readouterr().err
+    assert code == 2
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ")
+    expected = {
+        "empty folder": f"--images {tmp_path / 'empty'}: no pictures",
+        "missing folder": f"--images {tmp_path / 'absent'}: no such file or folder",
+        "missing weights": f"--weights {tmp_path / 'absent.bin'}: file not found",
+        "wrong weights": f"error: {tmp_path / 'notes.bin'}: ",
+        "same ids": "have the same image id 'pic00'",
+        "other box count": f"--out {out} holds rows of 10 boxes; this run extracts 12",
+        "precomp flags": "--precomp writes a VSRN split: give --data_path, --data_name, --split too",
+    }[case]
+    assert expected in stderr
+    assert (out.read_bytes() if out.exists() else None) == before
+
+
+def test_cached_regions_extracts_each_picture_once(detector, tmp_path, monkeypatch):
+    weights, _ = detector
+    paths = make_pictures(tmp_path / "pics", count=4)
+    extracted = []
+    batch = detector_module.extract_regions_batch
+    monkeypatch.setattr(detector_module, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
+
+    first = extract_regions.cached_regions(paths[:3], weights, num_boxes=10)
+    assert list(first) == ["pic00", "pic01", "pic02"] and len(extracted) == 3
+    expected = batch(detector_module.load_detector(weights), [read_image(p) for p in paths[:3]], num_boxes=10)
+    for regions, reference in zip(first.values(), expected):
+        for key in reference:
+            np.testing.assert_array_equal(regions[key], reference[key])
+
+    again = extract_regions.cached_regions(paths, weights, num_boxes=10)
+    assert len(extracted) == 4  # only the new picture
+    assert list(again) == ["pic00", "pic01", "pic02", "pic03"]
+    np.testing.assert_array_equal(again["pic01"]["features"], first["pic01"]["features"])
+    assert extract_regions.cached_regions(paths, weights, num_boxes=10).keys() == again.keys() and len(extracted) == 4
+
+    cache_files = os.listdir(os.path.join(os.environ["VSRN_CACHE"], "regions"))
+    assert len([f for f in cache_files if f.endswith(".tsv")]) == 1
+
+    # Other settings, and an edited picture, are extracted again.
+    extract_regions.cached_regions(paths[:1], weights, num_boxes=12)
+    assert len(extracted) == 5
+    Image.fromarray(np.random.RandomState(5).randint(0, 256, (60, 90, 3), dtype=np.uint8)).save(paths[2])
+    os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))
+    edited = extract_regions.cached_regions(paths, weights, num_boxes=10)
+    assert len(extracted) == 6
+    assert (edited["pic02"]["img_h"], edited["pic02"]["img_w"]) == (60, 90)
