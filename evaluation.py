@@ -10,6 +10,7 @@ original's unstable argsort left both cases unspecified; continuous embeddings d
 """
 import contextlib
 import io
+import math
 import os
 import warnings
 
@@ -72,33 +73,44 @@ def check_finite(scores, name="the scores"):
         )
 
 
-def ranks_i2t(sims, name="the scores"):
+def ranks_i2t(sims, name="the scores", caption_images=None):
     """Rank of each image's best caption among 5i..5i+4, and its top-scored caption.
 
     `sims` is an (n_images, n_captions) score matrix; returns two float arrays of n_images.
-    Non-finite scores are refused (`check_finite`, naming `name`).
+    Non-finite scores are refused (`check_finite`, naming `name`). `caption_images`: the image
+    (row) each caption describes, for captions that are not 5 per image in image order; every
+    image needs one.
     """
     sims = torch.as_tensor(sims)
+    if caption_images is not None:
+        caption_images = torch.as_tensor(caption_images, dtype=torch.int64)
+        own = sims[caption_images, torch.arange(sims.shape[1])]
+        truths = torch.full((len(sims),), -math.inf, dtype=sims.dtype).scatter_reduce(0, caption_images, own, "amax")
     step = _rows_per_chunk(sims.shape[1])
     ranks, top1 = [], []
     for start in range(0, len(sims), step):
         rows = sims[start:start + step]
         if not torch.isfinite(rows).all():
             check_finite(sims, name)
-        own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
-        truth = rows.gather(1, own_captions).amax(1)
+        if caption_images is None:
+            own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
+            truth = rows.gather(1, own_captions).amax(1)
+        else:
+            truth = truths[start:start + len(rows)]
         ranks.append(_count_above(rows, truth[:, None], dim=1))
         top1.append(rows.argmax(1))
     return _as_float_arrays(ranks, top1)
 
 
-def ranks_t2i(sims, name="the scores"):
+def ranks_t2i(sims, name="the scores", caption_images=None):
     """Rank of each caption's image (caption j describes image j // 5), and its top-scored image.
 
     `sims` is an (n_images, n_captions) score matrix; returns two float arrays of n_captions.
-    Non-finite scores are refused (`check_finite`, naming `name`).
+    Non-finite scores are refused (`check_finite`, naming `name`). `caption_images`: the image
+    each caption describes, when it is not j // 5.
     """
     sims = torch.as_tensor(sims)
+    caption_images = torch.arange(sims.shape[1]) // 5 if caption_images is None else torch.as_tensor(caption_images, dtype=torch.int64)
     n_images = len(sims)
     images = torch.arange(n_images, dtype=torch.int32)[:, None]
     step = _rows_per_chunk(n_images)
@@ -108,7 +120,7 @@ def ranks_t2i(sims, name="the scores"):
         if not torch.isfinite(columns).all():
             check_finite(sims, name)
         captions = torch.arange(start, start + columns.shape[1])
-        ranks.append(_count_above(columns, columns[captions // 5, captions - start], dim=0))
+        ranks.append(_count_above(columns, columns[caption_images[captions], captions - start], dim=0))
         # The first image holding the column maximum: on CPU, argmax along dim 0 runs several
         # times slower than these elementwise passes and an int32 amin.
         is_best = columns == columns.amax(0)

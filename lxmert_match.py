@@ -1,9 +1,19 @@
-"""Image-text matching with LXMERT (Tan & Bansal, EMNLP 2019) on VSRN's splits and recall metrics.
+"""Image-text matching with LXMERT (Tan & Bansal, EMNLP 2019) on VSRN's splits and recall metrics,
+or on your own pictures in one step.
 
-    python3 lxmert_match.py --model unc-nlp/lxmert-base-uncased --data_path DATA --data_name f30k_precomp \\
+    python3 lxmert_match.py --model DIR --data_path DATA --data_name f30k_precomp \\
         --split test --mode matched                                   # every image-caption pair
     python3 lxmert_match.py --model DIR --data_path DATA --data_name coco_precomp --split testall \\
         --vsrn runs/coco/model_best.pth.tar --topk 20                 # LXMERT reranks VSRN's top 20
+    python3 lxmert_match.py --model DIR --images photos/ --captions captions.txt \\
+        --detector frcnn/pytorch_model.bin                            # pictures and captions in, scores out
+
+Your own pictures: their regions are extracted with detector.py (36 per picture, the caffe
+policy LXMERT's features were made with) and cached ($VSRN_CACHE/regions/, see README), every
+picture-caption pair is scored, each caption's pictures and each picture's captions are printed
+best first, and the score matrix is written (--save_scores: .csv and/or .json). FILE holds one
+caption per line, or `image_id<TAB>caption` lines (image id: the file name without extension),
+which add recall against those ground truths.
 
 Modes (see README, "LXMERT matching"):
   matched  softmax(cross_relationship_score)[:, 1] of LxmertForPreTraining: the probability its
@@ -19,6 +29,8 @@ Recall, median and mean rank are evaluation.py's: the same ranking code runs on 
 caption) score matrix instead of VSRN's similarity matrix.
 """
 import argparse
+import csv
+import json
 import math
 import os
 import socket
@@ -40,6 +52,9 @@ from utils.errors import CheckpointError, DataError, OptionError, ScoreError, VS
 from utils.options import ScriptHelpFormatter
 
 MODES = ("matched", "cosine")
+DEFAULT_MODEL = "unc-nlp/lxmert-base-uncased"
+DEFAULT_SCORES = "lxmert_scores.csv"
+LXMERT_BOXES = 36  # regions per picture, as LXMERT's obj36 features
 MAX_TOKENS = 20  # LXMERT's pretraining max_seq_length, [CLS] and [SEP] included
 # Pairs are drawn in blocks of this many batches, sorted by caption length inside a block so that
 # a batch pads its captions to similar lengths.
@@ -519,6 +534,164 @@ def vsrn_similarity(checkpoints, data_path, data_name, split, vocab_path=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Your own pictures
+
+
+def read_pictures_captions(path):
+    """(captions, their image ids or None) of a caption file: one caption per line, or
+    `image_id<TAB>caption` on every line. Blank lines are skipped."""
+    captions, image_ids = [], []
+    for number, line in enumerate(read_captions(path), start=1):
+        if not line:
+            continue
+        image_id, tab, caption = line.partition("\t")
+        if captions and bool(tab) != bool(image_ids):
+            raise DataError(f"{path}: line {number} " + ("has" if tab else "has no") + " image id and tab, unlike the lines before; "
+                            "give every line as `caption` or every line as `image_id<TAB>caption`")
+        if tab:
+            if not image_id.strip() or not caption.strip():
+                raise DataError(f"{path}: line {number}: expected `image_id<TAB>caption`, got an empty " + ("image id" if not image_id.strip() else "caption"))
+            image_ids.append(image_id.strip())
+        captions.append(caption.strip() if tab else line)
+    if not captions:
+        raise DataError(f"{path}: no captions")
+    return captions, image_ids or None
+
+
+class Pictures:
+    """Pictures' regions (LXMERT inputs: features and normalised boxes), by image id, in a fixed order."""
+
+    def __init__(self, regions, paths, visual_feat_dim, detector):
+        self.ids = list(regions)
+        features = [regions[i]["features"] for i in self.ids]
+        width = features[0].shape[1]
+        if width != visual_feat_dim:
+            raise DataError(f"--detector {detector}: its regions have {width} dims; the LXMERT model's visual_feat_dim is {visual_feat_dim}")
+        self.features = np.stack(features).astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(self.features).reshape(len(self.ids), -1).all(1))
+        if len(bad):
+            raise DataError(f"{paths[self.ids[bad[0]]]}: NaN or Inf in its region features (--detector {detector})")
+        sizes = [(regions[i]["img_h"], regions[i]["img_w"]) for i in self.ids]
+        self.boxes = normalised_boxes(np.stack([regions[i]["boxes"] for i in self.ids]), sizes, [paths[i] for i in self.ids])
+
+    def images(self, indices):
+        """Features (len, regions, dim) and normalised boxes (len, regions, 4) of some pictures."""
+        indices = np.asarray(indices)
+        return torch.from_numpy(self.features[indices]), torch.from_numpy(self.boxes[indices])
+
+
+def picture_regions(items, detector, detector_config, policy, device, batch_size):
+    """{image id: regions} of the pictures `items` ((image id, path) pairs), extracted once and
+    then read from the cache, which is named on stdout."""
+    import extract_regions
+
+    cache = extract_regions.regions_cache_path(detector, detector_config, policy, LXMERT_BOXES)
+    print(f"Regions of {len(items)} pictures ({policy} policy, {LXMERT_BOXES} boxes), extracted once and cached in {cache}")
+    regions = extract_regions.cached_regions([path for _, path in items], detector, detector_config, policy, LXMERT_BOXES,
+                                             device=str(device), batch_size=batch_size)
+    if not regions:
+        raise DataError(f"--images: none of the {len(items)} pictures could be used (see the lines above)")
+    if len(regions) < len(items):
+        print(f"{len(items) - len(regions)} of the {len(items)} pictures could not be used (see the lines above); matching the others")
+    return regions
+
+
+def print_rankings(scores, image_ids, captions, top):
+    """Each caption's pictures and each picture's captions, best first (`top` of them; 0: all)."""
+    count = lambda n: n if top <= 0 else min(top, n)  # noqa: E731
+    width = max(len(i) for i in image_ids)
+    for j, caption in enumerate(captions):
+        print(f"Caption {j + 1}: {caption}")
+        for rank, i in enumerate(torch.argsort(scores[:, j], descending=True, stable=True)[:count(len(image_ids))].tolist(), start=1):
+            print(f"  {rank:>3}. {image_ids[i]:<{width}}  {scores[i, j]:.4f}")
+    for i, image_id in enumerate(image_ids):
+        print(f"Picture {image_id}:")
+        for rank, j in enumerate(torch.argsort(scores[i], descending=True, stable=True)[:count(len(captions))].tolist(), start=1):
+            print(f"  {rank:>3}. {scores[i, j]:.4f}  {captions[j]}")
+
+
+def save_score_matrix(path, scores, image_ids, captions, mode, model_path):
+    """The (pictures, captions) scores as CSV (a row per picture, a column per caption) or JSON, atomically."""
+    if os.path.splitext(path)[1].lower() == ".json":
+        record = {"mode": mode, "model": model_path, "images": image_ids, "captions": captions, "scores": scores.tolist()}
+        with atomic_write(path, "w") as f:
+            json.dump(record, f, ensure_ascii=False, indent=1)
+    else:
+        with atomic_write(path, "w") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["image_id", *captions])
+            writer.writerows([image_id, *(repr(float(v)) for v in row)] for image_id, row in zip(image_ids, scores.tolist()))
+
+
+def check_scores_paths(paths, formats):
+    for path in paths:
+        if os.path.splitext(path)[1].lower() not in formats:
+            raise OptionError(f"--save_scores {path}: expected a {' or '.join(formats)} file")
+
+
+def match_pictures(images, captions_path, detector, model_path=DEFAULT_MODEL, mode="matched", detector_config=None, policy="caffe",
+                   batch_size=64, device=None, amp=False, tokenizer_path=None, save_scores=(DEFAULT_SCORES,), top=5):
+    """LXMERT's (pictures, captions) scores of your own pictures and captions, in one step.
+
+    images: a folder or picture files (a list); captions_path: one caption per line, or
+    `image_id<TAB>caption` lines, which add recall (evaluation.py's, against those ground
+    truths). Regions: detector.py's through extract_regions.cached_regions. Prints the
+    rankings (`top` per query; 0: all) and writes the matrix to each of `save_scores` (.csv,
+    .json). Returns (scores (pictures, captions) float64, picture ids, captions, recall dict or None).
+    """
+    import extract_regions  # the detector's job, for this mode only
+
+    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    check_scores_paths(save_scores, (".csv", ".json"))
+    if batch_size < 1:
+        raise OptionError(f"--batch_size {batch_size}: must be at least 1")
+    captions, truth_ids = read_pictures_captions(captions_path)
+    items = extract_regions.list_images(images)
+    paths = dict(items)
+    unknown = sorted(set(truth_ids or ()) - set(paths))
+    if unknown:
+        raise DataError(f"{captions_path}: image id {unknown[0]!r} is not a picture of --images ({len(unknown)} unknown ids)")
+    if not os.path.isfile(detector):
+        raise OptionError(f"--detector {detector}: detector weights not found (see README, Your own images)")
+    device = check_device(device)
+    model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
+    regions = picture_regions(items, detector, detector_config, policy, device, batch_size)
+    pictures = Pictures(regions, paths, model.config.visual_feat_dim, detector)
+    input_ids, mask = caption_tokens(tokenizer, captions)
+    pairs = torch.ones(len(pictures.ids), len(captions), dtype=torch.bool)
+    with torch.inference_mode():
+        scores = lxmert_scores(PairScorer(model, mode, device, amp=amp and device.type == "cuda"), pictures, input_ids, mask, pairs,
+                               batch_size, f"LXMERT {mode}")
+    print_rankings(scores, pictures.ids, captions, top)
+    for path in save_scores:
+        save_score_matrix(path, scores, pictures.ids, captions, mode, model_path)
+        print(f"Scores of {len(pictures.ids)} pictures x {len(captions)} captions saved to {path}")
+    recall = None if truth_ids is None else pictures_recall(scores, pictures.ids, truth_ids)
+    return scores, pictures.ids, captions, recall
+
+
+def pictures_recall(scores, image_ids, truth_ids):
+    """evaluation.py's recall of the scores against `image_id<TAB>caption` ground truths: picture to
+    captions over the pictures that have captions, caption to pictures over every caption whose
+    picture could be used. Prints the table; returns its dict."""
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    kept = [j for j, image_id in enumerate(truth_ids) if image_id in row]
+    if len(kept) < len(truth_ids):
+        print(f"{len(truth_ids) - len(kept)} captions of pictures that could not be used are left out of the recall")
+    if not kept:
+        return None
+    scores = scores[:, kept]
+    caption_images = torch.tensor([row[truth_ids[j]] for j in kept])
+    described = caption_images.unique()  # sorted picture rows that have captions
+    as_described = torch.searchsorted(described, caption_images)
+    r = recall_metrics(ranks_i2t(scores[described], "LXMERT's scores", caption_images=as_described)[0])
+    ri = recall_metrics(ranks_t2i(scores, "LXMERT's scores", caption_images=caption_images)[0])
+    print(f"Recall against the ground truths of the caption file ({len(described)} pictures, {len(kept)} captions):")
+    _print_results(r, ri)
+    return metrics_dict(r + ri)
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -600,28 +773,62 @@ def evaluate(model_path, data_path, data_name, split, mode="matched", vsrn=None,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
-    parser.add_argument("--model", required=True, help="hub name (e.g. unc-nlp/lxmert-base-uncased) or local directory")
-    parser.add_argument("--data_path", required=True, help="folder holding NAME/ (as train.py)")
-    parser.add_argument("--data_name", required=True, help="e.g. f30k_precomp; the split needs boxes and image sizes")
-    parser.add_argument("--split", default="test", help="dev, test or testall (COCO 5K)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="local folder of LXMERT's weights (see README), or a hub name")
     parser.add_argument("--mode", default="matched", choices=MODES,
                         help="matched: the matching head's probability; cosine: cosine of the language and vision outputs, each averaged over its positions")
-    parser.add_argument("--vsrn", nargs="+", default=None, metavar="CHECKPOINT", help="two-stage: rerank these VSRN checkpoints' top-k (several: an ensemble)")
-    parser.add_argument("--topk", type=int, default=20, help="candidates per query that LXMERT rescores (with --vsrn)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="candidates rank by alpha*LXMERT + (1-alpha)*VSRN (with --vsrn)")
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per forward pass")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (the matching head stays float32)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or directory (default: --model)")
-    parser.add_argument("--vocab_path", default=None, help="overrides the VSRN checkpoint's vocab_path")
-    parser.add_argument("--save_scores", default=None, metavar="PATH.npy", help="save LXMERT's (images, captions) score matrix")
+    parser.add_argument("--save_scores", nargs="+", default=None, metavar="PATH",
+                        help=f"save LXMERT's (images, captions) score matrix: PATH.npy for a split; PATH.csv and/or PATH.json "
+                             f"for --images (there default: {DEFAULT_SCORES})")
+    split = parser.add_argument_group("a split of precomputed features (as evaluate_models.py)")
+    split.add_argument("--data_path", default=None, help="folder holding NAME/ (as train.py)")
+    split.add_argument("--data_name", default=None, help="e.g. f30k_precomp; the split needs boxes and image sizes")
+    split.add_argument("--split", default="test", help="dev, test or testall (COCO 5K)")
+    split.add_argument("--vsrn", nargs="+", default=None, metavar="CHECKPOINT", help="two-stage: rerank these VSRN checkpoints' top-k (several: an ensemble)")
+    split.add_argument("--topk", type=int, default=20, help="candidates per query that LXMERT rescores (with --vsrn)")
+    split.add_argument("--alpha", type=float, default=1.0, help="candidates rank by alpha*LXMERT + (1-alpha)*VSRN (with --vsrn)")
+    split.add_argument("--vocab_path", default=None, help="overrides the VSRN checkpoint's vocab_path")
+    own = parser.add_argument_group("your own pictures, in one step")
+    own.add_argument("--images", nargs="+", default=None, metavar="DIR_OR_FILES", help="a folder of pictures, or picture files")
+    own.add_argument("--captions", default=None, metavar="FILE", help="one caption per line, or image_id<TAB>caption lines (adds recall)")
+    own.add_argument("--detector", default=None, metavar="WEIGHTS", help="the bottom-up-attention detector's pytorch_model.bin (see README)")
+    own.add_argument("--detector_config", default=None, metavar="YAML", help="the detector's config.yaml (default: its published values)")
+    own.add_argument("--policy", default="caffe", choices=("caffe", "hf"), help="region selection (caffe: as LXMERT's features were made)")
+    own.add_argument("--top", type=int, default=5, help="pictures printed per caption and captions per picture (0: all)")
     args = parser.parse_args(argv)
     try:
-        evaluate(args.model, args.data_path, args.data_name, args.split, args.mode, args.vsrn, args.topk, args.alpha,
-                 args.batch_size, args.device, args.amp, args.tokenizer, args.vocab_path, args.save_scores)
+        if args.images is not None:
+            check_pictures_arguments(args, parser)
+            match_pictures(args.images, args.captions, args.detector, args.model, args.mode, args.detector_config, args.policy,
+                           args.batch_size, args.device, args.amp, args.tokenizer, args.save_scores or [DEFAULT_SCORES], args.top)
+        else:
+            if args.data_path is None or args.data_name is None:
+                raise OptionError("--data_path and --data_name name the split to evaluate; or match your own pictures with "
+                                  "--images DIR --captions FILE --detector WEIGHTS")
+            save_scores = args.save_scores or [None]
+            if len(save_scores) > 1 or (save_scores[0] and not save_scores[0].endswith(".npy")):
+                raise OptionError(f"--save_scores {' '.join(save_scores)}: a split's scores are saved as one PATH.npy")
+            evaluate(args.model, args.data_path, args.data_name, args.split, args.mode, args.vsrn, args.topk, args.alpha,
+                     args.batch_size, args.device, args.amp, args.tokenizer, args.vocab_path, save_scores[0])
     except (VSRNError, OSError) as e:
         return report(e)
     return 0
+
+
+def check_pictures_arguments(args, parser):
+    """--images needs --captions and --detector, and takes none of a split's flags."""
+    for flag in ("captions", "detector"):
+        if getattr(args, flag) is None:
+            raise OptionError(f"--images: needs --{flag} (see README, LXMERT matching)")
+    for flag in ("data_path", "data_name", "vsrn", "vocab_path"):
+        if getattr(args, flag) is not None:
+            raise OptionError(f"--{flag}: belongs to a split's evaluation, not to --images")
+    for flag in ("split", "topk", "alpha"):
+        if getattr(args, flag) != parser.get_default(flag):
+            raise OptionError(f"--{flag}: belongs to a split's evaluation, not to --images")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import csv
+import json
 import os
 import shutil
 import sys
@@ -24,17 +26,17 @@ VOCAB = SPECIAL + WORDS
 HEIGHT_WIDTH = (300, 500)
 
 
-def tiny_config():
+def tiny_config(feat_dim=FEAT_DIM):
     return LxmertConfig(
         vocab_size=len(VOCAB), hidden_size=16, num_attention_heads=2, intermediate_size=32, l_layers=2, r_layers=1,
-        x_layers=2, visual_feat_dim=FEAT_DIM, num_qa_labels=3, num_object_labels=5, num_attr_labels=4,
+        x_layers=2, visual_feat_dim=feat_dim, num_qa_labels=3, num_object_labels=5, num_attr_labels=4,
         max_position_embeddings=32, initializer_range=0.5,
     )
 
 
-def save_model(folder, model_class=LxmertForPreTraining, vocab=True):
+def save_model(folder, model_class=LxmertForPreTraining, vocab=True, feat_dim=FEAT_DIM):
     torch.manual_seed(0)
-    model = model_class(tiny_config())
+    model = model_class(tiny_config(feat_dim))
     model.save_pretrained(folder)
     if vocab:
         (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
@@ -519,3 +521,123 @@ def test_mode_help_says_averaged(capsys):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "cosine: cosine of the language and vision outputs, each averaged over its positions" in out and "pooled" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own pictures, in one step
+
+
+@pytest.fixture(scope="module")
+def own_pictures(tmp_path_factory):
+    """(pictures folder, ground-truth caption file, tiny detector weights, tiny LXMERT reading its 64-d regions)."""
+    from PIL import Image
+    from tiny_detector import tiny_detector_state_dict
+
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.RandomState(0)
+    (root / "photos").mkdir()
+    for name in ("beach", "dog", "street"):
+        height, width = rng.randint(40, 80, size=2)
+        Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "photos" / f"{name}.png")
+    captions = root / "captions.tsv"
+    captions.write_text("dog\ta dog runs on the grass\nbeach\tthe water near a man\n\nstreet\ta red car on the street\n"
+                        "dog\ta dog with a ball\nbeach\ta woman sits near the water\n")
+    weights = root / "tiny_detector.bin"
+    torch.save(tiny_detector_state_dict(), weights)
+    return root / "photos", captions, str(weights), save_model(root / "lxmert", feat_dim=64)
+
+
+def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(own_pictures, tmp_path, monkeypatch, capsys):
+    import detector as detector_module
+    import extract_regions
+
+    photos, captions_file, weights, model_dir = own_pictures
+    extracted = []
+    batch = detector_module.extract_regions_batch
+    monkeypatch.setattr(detector_module, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
+    csv_path, json_path = tmp_path / "out" / "scores.csv", tmp_path / "scores.json"
+    args = ["--images", str(photos), "--captions", str(captions_file), "--detector", weights, "--model", model_dir, "--batch_size", "4", "--top", "0"]
+    assert main(args + ["--save_scores", str(csv_path), str(json_path)]) == 0
+    out = capsys.readouterr().out
+    assert len(extracted) == 3
+    cache = extract_regions.regions_cache_path(weights, None, "caffe", 36)
+    assert f"extracted once and cached in {cache}" in out and cache.startswith(os.environ["VSRN_CACHE"])
+
+    record = json.loads(json_path.read_text())
+    captions = ["a dog runs on the grass", "the water near a man", "a red car on the street", "a dog with a ball", "a woman sits near the water"]
+    assert record["images"] == ["beach", "dog", "street"] and record["captions"] == captions and record["mode"] == "matched"
+    scores = np.array(record["scores"])
+    with open(csv_path, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["image_id", *captions] and [row[0] for row in table[1:]] == record["images"]
+    assert np.array_equal(np.array([[float(v) for v in row[1:]] for row in table[1:]]), scores)
+
+    # LxmertForPreTraining itself on the cached regions (boxes divided by the picture's size) and the captions.
+    regions = extract_regions.cached_regions([str(photos / f"{i}.png") for i in record["images"]], weights, num_boxes=36)
+    assert len(extracted) == 3
+    model = LxmertForPreTraining.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir, len(VOCAB))
+    ids, mask = caption_tokens(tokenizer, captions)
+    for i, r in enumerate(regions.values()):
+        positions = torch.from_numpy(r["boxes"] / np.array([r["img_w"], r["img_h"], r["img_w"], r["img_h"]], dtype=np.float32))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                           visual_feats=torch.from_numpy(r["features"])[None].expand(len(captions), -1, -1),
+                           visual_pos=positions[None].expand(len(captions), -1, -1)).cross_relationship_score
+        np.testing.assert_allclose(scores[i], torch.softmax(logits, -1)[:, 1].numpy(), atol=1e-5)
+
+    # The rankings, best first, and recall against the file's ground truths.
+    best = np.argsort(-scores[:, 0], kind="stable")
+    assert "Caption 1: a dog runs on the grass\n" + "".join(
+        f"  {k + 1:>3}. {record['images'][i]:<6}  {scores[i, 0]:.4f}\n" for k, i in enumerate(best)) in out
+    assert f"Picture dog:\n    1. {scores[1].max():.4f}  {captions[int(np.argmax(scores[1]))]}\n" in out
+    truth = np.array([1, 0, 2, 1, 0])
+    i2t_ranks = [np.sum(scores[i] > scores[i, truth == i].max()) for i in range(3)]
+    t2i_ranks = [np.sum(scores[:, j] > scores[truth[j], j]) for j in range(5)]
+    expected = recall_metrics(i2t_ranks) + recall_metrics(t2i_ranks)
+    assert "Recall against the ground truths of the caption file (3 pictures, 5 captions):" in out
+    assert "Image to text: %.1f %.1f %.1f %.1f %.1f" % expected[:5] in out and "Text to image: %.1f %.1f %.1f %.1f %.1f" % expected[5:] in out
+
+    # A second run reads the regions from the cache: nothing is extracted again.
+    assert main(args + ["--save_scores", str(tmp_path / "again.json")]) == 0
+    assert len(extracted) == 3
+    assert json.loads((tmp_path / "again.json").read_text())["scores"] == record["scores"]
+
+
+def test_one_step_demo_with_plain_captions_has_no_recall(own_pictures, tmp_path, monkeypatch, capsys):
+    photos, _, weights, model_dir = own_pictures
+    captions_file = tmp_path / "captions.txt"
+    captions_file.write_text("a dog on the grass\na red car\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--images", str(photos / "dog.png"), str(photos / "street.png"), "--captions", str(captions_file),
+                 "--detector", weights, "--model", model_dir, "--mode", "cosine"]) == 0
+    out = capsys.readouterr().out
+    assert "Picture street:" in out and "Caption 2: a red car" in out and "Recall" not in out
+    with open(tmp_path / "lxmert_scores.csv", newline="") as f:
+        assert [row[0] for row in csv.reader(f)] == ["image_id", "dog", "street"]
+
+
+def test_one_step_demo_bad_inputs_are_one_line(own_pictures, tmp_path, capsys):
+    photos, captions_file, weights, model_dir = own_pictures
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("dog\ta dog\na cat\n")
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("dog\ta dog\ncat\ta cat\n")
+    base = ["--images", str(photos), "--detector", weights, "--model", model_dir]
+    cases = {
+        ("--images", str(photos)): "error: --images: needs --captions (see README, LXMERT matching)",
+        (*base, "--captions", str(mixed)): f"error: {mixed}: line 2 has no image id and tab, unlike the lines before; "
+                                           "give every line as `caption` or every line as `image_id<TAB>caption`",
+        (*base, "--captions", str(unknown)): f"error: {unknown}: image id 'cat' is not a picture of --images (1 unknown ids)",
+        (*base, "--captions", str(captions_file), "--save_scores", "s.npy"): "error: --save_scores s.npy: expected a .csv or .json file",
+        (*base, "--captions", str(captions_file), "--topk", "3"): "error: --topk: belongs to a split's evaluation, not to --images",
+        ("--images", str(photos), "--captions", str(captions_file), "--detector", str(tmp_path / "absent.bin"), "--model", model_dir):
+            f"error: --detector {tmp_path / 'absent.bin'}: detector weights not found (see README, Your own images)",
+        ("--images", str(tmp_path / "nothing"), "--captions", str(captions_file), "--detector", weights, "--model", model_dir):
+            f"error: --images {tmp_path / 'nothing'}: no such file or folder",
+        ("--model", model_dir): "error: --data_path and --data_name name the split to evaluate; or match your own pictures with "
+                                "--images DIR --captions FILE --detector WEIGHTS",
+    }
+    for args, message in cases.items():
+        assert main(list(args)) == 2
+        assert capsys.readouterr().err == message + "\n"
