@@ -162,8 +162,8 @@ def load_lxmert(model_path, mode, tokenizer_path=None):
     """(model in eval mode, tokenizer) from a local directory or a hub name; one-line errors."""
     if mode not in MODES:
         raise OptionError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+    local_only = hub_unavailable(model_path, "--model")  # before transformers' import, which takes seconds
     transformers = _transformers()
-    local_only = hub_unavailable(model_path, "--model")
     config = _from_pretrained(transformers.PretrainedConfig.get_config_dict, model_path, "--model", local_only, "its config.json")[0]
     check_model_type(config, model_path)
     model_class = transformers.LxmertForPreTraining if mode == "matched" else transformers.LxmertModel
@@ -219,7 +219,11 @@ def hub_unavailable(value, flag):
 
 def is_hub_name(value):
     """Whether `value` can name a model on the hub (`name` or `owner/name`) rather than only a path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id  # transformers' dependency
+    except ImportError:
+        _transformers()  # the one-line error saying what to install
+        raise
 
     try:
         validate_repo_id(value)

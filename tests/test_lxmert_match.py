@@ -284,8 +284,9 @@ def test_command_line_prints_recall_and_saves_scores(setup, tmp_path, capsys):
 def test_missing_transformers_is_one_line_error(setup, monkeypatch):
     data_path, model_dir, _ = setup
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(VSRNError, match="needs the transformers package"):
-        evaluate(model_dir, data_path, NAME, "test")
+    for model in (model_dir, "unc-nlp/lxmert-base-uncased"):
+        with pytest.raises(VSRNError, match="needs the transformers package"):
+            evaluate(model, data_path, NAME, "test")
 
 
 # ---------------------------------------------------------------------------------------------
