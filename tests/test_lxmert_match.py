@@ -490,9 +490,9 @@ def test_hub_reachability_is_a_quick_local_check(monkeypatch):
 
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("connected although HF_HUB_OFFLINE is set"))
-    assert not hub_reachable()
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("connected although HF_HUB_OFFLINE is set"))
+        assert not hub_reachable()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     with socket.socket() as server:
