@@ -10,6 +10,7 @@ original's unstable argsort left both cases unspecified; continuous embeddings d
 """
 import contextlib
 import io
+import math
 import os
 import warnings
 
@@ -21,7 +22,7 @@ from data import check_data_folder, get_test_loader
 from model import VSRN, order_sim
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint, load_checkpoint_vocab
-from utils.errors import CheckpointError, DataError, OptionError, VocabularyError
+from utils.errors import CheckpointError, DataError, OptionError, ScoreError, VocabularyError
 from vocab import vocab_digest, vocab_file
 
 # Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
@@ -50,37 +51,76 @@ def similarity(images, captions, measure='cosine'):
     return sims
 
 
-def ranks_i2t(sims):
+def check_finite(scores, name="the scores"):
+    """Refuse an (images, captions) score matrix holding NaN or infinite scores, in one line
+    naming `name`, how many and the first one's image and caption.
+
+    A NaN compares neither above nor below anything: ranked, it would count as a hit.
+    """
+    scores = torch.as_tensor(scores)
+    step = _rows_per_chunk(scores.shape[1])
+    count, first = 0, None
+    for start in range(0, len(scores), step):
+        bad = ~torch.isfinite(scores[start:start + step])
+        count += int(bad.sum())
+        if first is None and bad.any():
+            image, caption = bad.nonzero()[0].tolist()
+            first = (start + image, caption)
+    if count:
+        raise ScoreError(
+            f"{name}: {count:,} of the {scores.numel():,} scores are NaN or infinite, the first at image {first[0]}, "
+            f"caption {first[1]} (a diverged model or non-finite features?); they cannot be ranked"
+        )
+
+
+def ranks_i2t(sims, name="the scores", caption_images=None):
     """Rank of each image's best caption among 5i..5i+4, and its top-scored caption.
 
     `sims` is an (n_images, n_captions) score matrix; returns two float arrays of n_images.
+    Non-finite scores are refused (`check_finite`, naming `name`). `caption_images`: the image
+    (row) each caption describes, for captions that are not 5 per image in image order; every
+    image needs one.
     """
     sims = torch.as_tensor(sims)
+    if caption_images is not None:
+        caption_images = torch.as_tensor(caption_images, dtype=torch.int64)
+        own = sims[caption_images, torch.arange(sims.shape[1])]
+        truths = torch.full((len(sims),), -math.inf, dtype=sims.dtype).scatter_reduce(0, caption_images, own, "amax")
     step = _rows_per_chunk(sims.shape[1])
     ranks, top1 = [], []
     for start in range(0, len(sims), step):
         rows = sims[start:start + step]
-        own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
-        truth = rows.gather(1, own_captions).amax(1)
+        if not torch.isfinite(rows).all():
+            check_finite(sims, name)
+        if caption_images is None:
+            own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
+            truth = rows.gather(1, own_captions).amax(1)
+        else:
+            truth = truths[start:start + len(rows)]
         ranks.append(_count_above(rows, truth[:, None], dim=1))
         top1.append(rows.argmax(1))
     return _as_float_arrays(ranks, top1)
 
 
-def ranks_t2i(sims):
+def ranks_t2i(sims, name="the scores", caption_images=None):
     """Rank of each caption's image (caption j describes image j // 5), and its top-scored image.
 
     `sims` is an (n_images, n_captions) score matrix; returns two float arrays of n_captions.
+    Non-finite scores are refused (`check_finite`, naming `name`). `caption_images`: the image
+    each caption describes, when it is not j // 5.
     """
     sims = torch.as_tensor(sims)
+    caption_images = torch.arange(sims.shape[1]) // 5 if caption_images is None else torch.as_tensor(caption_images, dtype=torch.int64)
     n_images = len(sims)
     images = torch.arange(n_images, dtype=torch.int32)[:, None]
     step = _rows_per_chunk(n_images)
     ranks, top1 = [], []
     for start in range(0, sims.shape[1], step):
         columns = sims[:, start:start + step]
+        if not torch.isfinite(columns).all():
+            check_finite(sims, name)
         captions = torch.arange(start, start + columns.shape[1])
-        ranks.append(_count_above(columns, columns[captions // 5, captions - start], dim=0))
+        ranks.append(_count_above(columns, columns[caption_images[captions], captions - start], dim=0))
         # The first image holding the column maximum: on CPU, argmax along dim 0 runs several
         # times slower than these elementwise passes and an int32 amin.
         is_best = columns == columns.amax(0)
@@ -97,34 +137,34 @@ def recall_metrics(ranks):
     return tuple(float(metric) for metric in (r1, r5, r10, medr, meanr))
 
 
-def i2t(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None):
+def i2t(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None, name="the similarity"):
     """Caption retrieval for the first `npts` images (default: all) among all captions.
 
     `sims`, an (n_images, n_captions) numpy or torch score matrix such as the average of two
     models' `similarity`, replaces the one computed from the embeddings; `npts` then defaults
-    to its number of rows.
+    to its number of rows. Non-finite scores are refused in one line naming `name`.
     Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also (ranks, top1).
     """
     if npts is None:
         npts = images.shape[0] // 5 if sims is None else len(sims)
     if sims is None:
         sims = similarity(images[:5 * npts], captions, measure)
-    ranks, top1 = ranks_i2t(torch.as_tensor(sims)[:npts])
+    ranks, top1 = ranks_i2t(torch.as_tensor(sims)[:npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
 
-def t2i(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None):
+def t2i(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None, name="the similarity"):
     """Image retrieval for the captions of the first `npts` images (default: all) among all images.
 
-    `sims` is as for `i2t`. Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also
+    `sims` and `name` are as for `i2t`. Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also
     (ranks, top1), one entry per caption.
     """
     if npts is None:
         npts = images.shape[0] // 5 if sims is None else len(sims)
     if sims is None:
         sims = similarity(images, captions[:5 * npts], measure)
-    ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, :5 * npts])
+    ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, :5 * npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
@@ -238,6 +278,11 @@ def average_similarity(embeddings, measure="cosine", rows=slice(None)):
     return sum(similarity(img[rows], cap[rows], measure) for img, cap in embeddings) / len(embeddings)
 
 
+def similarity_name(num_models):
+    """How errors name the score matrix of one VSRN model or of an ensemble."""
+    return "VSRN's similarity" if num_models == 1 else f"the {num_models}-model ensemble's averaged similarity"
+
+
 def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
     """Recall of one model's (img_embs, cap_embs), or of several averaged as an ensemble.
 
@@ -246,13 +291,14 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
     with the ranks of the whole split, or of the first fold for fold5 (as the original saved them).
     """
     num_captions = len(embeddings[0][1])
+    name = similarity_name(len(embeddings))
 
-    def evaluate(rows, rows_sims=None):
+    def evaluate(rows, rows_sims=None, name=name):
         if rows_sims is None:
             rows_sims = average_similarity(embeddings, measure, rows)
         img, cap = embeddings[0][0][rows], embeddings[0][1][rows]
-        r, rt = i2t(img, cap, measure=measure, return_ranks=True, sims=rows_sims)
-        ri, rti = t2i(img, cap, measure=measure, return_ranks=True, sims=rows_sims)
+        r, rt = i2t(img, cap, measure=measure, return_ranks=True, sims=rows_sims, name=name)
+        ri, rti = t2i(img, cap, measure=measure, return_ranks=True, sims=rows_sims, name=name)
         return r, ri, rt, rti
 
     if not fold5:
@@ -262,7 +308,7 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
     else:
         results = []
         for fold in range(5):
-            r, ri, rt_fold, rti_fold = evaluate(slice(fold * 5000, (fold + 1) * 5000))
+            r, ri, rt_fold, rti_fold = evaluate(slice(fold * 5000, (fold + 1) * 5000), name=f"{name}, fold {fold + 1} of 5 (counted within the fold)")
             if fold == 0:
                 rt, rti = rt_fold, rti_fold
             print("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r)
@@ -299,7 +345,7 @@ def _eccv_metrics_class():
     return Metrics
 
 
-def eccv_caption_metrics(img_embs, cap_embs, caption_ids=None, measure="cosine", sims=None):
+def eccv_caption_metrics(img_embs, cap_embs, caption_ids=None, measure="cosine", sims=None, name="the similarity"):
     """ECCV Caption (mAP@R, R-Precision, R@1), CxC R@1/5/10 and COCO 1K and 5K R@1/5/10 of the
     eccv_caption package, in percent: {name: {"i2t": value, "t2i": value}}.
 
@@ -307,7 +353,8 @@ def eccv_caption_metrics(img_embs, cap_embs, caption_ids=None, measure="cosine",
     `encode_data` returns them (one image row per caption; captions 5i..5i+4 describe image
     i). `caption_ids` are the COCO caption ids of the rows (default: the package's
     `coco_test_ids`, which are that order). `sims`, an (images, captions) score matrix such as
-    an ensemble's `average_similarity`, replaces the one computed from the embeddings.
+    an ensemble's `average_similarity`, replaces the one computed from the embeddings;
+    non-finite scores are refused in one line naming `name`.
     """
     metrics = _eccv_metrics_class()()
     caption_ids = np.asarray(metrics.coco_ids if caption_ids is None else caption_ids, dtype=np.int64)
@@ -316,6 +363,7 @@ def eccv_caption_metrics(img_embs, cap_embs, caption_ids=None, measure="cosine",
     sims = torch.as_tensor(similarity(img_embs, cap_embs, measure) if sims is None else sims, dtype=torch.float32)
     if tuple(sims.shape) != (len(caption_ids) // 5, len(caption_ids)):
         raise ValueError(f"expected scores of 5000 images x 25000 captions, got {tuple(sims.shape)}")
+    check_finite(sims, name)
     image_ids = np.asarray([metrics.coco_gts["t2i"][int(c)][0] for c in caption_ids[::5]])
     # The package's COCO 1K folds are blocks of 5000 of its own caption order.
     position = {int(c): k for k, c in enumerate(metrics.coco_ids)}

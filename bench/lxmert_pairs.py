@@ -93,7 +93,7 @@ def main():
     torch.manual_seed(0)
     config = LxmertConfig()
     model = LxmertForPreTraining(config).eval().to(device)
-    scorer = PairScorer(model, "matched", device, args.amp)
+    scorer = PairScorer(model, "matched", device, amp=args.amp and device.type == "cuda")
     print_table(describe(torch, device), "machine")
     print(f"command: python3 {' '.join(sys.argv)}")
 

@@ -151,3 +151,10 @@ def test_eccv_outside_coco_testall_is_one_line(tmp_path, toy_data, capsys):
     args = ["--split", "testall", "--eccv", "--data_path", data_path, "--vocab_path", vocab_path, path]
     assert evaluate_models.main(args) == 2
     assert "the checkpoint is for toy_precomp" in capsys.readouterr().err
+
+
+def test_non_finite_scores_are_refused(embeddings):
+    sims = similarity(*embeddings)
+    sims[4999, 3] = float("nan")
+    with pytest.raises(evaluation.ScoreError, match=r"^the similarity: 1 of the 125,000,000 scores are NaN or infinite, the first at image 4999, caption 3 "):
+        eccv_caption_metrics(None, None, sims=sims)

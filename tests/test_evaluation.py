@@ -97,3 +97,29 @@ def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsy
     _, vocab, _ = _load_models([checkpoint], str(tmp_path / "data"), str(tmp_path))
     assert vocab.path == str(tmp_path / "f30k_precomp_vocab.pkl") and vocab.idx2word == words
     assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().err
+
+
+def test_ensemble_with_a_diverged_model_is_one_line(tmp_path, toy_data, capsys):
+    """evaluate_models.py on an ensemble whose second model has NaN weights: refused, not ranked."""
+    import evaluate_models
+    from conftest import make_opt
+    from vocab import vocab_digest
+
+    data_path, vocab_path = toy_data
+    vocab = load_vocab_by_name(vocab_path, "toy_precomp")
+    opt = make_opt(data_path=data_path, vocab_path=vocab_path, vocab_size=len(vocab))
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = VSRN(opt, training=False).state_dict()
+        if seed == 1:
+            state[0]["fc.weight"] = torch.full_like(state[0]["fc.weight"], float("nan"))  # the image encoder's
+        paths.append(str(tmp_path / f"model_{seed}.pth.tar"))
+        torch.save({"model": state, "opt": opt, "vocab_digest": vocab_digest(vocab)}, paths[-1])
+    assert evaluate_models.main(["--data_path", data_path, "--split", "test", *paths]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: the 2-model ensemble's averaged similarity: 2,000 of the 2,000 scores are NaN or infinite, the first at "
+                   "image 0, caption 0 (a diverged model or non-finite features?); they cannot be ranked\n")
+    assert evaluate_models.main(["--data_path", data_path, "--split", "test", paths[1]]) == 2
+    assert capsys.readouterr().err.startswith("error: VSRN's similarity: 2,000 of the 2,000 scores are NaN")
+    assert not (tmp_path / "ranks.pth.tar").exists()

@@ -203,3 +203,33 @@ def test_exact_ties_count_optimistically():
     sims[3, 5] = sims[1, 5]  # image 3 ties it
     assert ranks_i2t(sims)[0][0] == np.count_nonzero(sims[0] > sims[0, :5].max())
     assert ranks_t2i(sims)[0][5] == 0
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_refused_with_count_and_place(monkeypatch, value):
+    """A NaN compares neither above nor below: ranked, a NaN row would count as an R@1 hit."""
+    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 40)  # several chunks: the count and place span them
+    sims = np.random.default_rng(0).normal(size=(6, 30)).astype(np.float32)
+    sims[4, 7] = sims[4, 21] = sims[5, 0] = value
+    for rank in (i2t, t2i):
+        with pytest.raises(evaluation.ScoreError, match=r"^the similarity: 3 of the 180 scores are NaN or infinite, the first at image 4, caption 7 "):
+            rank(None, None, sims=sims)
+    with pytest.raises(evaluation.ScoreError, match=r"^VSRN's: 3 of the 180"):
+        ranks_t2i(torch.from_numpy(sims), "VSRN's")
+    sims[4, 20:25] = np.nan  # a whole ground-truth block: before, the caption ranked as a hit
+    with pytest.raises(evaluation.ScoreError, match="7 of the 180"):
+        ranks_i2t(sims)
+
+
+def test_ranks_with_caption_images_of_any_layout_match_loop():
+    """caption_images: captions in any order and number per image (the one-step LXMERT demo's ground truths)."""
+    rng = np.random.default_rng(3)
+    sims = torch.from_numpy(rng.normal(size=(4, 9)))
+    caption_images = [2, 0, 1, 3, 0, 2, 2, 1, 3]
+    i2t_ranks = [np.sum(sims[i].numpy() > max(sims[i, j] for j in range(9) if caption_images[j] == i).item()) for i in range(4)]
+    t2i_ranks = [np.sum(sims[:, j].numpy() > sims[caption_images[j], j].item()) for j in range(9)]
+    np.testing.assert_array_equal(ranks_i2t(sims, caption_images=caption_images)[0], i2t_ranks)
+    np.testing.assert_array_equal(ranks_t2i(sims, caption_images=caption_images)[0], t2i_ranks)
+    five = torch.from_numpy(rng.normal(size=(3, 15)))
+    for rank in (ranks_i2t, ranks_t2i):
+        np.testing.assert_array_equal(rank(five, caption_images=np.arange(15) // 5)[0], rank(five)[0])

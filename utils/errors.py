@@ -47,3 +47,7 @@ def report(error):
     where = f"{error.filename}: " if error.filename else ""
     print(f"error: {where}{error.strerror or error}", file=sys.stderr)
     return 1
+
+
+class ScoreError(VSRNError):
+    """Scores to rank are not all numbers: NaN or infinite (a diverged model, a non-finite feature)."""
