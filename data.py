@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from utils.atomic import atomic_write
+from utils.captions import decode_captions, read_caption_bytes, read_captions
 from utils.errors import DataError, OptionError
 from vocab import END, START, tokenize, tokenizer_identity, vocab_digest
 
@@ -31,33 +32,6 @@ DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev caption
 
 def cache_dir():
     return os.environ.get("VSRN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vsrn")
-
-
-def read_captions(path):
-    """Lines of a caption file as stripped str, decoded as UTF-8 (never bytes)."""
-    return decode_captions(_read_bytes(path), path)
-
-
-def _read_bytes(path):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: caption file not found")
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def decode_captions(raw, path):
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    try:
-        return [line.decode("utf-8").strip() for line in lines]
-    except UnicodeDecodeError:
-        for number, line in enumerate(lines, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        raise
 
 
 def encode_captions(captions, vocab, desc="tokenizing"):
@@ -71,7 +45,7 @@ def encode_captions(captions, vocab, desc="tokenizing"):
 
 def load_caption_ids(path, vocab):
     """encode_captions(read_captions(path)), cached on disk by content, vocabulary and tokenizer."""
-    raw = _read_bytes(path)
+    raw = read_caption_bytes(path)
     content = hashlib.sha256(raw).hexdigest()
     key = hashlib.sha256(f"{content}|{vocab_digest(vocab)}|{tokenizer_identity()}".encode()).hexdigest()[:32]
     cached = os.path.join(cache_dir(), f"caption_ids-{key}.npz")
@@ -223,7 +197,7 @@ def read_image_ids(folder, split):
     path = os.path.join(folder, f"{split}_image_ids.txt")
     if not os.path.isfile(path):
         return None
-    ids = decode_captions(_read_bytes(path), path)
+    ids = read_captions(path)
     num_images = len(FeatureFile(os.path.join(folder, f"{split}_ims.npy")))
     if len(ids) != num_images:
         raise DataError(f"{path}: {len(ids)} image ids for the {num_images} images of {split}_ims.npy")

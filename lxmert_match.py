@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_captions, read_region_boxes
+from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_region_boxes
 from evaluation import _load_models, _print_results, encode_data, metrics_dict, ranks_i2t, ranks_t2i, recall_metrics, similarity
 from model import check_device
+from utils.captions import read_captions
 from utils.atomic import atomic_write
 from utils.errors import CheckpointError, DataError, OptionError, VSRNError, report
 from utils.options import ScriptHelpFormatter

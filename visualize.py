@@ -17,9 +17,10 @@ import sys
 import numpy as np
 import torch
 
-from data import get_test_loader, open_features, read_captions, read_image_ids, read_region_boxes
+from data import get_test_loader, open_features, read_image_ids, read_region_boxes
 from evaluation import _load_models, encode_data
 from model import cosine_sim, order_sim
+from utils.captions import read_captions
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
 from utils.options import ScriptHelpFormatter

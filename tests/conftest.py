@@ -59,7 +59,7 @@ def toy_data(tmp_path_factory):
     """A small generated toy_precomp dataset and its vocabulary: (data_path, vocab_path)."""
     from utils.make_toy_data import make_toy_data
     from vocab import build_vocab, save_vocab
-    from data import read_captions
+    from utils.captions import read_captions
 
     root = tmp_path_factory.mktemp("toy")
     data_path = str(root / "data")

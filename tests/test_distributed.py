@@ -11,10 +11,11 @@ from torch import nn
 import train
 from conftest import make_opt
 from data import EpochShuffleSampler, GlobalBatchShareSampler, share_sizes
-from model import CaptionRepeatingAdam, VSRN
+from model import VSRN
 from test_train import SMALL, final_state
 from utils import distributed
 from utils.errors import OptionError
+from utils.optim import CaptionRepeatingAdam
 
 # 81 images, 405 captions: 25 global batches of 16 and a last one of 5, split 3 + 2.
 TRAIN_IMAGES = 81
@@ -24,7 +25,7 @@ STOP_AT = 13
 
 @pytest.fixture(scope="module")
 def odd_toy(tmp_path_factory):
-    from data import read_captions
+    from utils.captions import read_captions
     from utils.make_toy_data import make_toy_data
     from vocab import build_vocab, save_vocab
 
@@ -172,7 +173,7 @@ def test_two_processes_train_as_one_stop_together_and_resume_as_one(odd_toy, tmp
 def f30k_two_short(tmp_path_factory):
     """A Flickr30K-named toy set (the variant with the final BatchNorm) of 50 training
     captions: 3 global batches of 16 and a last one of 2, one caption per process."""
-    from data import read_captions
+    from utils.captions import read_captions
     from utils.make_toy_data import make_toy_data
     from vocab import build_vocab, save_vocab
 

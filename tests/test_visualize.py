@@ -8,7 +8,7 @@ from PIL import Image
 
 import visualize
 from conftest import make_opt
-from data import read_captions
+from utils.captions import read_captions
 from model import VSRN
 from utils.checkpoint import save_checkpoint
 from utils.make_toy_images import HEIGHT, WIDTH, make_toy_images

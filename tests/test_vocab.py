@@ -2,6 +2,8 @@ import hashlib
 import os
 import pickle
 import random
+import subprocess
+import sys
 import warnings
 
 import nltk
@@ -9,7 +11,7 @@ import punkt
 import pytest
 
 import vocab as vocab_module
-from conftest import CreatesFile, shared_file
+from conftest import ROOT, CreatesFile, shared_file
 from utils.errors import VocabularyError
 from vocab import Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocab_digest, vocabulary_from_words
 
@@ -214,3 +216,16 @@ def test_vocab_script_reports_missing_captions(tmp_path, capsys):
     assert vocab_module.main(["--data_path", str(tmp_path), "--data_name", "nope_precomp", "--vocab_path", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope_precomp/train_caps.txt: caption file not found" in err
+
+
+def test_building_a_vocabulary_imports_no_data_module(toy_data):
+    # Captions have one home (utils/captions.py): vocab.py and data.py no longer import each other.
+    data_path, _ = toy_data
+    program = (
+        "import sys, vocab; "
+        f"vocab.build_dataset_vocab({data_path!r}, 'toy_precomp', threshold=1); "
+        "print('data' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
