@@ -22,6 +22,9 @@ def shared_file(*parts):
 class CreatesFile:
     """Pickles to a call of open(path, "w"): loading it must never create the file."""
 
+    # The global as pickle names it: io.open up to Python 3.11, _io.open from 3.12.
+    GLOBAL = f"{open.__module__}.{open.__qualname__}"
+
     def __init__(self, path):
         self.path = path
 
