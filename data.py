@@ -13,6 +13,7 @@ Features are read one image at a time, so RAM does not grow with the dataset; ca
 are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
 """
 import hashlib
+import multiprocessing
 import os
 import signal
 import warnings
@@ -337,12 +338,26 @@ def check_data_folder(data_path, data_name, flag_hint="check --data_path and --d
     return folder
 
 
+def worker_context():
+    """How DataLoader workers start: from a fork server that has imported this module once
+    (each worker then starts in milliseconds), or by spawning where there is none. Never by
+    forking the training process, which runs threads (torch's thread pools): a fork can
+    deadlock on a lock another thread held, Python 3.12+ warns about it, and 3.14 no
+    longer forks by default."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _loader(dataset, batch_size, workers, sampler=None):
     workers = usable_workers(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        multiprocessing_context=worker_context() if workers > 0 else None,
         shuffle=False,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
