@@ -339,16 +339,12 @@ def check_data_folder(data_path, data_name, flag_hint="check --data_path and --d
 
 
 def worker_context():
-    """How DataLoader workers start: from a fork server that has imported this module once
-    (each worker then starts in milliseconds), or by spawning where there is none. Never by
-    forking the training process, which runs threads (torch's thread pools): a fork can
-    deadlock on a lock another thread held, Python 3.12+ warns about it, and 3.14 no
-    longer forks by default."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
+    """DataLoader workers are spawned: a fresh interpreter each, never a fork of the training
+    process, which runs threads (torch's thread pools) and whose fork can deadlock on a lock
+    another thread held (Python 3.12+ warns about it; 3.14 no longer forks by default). A
+    fork server would start workers faster, but its workers are not this process's children:
+    they would outlive a training process killed with kill -9."""
+    return multiprocessing.get_context("spawn")
 
 
 def _loader(dataset, batch_size, workers, sampler=None):
