@@ -18,9 +18,10 @@ import sys
 import numpy as np
 import torch
 
-from data import open_features, read_captions, read_image_ids
+from data import open_features, read_image_ids
 from evaluation import _load_models
 from model import END_ID, PAD_ID
+from utils.captions import read_captions
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
 from utils.options import ScriptHelpFormatter

@@ -13,6 +13,7 @@ Features are read one image at a time, so RAM does not grow with the dataset; ca
 are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
 """
 import hashlib
+import multiprocessing
 import os
 import signal
 import warnings
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from utils.atomic import atomic_write
+from utils.captions import decode_captions, read_caption_bytes, read_captions
 from utils.errors import DataError, OptionError
 from vocab import END, START, tokenize, tokenizer_identity, vocab_digest
 
@@ -31,33 +33,6 @@ DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev caption
 
 def cache_dir():
     return os.environ.get("VSRN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vsrn")
-
-
-def read_captions(path):
-    """Lines of a caption file as stripped str, decoded as UTF-8 (never bytes)."""
-    return decode_captions(_read_bytes(path), path)
-
-
-def _read_bytes(path):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: caption file not found")
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def decode_captions(raw, path):
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    try:
-        return [line.decode("utf-8").strip() for line in lines]
-    except UnicodeDecodeError:
-        for number, line in enumerate(lines, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        raise
 
 
 def encode_captions(captions, vocab, desc="tokenizing"):
@@ -71,7 +46,7 @@ def encode_captions(captions, vocab, desc="tokenizing"):
 
 def load_caption_ids(path, vocab):
     """encode_captions(read_captions(path)), cached on disk by content, vocabulary and tokenizer."""
-    raw = _read_bytes(path)
+    raw = read_caption_bytes(path)
     content = hashlib.sha256(raw).hexdigest()
     key = hashlib.sha256(f"{content}|{vocab_digest(vocab)}|{tokenizer_identity()}".encode()).hexdigest()[:32]
     cached = os.path.join(cache_dir(), f"caption_ids-{key}.npz")
@@ -223,7 +198,7 @@ def read_image_ids(folder, split):
     path = os.path.join(folder, f"{split}_image_ids.txt")
     if not os.path.isfile(path):
         return None
-    ids = decode_captions(_read_bytes(path), path)
+    ids = read_captions(path)
     num_images = len(FeatureFile(os.path.join(folder, f"{split}_ims.npy")))
     if len(ids) != num_images:
         raise DataError(f"{path}: {len(ids)} image ids for the {num_images} images of {split}_ims.npy")
@@ -363,12 +338,22 @@ def check_data_folder(data_path, data_name, flag_hint="check --data_path and --d
     return folder
 
 
+def worker_context():
+    """DataLoader workers are spawned: a fresh interpreter each, never a fork of the training
+    process, which runs threads (torch's thread pools) and whose fork can deadlock on a lock
+    another thread held (Python 3.12+ warns about it; 3.14 no longer forks by default). A
+    fork server would start workers faster, but its workers are not this process's children:
+    they would outlive a training process killed with kill -9."""
+    return multiprocessing.get_context("spawn")
+
+
 def _loader(dataset, batch_size, workers, sampler=None):
     workers = usable_workers(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        multiprocessing_context=worker_context() if workers > 0 else None,
         shuffle=False,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),

@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_captions, read_image_ids, read_region_boxes
+from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_image_ids, read_region_boxes
 from evaluation import (_load_models, _print_results, check_finite, encode_data, metrics_dict, ranks_i2t, ranks_t2i, recall_metrics,
                         similarity, similarity_name)
 from model import check_device
+from utils.captions import read_captions
 from utils.atomic import atomic_write
 from utils.errors import CheckpointError, DataError, OptionError, ScoreError, VSRNError, report
 from utils.options import ScriptHelpFormatter

@@ -24,7 +24,7 @@ from evaluation import encode_data, evalrank, i2t, similarity, t2i
 from model import VSRN, check_options
 from data import check_data_folder, usable_workers
 from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, load_checkpoint_vocab, save_checkpoint
-from utils.distributed import SINGLE_PROCESS, init_world
+from utils.distributed import SINGLE_PROCESS, holds_sync_batchnorm, init_world
 from utils.errors import CheckpointError, OptionError, VSRNError, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
@@ -416,6 +416,18 @@ def main(argv=None):
     return world.exit(code)
 
 
+def compile_encoders(model):
+    """torch.compile the image and text encoders in place (their state-dict keys stay the
+    original's), except an encoder holding a synchronised BatchNorm (multi-GPU training):
+    torch.compile of SyncBatchNorm under DistributedDataParallel has open failures upstream,
+    and this port has not run it on GPUs. Call after model.distribute."""
+    for name, module in (("image encoder", model.img_enc), ("text encoder", model.txt_enc)):
+        if holds_sync_batchnorm(module):
+            logging.info("--compile: the %s holds a synchronised BatchNorm (multi-process training) and runs uncompiled", name)
+        else:
+            module.compile()
+
+
 def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     """Train; 0 when complete, 128 + signal number when a signal stopped it (checkpoint saved)."""
     check_output_folder(opt)
@@ -438,12 +450,11 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     if world.is_main:
         print(opt)
     model = VSRN(opt)
-    if opt.compile:
-        for module in (model.img_enc, model.txt_enc):
-            module.compile()  # in place: state-dict keys stay the original's
     if usable_workers(opt.workers) < opt.workers:
         logging.info("--workers %d capped at this machine's %d cores", opt.workers, usable_workers(opt.workers))
     model.distribute(world)
+    if opt.compile:
+        compile_encoders(model)
     world.seed_dropout(opt.seed)
     with open_writer(opt, world) as writer:
         trainer = Trainer(opt, model, train_loader, val_loader, writer, vocab)

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import get_test_loader, open_features, read_captions, read_image_ids, read_region_boxes
+from data import get_test_loader, open_features, read_image_ids, read_region_boxes
 from evaluation import _load_models, encode_data
 from model import cosine_sim, order_sim
+from utils.captions import read_captions
 from utils.errors import DataError, OptionError, VSRNError, report
 from utils.figures import DIM, compose, dim_outside, outline_boxes, pillow, resize_longer_side, save_png
 from utils.images import read_image

@@ -18,6 +18,7 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 from utils.errors import CheckpointError, VSRNError, VocabularyError, report
 from utils.atomic import atomic_write
+from utils.captions import read_captions
 from utils.options import ScriptHelpFormatter
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -215,8 +216,6 @@ def load_vocab_with_digest(vocab_dir, data_name, digest, checkpoint_path, data_p
 
 def build_dataset_vocab(data_path, data_name, threshold=4):
     """The vocabulary of DATA/NAME's train and dev captions, as the original built it."""
-    from data import read_captions  # data imports this module
-
     caption_files = [os.path.join(data_path, data_name, f"{split}_caps.txt") for split in ("train", "dev")]
     for path in caption_files:
         if not os.path.isfile(path):

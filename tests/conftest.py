@@ -22,6 +22,9 @@ def shared_file(*parts):
 class CreatesFile:
     """Pickles to a call of open(path, "w"): loading it must never create the file."""
 
+    # The global as pickle names it: io.open up to Python 3.11, _io.open from 3.12.
+    GLOBAL = f"{open.__module__}.{open.__qualname__}"
+
     def __init__(self, path):
         self.path = path
 
@@ -59,7 +62,7 @@ def toy_data(tmp_path_factory):
     """A small generated toy_precomp dataset and its vocabulary: (data_path, vocab_path)."""
     from utils.make_toy_data import make_toy_data
     from vocab import build_vocab, save_vocab
-    from data import read_captions
+    from utils.captions import read_captions
 
     root = tmp_path_factory.mktemp("toy")
     data_path = str(root / "data")

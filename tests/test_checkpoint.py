@@ -2,6 +2,7 @@ import argparse
 import importlib
 import os
 import random
+import re
 import zipfile
 
 import pytest
@@ -36,7 +37,7 @@ def test_checkpoint_with_a_foreign_global_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth.tar"
     torch.save({"model": [], "opt": CreatesFile(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=r"evil.pth.tar: refusing to load: it needs the global (builtins|io)\.open"):
+    with pytest.raises(CheckpointError, match=rf"evil.pth.tar: refusing to load: it needs the global {re.escape(CreatesFile.GLOBAL)},"):
         load_checkpoint(str(path))
     assert not marker.exists()
 

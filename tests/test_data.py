@@ -1,4 +1,6 @@
 import os
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -182,7 +184,17 @@ def test_loaders_use_workers_and_keep_the_global_rng(toy_data):
     opt = make_opt(data_path=data_path, workers=1)
     train_loader, val_loader = data.get_loaders("toy_precomp", vocab, 224, 16, 1, opt)
     state = torch.get_rng_state()
-    batches = list(val_loader)
+    # Workers never fork this process, which runs threads (Python 3.12+ warns that a fork may deadlock).
+    assert train_loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
+    other_thread = threading.Event()
+    threading.Thread(target=other_thread.wait, daemon=True).start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = list(val_loader)
+    finally:
+        other_thread.set()
+    assert not [w for w in caught if "fork" in str(w.message)]
     assert torch.equal(state, torch.get_rng_state())
     assert sum(len(b[2]) for b in batches) == 100 and train_loader.num_workers == 1
     assert not train_loader.pin_memory or torch.cuda.is_available()

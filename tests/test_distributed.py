@@ -11,10 +11,11 @@ from torch import nn
 import train
 from conftest import make_opt
 from data import EpochShuffleSampler, GlobalBatchShareSampler, share_sizes
-from model import CaptionRepeatingAdam, VSRN
+from model import VSRN
 from test_train import SMALL, final_state
 from utils import distributed
 from utils.errors import OptionError
+from utils.optim import CaptionRepeatingAdam
 
 # 81 images, 405 captions: 25 global batches of 16 and a last one of 5, split 3 + 2.
 TRAIN_IMAGES = 81
@@ -24,7 +25,7 @@ STOP_AT = 13
 
 @pytest.fixture(scope="module")
 def odd_toy(tmp_path_factory):
-    from data import read_captions
+    from utils.captions import read_captions
     from utils.make_toy_data import make_toy_data
     from vocab import build_vocab, save_vocab
 
@@ -60,8 +61,8 @@ def install_probes(setattr, records, frozen_bn, stop_at=None):
         train_start(self)
         if frozen_bn:
             # Eval-mode BatchNorm normalises with its running statistics, which then stay at
-            # their initial values in every process: the per-share batch statistics, the one
-            # thing that depends on the split, are out of the comparison.
+            # their initial values in every process; trained, it cancels the GCN convolutions'
+            # biases, whose Adam steps on rounding noise would not compare to 1e-5.
             for module in self.modules():
                 for layer in module.modules():
                     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -166,6 +167,68 @@ def test_two_processes_train_as_one_stop_together_and_resume_as_one(odd_toy, tmp
     assert train.main(run_args(odd_toy, tmp_path / "two", *resume)) == 0
     assert_losses_close(reference["losses"], reference_losses[STOP_AT:])
     assert_weights_close(final_state(str(tmp_path / "two")), final_state(str(tmp_path / "one")))
+
+
+@pytest.fixture(scope="module")
+def f30k_two_short(tmp_path_factory):
+    """A Flickr30K-named toy set (the variant with the final BatchNorm) of 50 training
+    captions: 3 global batches of 16 and a last one of 2, one caption per process."""
+    from utils.captions import read_captions
+    from utils.make_toy_data import make_toy_data
+    from vocab import build_vocab, save_vocab
+
+    root = tmp_path_factory.mktemp("f30k")
+    folder = make_toy_data(str(root / "data"), name="f30k_precomp", img_dim=32, sizes={"train": 10, "dev": 10})
+    captions = [c for split in ("train", "dev") for c in read_captions(os.path.join(folder, f"{split}_caps.txt"))]
+    save_vocab(build_vocab(captions, threshold=1), str(root / "vocab" / "f30k_precomp_vocab.json"))
+    return str(root / "data"), str(root / "vocab")
+
+
+def test_batchnorm_statistics_are_the_global_batchs_on_the_cpu_down_to_one_sample_per_process(f30k_two_short, tmp_path, monkeypatch, one_thread):
+    args = ("--data_name", "f30k_precomp", "--val_step", "100")
+    reference = {}
+    install_probes(monkeypatch.setattr, reference, frozen_bn=False)
+    assert train.main(run_args(f30k_two_short, tmp_path / "one", *args)) == 0
+    rank0, rank1 = spawn(run_args(f30k_two_short, tmp_path / "two", *args), tmp_path / "out", frozen_bn=False)
+    assert rank0["code"] == rank1["code"] == 0, (tmp_path / "out" / "rank1.log").read_text()[-2000:]
+    assert len(rank0["losses"]) == 4
+    assert_losses_close(rank0["losses"], reference["losses"])
+    two, one = (final_state(str(tmp_path / run))["model"][0] for run in ("two", "one"))
+    # The final BatchNorm's running statistics, the last step's taken over 2 captions.
+    for key in ("bn.running_mean", "bn.running_var", "bn.weight", "bn.num_batches_tracked"):
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-5, atol=1e-6, msg=key)
+    # Everywhere else to 1e-4: the GCN convolutions' biases feed a BatchNorm, which cancels
+    # them, so their gradient is zero but for rounding, and Adam's normalised steps on that
+    # rounding differ between the two runs by up to 3e-5.
+    for key in one:
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-4, msg=key)
+
+
+class SyncBatchNormWorld(distributed.SingleProcess):
+    """One process whose model gets SyncBatchNorm, as on GPUs under torchrun (without a
+    process group it normalises as BatchNorm)."""
+
+    def wrap(self, module):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def test_compile_leaves_an_encoder_holding_sync_batchnorm_uncompiled(toy_data, tmp_path, monkeypatch):
+    compiled, models = [], []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(self))
+    distribute = VSRN.distribute
+    monkeypatch.setattr(VSRN, "distribute", lambda self, world: (models.append(self), distribute(self, world)))
+    data_path, vocab_path = toy_data
+    opt, _ = train.parse_options(["--data_path", data_path, "--vocab_path", vocab_path, "--logger_name", str(tmp_path / "run"),
+                                  *SMALL, "--num_epochs", "1", "--val_step", "1000", "--compile"])
+    assert train.run(opt, None, SyncBatchNormWorld()) == 0
+    (model,) = models
+    assert any(isinstance(layer, nn.SyncBatchNorm) for layer in model.img_enc.modules())
+    assert compiled == [model.txt_enc]
+    # One process: both encoders.
+    compiled.clear()
+    model = VSRN(make_opt(), training=False)
+    train.compile_encoders(model)
+    assert compiled == [model.img_enc, model.txt_enc]
 
 
 def test_shares_are_the_single_process_batches_in_rank_order():

@@ -9,7 +9,7 @@ from PIL import Image
 
 import visualize
 from conftest import make_opt
-from data import read_captions
+from utils.captions import read_captions
 from model import VSRN
 from utils import figures
 from utils.checkpoint import save_checkpoint

@@ -2,6 +2,9 @@ import hashlib
 import os
 import pickle
 import random
+import re
+import subprocess
+import sys
 import warnings
 
 import nltk
@@ -9,7 +12,7 @@ import punkt
 import pytest
 
 import vocab as vocab_module
-from conftest import CreatesFile, shared_file
+from conftest import ROOT, CreatesFile, shared_file
 from utils.errors import VocabularyError
 from vocab import SPECIAL_TOKENS, Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocab_digest, vocabulary_from_words
 
@@ -185,7 +188,7 @@ def test_pickle_naming_another_global_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil_vocab.pkl"
     with open(path, "wb") as f:
         pickle.dump(CreatesFile(str(marker)), f, protocol=2)
-    with pytest.raises(VocabularyError, match=r"evil_vocab.pkl.*refusing global (builtins|io)\.open"):
+    with pytest.raises(VocabularyError, match=rf"evil_vocab.pkl.*refusing global {re.escape(CreatesFile.GLOBAL)}\b"):
         load_vocab(str(path))
     assert not marker.exists()
 
@@ -235,3 +238,16 @@ def test_vocab_script_never_silently_replaces_a_different_vocabulary(toy_data, t
     assert capsys.readouterr().err == f"error: {path}: already exists and is not a readable vocabulary; pass --overwrite to replace it\n"
     assert vocab_module.main([*build, "--threshold", "1000000", "--overwrite"]) == 0
     assert len(load_vocab(str(path))) == len(SPECIAL_TOKENS)  # no toy word is seen a million times
+
+
+def test_building_a_vocabulary_imports_no_data_module(toy_data):
+    # Captions have one home (utils/captions.py): vocab.py and data.py no longer import each other.
+    data_path, _ = toy_data
+    program = (
+        "import sys, vocab; "
+        f"vocab.build_dataset_vocab({data_path!r}, 'toy_precomp', threshold=1); "
+        "print('data' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 
 from utils.errors import OptionError, VSRNError
 
@@ -121,7 +122,7 @@ class _GatherRows(torch.autograd.Function):
         width = max(sizes)
         padded = rows if len(rows) == width else torch.cat([rows, rows.new_zeros((width - len(rows), *rows.shape[1:]))])
         pieces = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(pieces, padded.contiguous(), group=group)
+        dist.all_gather(pieces, padded.contiguous())
         return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
 
     @staticmethod
@@ -177,10 +178,11 @@ class DistributedWorld(SingleProcess):
         return values
 
     def wrap(self, module):
+        # BatchNorm statistics of the global batch, as one process computes them.
         if self.device.type == "cuda":
-            # Global-batch statistics, as one GPU computes them; the CPU (gloo) keeps plain
-            # BatchNorm over each process's share (SyncBatchNorm runs on GPUs only).
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        else:
+            module = convert_gloo_sync_batchnorm(module)
         return nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     @contextlib.contextmanager
@@ -223,6 +225,69 @@ class DistributedWorld(SingleProcess):
         return isinstance(error, RuntimeError) and any(
             sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out")
         )
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for processes on the CPU (gloo): torch's runs on GPUs only (and
+    DistributedDataParallel refuses it on the CPU).
+
+    In training, the mean and the biased variance are the global batch's, summed over the
+    processes by an all-reduce that gradients flow back through, and the running statistics
+    take the global batch's unbiased variance: what BatchNorm computes in one process on the
+    whole batch, also when a process's share is a single sample. Elsewhere it is BatchNorm.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count = input.new_tensor([input.numel() // input.size(1)])
+        sums = all_reduce(torch.cat([input.sum(dims), count]))
+        total = int(sums[-1])
+        if total < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got a global batch of {total}")
+        mean = sums[:-1] / total
+        centred = input - mean.view(shape)
+        var = all_reduce(centred.square().sum(dims)) / total
+        output = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * total / (total - 1))
+        return output
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, unbiased_var):
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(unbiased_var, momentum)
+
+
+def convert_gloo_sync_batchnorm(module):
+    """`module` with each BatchNorm layer replaced by a GlooSyncBatchNorm sharing its parameters
+    and buffers (nn.SyncBatchNorm.convert_sync_batchnorm for the CPU)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        synced = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        synced.weight, synced.bias = module.weight, module.bias
+        synced.running_mean, synced.running_var = module.running_mean, module.running_var
+        synced.num_batches_tracked = module.num_batches_tracked
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, convert_gloo_sync_batchnorm(child))
+    return module
+
+
+def holds_sync_batchnorm(module):
+    """Whether `module` contains a BatchNorm that synchronises the processes."""
+    return any(isinstance(layer, (nn.SyncBatchNorm, GlooSyncBatchNorm)) for layer in module.modules())
 
 
 def dropout_seed(seed, rank):

@@ -70,7 +70,7 @@ def build_parser():
     add("--demo", action="store_true", help="train and evaluate on a generated toy dataset, about a minute on a CPU (a preset: see README, The demo; explicit flags override it)")
     add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
-    add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA)")
+    add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA); under torchrun the image encoder, which then holds SyncBatchNorm, stays uncompiled")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
     add("--dist_timeout", default=10.0, type=float, help="minutes a torchrun process waits for the others before failing")
     return p
