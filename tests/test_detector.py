@@ -336,6 +336,10 @@ def tiny():
     return D.load_detector(tiny_detector_state_dict())
 
 
+# Smaller network inputs and fewer proposals where the policies' own sizes are not the point.
+QUICK = {"min_size": 200, "max_size": 320, "proposals": 100}
+
+
 def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
     for policy in D.POLICIES:
         regions = D.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
@@ -344,8 +348,8 @@ def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
 
 def test_tiny_and_elongated_pictures(tiny):
     # py-faster-rcnn drops proposals under 16 pixels of the picture: a smaller picture has none.
-    assert len(D.extract_regions(tiny, photo(0, 12, 12), num_boxes=36)["boxes"]) == 0
-    assert len(D.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36)["boxes"]) == 36
+    assert len(D.extract_regions(tiny, photo(0, 12, 12), num_boxes=36, proposals=100)["boxes"]) == 0
+    assert len(D.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36, proposals=100)["boxes"]) == 36
     for policy in D.POLICIES:
         with pytest.raises(DataError, match=r"a 3x2000 picture is too elongated for the detector: resized to 2x1\d+ "):
             D.extract_regions(tiny, photo(0, 3, 2000), policy=policy)
@@ -364,9 +368,9 @@ def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
 def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
     # Two images of one size (they share a backbone pass) and one of another.
     images = [photo(0), photo(1, 90, 200), photo(2)]
-    together = D.extract_regions_batch(tiny, images, policy=policy, num_boxes=36)
+    together = D.extract_regions_batch(tiny, images, policy=policy, num_boxes=36, **QUICK)
     for image, batched in zip(images, together):
-        alone = D.extract_regions(tiny, image, policy=policy, num_boxes=36)
+        alone = D.extract_regions(tiny, image, policy=policy, num_boxes=36, **QUICK)
         assert batched.keys() == alone.keys()
         for key in alone:
             np.testing.assert_allclose(batched[key], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -374,9 +378,9 @@ def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
 
 def test_policies_and_colour_order_matter(tiny):
     image = photo(4)
-    caffe = D.extract_regions(tiny, image, num_boxes=10)
-    hf = D.extract_regions(tiny, image, policy="hf", num_boxes=10)
-    swapped = D.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10)
+    caffe = D.extract_regions(tiny, image, num_boxes=10, **QUICK)
+    hf = D.extract_regions(tiny, image, policy="hf", num_boxes=10, **QUICK)
+    swapped = D.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10, **QUICK)
     assert not np.allclose(caffe["features"], hf["features"])
     assert not np.allclose(caffe["features"], swapped["features"])
 
@@ -390,9 +394,9 @@ def test_image_path_is_read_with_utils_images(tiny, monkeypatch, tmp_path):
     images.read_image = lambda path: read.append(path) or photo(5)
     monkeypatch.setitem(sys.modules, "utils.images", images)
     path = str(tmp_path / "photo.jpg")
-    regions = D.extract_regions(tiny, path, num_boxes=10)
+    regions = D.extract_regions(tiny, path, num_boxes=10, **QUICK)
     assert read == [path]
-    np.testing.assert_array_equal(regions["features"], D.extract_regions(tiny, photo(5), num_boxes=10)["features"])
+    np.testing.assert_array_equal(regions["features"], D.extract_regions(tiny, photo(5), num_boxes=10, **QUICK)["features"])
 
 
 def test_unknown_policy_and_bad_arrays_are_refused(tiny):
