@@ -570,22 +570,36 @@ def caffe_proposals(logits, deltas, anchors, height, width, scale, post_nms):
 def per_class_max_conf(boxes, class_scores, thresh=CAFFE_CLASS_NMS):
     """generate_tsv.py's `max_conf`: each region's best class score among the classes for which it
     survives NMS (py-faster-rcnn IoU, suppressed when > thresh) over all regions' boxes.
+    boxes (R, 4), class_scores (R, C)."""
+    return per_class_max_conf_batch([boxes], [class_scores], thresh)[0]
 
-    The boxes are the same for every class, so their overlaps are computed once and the greedy
-    NMS runs for all classes together, one rank at a time.
+
+def per_class_max_conf_batch(boxes, class_scores, thresh=CAFFE_CLASS_NMS):
+    """`per_class_max_conf` of several images (lists of (R_i, 4) and (R_i, C)) at once.
+
+    The boxes are the same for every class, so their overlaps are computed once, and the greedy
+    NMS runs for all classes and images together, one rank at a time. Images with fewer regions
+    are padded with regions scored -1: ranked last, they suppress nothing.
     """
-    regions, classes = class_scores.shape
+    counts = [len(b) for b in boxes]
+    regions = max(counts, default=0)
     if regions == 0:
-        return class_scores.new_zeros(0)
-    overlaps = box_iou(plus_one(boxes), plus_one(boxes)) > thresh
-    order = class_scores.argsort(dim=0, descending=True, stable=True)
-    kept = torch.zeros(classes, regions, dtype=torch.bool, device=boxes.device)
-    columns = torch.arange(classes, device=boxes.device)
+        return [s.new_zeros(0) for s in class_scores]
+    classes, device = class_scores[0].shape[1], class_scores[0].device
+    padded_boxes = torch.zeros(len(boxes), regions, 4, device=device)
+    scores = torch.full((len(boxes), regions, classes), -1.0, device=device)
+    for i, (b, s) in enumerate(zip(boxes, class_scores)):
+        padded_boxes[i, : len(b)], scores[i, : len(s)] = b, s
+    overlaps = torch.stack([box_iou(plus_one(b), plus_one(b)) for b in padded_boxes]) > thresh
+    order = scores.argsort(dim=1, descending=True, stable=True)  # (B, R, C)
+    kept = torch.zeros(len(boxes), classes, regions, dtype=torch.bool, device=device)
+    images = torch.arange(len(boxes), device=device)[:, None]
     for rank in range(regions):
-        region = order[rank]
-        suppressed = (overlaps[region] & kept).any(dim=1)
-        kept[columns, region] = ~suppressed
-    return (class_scores * kept.t()).max(dim=1).values
+        region = order[:, rank]  # (B, C): each class's region at this rank
+        suppressed = (overlaps[images, region] & kept).any(dim=2)
+        kept.scatter_(2, region.unsqueeze(2), ~suppressed.unsqueeze(2))
+    max_conf = (scores.clamp(min=0) * kept.transpose(1, 2)).max(dim=2).values
+    return [conf[:count] for conf, count in zip(max_conf, counts)]
 
 
 def select_caffe(max_conf, min_boxes=10, max_boxes=100, conf_thresh=0.2):
@@ -720,13 +734,13 @@ def _score(detector, images, plan, timer=None):
     ]
 
 
-def _select(plan, predictor, scored, image):
+def _select(plan, predictor, scored, probs, image, max_conf=None):
+    """The regions the policy keeps; probs: the object probabilities without background
+    (caffe: and max_conf, from `per_class_max_conf`)."""
     proposals, features = scored["proposals"], scored["features"]
-    probs = scored["obj_logits"].float().softmax(dim=1)[:, :-1]
     if plan.policy == "caffe":
-        # Caffe's class c (1..1600) is column c - 1 here; its background, column 0, is our last.
         boxes = proposals / scored["scale"]
-        keep = select_caffe(per_class_max_conf(boxes, probs), plan.boxes[0], plan.boxes[1], plan.conf_thresh)
+        keep = select_caffe(max_conf, plan.boxes[0], plan.boxes[1], plan.conf_thresh)
         objects_conf, objects_id = probs[keep].max(dim=1)
         # Caffe's attribute softmax covers all 401 outputs; ids and scores leave "no attribute" out.
         attrs_conf, attrs_id = scored["attr_logits"][keep].float().softmax(dim=1)[:, :-1].max(dim=1)
@@ -779,7 +793,12 @@ def extract_regions_batch(detector, images, policy="caffe", num_boxes=None, min_
     with torch.inference_mode():
         scored = _score(detector, arrays, plan, timer)
         with _timed(timer, "selection"):
-            return [_select(plan, predictor, s, image) for s, image in zip(scored, arrays)]
+            # Caffe's class c (1..1600) is column c - 1 here: its background, column 0, is our last.
+            probs = [s["obj_logits"].float().softmax(dim=1)[:, :-1] for s in scored]
+            max_conf = [None] * len(scored)
+            if plan.policy == "caffe":
+                max_conf = per_class_max_conf_batch([s["proposals"] / s["scale"] for s in scored], probs)
+            return [_select(plan, predictor, *args) for args in zip(scored, probs, arrays, max_conf)]
 
 
 def extract_regions(detector, image, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,

@@ -185,7 +185,8 @@ def background_first(probs):
 
 
 def synthetic_regions(seed, regions=150, classes=40):
-    """Boxes in clusters (so that NMS suppresses) and class probabilities, Caffe's layout."""
+    """Boxes in clusters (so that NMS suppresses) and class probabilities, Caffe's layout
+    (background first)."""
     rng = np.random.RandomState(seed)
     centres = rng.uniform(50, 450, (12, 2))[rng.randint(0, 12, regions)] + rng.normal(0, 15, (regions, 2))
     sizes = rng.uniform(20, 120, (regions, 2))
@@ -208,6 +209,17 @@ def test_per_class_max_conf_matches_transcription():
         np.testing.assert_allclose(ours, transcribed_max_conf(boxes, probs), rtol=0, atol=0)
         # Clusters make NMS bite: many regions are suppressed in their best class.
         assert (ours < probs[:, 1:].max(axis=1)).mean() >= 0.05
+
+
+def test_per_class_max_conf_of_a_batch_is_that_of_each_image():
+    images = [synthetic_regions(seed, regions) for seed, regions in ((0, 150), (1, 40), (2, 0), (3, 90))]
+    boxes = [torch.from_numpy(b) for b, _ in images]
+    probs = [torch.from_numpy(p[:, 1:]) for _, p in images]
+    together = D.per_class_max_conf_batch(boxes, probs)
+    for (caffe_boxes, caffe_probs), b, p, conf in zip(images, boxes, probs, together):
+        np.testing.assert_array_equal(conf.numpy(), D.per_class_max_conf(b, p).numpy())
+        if len(b):
+            np.testing.assert_array_equal(conf.numpy(), transcribed_max_conf(caffe_boxes, caffe_probs).astype(np.float32))
 
 
 @pytest.mark.parametrize("count, low, high", [
