@@ -288,6 +288,9 @@ def architecture(state_dict, name="state dict"):
     missing = [key for key in _ARCH_KEYS if key not in state_dict]
     if missing:
         raise CheckpointError(f"{name}: not a bottom-up-attention detector: missing {_few(missing)}")
+    flat = [key for key in _ARCH_KEYS if state_dict[key].dim() < 2]
+    if flat:
+        raise CheckpointError(f"{name}: does not fit the bottom-up-attention detector: misshapen {_few(flat)} (not a matrix)")
 
     def stage(prefix):
         return (_blocks(state_dict, prefix), state_dict[f"{prefix}.0.conv1.weight"].shape[0], state_dict[f"{prefix}.0.conv3.weight"].shape[0])
