@@ -211,7 +211,7 @@ class BottomUpDetector(nn.Module):
 
     def res5_mean(self, pooled):
         """res5 on each pooled region, then the mean over its positions; in chunks to bound memory."""
-        chunk = RES5_CHUNK.get(pooled.device.type, 64)
+        chunk = RES5_CHUNK.get(pooled.device.type, RES5_CHUNK["cpu"])
         res5 = self.roi_heads.res5
         out = [res5(part).mean(dim=(2, 3)) for part in pooled.split(chunk)] if len(pooled) else []
         return torch.cat(out) if out else pooled.new_zeros((0, self.arch["res5"][2]))
@@ -511,7 +511,7 @@ def caffe_scale(height, width, short=CAFFE_SCALE, longest=CAFFE_MAX_SIZE):
 
 def _linear_taps(out_size, in_size, scale):
     """cv2.INTER_LINEAR's source taps for one axis at the given scale (not the size ratio)."""
-    src = ((np.arange(out_size, dtype=np.float64) + 0.5) / scale - 0.5).astype(np.float32)
+    src = ((np.arange(out_size, dtype=np.float64) + 0.5) * (1.0 / scale) - 0.5).astype(np.float32)
     low = np.floor(src)
     frac = (src - low).astype(np.float32)
     low = low.astype(np.int64)
