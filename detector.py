@@ -682,7 +682,7 @@ class _Plan:
             x, scale = caffe_input(image, self.min_size, self.max_size)
             return x, (1.0 / scale, 1.0 / scale), scale
         x, scales_yx = hf_input(image, self.config, self.min_size, self.max_size)
-        return x, (scales_yx[0], scales_yx[1]), None
+        return x, (float(scales_yx[0]), float(scales_yx[1])), None
 
 
 def _timed(timer, name):
@@ -755,7 +755,9 @@ def _select(plan, predictor, scored, probs, image, max_conf=None):
         deltas = predictor.box_deltas(features, classes)
         height, width = scored["input"].shape[1:]
         boxes = clip_boxes(decode_boxes(deltas, proposals, plan.config["roi_box_head"]["bbox_reg_weights"]), height, width)
-        keep = select_hf(boxes, classes_conf, plan.boxes[0], plan.boxes[1], plan.config["roi_heads"]["nms_thresh_test"])
+        thresholds = plan.config["roi_heads"]["nms_thresh_test"]
+        thresholds = thresholds if isinstance(thresholds, (list, tuple)) else [thresholds]
+        keep = select_hf(boxes, classes_conf, plan.boxes[0], plan.boxes[1], thresholds)
         objects_conf, objects_id = classes_conf[keep], classes[keep]
         # The demo's attribute softmax leaves "no attribute" out.
         attrs_conf, attrs_id = scored["attr_logits"][keep, :-1].float().softmax(dim=1).max(dim=1)

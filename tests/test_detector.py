@@ -52,7 +52,7 @@ def test_reference_network_input(reference, i):
     x, scale_yx, _ = plan.prepare(rgb_image(inputs, i))
     assert tuple(x.shape[1:]) == tuple(ref[f"img{i}_input_hw"][0])
     assert relative_error(x.numpy(), inputs[f"img{i}_net_input"][0]) < 1e-6
-    np.testing.assert_allclose([float(s) for s in scale_yx], ref[f"img{i}_scales_yx"][0], rtol=1e-6)
+    np.testing.assert_allclose(scale_yx, ref[f"img{i}_scales_yx"][0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("i", [0, 1])
@@ -453,6 +453,9 @@ def test_config_yaml_in_any_case(tmp_path):
     detector = D.load_detector(tiny_detector_state_dict(), config=str(path))
     assert detector.config["input"] == {"min_size_test": 320, "max_size_test": 1333}
     assert detector.config["roi_heads"]["nms_thresh_test"] == [0.4] and detector.config["max_detections"] == 12
+    # One threshold may be written without a list, as detectron2 configs do.
+    scalar = D.load_detector(tiny_detector_state_dict(), config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5})
+    assert len(D.extract_regions(scalar, photo(0), policy="hf", **QUICK)["boxes"]) == 5
 
 
 def refusal(weights):
