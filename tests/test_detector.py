@@ -52,7 +52,7 @@ def test_reference_network_input(reference, i):
     x, scale_yx, _ = plan.prepare(rgb_image(inputs, i))
     assert tuple(x.shape[1:]) == tuple(ref[f"img{i}_input_hw"][0])
     assert relative_error(x.numpy(), inputs[f"img{i}_net_input"][0]) < 1e-6
-    np.testing.assert_allclose([float(s) for s in scale_yx], ref[f"img{i}_scales_yx"][0], rtol=1e-6)
+    np.testing.assert_allclose(scale_yx, ref[f"img{i}_scales_yx"][0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("i", [0, 1])
@@ -185,7 +185,8 @@ def background_first(probs):
 
 
 def synthetic_regions(seed, regions=150, classes=40):
-    """Boxes in clusters (so that NMS suppresses) and class probabilities, Caffe's layout."""
+    """Boxes in clusters (so that NMS suppresses) and class probabilities, Caffe's layout
+    (background first)."""
     rng = np.random.RandomState(seed)
     centres = rng.uniform(50, 450, (12, 2))[rng.randint(0, 12, regions)] + rng.normal(0, 15, (regions, 2))
     sizes = rng.uniform(20, 120, (regions, 2))
@@ -208,6 +209,17 @@ def test_per_class_max_conf_matches_transcription():
         np.testing.assert_allclose(ours, transcribed_max_conf(boxes, probs), rtol=0, atol=0)
         # Clusters make NMS bite: many regions are suppressed in their best class.
         assert (ours < probs[:, 1:].max(axis=1)).mean() >= 0.05
+
+
+def test_per_class_max_conf_of_a_batch_is_that_of_each_image():
+    images = [synthetic_regions(seed, regions) for seed, regions in ((0, 150), (1, 40), (2, 0), (3, 90))]
+    boxes = [torch.from_numpy(b) for b, _ in images]
+    probs = [torch.from_numpy(p[:, 1:]) for _, p in images]
+    together = D.per_class_max_conf_batch(boxes, probs)
+    for (caffe_boxes, caffe_probs), b, p, conf in zip(images, boxes, probs, together):
+        np.testing.assert_array_equal(conf.numpy(), D.per_class_max_conf(b, p).numpy())
+        if len(b):
+            np.testing.assert_array_equal(conf.numpy(), transcribed_max_conf(caffe_boxes, caffe_probs).astype(np.float32))
 
 
 @pytest.mark.parametrize("count, low, high", [
@@ -336,6 +348,10 @@ def tiny():
     return D.load_detector(tiny_detector_state_dict())
 
 
+# Smaller network inputs and fewer proposals where the policies' own sizes are not the point.
+QUICK = {"min_size": 200, "max_size": 320, "proposals": 100}
+
+
 def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
     for policy in D.POLICIES:
         regions = D.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
@@ -344,8 +360,8 @@ def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
 
 def test_tiny_and_elongated_pictures(tiny):
     # py-faster-rcnn drops proposals under 16 pixels of the picture: a smaller picture has none.
-    assert len(D.extract_regions(tiny, photo(0, 12, 12), num_boxes=36)["boxes"]) == 0
-    assert len(D.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36)["boxes"]) == 36
+    assert len(D.extract_regions(tiny, photo(0, 12, 12), num_boxes=36, proposals=100)["boxes"]) == 0
+    assert len(D.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36, proposals=100)["boxes"]) == 36
     for policy in D.POLICIES:
         with pytest.raises(DataError, match=r"a 3x2000 picture is too elongated for the detector: resized to 2x1\d+ "):
             D.extract_regions(tiny, photo(0, 3, 2000), policy=policy)
@@ -364,9 +380,9 @@ def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
 def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
     # Two images of one size (they share a backbone pass) and one of another.
     images = [photo(0), photo(1, 90, 200), photo(2)]
-    together = D.extract_regions_batch(tiny, images, policy=policy, num_boxes=36)
+    together = D.extract_regions_batch(tiny, images, policy=policy, num_boxes=36, **QUICK)
     for image, batched in zip(images, together):
-        alone = D.extract_regions(tiny, image, policy=policy, num_boxes=36)
+        alone = D.extract_regions(tiny, image, policy=policy, num_boxes=36, **QUICK)
         assert batched.keys() == alone.keys()
         for key in alone:
             np.testing.assert_allclose(batched[key], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -374,9 +390,9 @@ def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
 
 def test_policies_and_colour_order_matter(tiny):
     image = photo(4)
-    caffe = D.extract_regions(tiny, image, num_boxes=10)
-    hf = D.extract_regions(tiny, image, policy="hf", num_boxes=10)
-    swapped = D.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10)
+    caffe = D.extract_regions(tiny, image, num_boxes=10, **QUICK)
+    hf = D.extract_regions(tiny, image, policy="hf", num_boxes=10, **QUICK)
+    swapped = D.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10, **QUICK)
     assert not np.allclose(caffe["features"], hf["features"])
     assert not np.allclose(caffe["features"], swapped["features"])
 
@@ -390,9 +406,9 @@ def test_image_path_is_read_with_utils_images(tiny, monkeypatch, tmp_path):
     images.read_image = lambda path: read.append(path) or photo(5)
     monkeypatch.setitem(sys.modules, "utils.images", images)
     path = str(tmp_path / "photo.jpg")
-    regions = D.extract_regions(tiny, path, num_boxes=10)
+    regions = D.extract_regions(tiny, path, num_boxes=10, **QUICK)
     assert read == [path]
-    np.testing.assert_array_equal(regions["features"], D.extract_regions(tiny, photo(5), num_boxes=10)["features"])
+    np.testing.assert_array_equal(regions["features"], D.extract_regions(tiny, photo(5), num_boxes=10, **QUICK)["features"])
 
 
 def test_unknown_policy_and_bad_arrays_are_refused(tiny):
@@ -437,6 +453,9 @@ def test_config_yaml_in_any_case(tmp_path):
     detector = D.load_detector(tiny_detector_state_dict(), config=str(path))
     assert detector.config["input"] == {"min_size_test": 320, "max_size_test": 1333}
     assert detector.config["roi_heads"]["nms_thresh_test"] == [0.4] and detector.config["max_detections"] == 12
+    # One threshold may be written without a list, as detectron2 configs do.
+    scalar = D.load_detector(tiny_detector_state_dict(), config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5})
+    assert len(D.extract_regions(scalar, photo(0), policy="hf", **QUICK)["boxes"]) == 5
 
 
 def refusal(weights):
