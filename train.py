@@ -5,6 +5,7 @@
     python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
     torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import contextlib
 import logging

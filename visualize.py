@@ -10,6 +10,7 @@ embedding I ranks the k regions (rank 1 = highest); region i gets s_i = lam * (k
 boxes, image sizes and image ids that utils/tsv_to_precomp.py writes, and the pictures
 (--image_dir: <id>.jpg / <id>.png, or --image_pattern such as COCO_val2014_{:012d}.jpg).
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import os
 import sys
