@@ -1,0 +1,123 @@
+"""Training-step time of a small VSRN alone and beside other training runs on the same cores,
+with torch's OpenMP threads spinning while idle (libgomp's default) and waiting passively
+(what every entry script sets, utils/threads.py).
+
+    python3 bench/shared_cores.py [--batch-size 64] [--runs 3] [--steps 10] [--warmup 2]
+
+The model is the demo's (train.py --demo) on a synthetic batch. Each figure is a median over
+separate processes started for it: one run alone, then --runs identical runs at once, each of
+which keeps training until all have timed their steps, so every timed step has the others
+beside it. A run's fair share of the machine beside N-1 others is N times its time alone; the
+ratio printed is the runs' median step time over that. Thread count: torch's default (one per
+core) unless OMP_NUM_THREADS is given; it is the same for both settings. With libgomp's
+default spinning a shared step can take tens of seconds on a busy machine.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from statistics import median
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils.threads import WAIT_SETTINGS  # noqa: E402
+
+TOY_VOCAB_SIZE = 64  # about the toy dataset's vocabulary
+# What each compared setting adds to an environment without any wait setting.
+SETTINGS = {
+    "spinning (libgomp's default, GOMP_SPINCOUNT=300000)": {"GOMP_SPINCOUNT": "300000"},
+    "passive (this project's default)": {},
+}
+
+
+def train_steps(batch_size, steps, warmup, stop_file):
+    """Times `steps` training steps after `warmup`, prints them as one JSON line, then keeps
+    training untimed until `stop_file` exists."""
+    import utils.threads  # noqa: F401  (before torch, as the entry scripts do)
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from model import VSRN
+    from train import DEMO_PRESET
+    from train_step import synthetic_batch
+    from utils.options import build_parser
+
+    parser = build_parser()
+    parser.set_defaults(**DEMO_PRESET)
+    opt = parser.parse_args([])
+    opt.vocab_size, opt.batch_size = TOY_VOCAB_SIZE, batch_size
+    torch.manual_seed(opt.seed)
+    model = VSRN(opt)
+    model.train_start()
+    batch = synthetic_batch(batch_size, opt.max_len, img_dim=opt.img_dim, vocab_size=opt.vocab_size)
+    seconds = []
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        model.train_emb(*batch)
+        if index >= warmup:
+            seconds.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
+                      "wait": {k: os.environ[k] for k in WAIT_SETTINGS if k in os.environ}}), flush=True)
+    while not os.path.exists(stop_file):
+        model.train_emb(*batch)
+
+
+def step_times(runs, setting, args, folder):
+    """Each of `runs` processes started at once: its timed steps' seconds and what it ran with."""
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
+    env.update(setting)
+    stop_file = os.path.join(folder, f"stop-{time.monotonic_ns()}")
+    command = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--worker-stop-file", stop_file]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(runs)]
+    try:
+        results = [json.loads(p.stdout.readline()) for p in processes]
+    finally:
+        open(stop_file, "w").close()
+        for p in processes:
+            p.wait()
+    if any(p.returncode for p in processes):
+        sys.exit(f"error: a training process failed (exit codes {[p.returncode for p in processes]})")
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="runs sharing the cores, the measured one included")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--worker-stop-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker_stop_file:
+        return train_steps(args.batch_size, args.steps, args.warmup, args.worker_stop_file)
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from machine import cpu_model, print_table
+
+    print(f"VSRN demo model, batch {args.batch_size}, synthetic data; {cpu_model()}, {os.cpu_count()} cores; "
+          f"load average {os.getloadavg()[0]:.2f} at the start")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, setting in SETTINGS.items():
+            alone = step_times(1, setting, args, folder)[0]
+            shared = step_times(args.runs, setting, args, folder)
+            alone_s = median(alone["seconds"])
+            each = [median(r["seconds"]) for r in shared]
+            fair = args.runs * alone_s
+            rows += [
+                (name, f"{alone['threads']} threads per run; " + " ".join(f"{k}={v}" for k, v in alone["wait"].items())),
+                ("  alone", f"{alone_s:.3f} s per step"),
+                (f"  beside {args.runs - 1} other run{'s' if args.runs != 2 else ''}", f"{median(each):.3f} s per step (the runs' medians: "
+                                                      f"{', '.join(f'{s:.3f}' for s in each)})"),
+                ("  fair share", f"{fair:.3f} s ({args.runs} x alone); measured / fair share: {median(each) / fair:.2f}"),
+            ]
+    rows.append(("load average at the end", f"{os.getloadavg()[0]:.2f}"))
+    print_table(rows, f"Median step time over {args.steps} steps after {args.warmup} warm-up")
+
+
+if __name__ == "__main__":
+    main()
