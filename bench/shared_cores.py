@@ -5,9 +5,9 @@ with torch's OpenMP threads spinning while idle (libgomp's default) and waiting 
     python3 bench/shared_cores.py [--batch-size 64] [--runs 3] [--steps 10] [--warmup 2]
 
 The model is the demo's (train.py --demo) on a synthetic batch. Each figure is a median over
-separate processes started for it: one run alone, then --runs identical runs at once, each of
-which keeps training until all have timed their steps, so every timed step has the others
-beside it. A run's fair share of the machine beside N-1 others is N times its time alone; the
+separate processes started for it: one run alone, then --runs identical runs that start timing
+together once all have warmed up, and each keeps training until all have timed their steps, so
+every timed step has the others beside it. A run's fair share of the machine beside N-1 others is N times its time alone; the
 ratio printed is the runs' median step time over that. Thread count: torch's default (one per
 core) unless OMP_NUM_THREADS is given; it is the same for both settings. With libgomp's
 default spinning a shared step can take tens of seconds on a busy machine.
@@ -15,6 +15,7 @@ default spinning a shared step can take tens of seconds on a busy machine.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,10 @@ SETTINGS = {
 }
 
 
-def train_steps(batch_size, steps, warmup, stop_file):
-    """Times `steps` training steps after `warmup`, prints them as one JSON line, then keeps
-    training untimed until `stop_file` exists."""
+def train_steps(batch_size, steps, warmup, signals):
+    """After `warmup` steps, says "ready" and waits for the file `signals`/go; then times `steps`
+    training steps, prints them as one JSON line, and keeps training untimed until the file
+    `signals`/stop exists."""
     import utils.threads  # noqa: F401  (before torch, as the entry scripts do)
     import torch
 
@@ -53,35 +55,44 @@ def train_steps(batch_size, steps, warmup, stop_file):
     model = VSRN(opt)
     model.train_start()
     batch = synthetic_batch(batch_size, opt.max_len, img_dim=opt.img_dim, vocab_size=opt.vocab_size)
+    for _ in range(warmup):
+        model.train_emb(*batch)
+    print("ready", flush=True)
+    while not os.path.exists(os.path.join(signals, "go")):
+        if os.path.exists(os.path.join(signals, "stop")):  # another run failed
+            return
+        time.sleep(0.01)
     seconds = []
-    for index in range(warmup + steps):
+    for _ in range(steps):
         start = time.perf_counter()
         model.train_emb(*batch)
-        if index >= warmup:
-            seconds.append(time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
     print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
                       "wait": {k: os.environ[k] for k in WAIT_SETTINGS if k in os.environ}}), flush=True)
-    while not os.path.exists(stop_file):
+    while not os.path.exists(os.path.join(signals, "stop")):
         model.train_emb(*batch)
 
 
-def step_times(runs, setting, args, folder):
-    """Each of `runs` processes started at once: its timed steps' seconds and what it ran with."""
+def step_times(runs, setting, args):
+    """`runs` processes that time their steps at the same time: each one's seconds and settings."""
     env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
     env.update(setting)
-    stop_file = os.path.join(folder, f"stop-{time.monotonic_ns()}")
+    signals = tempfile.mkdtemp(prefix="shared_cores_")
     command = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--worker-stop-file", stop_file]
+               str(args.steps), "--warmup", str(args.warmup), "--worker-signals", signals]
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(runs)]
     try:
-        results = [json.loads(p.stdout.readline()) for p in processes]
+        if all(p.stdout.readline() == "ready\n" for p in processes):  # all warmed up
+            open(os.path.join(signals, "go"), "w").close()
+            results = [p.stdout.readline() for p in processes]
     finally:
-        open(stop_file, "w").close()
+        open(os.path.join(signals, "stop"), "w").close()
         for p in processes:
             p.wait()
+        shutil.rmtree(signals)
     if any(p.returncode for p in processes):
         sys.exit(f"error: a training process failed (exit codes {[p.returncode for p in processes]})")
-    return results
+    return [json.loads(line) for line in results]
 
 
 def main(argv=None):
@@ -90,10 +101,10 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs sharing the cores, the measured one included")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--worker-stop-file", help=argparse.SUPPRESS)
+    p.add_argument("--worker-signals", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker_stop_file:
-        return train_steps(args.batch_size, args.steps, args.warmup, args.worker_stop_file)
+    if args.worker_signals:
+        return train_steps(args.batch_size, args.steps, args.warmup, args.worker_signals)
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from machine import cpu_model, print_table
@@ -101,20 +112,19 @@ def main(argv=None):
     print(f"VSRN demo model, batch {args.batch_size}, synthetic data; {cpu_model()}, {os.cpu_count()} cores; "
           f"load average {os.getloadavg()[0]:.2f} at the start")
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for name, setting in SETTINGS.items():
-            alone = step_times(1, setting, args, folder)[0]
-            shared = step_times(args.runs, setting, args, folder)
-            alone_s = median(alone["seconds"])
-            each = [median(r["seconds"]) for r in shared]
-            fair = args.runs * alone_s
-            rows += [
-                (name, f"{alone['threads']} threads per run; " + " ".join(f"{k}={v}" for k, v in alone["wait"].items())),
-                ("  alone", f"{alone_s:.3f} s per step"),
-                (f"  beside {args.runs - 1} other run{'s' if args.runs != 2 else ''}", f"{median(each):.3f} s per step (the runs' medians: "
-                                                      f"{', '.join(f'{s:.3f}' for s in each)})"),
-                ("  fair share", f"{fair:.3f} s ({args.runs} x alone); measured / fair share: {median(each) / fair:.2f}"),
-            ]
+    for name, setting in SETTINGS.items():
+        alone = step_times(1, setting, args)[0]
+        shared = step_times(args.runs, setting, args)
+        alone_s = median(alone["seconds"])
+        each = [median(r["seconds"]) for r in shared]
+        fair = args.runs * alone_s
+        others = f"{args.runs - 1} other run{'s' if args.runs != 2 else ''}"
+        rows += [
+            (name, f"{alone['threads']} threads per run; " + " ".join(f"{k}={v}" for k, v in alone["wait"].items())),
+            ("  alone", f"{alone_s:.3f} s per step"),
+            (f"  beside {others}", f"{median(each):.3f} s per step (each run's median: {', '.join(f'{s:.3f}' for s in each)})"),
+            ("  fair share", f"{fair:.3f} s ({args.runs} x alone); measured / fair share: {median(each) / fair:.2f}"),
+        ]
     rows.append(("load average at the end", f"{os.getloadavg()[0]:.2f}"))
     print_table(rows, f"Median step time over {args.steps} steps after {args.warmup} warm-up")
 
