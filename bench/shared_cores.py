@@ -3,14 +3,16 @@ with torch's OpenMP threads spinning while idle (libgomp's default) and waiting 
 (what every entry script sets, utils/threads.py).
 
     python3 bench/shared_cores.py [--batch-size 64] [--runs 3] [--steps 10] [--warmup 2]
+                                  [--also GOMP_SPINCOUNT=1000 ...]
 
 The model is the demo's (train.py --demo) on a synthetic batch. Each figure is a median over
 separate processes started for it: one run alone, then --runs identical runs that start timing
 together once all have warmed up, and each keeps training until all have timed their steps, so
-every timed step has the others beside it. A run's fair share of the machine beside N-1 others is N times its time alone; the
-ratio printed is the runs' median step time over that. Thread count: torch's default (one per
-core) unless OMP_NUM_THREADS is given; it is the same for both settings. With libgomp's
-default spinning a shared step can take tens of seconds on a busy machine.
+every timed step has the others beside it. A run's fair share of the machine beside N-1 others
+is N times its time alone; the ratio printed is the runs' median step time over that. Thread
+count: torch's default (one per core) unless OMP_NUM_THREADS is given, the same for every
+setting. With libgomp's default spinning a shared step can take tens of seconds on a busy
+machine. --also adds settings to compare, each a comma-separated list of VAR=VALUE.
 """
 import argparse
 import json
@@ -101,6 +103,8 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs sharing the cores, the measured one included")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--also", nargs="+", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
+                   help="more wait settings to compare, e.g. GOMP_SPINCOUNT=1000")
     p.add_argument("--worker-signals", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker_signals:
@@ -112,7 +116,13 @@ def main(argv=None):
     print(f"VSRN demo model, batch {args.batch_size}, synthetic data; {cpu_model()}, {os.cpu_count()} cores; "
           f"load average {os.getloadavg()[0]:.2f} at the start")
     rows = []
-    for name, setting in SETTINGS.items():
+    settings = dict(SETTINGS)
+    for text in args.also:
+        pairs = [item.partition("=") for item in text.split(",")]
+        if any(not name or not sep for name, sep, _ in pairs):
+            p.error(f"--also {text}: expected VAR=VALUE[,VAR=VALUE]")
+        settings[text] = {name: value for name, _, value in pairs}
+    for name, setting in settings.items():
         alone = step_times(1, setting, args)[0]
         shared = step_times(args.runs, setting, args)
         alone_s = median(alone["seconds"])
