@@ -9,6 +9,7 @@ reference captions with pycocoevalcap's scorers (the COCO caption evaluation). M
 the Stanford PTB tokenizer need Java: without `java` on PATH, METEOR is skipped and the
 captions are tokenized with NLTK's Treebank tokenizer instead. SPICE is not run.
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import json
 import os

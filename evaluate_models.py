@@ -6,6 +6,7 @@
 
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import os
 import sys

@@ -18,6 +18,7 @@ A rerun with the same --out extracts only the pictures not yet in it (a torn las
 a crash, is dropped and redone). A picture that cannot be read is one line on stderr, skipped
 and counted in the summary.
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import concurrent.futures
 import contextlib

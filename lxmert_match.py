@@ -28,6 +28,7 @@ The split needs the `_boxes.npy` and `_image_sizes.npy` files that utils/tsv_to_
 Recall, median and mean rank are evaluation.py's: the same ranking code runs on LXMERT's (image,
 caption) score matrix instead of VSRN's similarity matrix.
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import csv
 import json

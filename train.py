@@ -1,10 +1,11 @@
 """Train VSRN on precomputed region features.
 
     python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
-    python3 train.py --demo          # toy dataset, about a minute on a CPU
+    python3 train.py --demo          # toy dataset: TODO-FIGURES s on an idle 2-core CPU, longer on busy cores
     python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
     torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import contextlib
 import logging
@@ -30,7 +31,7 @@ from utils.meters import AverageMeter, LogCollector
 from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
 from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
 
-# Small enough to learn the toy dataset in about a minute on two CPU cores. No gradient
+# Small enough to learn the toy dataset quickly on two CPU cores (README, The demo: how long). No gradient
 # clipping: the demo's sum-of-hinges loss has gradient norms of 200 to 10,000 at batch 128,
 # and clipping them to 2.0 leaves the caption branch writing nearly the same caption for
 # every image.

@@ -15,6 +15,7 @@ The picture is drawn at a readable size under a title (image id, caption or quer
 map shown by dimming the photo where the map is low, with a brightness scale, the top-ranked
 boxes outlined and numbered (utils/figures.py).
 """
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import os
 import sys

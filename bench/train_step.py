@@ -17,10 +17,11 @@ import sys
 import time
 from statistics import median
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils.threads  # noqa: E402,F401  (before torch: its threads wait as in train.py)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 import reference_caption  # noqa: E402
 from data import caption_branch_target, collate_fn  # noqa: E402
 from machine import describe, print_table  # noqa: E402
@@ -41,14 +42,14 @@ def caption_words(rng, batch_size):
     return np.sort(words)[::-1]
 
 
-def synthetic_batch(batch_size, max_len, seed=0):
+def synthetic_batch(batch_size, max_len, seed=0, img_dim=2048, vocab_size=VOCAB_SIZE):
     """collate_fn's output for random features and random words."""
     rng = np.random.default_rng(seed)
     items = []
     for i, n in enumerate(caption_words(rng, batch_size)):
-        caption = torch.from_numpy(np.concatenate([[START_ID], rng.integers(FIRST_WORD_ID, VOCAB_SIZE, n), [END_ID]]))
+        caption = torch.from_numpy(np.concatenate([[START_ID], rng.integers(FIRST_WORD_ID, vocab_size, n), [END_ID]]))
         label, mask = caption_branch_target(caption, max_len)
-        image = torch.from_numpy(rng.random((REGIONS, 2048), dtype=np.float32))
+        image = torch.from_numpy(rng.random((REGIONS, img_dim), dtype=np.float32))
         items.append((image, caption, i, i, label, mask))
     # Already longest first, so collate_fn's stable sort keeps ids = range(B).
     return collate_fn(items)
