@@ -1,6 +1,6 @@
 """Training-step time of a small VSRN alone and beside other training runs on the same cores,
-with torch's OpenMP threads spinning while idle (libgomp's default) and waiting passively
-(what every entry script sets, utils/threads.py).
+with torch's OpenMP threads spinning while idle (libgomp's default), spinning briefly (what every
+entry script sets, utils/threads.py) and waiting passively.
 
     python3 bench/shared_cores.py [--batch-size 64] [--runs 3] [--steps 10] [--warmup 2]
                                   [--also GOMP_SPINCOUNT=1000 ...]
@@ -32,7 +32,8 @@ TOY_VOCAB_SIZE = 64  # about the toy dataset's vocabulary
 # What each compared setting adds to an environment without any wait setting.
 SETTINGS = {
     "spinning (libgomp's default, GOMP_SPINCOUNT=300000)": {"GOMP_SPINCOUNT": "300000"},
-    "passive (this project's default)": {},
+    "short spin (this project's default: GOMP_SPINCOUNT=1000)": {},
+    "passive (OMP_WAIT_POLICY=PASSIVE alone)": {"OMP_WAIT_POLICY": "PASSIVE"},
 }
 
 

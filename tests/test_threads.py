@@ -1,4 +1,4 @@
-"""Torch's CPU threads wait passively in every entry script (utils/threads.py), unless the user
+"""Torch's CPU threads spin briefly, then sleep, in every entry script (utils/threads.py), unless the user
 says otherwise: the setting must be in the environment when torch first loads OpenMP."""
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from utils.threads import WAIT_SETTINGS, wait_passively
+from utils.threads import BRIEF_WAIT, WAIT_SETTINGS, wait_briefly
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,11 +56,11 @@ def test_entry_scripts_are_found():
 
 
 @pytest.mark.parametrize("script", entry_scripts())
-def test_entry_script_waits_passively_from_torchs_first_import(script):
+def test_entry_script_waits_briefly_from_torchs_first_import(script):
     seen = settings_when_torch_loads(script)
     if seen is None:
         pytest.skip(f"{script} does not load torch")
-    assert seen == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}
+    assert seen == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": None}
 
 
 def test_entry_script_keeps_the_users_setting():
@@ -69,16 +69,16 @@ def test_entry_script_keeps_the_users_setting():
 
 
 @pytest.mark.parametrize("name, value", [("OMP_WAIT_POLICY", "active"), ("GOMP_SPINCOUNT", "1000"), ("KMP_BLOCKTIME", "0")])
-def test_wait_passively_keeps_any_wait_setting(name, value):
+def test_wait_briefly_keeps_any_wait_setting(name, value):
     environ = {name: value}
-    wait_passively(environ)
+    wait_briefly(environ)
     assert environ == {name: value}
 
 
-def test_wait_passively_sets_passive_when_nothing_is_given():
+def test_wait_briefly_sets_a_short_spin_when_nothing_is_given():
     environ = {"OMP_NUM_THREADS": "2"}
-    wait_passively(environ)
-    assert environ == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    wait_briefly(environ)
+    assert environ == {"OMP_NUM_THREADS": "2", **BRIEF_WAIT}
 
 
 # Two threads do a short parallel operation, then the process sleeps 2 ms, 200 times: a pool
@@ -107,5 +107,5 @@ def idle_cpu_seconds(**user_settings):
 def test_the_runtime_torch_loads_sleeps_when_idle():
     """The OpenMP runtime honours the setting: far less CPU time than with libgomp's default spin."""
     spinning = idle_cpu_seconds(GOMP_SPINCOUNT="300000")  # libgomp's default, given explicitly
-    passive = idle_cpu_seconds()
-    assert passive < spinning / 3, (passive, spinning)
+    brief = idle_cpu_seconds()
+    assert brief < spinning / 3, (brief, spinning)
