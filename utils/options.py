@@ -67,7 +67,7 @@ def build_parser():
         "twice: two updates from one gradient, counted twice by the gradient clipping), 1 for one update")
     # Ours.
     add("--seed", default=None, type=int, help="seed for weights, dropout and batch order (CPU runs repeat exactly)")
-    add("--demo", action="store_true", help="train and evaluate on a generated toy dataset: TODO-FIGURES s on an idle 2-core CPU, longer when other jobs share the cores (a preset: see README, The demo; explicit flags override it)")
+    add("--demo", action="store_true", help="train and evaluate on a generated toy dataset: about 80 s on an idle 2-core CPU, longer when other jobs share the cores (a preset: see README, The demo; explicit flags override it)")
     add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
     add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA); under torchrun the image encoder, which then holds SyncBatchNorm, stays uncompiled")
