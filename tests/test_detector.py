@@ -483,7 +483,7 @@ def test_refuses_truncated_files(tmp_path):
     torch.save(tiny_detector_state_dict(), good)
     data = good.read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
-    assert "cut.bin: not a complete torch checkpoint" in refusal(str(tmp_path / "cut.bin"))
+    assert "cut.bin: truncated PyTorch checkpoint" in refusal(str(tmp_path / "cut.bin"))
     pickled = pickle.dumps({k: v.numpy() for k, v in tiny_detector_state_dict().items()})
     (tmp_path / "cut.pkl").write_bytes(pickled[: len(pickled) // 2])
     assert "cut.pkl: not a complete pickle" in refusal(str(tmp_path / "cut.pkl"))

@@ -154,9 +154,12 @@ def test_query_gallery_shows_five_images_with_scores(toy_run, tmp_path, capsys):
     assert scores == sorted(scores, reverse=True)
     with Image.open(out) as png:
         assert png.text["Title"] == 'The top 5 test images for "a dog near a cat"'
-        assert png.text["Description"].splitlines() == [f"{place}. {image}, score {float(score):.3f}" for place, image, score in ranked]
+        drawn = [re.fullmatch(r"(\d)\. (toy_test_\d{5}), score (-?[\d.]+)", line).groups() for line in png.text["Description"].splitlines()]
         assert png.size[0] == 3 * visualize.TILE_SIDE + 4 * figures.MARGIN
         assert png.size[1] > 2 * visualize.TILE_SIDE * HEIGHT // WIDTH  # two rows
+    # Printed with four decimals, drawn with three: rounding the printed score again may differ by one unit.
+    assert [(place, image) for place, image, _ in drawn] == [(place, image) for place, image, _ in ranked]
+    assert all(abs(float(a) - float(b)) <= 0.00051 for (_, _, a), (_, _, b) in zip(drawn, ranked))
 
 
 def test_captions_lists_the_top_captions_with_ground_truth_marked(toy_run, capsys):
