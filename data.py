@@ -12,6 +12,7 @@ and, optionally (utils/tsv_to_precomp.py writes them; SCAN's release has none):
 Features are read one image at a time, so RAM does not grow with the dataset; captions
 are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
 """
+import atexit
 import hashlib
 import multiprocessing
 import os
@@ -318,6 +319,19 @@ def _ignore_stop_signals(worker_id):
     # how to stop (it finishes the step and saves), and then ends its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_workers_left_at_exit():
+    # Workers ignore SIGTERM (above). multiprocessing's own exit handler terminates daemonic
+    # children with SIGTERM and then joins them, so a loader still alive at exit (persistent
+    # workers, an unfinished iterator) would keep the interpreter from ever exiting.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Registered after multiprocessing's handler (torch imports it first), so it runs before it.
+atexit.register(_kill_workers_left_at_exit)
 
 
 def usable_workers(requested):

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 import data
-from conftest import make_opt
+from conftest import ROOT, make_opt
 from data import EpochShuffleSampler, PrecompDataset, caption_branch_target, collate_fn, load_caption_ids
 from utils.errors import DataError
 from vocab import vocabulary_from_words
@@ -222,3 +224,24 @@ def test_dataset_equals_the_original_straightforward_reading(toy_data):
         cut = expected if len(expected) <= 12 else expected[:11] + [vocab("<end>")]
         assert label.tolist() == cut + [0] * (13 - len(cut))
         assert mask.tolist() == [1.0] * (len(cut) + 1) + [0.0] * (12 - len(cut))
+
+
+def test_a_process_whose_loader_still_has_workers_exits(toy_data):
+    """Workers ignore SIGTERM, which multiprocessing's exit handler sends before joining them:
+    a loader left with live workers must not keep the process from exiting."""
+    data_path, vocab_path = toy_data
+    program = f"""
+import argparse, sys
+sys.path.insert(0, {ROOT!r})
+import data
+from conftest import make_opt
+from vocab import load_vocab_by_name
+opt = make_opt(data_path={data_path!r}, workers=1)
+train_loader, _ = data.get_loaders("toy_precomp", load_vocab_by_name({vocab_path!r}, "toy_precomp"), 224, 16, 1, opt)
+batches = iter(train_loader)
+next(batches)
+print("a batch", flush=True)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and done.stdout == "a batch\n", done.stderr
