@@ -117,7 +117,7 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, sizes, rank, group):
+    def forward(ctx, rows, sizes, rank):
         ctx.start, ctx.size = sum(sizes[:rank]), sizes[rank]
         width = max(sizes)
         padded = rows if len(rows) == width else torch.cat([rows, rows.new_zeros((width - len(rows), *rows.shape[1:]))])
@@ -127,7 +127,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[ctx.start : ctx.start + ctx.size], None, None, None
+        return grad[ctx.start : ctx.start + ctx.size], None, None
 
 
 class DistributedWorld(SingleProcess):
@@ -150,7 +150,7 @@ class DistributedWorld(SingleProcess):
         return [int(s) for s in sizes]
 
     def gather(self, rows, sizes):
-        return _GatherRows.apply(rows, sizes, self.rank, None)
+        return _GatherRows.apply(rows, sizes, self.rank)
 
     def sum(self, tensor):
         total = tensor.detach().clone()
