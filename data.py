@@ -25,15 +25,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from utils.atomic import atomic_write
+from utils.cache import cache_dir
 from utils.captions import decode_captions, read_caption_bytes, read_captions
 from utils.errors import DataError, OptionError
 from vocab import END, START, tokenize, tokenizer_identity, vocab_digest
 
 DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev captions only
-
-
-def cache_dir():
-    return os.environ.get("VSRN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vsrn")
 
 
 def encode_captions(captions, vocab, desc="tokenizing"):
@@ -88,10 +85,10 @@ class PrecompDataset(Dataset):
     """Item: (image (regions, img_dim), caption ids <start>..<end>, index, image index,
     caption-branch label, caption-branch mask). Five captions per image share its features."""
 
-    def __init__(self, data_path, data_split, vocab, opt):
+    def __init__(self, data_path, data_split, vocab, max_len, img_dim):
         self.split = data_split
         self.vocab = vocab
-        self.max_len = opt.max_len
+        self.max_len = max_len
         self.start_id, self.end_id = vocab(START), vocab(END)
         self.ims_path = os.path.join(data_path, f"{data_split}_ims.npy")
         caps_path = os.path.join(data_path, f"{data_split}_caps.txt")
@@ -99,9 +96,9 @@ class PrecompDataset(Dataset):
             if not os.path.isfile(path):
                 raise DataError(
                     f"{path}: not found; expected the precomputed layout {data_path}/{data_split}_ims.npy "
-                    f"and {data_split}_caps.txt (see README, Data)"
+                    f"and {data_split}_caps.txt (see docs/data.md)"
                 )
-        self.images = open_features(self.ims_path, opt.img_dim)
+        self.images = open_features(self.ims_path, img_dim)
         self.caption_ids, self.offsets, empty_lines = load_caption_ids(caps_path, vocab)
         num_captions, num_images = len(self.offsets) - 1, self.images.shape[0]
         if empty_lines:
@@ -347,7 +344,7 @@ def check_data_folder(data_path, data_name, flag_hint="check --data_path and --d
     if not os.path.isdir(folder):
         raise DataError(
             f"{folder}: dataset folder not found; expected {data_name}/{{train,dev,test}}_ims.npy and _caps.txt "
-            f"under {data_path} (see README, Data); {flag_hint}"
+            f"under {data_path} (see docs/data.md); {flag_hint}"
         )
     return folder
 
@@ -380,9 +377,10 @@ def _loader(dataset, batch_size, workers, sampler=None):
     )
 
 
-def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True, num_workers=2, seed=0, rank=0, world_size=1):
+def get_precomp_loader(data_path, data_split, vocab, max_len, img_dim, batch_size=100, shuffle=True, num_workers=2, seed=0,
+                       rank=0, world_size=1):
     """A loader of the split; shuffled, it yields process `rank`'s shares of the global batches of `batch_size`."""
-    dataset = PrecompDataset(data_path, data_split, vocab, opt)
+    dataset = PrecompDataset(data_path, data_split, vocab, max_len, img_dim)
     if shuffle and world_size > 1:
         caption_lengths = np.diff(dataset.offsets)
         sampler = GlobalBatchShareSampler(len(dataset), seed, caption_lengths, batch_size, rank, world_size)
@@ -391,15 +389,15 @@ def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffl
     return _loader(dataset, batch_size, num_workers, sampler)
 
 
-def get_loaders(data_name, vocab, crop_size, batch_size, workers, opt, rank=0, world_size=1):
-    """Train loader (shuffled by an EpochShuffleSampler seeded with opt.seed; in data-parallel
+def get_loaders(data_path, data_name, vocab, *, batch_size, workers, max_len, img_dim, seed=0, rank=0, world_size=1):
+    """Train loader (shuffled by an EpochShuffleSampler seeded with `seed`; in data-parallel
     training, process `rank`'s shares of its global batches) and dev loader."""
-    path = os.path.join(opt.data_path, data_name)
-    train_loader = get_precomp_loader(path, "train", vocab, opt, batch_size, True, workers, opt.seed or 0, rank, world_size)
-    val_loader = get_precomp_loader(path, "dev", vocab, opt, batch_size, False, workers)
+    path = os.path.join(data_path, data_name)
+    train_loader = get_precomp_loader(path, "train", vocab, max_len, img_dim, batch_size, True, workers, seed, rank, world_size)
+    val_loader = get_precomp_loader(path, "dev", vocab, max_len, img_dim, batch_size, False, workers)
     return train_loader, val_loader
 
 
-def get_test_loader(split_name, data_name, vocab, crop_size, batch_size, workers, opt):
-    path = os.path.join(opt.data_path, data_name)
-    return get_precomp_loader(path, split_name, vocab, opt, batch_size, False, workers)
+def get_test_loader(data_path, data_name, split, vocab, *, batch_size, workers, max_len, img_dim):
+    """The split in order, for evaluation."""
+    return get_precomp_loader(os.path.join(data_path, data_name), split, vocab, max_len, img_dim, batch_size, False, workers)

@@ -18,12 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import check_data_folder, get_test_loader
-from model import VSRN, order_sim
+from inference import load_models, split_loader
+from model import order_sim
 from utils.atomic import atomic_write
-from utils.checkpoint import load_checkpoint, load_checkpoint_vocab
-from utils.errors import CheckpointError, DataError, OptionError, ScoreError, VocabularyError
-from vocab import vocab_digest, vocab_file
+from utils.errors import DataError, OptionError, ScoreError
 
 # Elements in one chunk of scores or comparisons (16M: 64 MB of float32). COCO-5K (5000 x 25000)
 # then needs little beyond its 500 MB similarity matrix, and order_sim's few (rows, targets, K)
@@ -206,55 +204,8 @@ def encode_data(model, data_loader):
     return img_embs, cap_embs
 
 
-def _load_models(model_paths, data_path, vocab_path, need_caption_branch=False, need_data=True):
-    """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode]).
-
-    need_caption_branch: refuse checkpoints without caption-branch weights (the original
-    release saved only the two encoders). need_data: refuse a missing data folder (False for
-    callers that read no split, such as visualize.py --images).
-    """
-    checkpoints = [load_checkpoint(path) for path in model_paths]
-    for path, checkpoint in zip(model_paths, checkpoints):
-        if need_caption_branch and isinstance(checkpoint["model"], (list, tuple)) and len(checkpoint["model"]) == 2:
-            raise CheckpointError(
-                f"{path}: has no caption-branch weights (an original-release checkpoint holds only the image and "
-                "text encoders); generate captions with a checkpoint trained by this port's train.py"
-            )
-    opt = checkpoints[0]["opt"]
-    if data_path is not None:
-        opt.data_path = data_path
-    if need_data:
-        check_data_folder(opt.data_path, opt.data_name,
-                          "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')")
-    if vocab_path is None and vocab_file(opt.vocab_path, opt.data_name) is None:
-        raise VocabularyError(
-            f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found; "
-            f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
-        )
-    vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path or opt.vocab_path, opt.data_name, opt.data_path)
-    models = []
-    for path, checkpoint in zip(model_paths, checkpoints):
-        model_opt = checkpoint["opt"]
-        if model_opt.data_name != opt.data_name:
-            raise CheckpointError(f"{path}: trained on {model_opt.data_name}, the ensemble's first model on {opt.data_name}")
-        if checkpoint.get("vocab_digest", vocab_digest(vocab)) != vocab_digest(vocab):
-            raise CheckpointError(f"{path}: trained with another vocabulary than {vocab.path}, which the ensemble's first model uses")
-        trained_size = getattr(model_opt, "vocab_size", len(vocab))
-        if trained_size != len(vocab):
-            raise CheckpointError(
-                f"{path}: trained with a vocabulary of {trained_size} words, but the {opt.data_name} vocabulary "
-                f"in {vocab_path or opt.vocab_path} has {len(vocab)}"
-            )
-        model_opt.vocab_size = len(vocab)
-        # Evaluate on this machine, in float32, whatever the training run used.
-        model_opt.device, model_opt.amp = None, False
-        model = VSRN(model_opt, training=False)
-        model.load_state_dict(checkpoint["model"], source=path)
-        models.append(model)
-    return opt, vocab, models
-
-
-def _print_results(r, ri):
+def print_recall(r, ri):
+    """The original's lines of a recall table: image-to-text metrics `r`, text-to-image `ri`."""
     print("rsum: %.1f" % (sum(r[:3]) + sum(ri[:3])))
     print("Average i2t Recall: %.1f" % (sum(r[:3]) / 3))
     print("Image to text: %.1f %.1f %.1f %.1f %.1f" % tuple(r))
@@ -303,7 +254,7 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
 
     if not fold5:
         r, ri, rt, rti = evaluate(slice(0, num_captions), sims)
-        _print_results(r, ri)
+        print_recall(r, ri)
         metrics = metrics_dict(r + ri)
     else:
         results = []
@@ -319,7 +270,7 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
         mean = np.mean(np.array(results), axis=0)
         print("-----------------------------------")
         print("Mean metrics: ")
-        _print_results(tuple(mean[:5]), tuple(mean[5:]))
+        print_recall(tuple(mean[:5]), tuple(mean[5:]))
         metrics = metrics_dict(float(v) for v in mean)
     return metrics, (rt, rti)
 
@@ -432,11 +383,11 @@ def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=
         _eccv_metrics_class()  # a missing package fails before the encoding, not after
         if split != "testall":
             raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; use --split testall, not {split}")
-    opt, vocab, models = _load_models(model_paths, data_path, vocab_path)
+    opt, vocab, models = load_models(model_paths, data_path, vocab_path)
     if eccv and not opt.data_name.startswith("coco"):
         raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; the checkpoint is for {opt.data_name}")
     print("Loading dataset")
-    loader = get_test_loader(split, opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt)
+    loader = split_loader(opt, vocab, split)
     num_captions = len(loader.dataset)
     if num_captions % 5:
         raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")

@@ -1,7 +1,7 @@
 """VSRN: region-graph image encoder, GRU text encoder, hinge ranking loss and the caption branch.
 
-The mathematics follow the original release exactly, quirks included (see README,
-"Differences from the original", for the few deliberate deviations).
+The mathematics follow the original release exactly, quirks included (docs/differences.md lists
+the few deliberate deviations).
 """
 import math
 
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from GCN_lib.Rs_GCN import Rs_GCN
+from utils.device import check_device
 from utils.distributed import SINGLE_PROCESS
 from utils.errors import CheckpointError, OptionError
 from utils.optim import CaptionRepeatingAdam
@@ -417,26 +418,13 @@ def check_options(opt):
         raise OptionError(f"--max_len {opt.max_len}: must be at least 2 (<start> and <end>)")
 
 
-def check_device(device):
-    """`device` (None: cuda when available, else cpu) as a torch.device, or a one-line OptionError."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise OptionError(f"--device {device}: expected cpu or cuda (cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"--device {device}: this torch build or machine has no CUDA device")
-    return resolved
-
-
 class VSRN:
     """The image encoder, text encoder and caption branch, their loss and their optimizer."""
 
     def __init__(self, opt, training=True):
         """`training=False` builds no optimizer: evaluation and inference need none."""
         check_options(opt)
-        self.device = torch.device(getattr(opt, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = check_device(getattr(opt, "device", None))
         self.grad_clip = opt.grad_clip
         self.max_len = opt.max_len
         self.amp = bool(getattr(opt, "amp", False)) and self.device.type == "cuda"

@@ -20,18 +20,20 @@ import time
 import torch
 
 import data
-from caption import log_generated_captions, print_examples
-from evaluation import encode_data, evalrank, i2t, similarity, t2i
-from model import VSRN, check_options
+from captioning import log_generated_captions, print_examples
 from data import check_data_folder, usable_workers
-from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, load_checkpoint_vocab, save_checkpoint
+from evaluation import encode_data, evalrank, i2t, similarity, t2i
+from inference import load_checkpoint_vocab
+from model import VSRN, check_options
+from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from utils.device import configure_backends
 from utils.distributed import SINGLE_PROCESS, holds_sync_batchnorm, init_world
-from utils.errors import CheckpointError, OptionError, VSRNError, report
+from utils.errors import CheckpointError, OptionError, VSRNError, first_line, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
 from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
 
-# Small enough to learn the toy dataset quickly on two CPU cores (README, The demo: how long). No gradient
+# Small enough to learn the toy dataset quickly on two CPU cores (docs/training.md, The demo: how long). No gradient
 # clipping: the demo's sum-of-hinges loss has gradient norms of 200 to 10,000 at batch 128,
 # and clipping them to 2.0 leaves the caption branch writing nearly the same caption for
 # every image.
@@ -208,7 +210,7 @@ class Trainer:
                 self._restore_position(checkpoint, path)
             else:
                 # An original-release checkpoint: no optimizer state, and its 'epoch' counts the
-                # epoch it was saved in as finished, even when saved mid-epoch (see README, Resuming).
+                # epoch it was saved in as finished, even when saved mid-epoch (see docs/training.md, Resuming).
                 self.next_epoch = int(checkpoint.get("epoch", 0))
                 warn_if_saved_mid_epoch(path, self.next_epoch, self.model.Eiters, len(self.train_loader))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -370,14 +372,6 @@ def validate(opt, val_loader, model, writer):
     return rsum
 
 
-def configure_backends(opt):
-    """Faithful float32 unless --tf32: PyTorch lets cuDNN (the GRUs) use TF32 by default on
-    Ampere and later GPUs, so both switches are set either way."""
-    torch.backends.cuda.matmul.allow_tf32 = bool(opt.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(opt.tf32)
-    torch.manual_seed(opt.seed)
-
-
 def open_writer(opt, world):
     """TensorBoard in logger_name for rank 0; a writer that writes nothing for the other processes."""
     from torch.utils.tensorboard import SummaryWriter
@@ -396,7 +390,8 @@ def main(argv=None):
     try:
         opt, checkpoint = parse_options(argv)
         check_options(opt)
-        world = init_world(opt)
+        world = init_world(opt.batch_size, opt.device, opt.dist_timeout)
+        opt.seed = world.broadcast(opt.seed)  # every process trains with rank 0's seed (each drew its own when none was given)
         code = run(opt, checkpoint, world)
     except (VSRNError, OSError) as e:
         code = report(e)
@@ -410,7 +405,7 @@ def main(argv=None):
     except Exception as e:
         if not world.lost_peer(e):
             raise
-        detail = str(e).strip().splitlines()[0][:160]
+        detail = first_line(e, 160)
         print(f"error: rank {world.rank}: communication with the other processes failed ({detail}); a failing process's own message comes first", file=sys.stderr)
         world.defer_to_failed_peer()
         code = 1
@@ -434,7 +429,8 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     check_output_folder(opt)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone logs
-    configure_backends(opt)
+    configure_backends(opt.tf32)
+    torch.manual_seed(opt.seed)
     # The first process of each node generates the demo data and fills the token cache; the others then read them.
     with world.local_main_first():
         if opt.demo:
@@ -446,7 +442,8 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
             vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
         opt.vocab_size = len(vocab)
         train_loader, val_loader = data.get_loaders(
-            opt.data_name, vocab, opt.crop_size, opt.batch_size, opt.workers, opt, world.rank, world.size
+            opt.data_path, opt.data_name, vocab, batch_size=opt.batch_size, workers=opt.workers, max_len=opt.max_len,
+            img_dim=opt.img_dim, seed=opt.seed, rank=world.rank, world_size=world.size,
         )
     if world.is_main:
         print(opt)

@@ -30,11 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import detector as D  # noqa: E402
+from detection.extract import extract_regions, extract_regions_batch, score_regions  # noqa: E402
+from detection.network import PUBLISHED_ARCH, BottomUpDetector  # noqa: E402
+from detection.policies import POLICIES, make_policy  # noqa: E402
+from detection.weights import load_detector  # noqa: E402
 from machine import describe, print_table  # noqa: E402
 
 STAGES = ("preprocess", "backbone", "rpn", "roi_pool", "res5", "heads", "selection")
-SMOKE_ARCH = dict(D.PUBLISHED_ARCH, stem=8, res2=(1, 8, 16), res3=(1, 8, 32), res4=(2, 16, 64), res5=(1, 16, 64),
+SMOKE_ARCH = dict(PUBLISHED_ARCH, stem=8, res2=(1, 8, 16), res3=(1, 8, 32), res4=(2, 16, 64), res5=(1, 16, 64),
                   rpn_hidden=32, embedding=16, attr_hidden=32)
 
 
@@ -48,8 +51,8 @@ def load_recipe(path):
 
 
 def random_detector(arch, recipe, device):
-    template = {k: tuple(v.shape) for k, v in D.BottomUpDetector(arch).state_dict().items()}
-    return D.load_detector(recipe.make_state_dict(template, seed=0), device=device)
+    template = {k: tuple(v.shape) for k, v in BottomUpDetector(arch).state_dict().items()}
+    return load_detector(recipe.make_state_dict(template, seed=0), device=device)
 
 
 def pictures(count, height, width):
@@ -86,28 +89,28 @@ def measure(detector, images, batch_size, settings, bf16=False):
     warm-up batch. CPU time (all threads) shows the work done also on a busy shared machine."""
     device = detector.device
     with autocast(device, bf16):
-        D.extract_regions_batch(detector, images[:batch_size], **settings)
+        extract_regions_batch(detector, images[:batch_size], **settings)
     timer = StageTimer(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     with autocast(device, bf16):
         for i in range(0, len(images), batch_size):
-            D.extract_regions_batch(detector, images[i:i + batch_size], timer=timer, **settings)
+            extract_regions_batch(detector, images[i:i + batch_size], timer=timer, **settings)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return len(images) / total, cpu / len(images), {stage: timer.seconds[stage] / len(images) for stage in STAGES}
 
 
 def bf16_deviation(detector, image, settings):
     """bf16 against fp32 on one picture: features of the same proposals, kept boxes and ids."""
-    scored = D.score_regions(detector, [image], settings["policy"], settings["min_size"], settings["max_size"], settings["proposals"])[0]
+    scored = score_regions(detector, [image], settings["policy"], settings["min_size"], settings["max_size"], settings["proposals"])[0]
     with torch.inference_mode(), autocast(detector.device, True):
         res4 = detector.backbone(scored["input"].unsqueeze(0))
         rois = torch.cat([torch.zeros(len(scored["proposals"]), 1, device=res4.device), scored["proposals"]], dim=1)
         features = detector.region_features(res4, rois).float()
     reference = scored["features"]
     relative = ((features - reference).abs().max() / reference.abs().max()).item()
-    fp32 = D.extract_regions(detector, image, **settings)
+    fp32 = extract_regions(detector, image, **settings)
     with autocast(detector.device, True):
-        bf16 = D.extract_regions(detector, image, **settings)
+        bf16 = extract_regions(detector, image, **settings)
     same_box = np.abs(fp32["boxes"][:, None] - bf16["boxes"][None]).max(axis=2) < 1.0
     matched = same_box.any(axis=1).mean()
     ids = np.mean([(bf16["objects_id"][same_box[i]] == fp32["objects_id"][i]).any() for i in range(len(fp32["boxes"])) if same_box[i].any()] or [0.0])
@@ -121,7 +124,7 @@ def bf16_deviation(detector, image, settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--policy", default="hf", choices=D.POLICIES)
+    parser.add_argument("--policy", default="hf", choices=tuple(POLICIES))
     parser.add_argument("--batch-sizes", default="1,4,8")
     parser.add_argument("--images", type=int, default=8, help="pictures timed per batch size")
     parser.add_argument("--image-size", default="480x640", help="HEIGHTxWIDTH of the random pictures")
@@ -142,9 +145,9 @@ def main(argv=None):
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    detector = random_detector(SMOKE_ARCH if args.smoke else D.PUBLISHED_ARCH, load_recipe(args.recipe), device)
+    detector = random_detector(SMOKE_ARCH if args.smoke else PUBLISHED_ARCH, load_recipe(args.recipe), device)
     print_table(describe(torch, device), "machine")
-    plan = D._Plan(detector, args.policy, 36, 10, 100, 0.2, args.min_size, args.max_size, args.proposals)
+    plan = make_policy(detector, args.policy, num_boxes=36, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
     print_table([
         ("detector", "smoke-test size" if args.smoke else "ResNet-101 C4, 1600 classes, 400 attributes (random weights)"),
         ("policy", f"{args.policy}: shortest side {plan.min_size}, longest <= {plan.max_size}, {plan.post_nms} proposals, 36 regions"),

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, print_table  # noqa: E402
-from lxmert_match import PairScorer, format_duration  # noqa: E402
-from model import check_device  # noqa: E402
+from lxmert.scoring import PairScorer  # noqa: E402
+from utils.device import check_device  # noqa: E402
+from utils.text import format_duration  # noqa: E402
 
 FLICKR_1K_PAIRS = 1000 * 5000
 COCO_5K = (5000, 25000)

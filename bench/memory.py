@@ -108,8 +108,9 @@ def child(mode, args, folder, vocab_path):
         features = np.load(os.path.join(folder, "train_ims.npy"))
         return {"shape": list(features.shape), "peak": peak_rss(), **proc_status()}
     start = time.perf_counter()
-    loader = get_precomp_loader(folder, "train", load_vocab(vocab_path), build_parser().parse_args([]),
-                                args.batch_size, shuffle=True, num_workers=args.workers, seed=0)
+    defaults = build_parser().parse_args([])
+    loader = get_precomp_loader(folder, "train", load_vocab(vocab_path), defaults.max_len, defaults.img_dim, args.batch_size,
+                                shuffle=True, num_workers=args.workers, seed=0)
     batches = iter(loader)
     next(batches)
     result = {"first_batch_at": time.time(), "loader": time.perf_counter() - start}

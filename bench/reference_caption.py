@@ -62,6 +62,7 @@ def caption_inference(caption_model, regions, sample_max=1, temperature=1.0, sta
     encoder_outputs, hidden = encode(caption_model, regions)
     batch = regions.size(0)
     seq_logprobs, seq_preds = [], []
+    logprobs = None  # each step's output, read by the next
     for t in range(decoder.max_length - 1):
         context = attention(decoder.attention, hidden.squeeze(0), encoder_outputs)
         if t == 0:

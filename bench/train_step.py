@@ -26,7 +26,7 @@ import reference_caption  # noqa: E402
 from data import caption_branch_target, collate_fn  # noqa: E402
 from machine import describe, print_table  # noqa: E402
 from model import VSRN, caption_steps  # noqa: E402
-from train import configure_backends  # noqa: E402
+from utils.device import configure_backends  # noqa: E402
 from utils.options import build_parser  # noqa: E402
 
 VOCAB_SIZE = 8481  # Flickr30K's vocabulary
@@ -130,7 +130,8 @@ def main(argv=None):
     opt = build_parser().parse_args([])
     opt.data_name, opt.vocab_size, opt.seed = "f30k_precomp", VOCAB_SIZE, 0
     opt.device, opt.amp, opt.tf32 = args.device, args.amp, args.tf32
-    configure_backends(opt)  # as train.py: float32 unless --tf32, seeded
+    configure_backends(opt.tf32)  # as train.py: float32 unless --tf32, seeded
+    torch.manual_seed(opt.seed)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 

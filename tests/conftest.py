@@ -52,9 +52,9 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def no_java(monkeypatch):
     """Score captions as on a machine without Java (no METEOR, NLTK tokenization): fast."""
-    import caption
+    import captioning
 
-    monkeypatch.setattr(caption, "java_available", lambda: False)
+    monkeypatch.setattr(captioning, "java_available", lambda: False)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 import caption
+import captioning
 from bench import reference_caption
 from conftest import make_opt
 from data import PrecompDataset
@@ -207,7 +208,7 @@ def captioner(toy_data, tmp_path_factory):
     opt = make_opt(vocab_size=len(vocab), dim_hidden=64, max_len=16, data_path=data_path, vocab_path=vocab_path)
     torch.manual_seed(0)
     model = VSRN(opt, training=False)
-    train = PrecompDataset(os.path.join(data_path, "toy_precomp"), "train", vocab, opt)
+    train = PrecompDataset(os.path.join(data_path, "toy_precomp"), "train", vocab, opt.max_len, opt.img_dim)
     items = [train[i] for i in range(len(train))]
     labels, masks = torch.stack([item[4] for item in items]), torch.stack([item[5] for item in items])
     model.val_start()
@@ -237,9 +238,9 @@ def test_trained_captions_name_the_concepts_of_their_images(captioner, no_java, 
     captions = [g["caption"] for g in generated]
     assert all(captions) and all("<" not in c for c in captions)
     data_path = load_checkpoint_opt(captioner).data_path
-    references = caption.split_references(os.path.join(data_path, "toy_precomp"), "test", 20)
-    own = caption.evaluate_captions(references, captions)["CIDEr-D"]
-    shuffled = caption.evaluate_captions(references, captions[1:] + captions[:1])["CIDEr-D"]
+    references = captioning.split_references(os.path.join(data_path, "toy_precomp"), "test", 20)
+    own = captioning.evaluate_captions(references, captions)["CIDEr-D"]
+    shuffled = captioning.evaluate_captions(references, captions[1:] + captions[:1])["CIDEr-D"]
     assert own > 0.3 and own > 2 * shuffled, (own, shuffled)
 
 
@@ -251,7 +252,7 @@ def test_image_ids_file_names_the_captions_and_beam_search_runs(captioner, no_ja
         shutil.copy(os.path.join(source, name), folder / name)
     (folder / "test_image_ids.txt").write_text("".join(f"{391895 + i}\n" for i in range(20)))
     out = str(tmp_path / "beam.json")
-    scores = caption.caption_split(captioner, str(tmp_path / "data"), "test", beam_size=3, out=out)
+    scores = captioning.caption_split(captioner, str(tmp_path / "data"), "test", beam_size=3, out=out)
     generated = json.load(open(out))
     assert [g["image_id"] for g in generated] == [391895 + i for i in range(20)]
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
@@ -285,7 +286,7 @@ def test_validation_logs_generated_captions_without_drawing_random_numbers(capti
     vocab = load_vocab_by_name(vocab_path, "toy_precomp")
     model = VSRN(opt, training=False)
     model.load_state_dict(torch.load(captioner, weights_only=False)["model"])
-    dataset = PrecompDataset(os.path.join(data_path, "toy_precomp"), "dev", vocab, opt)
+    dataset = PrecompDataset(os.path.join(data_path, "toy_precomp"), "dev", vocab, opt.max_len, opt.img_dim)
     texts = []
 
     class Writer:
@@ -293,12 +294,12 @@ def test_validation_logs_generated_captions_without_drawing_random_numbers(capti
             texts.append((tag, text, step))
 
     state = torch.get_rng_state()
-    caption.log_generated_captions(Writer(), model, dataset, 7)
+    captioning.log_generated_captions(Writer(), model, dataset, 7)
     assert torch.equal(state, torch.get_rng_state())
     ((tag, text, step),) = texts
     lines = text.split("  \n")
     assert tag == "captions" and step == 7 and len(lines) == 3
-    reference = caption.caption_text(vocab, dataset.caption(0)[1:])
+    reference = captioning.caption_text(vocab, dataset.caption(0)[1:])
     assert lines[0].startswith("0: **a ") and lines[0].endswith(f"(reference: {reference})")
 
 
@@ -314,29 +315,29 @@ def test_scores_are_pycocoevalcaps_scorers(no_java):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    scores = caption.score_captions(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)
+    scores = captioning.score_captions(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)
     bleu, _ = Bleu(4).compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS, verbose=0)
     assert [scores[f"BLEU-{n}"] for n in (1, 2, 3, 4)] == pytest.approx(bleu)
     assert scores["ROUGE-L"] == pytest.approx(Rouge().compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
     assert scores["CIDEr-D"] == pytest.approx(Cider().compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
     assert 0 < scores["BLEU-4"] < scores["BLEU-1"] < 1 and scores["CIDEr-D"] > 0
-    perfect = caption.score_captions(HAND_MADE_REFERENCES, {k: [v[0]] for k, v in HAND_MADE_REFERENCES.items()})
+    perfect = captioning.score_captions(HAND_MADE_REFERENCES, {k: [v[0]] for k, v in HAND_MADE_REFERENCES.items()})
     assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
 
 
-@pytest.mark.skipif(not caption.java_available(), reason="java is not on PATH")
+@pytest.mark.skipif(not captioning.java_available(), reason="java is not on PATH")
 def test_with_java_meteor_and_the_ptb_tokenizer_run():
     from pycocoevalcap.meteor.meteor import Meteor
 
-    scores = caption.score_captions(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)
+    scores = captioning.score_captions(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)
     meteor = Meteor()
     assert scores["METEOR"] == pytest.approx(meteor.compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
     del meteor
     raw = {"a": ["A dog, running on the grass.", "Two men \"riding\" bikes!"]}
-    ptb = caption.tokenize_for_scoring(raw)
+    ptb = captioning.tokenize_for_scoring(raw)
     assert ptb == {"a": ["a dog running on the grass", "two men riding bikes"]}
-    caption.java_available, java = (lambda: False), caption.java_available
+    captioning.java_available, java = (lambda: False), captioning.java_available
     try:
-        assert caption.tokenize_for_scoring(raw) == ptb  # the fallback agrees on plain captions
+        assert captioning.tokenize_for_scoring(raw) == ptb  # the fallback agrees on plain captions
     finally:
-        caption.java_available = java
+        captioning.java_available = java

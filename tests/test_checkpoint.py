@@ -10,6 +10,7 @@ import torch
 
 from conftest import CreatesFile, make_opt, shared_file
 from test_reliability import error_line
+from inference import load_checkpoint_vocab
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
@@ -155,11 +156,11 @@ SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
 def test_checkpoint_without_digest_uses_the_pkl_if_original_and_says_which(tmp_path, capsys):
     write_vocabularies(str(tmp_path), SPECIALS + ["dog", "cat"], SPECIALS + ["cat", "dog"])
     original = {"model": [], "opt": make_opt(), "epoch": 3}
-    vocab = checkpoint_module.load_checkpoint_vocab(original, "orig.pth.tar", str(tmp_path), "toy")
+    vocab = load_checkpoint_vocab(original, "orig.pth.tar", str(tmp_path), "toy")
     assert vocab.path == str(tmp_path / "toy_vocab.pkl") and vocab("cat") == 4
     assert f"orig.pth.tar records no vocabulary digest: using the vocabulary {tmp_path / 'toy_vocab.pkl'}" in capsys.readouterr().err
     ours_before_digests = {**original, "optimizer": {}}
-    assert checkpoint_module.load_checkpoint_vocab(ours_before_digests, "ours.pth.tar", str(tmp_path), "toy").path.endswith(".json")
+    assert load_checkpoint_vocab(ours_before_digests, "ours.pth.tar", str(tmp_path), "toy").path.endswith(".json")
 
 
 def test_checkpoint_digest_picks_the_matching_file_or_names_both(tmp_path):
@@ -168,10 +169,10 @@ def test_checkpoint_digest_picks_the_matching_file_or_names_both(tmp_path):
     write_vocabularies(str(tmp_path), SPECIALS + ["dog", "cat"], SPECIALS + ["cat", "dog"])
     for words, ext in ((["cat", "dog"], "pkl"), (["dog", "cat"], "json")):
         checkpoint = {"model": [], "opt": make_opt(), "optimizer": {}, "vocab_digest": vocab_digest(vocabulary_from_words(SPECIALS + words))}
-        assert checkpoint_module.load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy").path.endswith(ext)
+        assert load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy").path.endswith(ext)
     checkpoint["vocab_digest"] = vocab_digest(vocabulary_from_words(SPECIALS + ["cow"]))
     with pytest.raises(CheckpointError) as error:
-        checkpoint_module.load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy")
+        load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy")
     message = str(error.value)
     assert message.startswith("m.pth.tar: trained with another vocabulary") and "\n" not in message
     assert str(tmp_path / "toy_vocab.json") in message and str(tmp_path / "toy_vocab.pkl") in message

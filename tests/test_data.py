@@ -55,7 +55,7 @@ def test_caption_branch_target_truncates_to_max_len_with_end_last():
 
 
 def test_items_match_hand_computed_expectations(tmp_path, vocab):
-    dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, make_opt(img_dim=4, max_len=4))
+    dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, max_len=4, img_dim=4)
     assert len(dataset) == 10 and dataset.im_div == 5
     image, caption, index, img_id, label, mask = dataset[6]
     assert index == 6 and img_id == 1
@@ -71,7 +71,7 @@ def test_items_match_hand_computed_expectations(tmp_path, vocab):
 
 
 def test_collate_sorts_by_length_and_pads(tmp_path, vocab):
-    dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, make_opt(img_dim=4, max_len=8))
+    dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, max_len=8, img_dim=4)
     images, targets, lengths, ids, labels, masks = collate_fn([dataset[i] for i in (8, 0, 5)])
     assert lengths == [6, 4, 3] and ids == (0, 5, 8)
     assert targets.tolist() == [[1, 4, 5, 7, 9, 2], [1, 4, 6, 2, 0, 0], [1, 4, 2, 0, 0, 0]]
@@ -81,50 +81,50 @@ def test_collate_sorts_by_length_and_pads(tmp_path, vocab):
 
 def test_one_caption_per_image(tmp_path, vocab):
     folder = tiny_split(tmp_path, captions=["a dog", "a cat"])
-    dataset = PrecompDataset(folder, "train", vocab, make_opt(img_dim=4))
+    dataset = PrecompDataset(folder, "train", vocab, max_len=20, img_dim=4)
     assert dataset.im_div == 1 and dataset[1][3] == 1
 
 
 def test_dev_split_is_capped_at_5000_captions(tmp_path, vocab):
     folder = tiny_split(tmp_path, captions=["a dog"] * 5005, features=np.zeros((1001, 1, 4), np.float32), split="dev")
-    assert len(PrecompDataset(folder, "dev", vocab, make_opt(img_dim=4))) == 5000
+    assert len(PrecompDataset(folder, "dev", vocab, max_len=20, img_dim=4)) == 5000
 
 
 def test_missing_files_are_named(tmp_path, vocab):
     folder = tiny_split(tmp_path)
     with pytest.raises(DataError, match=r"tiny_precomp/test_ims.npy: not found; expected the precomputed layout"):
-        PrecompDataset(folder, "test", vocab, make_opt(img_dim=4))
+        PrecompDataset(folder, "test", vocab, max_len=20, img_dim=4)
     os.remove(os.path.join(folder, "train_caps.txt"))
     with pytest.raises(DataError, match=r"train_caps.txt: not found"):
-        PrecompDataset(folder, "train", vocab, make_opt(img_dim=4))
+        PrecompDataset(folder, "train", vocab, max_len=20, img_dim=4)
 
 
 def test_caption_count_must_be_one_or_five_per_image(tmp_path, vocab):
     folder = tiny_split(tmp_path, captions=["a dog"] * 9)
     with pytest.raises(DataError, match=r"train_caps.txt: 9 captions for the 2 images of .*train_ims.npy; expected 5"):
-        PrecompDataset(folder, "train", vocab, make_opt(img_dim=4))
+        PrecompDataset(folder, "train", vocab, max_len=20, img_dim=4)
 
 
 def test_feature_rank_and_dim_are_checked(tmp_path, vocab):
     folder = tiny_split(tmp_path, features=np.zeros((2, 4), np.float32))
     with pytest.raises(DataError, match=r"train_ims.npy: features have shape \(2, 4\); expected 3-D"):
-        PrecompDataset(folder, "train", vocab, make_opt(img_dim=4))
+        PrecompDataset(folder, "train", vocab, max_len=20, img_dim=4)
     folder = tiny_split(tmp_path)
     with pytest.raises(DataError, match=r"features have 4 dims per region; --img_dim is 2048"):
-        PrecompDataset(folder, "train", vocab, make_opt(img_dim=2048))
+        PrecompDataset(folder, "train", vocab, max_len=20, img_dim=2048)
 
 
 def test_non_utf8_caption_names_the_line(tmp_path, vocab):
     raw = "\n".join(["a dog"] * 7).encode() + b"\na \xff dog\na dog\na dog\n"
     folder = tiny_split(tmp_path, raw=raw)
     with pytest.raises(DataError, match=r"train_caps.txt: line 8 is not UTF-8 text"):
-        PrecompDataset(folder, "train", vocab, make_opt(img_dim=4))
+        PrecompDataset(folder, "train", vocab, max_len=20, img_dim=4)
 
 
 def test_nan_features_name_split_and_index(tmp_path, vocab):
     features = np.ones((2, 3, 4), np.float32)
     features[1, 2, 0] = np.nan
-    dataset = PrecompDataset(tiny_split(tmp_path, features=features), "train", vocab, make_opt(img_dim=4))
+    dataset = PrecompDataset(tiny_split(tmp_path, features=features), "train", vocab, max_len=20, img_dim=4)
     dataset[4]
     with pytest.raises(DataError, match=r"NaN or Inf in the features of image 1 \(train split, caption index 7\)"):
         dataset[7]
@@ -133,7 +133,7 @@ def test_nan_features_name_split_and_index(tmp_path, vocab):
 def test_empty_caption_lines_warn_and_are_kept(tmp_path, vocab):
     folder = tiny_split(tmp_path, captions=["a dog"] * 3 + [""] + ["a cat"] * 6)
     with pytest.warns(UserWarning, match=r"1 empty caption line\(s\) \(first: line 4\)"):
-        dataset = PrecompDataset(folder, "train", vocab, make_opt(img_dim=4))
+        dataset = PrecompDataset(folder, "train", vocab, max_len=20, img_dim=4)
     assert dataset[3][1].tolist() == [1, 2]
 
 
@@ -151,20 +151,20 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path, vocab, monkeypatch
 
 
 def test_features_are_read_per_image_not_loaded(tmp_path, vocab):
-    dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, make_opt(img_dim=4))
+    dataset = PrecompDataset(tiny_split(tmp_path), "train", vocab, max_len=20, img_dim=4)
     assert isinstance(dataset.images, data.FeatureFile) and dataset.images.shape == (2, 3, 4)
     assert dataset.images[1].tolist() == np.arange(12, 24, dtype=np.float32).reshape(3, 4).tolist()
 
 
 def test_float16_features_and_truncated_files(tmp_path, vocab):
     features = (np.arange(24).reshape(2, 3, 4) / 8).astype(np.float16)
-    dataset = PrecompDataset(tiny_split(tmp_path, features=features), "train", vocab, make_opt(img_dim=4))
+    dataset = PrecompDataset(tiny_split(tmp_path, features=features), "train", vocab, max_len=20, img_dim=4)
     assert dataset[5][0].dtype == torch.float32 and dataset[5][0].tolist() == (features[1].astype(np.float32)).tolist()
     path = os.path.join(str(tmp_path / "tiny_precomp"), "train_ims.npy")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 10)
     with pytest.raises(DataError, match=r"train_ims.npy: file is truncated"):
-        PrecompDataset(str(tmp_path / "tiny_precomp"), "train", vocab, make_opt(img_dim=4))
+        PrecompDataset(str(tmp_path / "tiny_precomp"), "train", vocab, max_len=20, img_dim=4)
 
 
 def test_epoch_order_is_fixed_by_seed_and_epoch_and_resumable():
@@ -184,7 +184,8 @@ def test_loaders_use_workers_and_keep_the_global_rng(toy_data):
 
     vocab = load_vocab_by_name(vocab_path, "toy_precomp")
     opt = make_opt(data_path=data_path, workers=1)
-    train_loader, val_loader = data.get_loaders("toy_precomp", vocab, 224, 16, 1, opt)
+    train_loader, val_loader = data.get_loaders(data_path, "toy_precomp", vocab, batch_size=16, workers=1, max_len=opt.max_len,
+                                                img_dim=opt.img_dim, seed=opt.seed)
     state = torch.get_rng_state()
     # Workers never fork this process, which runs threads (Python 3.12+ warns that a fork may deadlock).
     assert train_loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
@@ -211,8 +212,8 @@ def test_dataset_equals_the_original_straightforward_reading(toy_data):
     vocab = load_vocab_by_name(vocab_path, "toy_precomp")
     folder = os.path.join(data_path, "toy_precomp")
     opt = make_opt(max_len=12)
-    dataset = PrecompDataset(folder, "train", vocab, opt)
-    PrecompDataset(folder, "train", vocab, opt)  # second start-up: from the cache
+    dataset = PrecompDataset(folder, "train", vocab, opt.max_len, opt.img_dim)
+    PrecompDataset(folder, "train", vocab, opt.max_len, opt.img_dim)  # second start-up: from the cache
     images = np.load(os.path.join(folder, "train_ims.npy"))
     with open(os.path.join(folder, "train_caps.txt"), encoding="utf-8") as f:
         captions = [line.strip() for line in f]
@@ -237,7 +238,8 @@ import data
 from conftest import make_opt
 from vocab import load_vocab_by_name
 opt = make_opt(data_path={data_path!r}, workers=1)
-train_loader, _ = data.get_loaders("toy_precomp", load_vocab_by_name({vocab_path!r}, "toy_precomp"), 224, 16, 1, opt)
+train_loader, _ = data.get_loaders({data_path!r}, "toy_precomp", load_vocab_by_name({vocab_path!r}, "toy_precomp"), batch_size=16,
+                                   workers=1, max_len=opt.max_len, img_dim=opt.img_dim)
 batches = iter(train_loader)
 next(batches)
 print("a batch", flush=True)

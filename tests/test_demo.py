@@ -3,6 +3,7 @@ import json
 import re
 
 import caption
+import captioning
 import train
 from utils.make_toy_data import CONCEPTS
 
@@ -33,10 +34,10 @@ def test_the_demo_learns_to_retrieve_and_to_caption(tmp_path, monkeypatch, capsy
     out = str(tmp_path / "captions.json")
     assert caption.main(["--checkpoint", "runs/demo/model_best.pth.tar", "--out", out]) == 0
     generated = [entry["caption"] for entry in json.load(open(out))]
-    references = caption.split_references("data/toy_precomp", "test", len(generated))
+    references = captioning.split_references("data/toy_precomp", "test", len(generated))
     shuffled = generated[1:] + generated[:1]
-    own_cider = caption.evaluate_captions(references, generated)["CIDEr-D"]
-    shuffled_cider = caption.evaluate_captions(references, shuffled)["CIDEr-D"]
+    own_cider = captioning.evaluate_captions(references, generated)["CIDEr-D"]
+    shuffled_cider = captioning.evaluate_captions(references, shuffled)["CIDEr-D"]
     assert own_cider > 1.5 and own_cider > 4 * shuffled_cider, (own_cider, shuffled_cider)
     precision, recall = concept_precision_recall(generated, references)
     # Measured 0.98 / 0.81 with torch 2.13.0 (CPU build) and 0.94 / 0.64 with 2.14.1: the demo's

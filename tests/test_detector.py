@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torchvision.ops import nms
 
-import detector as D
+from detection import boxes as detection_boxes, config as detection_config, extract, policies, preprocess, proposals, selection
+from detection.weights import load_detector
 from conftest import CreatesFile, shared_file
 from tiny_detector import tiny_detector_state_dict
 from utils.errors import CheckpointError, DataError, OptionError
@@ -32,7 +34,7 @@ def reference():
     assert recipe.matches_fingerprint(state_dict, ref)
     config = json.loads(str(ref["meta_json"]))["config"]
     torch.manual_seed(0)
-    return ref, inputs, D.load_detector(state_dict, config)
+    return ref, inputs, load_detector(state_dict, config)
 
 
 def relative_error(actual, expected):
@@ -48,7 +50,7 @@ def rgb_image(inputs, i):
 @pytest.mark.parametrize("i", [0, 1])
 def test_reference_network_input(reference, i):
     ref, inputs, detector = reference
-    plan = D._Plan(detector, "hf", None, 10, 100, 0.2, None, None, None)
+    plan = policies.make_policy(detector, "hf")
     x, scale_yx, _ = plan.prepare(rgb_image(inputs, i))
     assert tuple(x.shape[1:]) == tuple(ref[f"img{i}_input_hw"][0])
     assert relative_error(x.numpy(), inputs[f"img{i}_net_input"][0]) < 1e-6
@@ -67,12 +69,12 @@ def test_reference_backbone(reference, i):
 def test_reference_proposals_as_a_set(reference, i):
     ref, _, detector = reference
     res4 = torch.from_numpy(ref[f"img{i}_res4"])
-    plan = D._Plan(detector, "hf", None, 10, 100, 0.2, None, None, None)
+    plan = policies.make_policy(detector, "hf")
     height, width = ref[f"img{i}_input_hw"][0]
     with torch.inference_mode():
         logits, deltas = detector.proposal_generator.rpn_head(res4)
-        anchors = D.grid_anchors(plan.cell_anchors, res4.shape[2], res4.shape[3])
-        boxes, scores = D.hf_proposals(logits[0], deltas[0], anchors, height, width, detector.config, plan.post_nms)
+        anchors = detection_boxes.grid_anchors(plan.cell_anchors, res4.shape[2], res4.shape[3])
+        boxes, scores = proposals.hf_proposals(logits[0], deltas[0], anchors, height, width, detector.config, plan.post_nms)
     expected, expected_logits = ref[f"img{i}_proposals"], ref[f"img{i}_proposal_logits"]
     assert boxes.shape == expected.shape
     # Each proposal matched to one of the reference's, one to one, with its logit.
@@ -107,7 +109,7 @@ def test_reference_region_outputs(reference, i):
 def test_reference_end_to_end_in_one_batch(reference):
     """Both images through extract_regions_batch: the regions the demo keeps, in its order."""
     ref, inputs, detector = reference
-    results = D.extract_regions_batch(detector, [rgb_image(inputs, 0), rgb_image(inputs, 1)], policy="hf", num_boxes=10)
+    results = extract.extract_regions_batch(detector, [rgb_image(inputs, 0), rgb_image(inputs, 1)], policy="hf", num_boxes=10)
     for i, regions in enumerate(results):
         assert (regions["img_h"], regions["img_w"]) == tuple(ref[f"img{i}_raw_hw"])
         assert relative_error(regions["features"], ref[f"img{i}_roi_features"][0]) < 1e-4
@@ -205,7 +207,7 @@ def thresh_for(max_conf, count):
 def test_per_class_max_conf_matches_transcription():
     for seed in range(3):
         boxes, probs = synthetic_regions(seed)
-        ours = D.per_class_max_conf(torch.from_numpy(boxes), torch.from_numpy(probs[:, 1:])).numpy()
+        ours = selection.per_class_max_conf(torch.from_numpy(boxes), torch.from_numpy(probs[:, 1:])).numpy()
         np.testing.assert_allclose(ours, transcribed_max_conf(boxes, probs), rtol=0, atol=0)
         # Clusters make NMS bite: many regions are suppressed in their best class.
         assert (ours < probs[:, 1:].max(axis=1)).mean() >= 0.05
@@ -215,9 +217,9 @@ def test_per_class_max_conf_of_a_batch_is_that_of_each_image():
     images = [synthetic_regions(seed, regions) for seed, regions in ((0, 150), (1, 40), (2, 0), (3, 90))]
     boxes = [torch.from_numpy(b) for b, _ in images]
     probs = [torch.from_numpy(p[:, 1:]) for _, p in images]
-    together = D.per_class_max_conf_batch(boxes, probs)
+    together = selection.per_class_max_conf_batch(boxes, probs)
     for (caffe_boxes, caffe_probs), b, p, conf in zip(images, boxes, probs, together):
-        np.testing.assert_array_equal(conf.numpy(), D.per_class_max_conf(b, p).numpy())
+        np.testing.assert_array_equal(conf.numpy(), selection.per_class_max_conf(b, p).numpy())
         if len(b):
             np.testing.assert_array_equal(conf.numpy(), transcribed_max_conf(caffe_boxes, caffe_probs).astype(np.float32))
 
@@ -231,7 +233,7 @@ def test_select_caffe_matches_transcription(count, low, high):
     max_conf = transcribed_max_conf(boxes, probs)
     conf_thresh = thresh_for(max_conf, count)
     expected = transcribed_keep_boxes(max_conf, conf_thresh, low, high)
-    ours = D.select_caffe(torch.from_numpy(max_conf), low, high, conf_thresh).numpy()
+    ours = selection.select_caffe(torch.from_numpy(max_conf), low, high, conf_thresh).numpy()
     np.testing.assert_array_equal(ours, expected)
     assert len(ours) == min(max(count, low), high)
     if low <= count <= high:
@@ -241,7 +243,7 @@ def test_select_caffe_matches_transcription(count, low, high):
 @pytest.fixture(scope="module")
 def small_vocabulary_detector():
     """The tiny detector with 60 classes and 20 attributes, so that the transcription is quick."""
-    return D.load_detector(tiny_detector_state_dict(seed=1, num_classes=60, num_attributes=20))
+    return load_detector(tiny_detector_state_dict(seed=1, num_classes=60, num_attributes=20))
 
 
 def photo(seed, height=120, width=160):
@@ -264,7 +266,7 @@ def photo(seed, height=120, width=160):
 def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detector, selection):
     """extract_regions(policy='caffe') against the transcription run on the same proposals' outputs."""
     image = photo(3)
-    scored = D.score_regions(small_vocabulary_detector, [image], policy="caffe", proposals=120)[0]
+    scored = extract.score_regions(small_vocabulary_detector, [image], policy="caffe", proposals=120)[0]
     cls_boxes = (scored["proposals"] / scored["scale"]).numpy()
     cls_prob = background_first(scored["obj_logits"].softmax(dim=1).numpy())
     attr_prob = background_first(scored["attr_logits"].softmax(dim=1).numpy())
@@ -275,7 +277,7 @@ def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detect
     low = selection.get("num_boxes", selection.get("min_boxes"))
     high = selection.get("num_boxes", selection.get("max_boxes"))
     expected = transcribed_generate_tsv(cls_boxes, cls_prob, attr_prob, pool5, selection.get("conf_thresh", 0.2), low, high)
-    regions = D.extract_regions(small_vocabulary_detector, image, policy="caffe", proposals=120, **selection)
+    regions = extract.extract_regions(small_vocabulary_detector, image, policy="caffe", proposals=120, **selection)
     assert (regions["img_h"], regions["img_w"]) == image.shape[:2]
     for key, value in expected.items():
         np.testing.assert_allclose(regions[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
@@ -290,10 +292,10 @@ def test_caffe_anchors_are_py_faster_rcnn_generate_anchors():
         [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
         [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359],
     ])
-    ours = D.caffe_cell_anchors([128, 256, 512], [0.5, 1.0, 2.0]).numpy()
+    ours = detection_boxes.caffe_cell_anchors([128, 256, 512], [0.5, 1.0, 2.0]).numpy()
     # Ours are size-major, the checkpoint's channel order.
     np.testing.assert_array_equal(ours, published.reshape(3, 3, 4).transpose(1, 0, 2).reshape(9, 4))
-    assert D.caffe_cell_anchors([64, 128, 256, 512], [0.5, 1.0, 2.0]).shape == (12, 4)
+    assert detection_boxes.caffe_cell_anchors([64, 128, 256, 512], [0.5, 1.0, 2.0]).shape == (12, 4)
 
 
 @pytest.mark.parametrize("size, expected", [
@@ -303,7 +305,7 @@ def test_caffe_anchors_are_py_faster_rcnn_generate_anchors():
     ((10, 17), (60.0, 600, 1000)),  # 17 * 60 = 1020 rounds above 1000: scale from the longest side
 ])
 def test_caffe_scale(size, expected):
-    scale, height, width = D.caffe_scale(*size)
+    scale, height, width = preprocess.caffe_scale(*size)
     if size == (10, 17):
         expected = (1000 / 17, 588, 1000)
     assert (height, width) == expected[1:]
@@ -314,9 +316,9 @@ def test_caffe_resize_is_cv2_linear_at_the_given_scale():
     """cv2.resize(fx=fy=scale, INTER_LINEAR) samples at (dst + 0.5) / scale - 0.5, clamped."""
     image = np.zeros((2, 4, 3), np.uint8)
     image[..., 0] = [[0, 40, 80, 120], [0, 40, 80, 120]]  # red: the first channel in RGB, the last in BGR
-    x, scale = D.caffe_input(image, short=3, longest=100)
+    x, scale = preprocess.caffe_input(image, short=3, longest=100)
     assert scale == 1.5 and x.shape == (3, 3, 6)
-    red = x[2, 0].numpy() + D.PUBLISHED_CONFIG["model"]["pixel_mean"][2]
+    red = x[2, 0].numpy() + detection_config.PUBLISHED_CONFIG["model"]["pixel_mean"][2]
     # Sources: -1/6 (clamped to 0), 1/2, 7/6, 11/6, 5/2 and 19/6 (past the last pixel: clamped).
     np.testing.assert_allclose(red, [0, 20, 40 * 7 / 6, 40 * 11 / 6, 100, 120], rtol=1e-5)
 
@@ -331,21 +333,21 @@ def test_select_hf_fills_with_the_best_suppressed_when_too_few_survive():
     base = np.array([[10, 10, 100, 100], [200, 50, 300, 200]], np.float32)
     boxes = torch.from_numpy(base[rng.randint(0, 2, 30)] + rng.normal(0, 1, (30, 4)).astype(np.float32))
     scores = torch.from_numpy(rng.uniform(0, 1, 30).astype(np.float32))
-    survivors = D.nms(boxes, scores, 0.7)
+    survivors = nms(boxes, scores, 0.7)
     assert len(survivors) < 10
-    keep = D.select_hf(boxes, scores, 10, 10, [0.5, 0.6, 0.7])
+    keep = selection.select_hf(boxes, scores, 10, 10, [0.5, 0.6, 0.7])
     assert len(keep) == 10 and len(set(keep.tolist())) == 10
     assert keep[: len(survivors)].tolist() == survivors.tolist()
     rest = [i for i in np.argsort(-scores.numpy(), kind="stable") if i not in survivors.tolist()]
     assert keep[len(survivors):].tolist() == rest[: 10 - len(survivors)]
     # When enough survive, the first threshold that leaves num_boxes decides, best first.
-    keep = D.select_hf(boxes, scores, 2, 2, [0.5, 0.6, 0.7])
-    assert keep.tolist() == D.nms(boxes, scores, 0.5)[:2].tolist()
+    keep = selection.select_hf(boxes, scores, 2, 2, [0.5, 0.6, 0.7])
+    assert keep.tolist() == nms(boxes, scores, 0.5)[:2].tolist()
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return D.load_detector(tiny_detector_state_dict())
+    return load_detector(tiny_detector_state_dict())
 
 
 # Smaller network inputs and fewer proposals where the policies' own sizes are not the point.
@@ -353,22 +355,22 @@ QUICK = {"min_size": 200, "max_size": 320, "proposals": 100}
 
 
 def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
-    for policy in D.POLICIES:
-        regions = D.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
+    for policy in policies.POLICIES:
+        regions = extract.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
         assert len(regions["boxes"]) == len(regions["features"]) == 20
 
 
 def test_tiny_and_elongated_pictures(tiny):
     # py-faster-rcnn drops proposals under 16 pixels of the picture: a smaller picture has none.
-    assert len(D.extract_regions(tiny, photo(0, 12, 12), num_boxes=36, proposals=100)["boxes"]) == 0
-    assert len(D.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36, proposals=100)["boxes"]) == 36
-    for policy in D.POLICIES:
+    assert len(extract.extract_regions(tiny, photo(0, 12, 12), num_boxes=36, proposals=100)["boxes"]) == 0
+    assert len(extract.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36, proposals=100)["boxes"]) == 36
+    for policy in policies.POLICIES:
         with pytest.raises(DataError, match=r"a 3x2000 picture is too elongated for the detector: resized to 2x1\d+ "):
-            D.extract_regions(tiny, photo(0, 3, 2000), policy=policy)
+            extract.extract_regions(tiny, photo(0, 3, 2000), policy=policy)
 
 
 def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
-    regions = D.extract_regions(tiny, photo(1), policy="hf")
+    regions = extract.extract_regions(tiny, photo(1), policy="hf")
     assert regions["boxes"].shape == (36, 4) and regions["features"].shape == (36, 64)
     assert (regions["boxes"][:, 2] <= regions["img_w"] + 1e-3).all() and (regions["boxes"][:, 3] <= regions["img_h"] + 1e-3).all()
     assert (np.diff(regions["objects_conf"]) <= 0).all()  # NMS order: best first
@@ -376,13 +378,13 @@ def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
 
 # ----------------------------------------------------------------------------- the API
 
-@pytest.mark.parametrize("policy", D.POLICIES)
+@pytest.mark.parametrize("policy", policies.POLICIES)
 def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
     # Two images of one size (they share a backbone pass) and one of another.
     images = [photo(0), photo(1, 90, 200), photo(2)]
-    together = D.extract_regions_batch(tiny, images, policy=policy, num_boxes=36, **QUICK)
+    together = extract.extract_regions_batch(tiny, images, policy=policy, num_boxes=36, **QUICK)
     for image, batched in zip(images, together):
-        alone = D.extract_regions(tiny, image, policy=policy, num_boxes=36, **QUICK)
+        alone = extract.extract_regions(tiny, image, policy=policy, num_boxes=36, **QUICK)
         assert batched.keys() == alone.keys()
         for key in alone:
             np.testing.assert_allclose(batched[key], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -390,34 +392,29 @@ def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
 
 def test_policies_and_colour_order_matter(tiny):
     image = photo(4)
-    caffe = D.extract_regions(tiny, image, num_boxes=10, **QUICK)
-    hf = D.extract_regions(tiny, image, policy="hf", num_boxes=10, **QUICK)
-    swapped = D.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10, **QUICK)
+    caffe = extract.extract_regions(tiny, image, num_boxes=10, **QUICK)
+    hf = extract.extract_regions(tiny, image, policy="hf", num_boxes=10, **QUICK)
+    swapped = extract.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10, **QUICK)
     assert not np.allclose(caffe["features"], hf["features"])
     assert not np.allclose(caffe["features"], swapped["features"])
 
 
 def test_image_path_is_read_with_utils_images(tiny, monkeypatch, tmp_path):
-    import sys
-    import types
-
     read = []
-    images = types.ModuleType("utils.images")
-    images.read_image = lambda path: read.append(path) or photo(5)
-    monkeypatch.setitem(sys.modules, "utils.images", images)
+    monkeypatch.setattr(extract, "read_image", lambda path: read.append(path) or photo(5))
     path = str(tmp_path / "photo.jpg")
-    regions = D.extract_regions(tiny, path, num_boxes=10, **QUICK)
+    regions = extract.extract_regions(tiny, path, num_boxes=10, **QUICK)
     assert read == [path]
-    np.testing.assert_array_equal(regions["features"], D.extract_regions(tiny, photo(5), num_boxes=10, **QUICK)["features"])
+    np.testing.assert_array_equal(regions["features"], extract.extract_regions(tiny, photo(5), num_boxes=10, **QUICK)["features"])
 
 
 def test_unknown_policy_and_bad_arrays_are_refused(tiny):
     with pytest.raises(OptionError, match="policy: expected one of caffe, hf, got 'detectron'"):
-        D.extract_regions(tiny, photo(0), policy="detectron")
+        extract.extract_regions(tiny, photo(0), policy="detectron")
     with pytest.raises(ValueError, match="RGB uint8"):
-        D.extract_regions(tiny, photo(0).astype(np.float32))
+        extract.extract_regions(tiny, photo(0).astype(np.float32))
     with pytest.raises(ValueError, match="RGB uint8"):
-        D.extract_regions(tiny, photo(0)[..., 0])
+        extract.extract_regions(tiny, photo(0)[..., 0])
 
 
 # ----------------------------------------------------------------------------- loading
@@ -430,16 +427,16 @@ def same_detector(a, b):
 def test_loads_the_bin_and_the_detectron2_pickle(tiny, tmp_path):
     state_dict = tiny_detector_state_dict()
     torch.save(state_dict, tmp_path / "pytorch_model.bin")
-    assert same_detector(D.load_detector(str(tmp_path / "pytorch_model.bin")), tiny)
+    assert same_detector(load_detector(str(tmp_path / "pytorch_model.bin")), tiny)
     arrays = {k: v.numpy() for k, v in state_dict.items()}
     for protocol in (2, pickle.HIGHEST_PROTOCOL):
         path = tmp_path / f"faster_rcnn_from_caffe_attr_{protocol}.pkl"
         with open(path, "wb") as f:
             pickle.dump({"model": arrays, "__author__": "Caffe"}, f, protocol=protocol)
-        assert same_detector(D.load_detector(str(path)), tiny)
+        assert same_detector(load_detector(str(path)), tiny)
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps(arrays))
-    assert same_detector(D.load_detector(str(plain)), tiny)
+    assert same_detector(load_detector(str(plain)), tiny)
 
 
 def test_architecture_is_read_off_the_state_dict(tiny):
@@ -450,17 +447,17 @@ def test_architecture_is_read_off_the_state_dict(tiny):
 def test_config_yaml_in_any_case(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"INPUT": {"MIN_SIZE_TEST": 320}, "ROI_HEADS": {"NMS_THRESH_TEST": [0.4]}, "max_detections": 12}))
-    detector = D.load_detector(tiny_detector_state_dict(), config=str(path))
+    detector = load_detector(tiny_detector_state_dict(), config=str(path))
     assert detector.config["input"] == {"min_size_test": 320, "max_size_test": 1333}
     assert detector.config["roi_heads"]["nms_thresh_test"] == [0.4] and detector.config["max_detections"] == 12
     # One threshold may be written without a list, as detectron2 configs do.
-    scalar = D.load_detector(tiny_detector_state_dict(), config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5})
-    assert len(D.extract_regions(scalar, photo(0), policy="hf", **QUICK)["boxes"]) == 5
+    scalar = load_detector(tiny_detector_state_dict(), config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5})
+    assert len(extract.extract_regions(scalar, photo(0), policy="hf", **QUICK)["boxes"]) == 5
 
 
 def refusal(weights):
     with pytest.raises(CheckpointError) as error:
-        D.load_detector(weights)
+        load_detector(weights)
     message = str(error.value)
     assert "\n" not in message
     return message
@@ -469,7 +466,13 @@ def refusal(weights):
 def test_refuses_other_checkpoints(tmp_path):
     vsrn = tmp_path / "model_best.pth.tar"
     torch.save({"model": [{"w": torch.zeros(1)}], "opt": argparse.Namespace(embed_size=1024), "epoch": 3}, vsrn)
-    assert refusal(str(vsrn)) == f"{vsrn}: refusing to load: it needs the global argparse.Namespace, which a detector checkpoint never holds"
+    assert refusal(str(vsrn)) == (
+        f"{vsrn}: a VSRN checkpoint (it holds 'model' and 'opt'), not the detector's weights: give the bottom-up-attention "
+        "detector's pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl"
+    )
+    other = tmp_path / "other.pth"
+    torch.save({"w": torch.zeros(1), "opt": argparse.Namespace(x=1)}, other)  # a Namespace, but no VSRN checkpoint
+    assert refusal(str(other)) == f"{other}: refusing to load: it needs the global argparse.Namespace, which a detector checkpoint never holds"
     bert = tmp_path / "pytorch_model.bin"
     torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(4, 2), "cls.predictions.bias": torch.zeros(4)}, bert)
     message = refusal(str(bert))

@@ -14,6 +14,7 @@ from data import EpochShuffleSampler, GlobalBatchShareSampler, share_sizes
 from model import VSRN
 from test_train import SMALL, final_state
 from utils import distributed
+from utils.device import configure_backends
 from utils.errors import OptionError
 from utils.optim import CaptionRepeatingAdam
 
@@ -264,21 +265,21 @@ def test_global_batch_rules_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
                                             MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
     with pytest.raises(OptionError, match="--batch_size 15 is the global batch and must divide evenly among the 2 processes"):
-        distributed.init_world(make_opt(batch_size=15))
+        distributed.init_world(15)
     os.environ["WORLD_SIZE"] = "two"
     with pytest.raises(distributed.DistributedError, match="environment variable WORLD_SIZE='two': expected an integer"):
-        distributed.init_world(make_opt())
+        distributed.init_world(16)
     with pytest.raises(OptionError, match="--device cuda:1: under torchrun each process uses the GPU of its LOCAL_RANK"):
-        distributed._device(make_opt(device="cuda:1"), 0)
+        distributed._device("cuda:1", 0)
     if torch.cuda.device_count() < 8:
         with pytest.raises(OptionError, match="LOCAL_RANK 7 needs GPU cuda:7, but this node has"):
-            distributed._device(make_opt(device="cuda"), 7)
+            distributed._device("cuda", 7)
 
 
 def test_without_a_launcher_there_is_no_process_group(monkeypatch):
     for name in distributed.LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert distributed.init_world(make_opt()) is distributed.SINGLE_PROCESS
+    assert distributed.init_world(16) is distributed.SINGLE_PROCESS
     assert not torch.distributed.is_initialized()
 
 
@@ -288,9 +289,9 @@ def test_float32_on_cuda_unless_tf32():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        train.configure_backends(make_opt(tf32=False))
+        configure_backends(tf32=False)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-        train.configure_backends(make_opt(tf32=True))
+        configure_backends(tf32=True)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -112,7 +112,7 @@ def test_evalrank_eccv_scores_the_ensembles_averaged_similarity(tmp_path, toy_da
     paths = [coco_checkpoint(tmp_path, toy_data, name, seed) for seed, name in enumerate(("one", "two"))]
     ensemble = [coco5k_embeddings(1), coco5k_embeddings(2)]
     per_model = iter(ensemble)
-    monkeypatch.setattr(evaluation, "get_test_loader", lambda *a: SimpleNamespace(dataset=range(25000)))
+    monkeypatch.setattr(evaluation, "split_loader", lambda *a: SimpleNamespace(dataset=range(25000)))
     monkeypatch.setattr(evaluation, "encode_data", lambda model, loader: next(per_model))
     received = {}
 

@@ -17,7 +17,7 @@ def test_encode_data_equals_encoding_every_caption_row(toy_data):
     opt = make_opt(data_path=data_path, vocab_size=len(vocab), batch_size=7)
     torch.manual_seed(0)
     model = VSRN(opt)
-    loader = get_test_loader("test", "toy_precomp", vocab, 224, 7, 0, opt)
+    loader = get_test_loader(data_path, "toy_precomp", "test", vocab, batch_size=7, workers=0, max_len=opt.max_len, img_dim=opt.img_dim)
     img_embs, cap_embs = encode_data(model, loader)
     assert img_embs.dtype == np.float32 and img_embs.shape == (100, 32) and cap_embs.shape == (100, 32)
     expected_img, expected_cap = np.zeros_like(img_embs), np.zeros_like(cap_embs)
@@ -83,7 +83,7 @@ def test_original_release_checkpoint_evaluates_without_conversion(tmp_path):
 
 
 def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsys):
-    from evaluation import _load_models
+    from inference import load_models
     from vocab import save_vocab, vocabulary_from_words
 
     checkpoint = shared_file("fixtures", "legacy_vsrn_f30k_tiny.pth.tar")
@@ -94,7 +94,7 @@ def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsy
                str(tmp_path / "f30k_precomp_vocab.json"))
     os.symlink(vocab_pkl, tmp_path / "f30k_precomp_vocab.pkl")
     (tmp_path / "data" / "f30k_precomp").mkdir(parents=True)
-    _, vocab, _ = _load_models([checkpoint], str(tmp_path / "data"), str(tmp_path))
+    _, vocab, _ = load_models([checkpoint], str(tmp_path / "data"), str(tmp_path))
     assert vocab.path == str(tmp_path / "f30k_precomp_vocab.pkl") and vocab.idx2word == words
     assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().err
 

@@ -11,18 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-import detector as detector_module
 import extract_regions
+from detection import cache, extract, pipeline
+from detection.weights import load_detector
 from conftest import ROOT
-from utils import tsv_to_precomp
+from utils import obj36, tsv_to_precomp
 from utils.distributed import SINGLE_PROCESS
 from tiny_detector import tiny_detector_state_dict
 from utils.images import read_image
 
 # Small network inputs and 10 boxes: a fraction of a second per picture with the tiny detector.
 FAST = ["--boxes", "10", "--min_size", "128", "--max_size", "200"]
-SLOWED = ("import sys, time; sys.path.insert(0, sys.argv.pop(1)); import detector; batch = detector.extract_regions_batch; "
-          "detector.extract_regions_batch = lambda *a, **k: (time.sleep(0.3), batch(*a, **k))[1]; "
+SLOWED = ("import sys, time; sys.path.insert(0, sys.argv.pop(1)); from detection import pipeline; batch = pipeline.extract_regions_batch; "
+          "pipeline.extract_regions_batch = lambda *a, **k: (time.sleep(0.3), batch(*a, **k))[1]; "
           "import extract_regions; sys.exit(extract_regions.main(sys.argv[1:]))")
 
 
@@ -64,11 +65,11 @@ def test_the_tsv_round_trips_through_tsv_to_precomp(detector, tmp_path, capsys):
     assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST, "--batch_size", "2"]) == 0
     assert f"6 images written to {out}" in capsys.readouterr().out
 
-    net = detector_module.load_detector(weights)
-    expected = [detector_module.extract_regions(net, read_image(p), num_boxes=10, min_size=128, max_size=200) for p in paths]
+    net = load_detector(weights)
+    expected = [extract.extract_regions(net, read_image(p), num_boxes=10, min_size=128, max_size=200) for p in paths]
     ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     for line, image_id, regions in zip(rows(out), ids, expected):
-        parsed = tsv_to_precomp.parse_obj36_line(line.rstrip(b"\n"), "row")
+        parsed = obj36.parse_row(line.rstrip(b"\n"), "row")
         assert line.split(b"\t")[0].decode() == image_id and len(line.split(b"\t")) == 10
         for key, value in regions.items():
             np.testing.assert_array_equal(parsed[key], value)
@@ -155,12 +156,12 @@ def test_shares_cover_every_position_once_in_order(world_size, batch_size):
     per_rank = []
     for rank in range(world_size):
         World.rank = rank
-        per_rank.append(list(extract_regions.shares(11, batch_size, World)))
+        per_rank.append(list(pipeline.shares(11, batch_size, World)))
     steps = len(per_rank[0])
     assert all(len(shares) == steps for shares in per_rank)  # every process takes part in every step
     gathered = [p for step in range(steps) for shares in per_rank for p in shares[step]]
     assert gathered == list(range(11))
-    assert [list(s) for s in extract_regions.shares(5, 2, SINGLE_PROCESS)] == [[0, 1], [2, 3], [4]]
+    assert [list(s) for s in pipeline.shares(5, 2, SINGLE_PROCESS)] == [[0, 1], [2, 3], [4]]
 
 
 def bad_pictures(folder):
@@ -268,30 +269,30 @@ def test_cached_regions_extracts_each_picture_once(detector, tmp_path, monkeypat
     weights, _ = detector
     paths = make_pictures(tmp_path / "pics", count=4)
     extracted = []
-    batch = detector_module.extract_regions_batch
-    monkeypatch.setattr(detector_module, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
+    batch = extract.extract_regions_batch
+    monkeypatch.setattr(pipeline, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
 
-    first = extract_regions.cached_regions(paths[:3], weights, num_boxes=10)
+    first = cache.cached_regions(paths[:3], weights, num_boxes=10)
     assert list(first) == ["pic00", "pic01", "pic02"] and len(extracted) == 3
-    expected = batch(detector_module.load_detector(weights), [read_image(p) for p in paths[:3]], num_boxes=10)
+    expected = batch(load_detector(weights), [read_image(p) for p in paths[:3]], num_boxes=10)
     for regions, reference in zip(first.values(), expected):
         for key in reference:
             np.testing.assert_array_equal(regions[key], reference[key])
 
-    again = extract_regions.cached_regions(paths, weights, num_boxes=10)
+    again = cache.cached_regions(paths, weights, num_boxes=10)
     assert len(extracted) == 4  # only the new picture
     assert list(again) == ["pic00", "pic01", "pic02", "pic03"]
     np.testing.assert_array_equal(again["pic01"]["features"], first["pic01"]["features"])
-    assert extract_regions.cached_regions(paths, weights, num_boxes=10).keys() == again.keys() and len(extracted) == 4
+    assert cache.cached_regions(paths, weights, num_boxes=10).keys() == again.keys() and len(extracted) == 4
 
     cache_files = os.listdir(os.path.join(os.environ["VSRN_CACHE"], "regions"))
     assert len([f for f in cache_files if f.endswith(".tsv")]) == 1
 
     # Other settings, and an edited picture, are extracted again.
-    extract_regions.cached_regions(paths[:1], weights, num_boxes=12)
+    cache.cached_regions(paths[:1], weights, num_boxes=12)
     assert len(extracted) == 5
     Image.fromarray(np.random.RandomState(5).randint(0, 256, (60, 90, 3), dtype=np.uint8)).save(paths[2])
     os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))
-    edited = extract_regions.cached_regions(paths, weights, num_boxes=10)
+    edited = cache.cached_regions(paths, weights, num_boxes=10)
     assert len(extracted) == 6
     assert (edited["pic02"]["img_h"], edited["pic02"]["img_w"]) == (60, 90)

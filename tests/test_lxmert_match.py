@@ -13,9 +13,14 @@ from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel  # noqa
 
 from conftest import make_opt  # noqa: E402
 from evaluation import i2t, recall_metrics, t2i  # noqa: E402
-import lxmert_match  # noqa: E402
-from lxmert_match import (PairScorer, Split, caption_tokens, evaluate, hub_reachable, load_lxmert, load_tokenizer, lxmert_scores,  # noqa: E402
-                          main, normalised_boxes, pair_blocks, rerank, top_candidates)
+from lxmert import scoring  # noqa: E402
+from lxmert.loading import import_transformers, load_lxmert, load_tokenizer  # noqa: E402
+from lxmert.rerank import rerank, top_candidates  # noqa: E402
+from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes, pair_blocks  # noqa: E402
+from lxmert.splits import Split, evaluate  # noqa: E402
+from lxmert_match import main  # noqa: E402
+from utils import hub  # noqa: E402
+from utils.hub import hub_reachable  # noqa: E402
 from test_reliability import error_line  # noqa: E402
 from utils.errors import CheckpointError, DataError, ScoreError, VSRNError  # noqa: E402
 
@@ -351,7 +356,7 @@ def test_duplicate_captions_score_exactly_alike_whatever_their_batches(setup, tm
     captions[12] = captions[3] = "a red ball on the grass"
     captions[2], captions[13] = " ".join(WORDS[:15]), "a dog"  # what captions 3 and 12 share a batch with
     (tmp_path / NAME / "test_caps.txt").write_text("\n".join(captions) + "\n")
-    monkeypatch.setattr(lxmert_match, "BATCHES_PER_BLOCK", 1)  # batches of (image, 2) and 3, (image, 12) and 13
+    monkeypatch.setattr(scoring, "BATCHES_PER_BLOCK", 1)  # batches of (image, 2) and 3, (image, 12) and 13
     scores_path = tmp_path / "scores.npy"
     evaluate(model_dir, str(tmp_path), NAME, "test", batch_size=2, save_scores=str(scores_path))
     scores = np.load(scores_path)
@@ -429,7 +434,7 @@ def test_pair_blocks_fill_whole_batches_however_sparse_the_rows():
 def test_two_stage_batches_are_full(setup, monkeypatch):
     """Blocks of one batch (as 256 pairs are on COCO 5K's 25000 captions): every batch but the last is full."""
     data_path, model_dir, captions = setup
-    monkeypatch.setattr(lxmert_match, "BATCHES_PER_BLOCK", 1)
+    monkeypatch.setattr(scoring, "BATCHES_PER_BLOCK", 1)
     sizes = []
     score = PairScorer.score
     monkeypatch.setattr(PairScorer, "score", lambda self, language, mask, vision: sizes.append(len(vision)) or score(self, language, mask, vision))
@@ -441,13 +446,13 @@ def test_two_stage_batches_are_full(setup, monkeypatch):
 
 def test_model_path_that_is_no_folder_fails_at_once_without_the_hub(setup, tmp_path, monkeypatch, capsys):
     data_path, _, _ = setup
-    monkeypatch.setattr(lxmert_match, "hub_reachable", lambda: pytest.fail("the hub was asked about a path"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda: pytest.fail("the hub was asked about a path"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "weights.bin").write_bytes(b"\0")
     expected = {
         str(tmp_path / "absent"): "folder not found", "./lxmert-base": "folder not found", "runs/lxmert": "folder not found",
-        "a/b/c": "folder not found", "weights.bin": "a file, not a folder; LXMERT's weights are a folder (see README, LXMERT matching)",
+        "a/b/c": "folder not found", "weights.bin": "a file, not a folder; LXMERT's weights are a folder (see docs/lxmert.md)",
     }
     for value, message in expected.items():
         assert main(["--model", value, "--data_path", data_path, "--data_name", NAME]) == 2
@@ -467,17 +472,17 @@ def test_hub_name_is_tried_only_when_the_hub_is_reachable(setup, monkeypatch, ca
             raise OSError(f"Cannot find the requested files in the disk cache\nand outgoing traffic has been disabled ({value})")
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand couldn't find them in the cached files.")
 
-    monkeypatch.setattr(lxmert_match._transformers().PretrainedConfig, "get_config_dict", config_dict)
+    monkeypatch.setattr(import_transformers().PretrainedConfig, "get_config_dict", config_dict)
     assert main(args) == 2  # HF_HUB_OFFLINE=1: the cache alone, no connection
     assert capsys.readouterr().err == (
         "error: --model unc-nlp/lxmert-base-uncased: no such folder, and not in the hub's cache (HF_HUB_OFFLINE is set); "
-        "download the weights into a folder and pass that (see README, LXMERT matching)\n"
+        "download the weights into a folder and pass that (see docs/lxmert.md)\n"
     )
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(lxmert_match, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     assert main(args) == 2
     assert "not in the hub's cache (the model hub cannot be reached); download" in capsys.readouterr().err
-    monkeypatch.setattr(lxmert_match, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     assert main(args) == 2
     assert capsys.readouterr().err == (
         "error: --model unc-nlp/lxmert-base-uncased: no such folder, and the model hub cannot provide it "
@@ -550,20 +555,20 @@ def own_pictures(tmp_path_factory):
 
 
 def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(own_pictures, tmp_path, monkeypatch, capsys):
-    import detector as detector_module
-    import extract_regions
+    from detection import cache, pipeline
 
     photos, captions_file, weights, model_dir = own_pictures
     extracted = []
-    batch = detector_module.extract_regions_batch
-    monkeypatch.setattr(detector_module, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
+    batch = pipeline.extract_regions_batch
+    monkeypatch.setattr(pipeline, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
     csv_path, json_path = tmp_path / "out" / "scores.csv", tmp_path / "scores.json"
     args = ["--images", str(photos), "--captions", str(captions_file), "--detector", weights, "--model", model_dir, "--batch_size", "4", "--top", "0"]
     assert main(args + ["--save_scores", str(csv_path), str(json_path)]) == 0
     out = capsys.readouterr().out
     assert len(extracted) == 3
-    cache = extract_regions.regions_cache_path(weights, None, "caffe", 36)
-    assert f"extracted once and cached in {cache}" in out and cache.startswith(os.environ["VSRN_CACHE"])
+    cache_path = cache.regions_cache_path(weights, None, "caffe", 36)
+    assert f"Regions of 3 pictures extracted (caffe policy, 36 boxes) and cached in {cache_path}\n" in out
+    assert cache_path.startswith(os.environ["VSRN_CACHE"])
 
     record = json.loads(json_path.read_text())
     captions = ["a dog runs on the grass", "the water near a man", "a red car on the street", "a dog with a ball", "a woman sits near the water"]
@@ -575,7 +580,7 @@ def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
     assert np.array_equal(np.array([[float(v) for v in row[1:]] for row in table[1:]]), scores)
 
     # LxmertForPreTraining itself on the cached regions (boxes divided by the picture's size) and the captions.
-    regions = extract_regions.cached_regions([str(photos / f"{i}.png") for i in record["images"]], weights, num_boxes=36)
+    regions = cache.cached_regions([str(photos / f"{i}.png") for i in record["images"]], weights, num_boxes=36)
     assert len(extracted) == 3
     model = LxmertForPreTraining.from_pretrained(model_dir).eval()
     tokenizer = load_tokenizer(model_dir, len(VOCAB))
@@ -627,14 +632,14 @@ def test_one_step_demo_bad_inputs_are_one_line(own_pictures, tmp_path, capsys):
     unknown.write_text("dog\ta dog\ncat\ta cat\n")
     base = ["--images", str(photos), "--detector", weights, "--model", model_dir]
     cases = {
-        ("--images", str(photos)): "error: --images: needs --captions (see README, LXMERT matching)",
+        ("--images", str(photos)): "error: --images: needs --captions (see docs/lxmert.md)",
         (*base, "--captions", str(mixed)): f"error: {mixed}: line 2 has no image id and tab, unlike the lines before; "
                                            "give every line as `caption` or every line as `image_id<TAB>caption`",
         (*base, "--captions", str(unknown)): f"error: {unknown}: image id 'cat' is not a picture of --images (1 unknown ids)",
         (*base, "--captions", str(captions_file), "--save_scores", "s.npy"): "error: --save_scores s.npy: expected a .csv or .json file",
         (*base, "--captions", str(captions_file), "--topk", "3"): "error: --topk: belongs to a split's evaluation, not to --images",
         ("--images", str(photos), "--captions", str(captions_file), "--detector", str(tmp_path / "absent.bin"), "--model", model_dir):
-            f"error: --detector {tmp_path / 'absent.bin'}: detector weights not found (see README, Your own images)",
+            f"error: --detector {tmp_path / 'absent.bin'}: detector weights not found (see docs/regions.md)",
         ("--images", str(tmp_path / "nothing"), "--captions", str(captions_file), "--detector", weights, "--model", model_dir):
             f"error: --images {tmp_path / 'nothing'}: no such file or folder",
         ("--model", model_dir): "error: --data_path and --data_name name the split to evaluate; or match your own pictures with "

@@ -222,7 +222,7 @@ def test_training_steps_lower_the_loss(toy_data):
     vocab = load_vocab_by_name(vocab_path, "toy_precomp")
     torch.manual_seed(0)
     opt = make_opt(vocab_size=len(vocab), learning_rate=1e-3)
-    dataset = PrecompDataset(f"{data_path}/toy_precomp", "train", vocab, opt)
+    dataset = PrecompDataset(f"{data_path}/toy_precomp", "train", vocab, opt.max_len, opt.img_dim)
     batch = collate_fn([dataset[i] for i in range(0, 64, 2)])
     model = VSRN(opt)
     model.train_start()

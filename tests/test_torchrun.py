@@ -49,7 +49,7 @@ def test_a_failing_process_ends_the_job_with_its_message(toy_copy, tmp_path):  #
     data_path, vocab_path, folder = toy_copy
     # An image whose captions in the first global batch all fall in rank 1's share: rank 1 alone fails.
     opt, _ = train.parse_options(args_for(data_path, vocab_path, tmp_path / "run"))
-    dataset = PrecompDataset(folder, "train", load_vocab_by_name(vocab_path, "toy_precomp", data_path), opt)
+    dataset = PrecompDataset(folder, "train", load_vocab_by_name(vocab_path, "toy_precomp", data_path), opt.max_len, opt.img_dim)
     lengths = np.diff(dataset.offsets)
     shares = [list(GlobalBatchShareSampler(len(dataset), opt.seed, lengths, 16, rank, 2))[:8] for rank in (0, 1)]
     image = next(i // 5 for i in shares[1] if all(j // 5 != i // 5 for j in shares[0]))
@@ -103,7 +103,7 @@ def test_sigterm_to_torchrun_stops_both_at_one_step_and_one_process_resumes(toy_
     assert final_state(str(run))["Eiters"] == 50 and len(single["losses"]) == 50 - stopped["Eiters"]
 
 
-def test_kill_9_on_torchrun_ends_its_processes_and_the_checkpoint_resumes(toy_data, tmp_path, one_thread):
+def test_kill_9_on_torchrun_ends_its_processes_and_the_checkpoint_resumes(toy_data, tmp_path, one_thread):  # noqa: F811
     data_path, vocab_path = toy_data
     run = tmp_path / "run"
     args = args_for(data_path, vocab_path, run, "--num_epochs", "2", "--val_step", "10")

@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 
-from conftest import make_opt
 from data import FeatureFile, PrecompDataset, read_image_ids, read_region_boxes
 from utils import tsv_to_precomp
 from utils.tsv_to_precomp import convert, main
@@ -85,7 +84,7 @@ def test_precomp_dataset_reads_the_converted_folder(tmp_path, images):
     tsv = write(tmp_path / "a.tsv", [lxmert_line(i, *images[i]) for i in ids])
     folder, _ = run(tmp_path, [tsv], write(tmp_path / "caps.txt", caption_lines(ids)))
     vocab = vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "caption"])
-    dataset = PrecompDataset(folder, "test", vocab, make_opt(img_dim=DIM))
+    dataset = PrecompDataset(folder, "test", vocab, max_len=20, img_dim=DIM)
     assert len(dataset) == 15 and dataset.im_div == 5
     assert np.array_equal(dataset[7][0].numpy(), images["42"][3])
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attention
 import visualize
 from conftest import make_opt
 from utils.captions import read_captions
@@ -15,7 +16,8 @@ from utils import figures
 from utils.checkpoint import save_checkpoint
 from utils.make_toy_images import HEIGHT, WIDTH, make_toy_images
 from utils.tsv_to_precomp import convert
-from visualize import main, region_attention_map, region_ranks, render_attention
+from attention import region_attention_map, region_ranks, render_attention
+from visualize import main
 from vocab import build_vocab, save_vocab, vocab_digest
 
 
@@ -71,11 +73,11 @@ def test_tile_is_readable_dimmed_where_unattended_with_clear_labels(scale):
     photo = Image.fromarray(np.random.RandomState(0).randint(0, 256, (60 * scale, 80 * scale, 3), dtype=np.uint8))
     boxes = np.array([[10, 10, 40, 40], [10, 10, 36, 30], [10, 10, 30, 44], [60, 40, 75, 55]], dtype=np.float32)  # in a 60 x 80 image
     tile = render_attention(photo, [0.9, 0.5, 0.1, -0.3], boxes, (60, 80), top_boxes=3)
-    assert tile.image.size == (visualize.MAP_SIDE, visualize.MAP_SIDE * 3 // 4) == tile.attention.shape[::-1]
+    assert tile.image.size == (attention.MAP_SIDE, attention.MAP_SIDE * 3 // 4) == tile.attention.shape[::-1]
     shown = np.asarray(tile.image, dtype=np.int64)
-    expected = np.asarray(figures.resize_longer_side(photo, visualize.MAP_SIDE), dtype=np.float64)
+    expected = np.asarray(figures.resize_longer_side(photo, attention.MAP_SIDE), dtype=np.float64)
     drawn = np.zeros(tile.attention.shape, dtype=bool)  # outlines (within 5 pixels of a top box's edge) and labels
-    for x1, y1, x2, y2 in (boxes[:3] * visualize.MAP_SIDE / 80).astype(int):
+    for x1, y1, x2, y2 in (boxes[:3] * attention.MAP_SIDE / 80).astype(int):
         band = np.zeros_like(drawn)
         band[y1 - 5 : y2 + 5, x1 - 5 : x2 + 5] = True
         band[y1 + 5 : y2 - 5, x1 + 5 : x2 - 5] = False
@@ -88,8 +90,8 @@ def test_tile_is_readable_dimmed_where_unattended_with_clear_labels(scale):
     peak = (tile.attention == tile.attention.max()) & ~drawn
     assert peak.sum() > 1000 and np.array_equal(shown[peak], np.round(expected[peak]))
     assert len(tile.labels) == 3 and disjoint(tile.labels)
-    middle = int(25 * visualize.MAP_SIDE / 80)  # a column through the top box's top edge: black, white, black
-    edge = [tuple(p) for p in shown[int(10 * visualize.MAP_SIDE / 80) - 1 : int(10 * visualize.MAP_SIDE / 80) + 5, middle]]
+    middle = int(25 * attention.MAP_SIDE / 80)  # a column through the top box's top edge: black, white, black
+    edge = [tuple(p) for p in shown[int(10 * attention.MAP_SIDE / 80) - 1 : int(10 * attention.MAP_SIDE / 80) + 5, middle]]
     assert (0, 0, 0) in edge and (255, 255, 255) in edge
 
 
@@ -140,7 +142,7 @@ def test_index_renders_the_picture_readably_under_a_title_with_its_caption_and_s
     assert re.fullmatch(rf'its first caption, score -?[01]\.\d{{3}}: "{re.escape(caption)}"', printed[1])
     with Image.open(out) as png:
         assert png.text["Title"] == "\n".join(printed[:2])
-        assert png.size[0] >= visualize.MAP_SIDE and png.size[1] > visualize.MAP_SIDE * HEIGHT // WIDTH
+        assert png.size[0] >= attention.MAP_SIDE and png.size[1] > attention.MAP_SIDE * HEIGHT // WIDTH
 
 
 def test_query_gallery_shows_five_images_with_scores(toy_run, tmp_path, capsys):
@@ -155,8 +157,8 @@ def test_query_gallery_shows_five_images_with_scores(toy_run, tmp_path, capsys):
     with Image.open(out) as png:
         assert png.text["Title"] == 'The top 5 test images for "a dog near a cat"'
         drawn = [re.fullmatch(r"(\d)\. (toy_test_\d{5}), score (-?[\d.]+)", line).groups() for line in png.text["Description"].splitlines()]
-        assert png.size[0] == 3 * visualize.TILE_SIDE + 4 * figures.MARGIN
-        assert png.size[1] > 2 * visualize.TILE_SIDE * HEIGHT // WIDTH  # two rows
+        assert png.size[0] == 3 * attention.TILE_SIDE + 4 * figures.MARGIN
+        assert png.size[1] > 2 * attention.TILE_SIDE * HEIGHT // WIDTH  # two rows
     # Printed with four decimals, drawn with three: rounding the printed score again may differ by one unit.
     assert [(place, image) for place, image, _ in drawn] == [(place, image) for place, image, _ in ranked]
     assert all(abs(float(a) - float(b)) <= 0.00051 for (_, _, a), (_, _, b) in zip(drawn, ranked))
@@ -210,7 +212,7 @@ def test_missing_picture_and_bad_flags_are_one_line(toy_run, tmp_path, capsys):
 
 def test_image_pattern_formats_numeric_ids(tmp_path):
     (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"")
-    assert visualize.find_picture(str(tmp_path), "42", "COCO_val2014_{:012d}.jpg") == str(tmp_path / "COCO_val2014_000000000042.jpg")
+    assert attention.find_picture(str(tmp_path), "42", "COCO_val2014_{:012d}.jpg") == str(tmp_path / "COCO_val2014_000000000042.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +243,19 @@ def photo_run(tmp_path_factory):
 
 
 def test_images_extracts_ranks_and_draws_own_pictures_from_the_cache_the_second_time(photo_run, tmp_path, capsys, monkeypatch):
-    import detector
+    from detection import cache
 
     photos, weights, checkpoint = photo_run
     out = tmp_path / "gallery.png"
     args = ["--checkpoint", checkpoint, "--images", str(photos), "--detector", weights, "--query", "a dog near a cat", "--top", "4", "--out", str(out)]
     figure = visualize.run(visualize.build_parser().parse_args(args))
     captured = capsys.readouterr()
-    assert "broken.jpg" in captured.err and len(captured.err.strip().splitlines()) == 1
+    skipped, unknown = captured.err.strip().splitlines()
+    assert "broken.jpg" in skipped
+    assert unknown == "warning: 'dog', 'cat' are not in the vocabulary: read as <unk>"  # the four test captions never name them
     lines = captured.out.splitlines()
+    assert re.fullmatch(r"Regions of 4 pictures extracted \(caffe policy, 36 boxes\) and cached in .+\.tsv", lines.pop(0))
+    assert lines.pop(0) == "1 of the 5 pictures could not be used (see the lines above); going on with the others"
     assert lines[0] == "top-4 of 4 pictures for 'a dog near a cat':"
     ranked = [re.fullmatch(r"  (\d)\. (.+)  score (-?[\d.]+)", line).groups() for line in lines[1:5]]
     assert sorted(os.path.basename(path) for _, path, _ in ranked) == ["photo0.png", "photo1.png", "photo2.png", "rotated.jpg"]
@@ -262,20 +268,20 @@ def test_images_extracts_ranks_and_draws_own_pictures_from_the_cache_the_second_
     assert [(place, name) for place, name, _ in drawn] == [(place, os.path.splitext(os.path.basename(path))[0]) for place, path, _ in ranked]
     assert all(abs(float(a) - float(b)) <= 0.00051 for (_, _, a), (_, _, b) in zip(drawn, ranked))
     sizes = {os.path.basename(path): (x2 - x1, y2 - y1) for (_, path, _), (x1, y1, x2, y2) in zip(ranked, figure.tiles)}
-    assert sizes["rotated.jpg"] == (round(visualize.TILE_SIDE * HEIGHT / WIDTH), visualize.TILE_SIDE)  # upright, as the detector saw it
-    assert sizes["photo0.png"] == (visualize.TILE_SIDE, round(visualize.TILE_SIDE * HEIGHT / WIDTH))
+    assert sizes["rotated.jpg"] == (round(attention.TILE_SIDE * HEIGHT / WIDTH), attention.TILE_SIDE)  # upright, as the detector saw it
+    assert sizes["photo0.png"] == (attention.TILE_SIDE, round(attention.TILE_SIDE * HEIGHT / WIDTH))
     place = [os.path.basename(path) for _, path, _ in ranked].index("photo0.png")
     x1, y1, x2, y2 = figure.tiles[place]
     shown = np.asarray(figure.image, dtype=np.float64)[y1:y2, x1:x2]
     with Image.open(photos / "photo0.png") as picture:
-        photo = np.asarray(figures.resize_longer_side(picture, visualize.TILE_SIDE), dtype=np.float64)
+        photo = np.asarray(figures.resize_longer_side(picture, attention.TILE_SIDE), dtype=np.float64)
     under_the_map = ((shown >= np.floor(photo * figures.DIM) - 1) & (shown <= photo + 1)).all(axis=2)
     assert under_the_map.mean() > 0.9  # the photo, dimmed by the map, wherever no box outline is drawn
 
     def no_detector(*args, **kwargs):
         raise AssertionError("extracted again")
 
-    monkeypatch.setattr(detector, "load_detector", no_detector)  # the readable pictures' regions come from the cache
+    monkeypatch.setattr(cache, "load_detector", no_detector)  # the readable pictures' regions come from the cache
     readable = sorted(str(path) for path in photos.iterdir() if path.name != "broken.jpg")
     again = ["--checkpoint", checkpoint, "--images", *readable, "--detector", weights, "--query", "a dog near a cat", "--top", "4", "--out", str(tmp_path / "again.png")]
     assert main(again) == 0

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from detector import BottomUpDetector
+from detection.network import BottomUpDetector
 
 TINY_ARCH = {
     "stem": 8, "res2": (1, 4, 16), "res3": (1, 8, 32), "res4": (2, 8, 32), "res5": (1, 16, 64),

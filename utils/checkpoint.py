@@ -3,15 +3,13 @@ import argparse
 import os
 import pickle
 import re
-import sys
 import zipfile
 
 import torch
 
 from utils.atomic import atomic_copy, atomic_write
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, first_line
 from utils.options import option_defaults
-from vocab import load_vocab_by_name, load_vocab_with_digest
 
 # The only non-tensor class a VSRN checkpoint holds: `opt`, an argparse.Namespace.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -64,8 +62,7 @@ def _reason(error):
     match = _UNPICKLER_REASON.search(text)
     if match:
         return match.group(1).strip()
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return first.split(". ")[0]
+    return first_line(error).split(". ")[0]
 
 
 def safe_torch_load(path, map_location="cpu", kind="VSRN checkpoint", safe_globals=()):
@@ -118,21 +115,6 @@ CHECKPOINT_NAME, BEST_NAME = "checkpoint.pth.tar", "model_best.pth.tar"
 def is_original_release(checkpoint):
     """The original release's checkpoints hold no optimizer state; ours always do."""
     return "optimizer" not in checkpoint
-
-
-def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None):
-    """The vocabulary the checkpoint at `path` was trained with, from DIR/NAME_vocab.{json,pkl}.
-
-    Ours record its digest (refused when neither file matches); without one, the original
-    release's are taken to use the .pkl (the only vocabularies it shipped), ours the .json,
-    and the file used is printed.
-    """
-    digest = checkpoint.get("vocab_digest")
-    if digest is not None:
-        return load_vocab_with_digest(vocab_dir, data_name, digest, path, data_path)
-    vocab = load_vocab_by_name(vocab_dir, data_name, data_path, prefer="pkl" if is_original_release(checkpoint) else "json")
-    print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}", file=sys.stderr)
-    return vocab
 
 
 def save_checkpoint(state, is_best, folder, filename=CHECKPOINT_NAME, best_filename=BEST_NAME):

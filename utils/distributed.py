@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
-from utils.errors import OptionError, VSRNError
+from utils.device import check_device, default_device
+from utils.errors import OptionError, VSRNError, first_line
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Longer than torchrun's monitor interval (0.1 s; 5 s in early releases).
@@ -324,9 +325,8 @@ def _die_with_launcher():
         os._exit(1)
 
 
-def _device(opt, local_rank):
-    requested = getattr(opt, "device", None)
-    device_type = torch.device(requested).type if requested else ("cuda" if torch.cuda.is_available() else "cpu")
+def _device(requested, local_rank):
+    device_type = torch.device(requested).type if requested else default_device().type
     if device_type != "cuda":
         return torch.device("cpu")
     if requested and torch.device(requested).index is not None:
@@ -340,41 +340,39 @@ def _device(opt, local_rank):
     return torch.device("cuda", local_rank)
 
 
-def init_world(opt):
+def init_world(batch_size, device=None, dist_timeout=10.0):
     """Join the job's process group when a launcher started this process; SINGLE_PROCESS otherwise.
 
-    Checks that --batch_size (the global batch) divides among the processes, and makes
-    every process use rank 0's --seed (each draws its own when none was given).
+    Checks first that `batch_size` (the global batch) divides among the processes.
     """
     if not launched():
         return SINGLE_PROCESS
     size = _launch_variable("WORLD_SIZE")
-    if opt.batch_size % size:
+    if batch_size % size:
         raise OptionError(
-            f"--batch_size {opt.batch_size} is the global batch and must divide evenly among the {size} processes "
-            f"(e.g. --batch_size {opt.batch_size // size * size or size})"
+            f"--batch_size {batch_size} is the global batch and must divide evenly among the {size} processes "
+            f"(e.g. --batch_size {batch_size // size * size or size})"
         )
-    world = join_world(opt)
-    opt.seed = world.broadcast(opt.seed)
-    return world
+    return join_world(device, dist_timeout)
 
 
-def join_world(opt):
-    """Join the job's process group when a launcher started this process (opt.device, opt.dist_timeout);
-    SINGLE_PROCESS otherwise."""
+def join_world(device=None, dist_timeout=10.0):
+    """Join the job's process group when a launcher started this process (on `device`'s type; each
+    process takes its LOCAL_RANK's GPU; waits bounded by `dist_timeout` minutes); SINGLE_PROCESS otherwise."""
     if not launched():
         return SINGLE_PROCESS
+    check_device(device)
     rank, size, local_rank = (_launch_variable(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = _device(opt, local_rank)
+    device = _device(device, local_rank)
     _die_with_launcher()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # so that --device cuda means this process's GPU
-    timeout = datetime.timedelta(minutes=opt.dist_timeout)
+    timeout = datetime.timedelta(minutes=dist_timeout)
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
         control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     except (RuntimeError, ValueError) as e:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise DistributedError(f"cannot join the {backend} process group at {where} as rank {rank} of {size}: {str(e).splitlines()[0]}") from None
+        raise DistributedError(f"cannot join the {backend} process group at {where} as rank {rank} of {size}: {first_line(e)}") from None
     return DistributedWorld(rank, size, local_rank, device, control)

@@ -39,6 +39,13 @@ def one_line(error):
     return _WORKER_PREFIX.sub("", last, count=1)
 
 
+def first_line(error, limit=None):
+    """The first line of an error's message (its class name when it has none), cut to `limit` characters."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line[:limit] if limit else line
+
+
 def report(error):
     """Print a VSRNError (exit code 2) or an OSError (exit code 1) as one line; return the code."""
     if isinstance(error, VSRNError):
@@ -51,3 +58,14 @@ def report(error):
 
 class ScoreError(VSRNError):
     """Scores to rank are not all numbers: NaN or infinite (a diverged model, a non-finite feature)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped a job; the message says what was kept and how to continue."""
+
+
+def report_interrupt(kept):
+    """Print the one line of a job stopped by Ctrl-C, `kept` saying what stays and how to continue
+    (an Interrupted's message, or the script's); return 130 (128 + SIGINT)."""
+    print(f"error: interrupted; {kept}", file=sys.stderr)
+    return 130

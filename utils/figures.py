@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.atomic import atomic_write
-from utils.errors import OptionError
+from utils.images import pillow
 
 DIM = 0.4  # share of its brightness the photo keeps where the map is 0
 MARGIN = 12
@@ -20,16 +20,8 @@ BAR_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RESAMPLE = "LANCZOS"
 
 
-def pillow():
-    try:
-        from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-    except ImportError:
-        raise OptionError("the pictures are drawn with Pillow: pip install pillow") from None
-    return Image, ImageDraw, ImageFont, PngImagePlugin
-
-
 def font(size):
-    ImageFont = pillow()[2]
+    ImageFont = pillow().ImageFont
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
@@ -61,7 +53,7 @@ def wrap(text, face, width):
 
 def resize_longer_side(picture, side):
     """The picture scaled (up or down) so that its longer side is `side` pixels."""
-    Image = pillow()[0]
+    Image = pillow().Image
     scale = side / max(picture.size)
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
     return picture.convert("RGB").resize(size, getattr(Image.Resampling, RESAMPLE))
@@ -118,7 +110,7 @@ def outline_boxes(image, boxes, texts):
     """Outline the boxes (black, white, black, so they show on light and dark; the first on top) and
     label each with its text, white on black, labels clear of each other and over every outline;
     returns the labels' rectangles."""
-    ImageDraw = pillow()[1]
+    ImageDraw = pillow().ImageDraw
     pen, face = ImageDraw.Draw(image), font(LABEL_SIZE)
     for x1, y1, x2, y2 in boxes[::-1]:
         corners = (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1))
@@ -146,7 +138,8 @@ class Figure:
 def compose(title, tiles, captions, columns, scale_note, dim=DIM):
     """Tiles (PIL images) in rows of `columns`, each under its caption, below the wrapped title and
     above a brightness scale from `dim` (map 0) to 1 (the map's peak) explained by `scale_note`."""
-    Image, ImageDraw, _, _ = pillow()
+    PIL = pillow()
+    Image, ImageDraw = PIL.Image, PIL.ImageDraw
     columns = max(1, min(columns, len(tiles)))
     cell = max(t.width for t in tiles)
     width = max(columns * cell + (columns + 1) * MARGIN, BAR_WIDTH + 2 * MARGIN)
@@ -187,7 +180,7 @@ def compose(title, tiles, captions, columns, scale_note, dim=DIM):
 def draw_scale(canvas, pen, corner, dim, face):
     """A horizontal bar, white dimmed as the map dims the photo (left: map 0, right: its peak), with
     ticks at shares of the peak; returns the bar's rectangle."""
-    Image = pillow()[0]
+    Image = pillow().Image
     x, y = corner
     shares = np.linspace(0.0, 1.0, BAR_WIDTH)
     ramp = np.round(255 * (dim + (1 - dim) * shares)).astype(np.uint8)
@@ -205,7 +198,7 @@ def draw_scale(canvas, pen, corner, dim, face):
 
 def save_png(figure, path):
     """Write the figure as PNG, its title and captions in the file's Title and Description text."""
-    PngImagePlugin = pillow()[3]
+    PngImagePlugin = pillow().PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_itxt("Title", figure.title)
     info.add_itxt("Description", "\n".join(figure.captions))

@@ -12,12 +12,16 @@
   decompression-bomb guard) are refused, as are unreadable, truncated and non-image files:
   each with an ImageError, one line naming the file.
 """
+import os
 import struct
 import warnings
 
 import numpy as np
 
-from utils.errors import DataError, OptionError
+from utils.errors import DataError, OptionError, first_line
+
+# Picture files, by extension (any case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 BACKGROUND = (255, 255, 255)
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -28,17 +32,23 @@ class ImageError(DataError):
     """A picture cannot be read: missing, not an image, truncated, too large, or of an unusual format."""
 
 
-def _pillow():
+def pillow():
+    """Pillow's PIL package with the modules the project uses loaded (Image, ImageDraw, ImageFont,
+    ImageOps, PngImagePlugin), or a one-line OptionError when Pillow is not installed."""
     try:
-        from PIL import Image, ImageOps
+        import PIL.Image
+        import PIL.ImageDraw
+        import PIL.ImageFont
+        import PIL.ImageOps
+        import PIL.PngImagePlugin  # noqa: F401  (loaded for the callers)
     except ImportError:
-        raise OptionError("reading pictures needs Pillow: pip install pillow") from None
-    return Image, ImageOps
+        raise OptionError("pictures are read and drawn with Pillow: pip install pillow") from None
+    return PIL
 
 
 def _to_rgb(picture):
     """An RGB picture of any Pillow mode; transparent ones over white."""
-    Image, _ = _pillow()
+    Image = pillow().Image
     if picture.mode == "P" and "transparency" in picture.info:
         picture = picture.convert("RGBA")
     if picture.mode in _TRANSPARENT_MODES:
@@ -54,7 +64,8 @@ def _to_rgb(picture):
 
 def read_image(path):
     """The picture at `path` as an upright (H, W, 3) uint8 RGB array; ImageError when it cannot be read."""
-    Image, ImageOps = _pillow()
+    PIL = pillow()
+    Image, ImageOps = PIL.Image, PIL.ImageOps
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -74,6 +85,35 @@ def read_image(path):
         raise ImageError(f"{path}: not a picture file Pillow can read") from None
     # Besides OSError, what Pillow can raise on damaged files.
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error, MemoryError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{path}: unreadable or truncated picture ({reason})") from None
+        raise ImageError(f"{path}: unreadable or truncated picture ({first_line(e)})") from None
     return np.ascontiguousarray(array)
+
+
+def list_images(sources, flag="--images"):
+    """(image id, path) of the pictures of `sources` (files, and folders' picture files by name, not
+    their subfolders), in that order; the image id is the file name without its extension.
+    OptionErrors name `flag`: a source that does not exist, no pictures, two pictures with one id."""
+    items = []
+    for source in sources:
+        if os.path.isdir(source):
+            names = sorted(e.name for e in os.scandir(source) if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+            items.extend((os.path.splitext(name)[0], os.path.join(source, name)) for name in names)
+        elif os.path.exists(source):
+            items.append((os.path.splitext(os.path.basename(source))[0], source))
+        else:
+            raise OptionError(f"{flag} {source}: no such file or folder")
+    if not items:
+        raise OptionError(f"{flag} {' '.join(sources)}: no pictures ({', '.join(IMAGE_EXTENSIONS)})")
+    check_ids(items, flag)
+    return items
+
+
+def check_ids(items, flag="--images"):
+    """Each image id once, and each one a TSV field can hold."""
+    seen = {}
+    for image_id, path in items:
+        if any(c in image_id for c in "\t\r\n") or image_id.encode("utf-8", "replace").decode("utf-8") != image_id:
+            raise OptionError(f"{flag}: {path!r}: a file name with a tab, a newline or bytes that are not UTF-8 cannot be a TSV image id; rename it")
+        if image_id in seen:
+            raise OptionError(f"{flag}: {seen[image_id]} and {path} have the same image id {image_id!r} (the file name without its extension)")
+        seen[image_id] = path

@@ -4,7 +4,7 @@ Each image shows three of a few dozen concepts: its 36 region features are noisy
 of those concepts' prototype vectors (plus background regions), and each of its five
 captions names the three concepts in a different sentence. Deterministic for a seed.
 
-    python3 utils/make_toy_data.py --data_path data [--img_dim 128]
+    python3 -m utils.make_toy_data --data_path data [--img_dim 128]
 """
 import argparse
 import os
@@ -12,10 +12,12 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.atomic import atomic_write  # noqa: E402
-from utils.errors import report  # noqa: E402
-from utils.options import ScriptHelpFormatter  # noqa: E402
+if not __package__:  # run as a file, the project's modules cannot be imported: only as a module from the project's folder
+    raise SystemExit(f"error: run it from the project's folder as: python3 -m utils.make_toy_data {' '.join(sys.argv[1:])}".rstrip())
+
+from utils.atomic import atomic_write
+from utils.errors import report
+from utils.options import ScriptHelpFormatter
 
 CONCEPTS = (
     "dog cat horse bird cow sheep bicycle car bus boat train kite "

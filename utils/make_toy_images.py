@@ -4,7 +4,7 @@ Each image draws its three toy concepts (see utils/make_toy_data.py) as labelled
 boxes of the regions that show a concept lie on its shape, background regions anywhere.
 Region features, captions and concepts are make_toy_data's, so a model learns it the same way.
 
-    python3 utils/make_toy_images.py --out data/toy_images [--img_dim 128]
+    python3 -m utils.make_toy_images --out data/toy_images [--img_dim 128]
 
 writes OUT/images/<id>.png, OUT/{train,dev,test}_obj36.tsv (LXMERT's 10-field layout) and
 OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils/tsv_to_precomp.py.
@@ -16,12 +16,14 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.atomic import atomic_write  # noqa: E402
-from utils.errors import OptionError, VSRNError, report  # noqa: E402
-from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split  # noqa: E402
-from utils.options import ScriptHelpFormatter  # noqa: E402
-from utils.tsv_to_precomp import format_obj36_line  # noqa: E402
+if not __package__:  # run as a file, the project's modules cannot be imported: only as a module from the project's folder
+    raise SystemExit(f"error: run it from the project's folder as: python3 -m utils.make_toy_images {' '.join(sys.argv[1:])}".rstrip())
+
+from utils.atomic import atomic_write
+from utils.errors import OptionError, VSRNError, report
+from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split
+from utils.options import ScriptHelpFormatter
+from utils.obj36 import format_obj36_line
 
 WIDTH, HEIGHT = 240, 160
 BACKGROUND = (235, 232, 225)

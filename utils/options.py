@@ -43,7 +43,7 @@ def build_parser():
     add("--val_step", default=500, type=int, help="validate every this many steps")
     add("--logger_name", default="runs/runX", help="folder for checkpoints and TensorBoard logs")
     add("--resume", default="", type=str, metavar="PATH",
-        help="checkpoint to continue training from; the run's options come from it (see README, Resuming)")
+        help="checkpoint to continue training from; the run's options come from it (see docs/training.md, Resuming)")
     add("--max_violation", action="store_true", help="use the hardest negative instead of the sum in the rank loss")
     add("--img_dim", default=2048, type=int, help="dimensionality of the region features")
     add("--finetune", action="store_true", help="unused: fine-tuned the CNN on raw images in the original")
@@ -67,7 +67,7 @@ def build_parser():
         "twice: two updates from one gradient, counted twice by the gradient clipping), 1 for one update")
     # Ours.
     add("--seed", default=None, type=int, help="seed for weights, dropout and batch order (CPU runs repeat exactly)")
-    add("--demo", action="store_true", help="train and evaluate on a generated toy dataset: about 80 s on an idle 2-core CPU, longer when other jobs share the cores (a preset: see README, The demo; explicit flags override it)")
+    add("--demo", action="store_true", help="train and evaluate on a generated toy dataset: about 80 s on an idle 2-core CPU, longer when other jobs share the cores (a preset: see docs/training.md, The demo; explicit flags override it)")
     add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
     add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA); under torchrun the image encoder, which then holds SyncBatchNorm, stays uncompiled")

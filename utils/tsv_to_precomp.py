@@ -1,6 +1,6 @@
 """Convert bottom-up-attention TSV features and their captions to VSRN's precomputed layout.
 
-    python3 utils/tsv_to_precomp.py --tsv A.tsv [B.tsv ...] --captions CAPS \
+    python3 -m utils.tsv_to_precomp --tsv A.tsv [B.tsv ...] --captions CAPS \
         --data_path DATA --data_name NAME_precomp --split SPLIT [--num_boxes 36] [--feature_dim 2048]
 
 TSV layouts (one image per line, tab-separated, arrays base64-encoded, read line by line):
@@ -19,8 +19,6 @@ Writes DATA/NAME_precomp/SPLIT_{ims.npy, caps.txt, boxes.npy, image_sizes.npy, i
 each file appears only once the whole conversion succeeded.
 """
 import argparse
-import base64
-import binascii
 import contextlib
 import json
 import os
@@ -29,16 +27,15 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.atomic import atomic_write  # noqa: E402
-from utils.errors import DataError, OptionError, VSRNError, report  # noqa: E402
-from utils.options import ScriptHelpFormatter  # noqa: E402
+if not __package__:  # run as a file, the project's modules cannot be imported: only as a module from the project's folder
+    raise SystemExit(f"error: run it from the project's folder as: python3 -m utils.tsv_to_precomp {' '.join(sys.argv[1:])}".rstrip())
+
+from utils.atomic import atomic_write
+from utils.errors import DataError, OptionError, VSRNError, report
+from utils.obj36 import read_rows
+from utils.options import ScriptHelpFormatter
 
 CAPTIONS_PER_IMAGE = 5
-LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes", "features")
-BOTTOM_UP_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
-# Per-box arrays of the LXMERT layout besides boxes and features: checked, not kept.
-LXMERT_ARRAYS = (("objects_id", np.int64), ("objects_conf", np.float32), ("attrs_id", np.int64), ("attrs_conf", np.float32))
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 # A fixed-size .npy header, written first with a placeholder shape and rewritten with the
 # real image count at the end, so the features stream to disk in one pass.
@@ -186,136 +183,6 @@ def read_caption_source(path, karpathy_splits=None):
     return table
 
 
-class Region:
-    """One TSV line's image: id, (height, width), boxes (R, 4) and features (R, D), float32."""
-
-    __slots__ = ("image_id", "size", "boxes", "features")
-
-    def __init__(self, image_id, size, boxes, features):
-        self.image_id, self.size, self.boxes, self.features = image_id, size, boxes, features
-
-
-def _integer(where, name, text):
-    try:
-        return int(text)
-    except ValueError:
-        raise DataError(f"{where}: field {name} is not an integer ({text[:20]!r})") from None
-
-
-def _decode(where, name, text):
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise DataError(f"{where}: field {name} is not valid base64") from None
-
-
-def _array(where, name, text, dtype, shape):
-    raw = _decode(where, name, text)
-    return _reshape(where, name, raw, dtype, shape)
-
-
-def _reshape(where, name, raw, dtype, shape):
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if len(raw) != expected:
-        dims = " x ".join(str(d) for d in shape)
-        hint = " (--num_boxes x --feature_dim)" if name == "features" else ""
-        raise DataError(f"{where}: field {name} holds {len(raw)} bytes; expected {dims} {np.dtype(dtype).name} ({expected} bytes){hint}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def _features(where, image_id, text, num_boxes, feature_dim):
-    """The (num_boxes, feature_dim) features of a line; a line whose features have another size per box says which."""
-    raw = _decode(where, "features", text)
-    box_bytes = num_boxes * np.dtype(np.float32).itemsize
-    if raw and len(raw) % box_bytes == 0 and len(raw) != box_bytes * feature_dim:
-        dim = len(raw) // box_bytes
-        raise DataError(f"{where}: image {image_id} has {dim}-dimensional region features, not {feature_dim} (--feature_dim): "
-                        f"pass --feature_dim {dim}")
-    return _reshape(where, "features", raw, np.float32, (num_boxes, feature_dim))
-
-
-def parse_line(line, where, num_boxes, feature_dim):
-    """A Region from one TSV line (bytes without its newline) of either layout."""
-    fields = line.split(b"\t")
-    if len(fields) == len(LXMERT_FIELDS):
-        named = dict(zip(LXMERT_FIELDS, fields))
-        image_id, height, width = named["img_id"], named["img_h"], named["img_w"]
-    elif len(fields) == len(BOTTOM_UP_FIELDS):
-        named = dict(zip(BOTTOM_UP_FIELDS, fields))
-        image_id, height, width = named["image_id"], named["image_h"], named["image_w"]
-    else:
-        raise DataError(
-            f"{where}: {len(fields)} tab-separated fields; expected {len(LXMERT_FIELDS)} (LXMERT obj36) "
-            f"or {len(BOTTOM_UP_FIELDS)} (bottom-up-attention generate_tsv.py)"
-        )
-    try:
-        image_id = image_id.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise DataError(f"{where}: the image id is not UTF-8 text") from None
-    if not image_id:
-        raise DataError(f"{where}: empty image id")
-    boxes_here = _integer(where, "num_boxes", named["num_boxes"])
-    if boxes_here != num_boxes:
-        raise DataError(
-            f"{where}: image {image_id} has {boxes_here} boxes; VSRN needs a fixed count of {num_boxes} per image (--num_boxes): "
-            "variable-box (10-100) features do not fit, extract a fixed number of boxes (e.g. LXMERT's obj36)"
-        )
-    size = (_integer(where, "image height", height), _integer(where, "image width", width))
-    if size[0] <= 0 or size[1] <= 0:
-        raise DataError(f"{where}: image {image_id} has size {size[0]} x {size[1]} (height x width); expected positive")
-    if len(fields) == len(LXMERT_FIELDS):
-        for name, dtype in LXMERT_ARRAYS:
-            _array(where, name, named[name], dtype, (num_boxes,))
-    boxes = _array(where, "boxes", named["boxes"], np.float32, (num_boxes, 4))
-    features = _features(where, image_id, named["features"], num_boxes, feature_dim)
-    if not (np.isfinite(features).all() and np.isfinite(boxes).all()):
-        raise DataError(f"{where}: NaN or Inf in the boxes or features of image {image_id}")
-    return Region(image_id, size, boxes, features)
-
-
-def encode_array(array, dtype):
-    """A TSV array field: base64 of the array's raw bytes as `dtype`."""
-    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
-
-
-def format_obj36_line(image_id, regions):
-    """One LXMERT obj36 TSV line, with its newline, of a detector's regions (a dict with
-    boxes, features, objects_id, objects_conf, attrs_id, attrs_conf, img_h, img_w)."""
-    if not image_id or any(c in image_id for c in "\t\r\n"):
-        raise ValueError(f"image id {image_id!r}: must be non-empty without tabs or newlines")
-    arrays = [encode_array(regions[name], dtype) for name, dtype in LXMERT_ARRAYS]
-    fields = [image_id, str(int(regions["img_h"])), str(int(regions["img_w"])), *arrays, str(len(regions["boxes"])),
-              encode_array(regions["boxes"], np.float32), encode_array(regions["features"], np.float32)]
-    return "\t".join(fields) + "\n"
-
-
-def parse_obj36_line(line, where):
-    """The regions dict of one LXMERT obj36 line (bytes without its newline), any box count;
-    the feature width is read off the features field."""
-    fields = line.split(b"\t")
-    if len(fields) != len(LXMERT_FIELDS):
-        raise DataError(f"{where}: {len(fields)} tab-separated fields; expected {len(LXMERT_FIELDS)} (LXMERT obj36)")
-    named = dict(zip(LXMERT_FIELDS, fields))
-    count = _integer(where, "num_boxes", named["num_boxes"])
-    regions = {"img_h": _integer(where, "img_h", named["img_h"]), "img_w": _integer(where, "img_w", named["img_w"])}
-    for name, dtype in LXMERT_ARRAYS:
-        regions[name] = _array(where, name, named[name], dtype, (count,)).copy()
-    regions["boxes"] = _array(where, "boxes", named["boxes"], np.float32, (count, 4)).copy()
-    width = len(named["features"]) * 3 // 4 // 4 // max(count, 1)  # base64 carries 3 bytes per 4 characters
-    regions["features"] = _array(where, "features", named["features"], np.float32, (count, width)).copy()
-    return regions
-
-
-def read_tsv(paths, num_boxes, feature_dim):
-    """Regions of every line of the files in order, one at a time (each file is streamed)."""
-    for path in paths:
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                line = line.rstrip(b"\r\n")
-                if line.strip():
-                    yield parse_line(line, f"{path}:{number}", num_boxes, feature_dim), f"{path}:{number}"
-
-
 def npy_header(dtype, shape):
     """A version 1.0 .npy header of exactly NPY_HEADER_BYTES bytes."""
     description = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
@@ -364,21 +231,22 @@ def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=20
         opened = {name: files.enter_context(atomic_write(path, "w" if name.endswith(".txt") else "wb")) for name, path in outputs.items()}
         features = ArrayAppender(opened["ims.npy"], np.float32, (num_boxes, feature_dim))
         boxes = ArrayAppender(opened["boxes.npy"], np.float32, (num_boxes, 4))
-        for region, where in read_tsv(tsv_paths, num_boxes, feature_dim):
+        for row, where in read_rows(tsv_paths, num_boxes, feature_dim):
+            image_id = row["img_id"]
             try:
-                position = table.lookup(region.image_id)
+                position = table.lookup(image_id)
             except KeyError:
-                raise DataError(f"{where}: image {region.image_id} has no captions in {caption_path}") from None
+                raise DataError(f"{where}: image {image_id} has no captions in {caption_path}") from None
             if position is None:
                 skipped += 1
                 continue
             if position in used:
-                raise DataError(f"{where}: image {region.image_id} appears again (first at {used[position]})")
+                raise DataError(f"{where}: image {image_id} appears again (first at {used[position]})")
             used[position] = where
-            features.append(region.features)
-            boxes.append(region.boxes)
-            sizes.append(region.size)
-            opened["image_ids.txt"].write(region.image_id + "\n")
+            features.append(row["features"])
+            boxes.append(row["boxes"])
+            sizes.append((row["img_h"], row["img_w"]))
+            opened["image_ids.txt"].write(image_id + "\n")
             opened["caps.txt"].writelines(c + "\n" for c in table.captions[position][:CAPTIONS_PER_IMAGE])
             if progress:
                 progress(features.count)
@@ -402,11 +270,11 @@ def add_split_arguments(p, required=True):
     p.add_argument("--karpathy_split", nargs="+", choices=KARPATHY_SPLITS, help="the Karpathy splits to take (e.g. train restval)")
 
 
-def split_folder(args):
-    """DATA_PATH/NAME_precomp of the parsed split flags; OptionError for a name VSRN does not read."""
-    if not args.data_name.endswith("_precomp"):
-        raise OptionError(f"--data_name {args.data_name}: VSRN reads NAME_precomp folders; end the name with _precomp")
-    return os.path.join(args.data_path, args.data_name)
+def split_folder(data_path, data_name):
+    """DATA_PATH/NAME_precomp; OptionError for a name VSRN does not read."""
+    if not data_name.endswith("_precomp"):
+        raise OptionError(f"--data_name {data_name}: VSRN reads NAME_precomp folders; end the name with _precomp")
+    return os.path.join(data_path, data_name)
 
 
 def build_parser():
@@ -421,7 +289,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        folder = split_folder(args)
+        folder = split_folder(args.data_path, args.data_name)
         written, skipped = convert(args.tsv, args.captions, folder, args.split, args.num_boxes, args.feature_dim,
                                    args.karpathy_split, progress=_progress)
     except (VSRNError, OSError) as e:

@@ -1,0 +1,123 @@
+"""Regions of pictures: the network run around a policy (detection.policies).
+
+    from detection.weights import load_detector
+    from detection.extract import extract_regions, extract_regions_batch
+    det = load_detector("frcnn/pytorch_model.bin", config="frcnn/config.yaml", device="cuda")
+    r = extract_regions(det, "photo.jpg", num_boxes=36)     # or an RGB uint8 array (H, W, 3)
+    rs = extract_regions_batch(det, [img1, img2], num_boxes=36)  # same results as one at a time
+"""
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torchvision.ops import roi_pool
+
+from detection.boxes import grid_anchors
+from detection.network import FEATURE_STRIDE
+from detection.policies import make_policy
+from utils.images import read_image
+
+
+def as_rgb_array(image):
+    """An RGB uint8 (H, W, 3) array of a picture given as a path (utils.images.read_image) or an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"expected an RGB uint8 image array (H, W, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def _timed(timer, name):
+    return timer(name) if timer is not None else nullcontext()
+
+
+def _backbone_groups(inputs):
+    """Indices of the images grouped by network-input shape: equal shapes share one backbone pass
+    (no padding, so every image's res4 is the one it has alone)."""
+    groups = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
+
+
+def _score(detector, images, policy, timer=None):
+    """Every proposal of every image: its box in network-input pixels, feature, object and
+    attribute logits, with the image's input and scale factors."""
+    device = detector.device
+    with _timed(timer, "preprocess"):
+        prepared = [policy.prepare(image) for image in images]
+        inputs = [x.to(device) for x, _, _ in prepared]
+    res4 = [None] * len(images)
+    with _timed(timer, "backbone"):
+        for group in _backbone_groups(inputs):
+            out = detector.backbone(torch.stack([inputs[i] for i in group]))
+            for i, features in zip(group, out):
+                res4[i] = features.unsqueeze(0)
+    rpn_head = detector.proposal_generator.rpn_head
+    proposals = []
+    with _timed(timer, "rpn"):
+        for x, features, (_, _, scale) in zip(inputs, res4, prepared):
+            logits, deltas = rpn_head(features)
+            anchors = grid_anchors(policy.cell_anchors, features.shape[2], features.shape[3])
+            height, width = x.shape[1:]
+            proposals.append(policy.propose(logits[0], deltas[0], anchors, height, width, scale))
+    with _timed(timer, "roi_pool"):
+        pooled = torch.cat([
+            roi_pool(features, [boxes], detector.pooler_resolution, 1.0 / FEATURE_STRIDE)
+            for features, boxes in zip(res4, proposals)
+        ])
+    with _timed(timer, "res5"):
+        features = detector.res5_mean(pooled)
+    with _timed(timer, "heads"):
+        obj_logits, attr_logits = detector.roi_heads.box_predictor(features)
+    counts = [len(boxes) for boxes in proposals]
+    return [
+        {"proposals": boxes, "features": f, "obj_logits": o, "attr_logits": a, "input": x, "scale_yx": scale_yx, "scale": scale}
+        for boxes, f, o, a, (x, scale_yx, scale) in zip(proposals, *(t.split(counts) for t in (features, obj_logits, attr_logits)), prepared)
+    ]
+
+
+def score_regions(detector, images, policy="caffe", min_size=None, max_size=None, proposals=None):
+    """Every proposal before selection, per image (list of RGB uint8 arrays or paths): a dict
+    with `proposals` (P, 4) in network-input pixels, `features` (P, D), `obj_logits` (P, C + 1,
+    background last), `attr_logits` (P, A + 1, "no attribute" last), `input` (3, h, w) and
+    `scale_yx` (image pixels per network-input pixel; caffe: also `scale`, py-faster-rcnn's
+    im_scale, network-input pixels per image pixel)."""
+    chosen = make_policy(detector, policy, min_size=min_size, max_size=max_size, proposals=proposals)
+    arrays = [as_rgb_array(image) for image in images]
+    with torch.inference_mode():
+        return _score(detector, arrays, chosen) if arrays else []
+
+
+def extract_regions_batch(detector, images, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,
+                          min_size=None, max_size=None, proposals=None, timer=None):
+    """`extract_regions` for a list of images (paths or RGB uint8 arrays), run together: images of
+    equal network-input size share the backbone, all regions share res5. Same results as one at a
+    time. `timer(stage)`, if given, returns a context manager wrapped around each stage."""
+    chosen = make_policy(detector, policy, num_boxes=num_boxes, min_boxes=min_boxes, max_boxes=max_boxes,
+                         conf_thresh=conf_thresh, min_size=min_size, max_size=max_size, proposals=proposals)
+    arrays = [as_rgb_array(image) for image in images]
+    if not arrays:
+        return []
+    with torch.inference_mode():
+        scored = _score(detector, arrays, chosen, timer)
+        with _timed(timer, "selection"):
+            # Caffe's class c (1..1600) is column c - 1 here: its background, column 0, is our last.
+            probs = [s["obj_logits"].float().softmax(dim=1)[:, :-1] for s in scored]
+            return chosen.select(scored, probs, arrays, detector.roi_heads.box_predictor)
+
+
+def extract_regions(detector, image, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,
+                    min_size=None, max_size=None, proposals=None):
+    """The regions of one image (a path, read with utils.images.read_image, or an RGB uint8 array).
+
+    Returns a dict: boxes (N, 4) float32 x1 y1 x2 y2 in the image's pixels, features (N, D)
+    float32, objects_id / attrs_id (N,) int64 (no background / "no attribute"), objects_conf /
+    attrs_conf (N,) float32, img_h, img_w. Regions come in the order the policy keeps them.
+    None sizes, proposals or num_boxes take the policy's own values (caffe: 600 / 1000 / 300,
+    min_boxes..max_boxes regions; hf: the config's 800 / 1333 / 300 and 36 regions).
+    """
+    return extract_regions_batch(detector, [image], policy, num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size,
+                                 proposals)[0]

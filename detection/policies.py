@@ -1,0 +1,157 @@
+"""The two ways of running the detector, as two objects behind one interface (`Policy`).
+
+- `CaffePolicy` ('caffe'): the `generate_tsv.py` procedure of bottom-up-attention on py-faster-rcnn,
+  with which SCAN's and LXMERT's features were made;
+- `HFPolicy` ('hf'): the LXMERT demo's pipeline (its `modeling_frcnn.py` with the published
+  `config.yaml`), its bugs fixed.
+
+A policy prepares the network input of a picture, turns the RPN's outputs into proposals and
+chooses the regions among the scored proposals; detection.extract runs the network around it.
+"""
+import numpy as np
+
+from detection.boxes import caffe_cell_anchors, clip_boxes, decode_boxes, hf_cell_anchors
+from detection.preprocess import CAFFE_MAX_SIZE, CAFFE_SCALE, MIN_INPUT_SIDE, caffe_input, caffe_scale, hf_input, hf_resize_shape
+from detection.proposals import CAFFE_POST_NMS, caffe_proposals, hf_proposals
+from detection.selection import per_class_max_conf_batch, select_caffe, select_hf
+from utils.errors import DataError, OptionError
+
+
+class Policy:
+    """One policy's settings: input sizes, proposals kept, (fewest, most) regions per picture.
+
+    Subclasses give the defaults and the three steps: `network_input`, `propose`, `select`.
+    """
+
+    name = None
+
+    def __init__(self, detector, min_size, max_size, proposals, boxes, conf_thresh):
+        self.config = detector.config
+        self.min_size, self.max_size, self.post_nms = int(min_size), int(max_size), int(proposals)
+        self.boxes, self.conf_thresh = boxes, conf_thresh
+        sizes = self.config["anchor_generator"]["sizes"][0]
+        ratios = self.config["anchor_generator"]["aspect_ratios"][0]
+        self.cell_anchors = self.cell_anchors_of(sizes, ratios).to(detector.device)
+
+    def prepare(self, image):
+        """-> network input (3, h, w), the factors (y, x) from its pixels to the image's, and
+        py-faster-rcnn's im_scale (caffe; None for hf). A picture too elongated for the network is a DataError."""
+        height, width = image.shape[:2]
+        new_h, new_w = self.input_shape(height, width)
+        if min(new_h, new_w) < MIN_INPUT_SIDE:
+            raise DataError(
+                f"a {height}x{width} picture is too elongated for the detector: resized to {new_h}x{new_w} "
+                f"(longest side {self.max_size}), it is under {MIN_INPUT_SIDE} pixels across"
+            )
+        return self.network_input(image)
+
+    def select(self, scored, probs, images, predictor):
+        """The regions kept of each picture (detection.extract's scored proposals, their object
+        probabilities without background, the RGB arrays), as regions dicts."""
+        raise NotImplementedError
+
+
+def regions_dict(boxes, features, objects_conf, objects_id, attrs_conf, attrs_id, image):
+    """The regions of a picture as numpy arrays, in the layout of an obj36 row (utils.obj36)."""
+    return {
+        "boxes": boxes.float().cpu().numpy(),
+        "features": features.float().cpu().numpy(),
+        "objects_id": objects_id.cpu().numpy().astype(np.int64),
+        "objects_conf": objects_conf.float().cpu().numpy(),
+        "attrs_id": attrs_id.cpu().numpy().astype(np.int64),
+        "attrs_conf": attrs_conf.float().cpu().numpy(),
+        "img_h": int(image.shape[0]),
+        "img_w": int(image.shape[1]),
+    }
+
+
+class CaffePolicy(Policy):
+    """generate_tsv.py on py-faster-rcnn: 600 / 1000 input, 300 proposals, per-class NMS and the
+    confidence rule (min_boxes..max_boxes regions, or exactly num_boxes)."""
+
+    name = "caffe"
+    cell_anchors_of = staticmethod(caffe_cell_anchors)
+
+    def __init__(self, detector, num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2, min_size=None, max_size=None,
+                 proposals=None):
+        boxes = (num_boxes, num_boxes) if num_boxes is not None else (min_boxes, max_boxes)
+        super().__init__(detector, min_size or CAFFE_SCALE, max_size or CAFFE_MAX_SIZE, proposals or CAFFE_POST_NMS, boxes,
+                         conf_thresh)
+
+    def input_shape(self, height, width):
+        return caffe_scale(height, width, self.min_size, self.max_size)[1:]
+
+    def network_input(self, image):
+        x, scale = caffe_input(image, self.min_size, self.max_size)
+        return x, (1.0 / scale, 1.0 / scale), scale
+
+    def propose(self, logits, deltas, anchors, height, width, scale):
+        return caffe_proposals(logits, deltas, anchors, height, width, scale, self.post_nms)[0]
+
+    def select(self, scored, probs, images, predictor):
+        # Boxes are the proposals in the picture's pixels; the per-class NMS of all pictures runs together.
+        boxes = [s["proposals"] / s["scale"] for s in scored]
+        max_conf = per_class_max_conf_batch(boxes, probs)
+        kept = []
+        for s, p, conf, picture_boxes, image in zip(scored, probs, max_conf, boxes, images):
+            keep = select_caffe(conf, self.boxes[0], self.boxes[1], self.conf_thresh)
+            objects_conf, objects_id = p[keep].max(dim=1)
+            # Caffe's attribute softmax covers all 401 outputs; ids and scores leave "no attribute" out.
+            attrs_conf, attrs_id = s["attr_logits"][keep].float().softmax(dim=1)[:, :-1].max(dim=1)
+            kept.append(regions_dict(picture_boxes[keep], s["features"][keep], objects_conf, objects_id, attrs_conf,
+                                     attrs_id, image))
+        return kept
+
+
+class HFPolicy(Policy):
+    """The LXMERT demo's pipeline: the config's 800 / 1333 input and 300 proposals, boxes regressed
+    for each region's best class, NMS at its thresholds in turn until min_detections survive."""
+
+    name = "hf"
+    cell_anchors_of = staticmethod(hf_cell_anchors)
+
+    def __init__(self, detector, num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2, min_size=None, max_size=None,
+                 proposals=None):
+        config = detector.config
+        boxes = (num_boxes, num_boxes) if num_boxes is not None else (int(config["min_detections"]), int(config["max_detections"]))
+        super().__init__(detector, min_size or config["input"]["min_size_test"], max_size or config["input"]["max_size_test"],
+                         proposals or config["rpn"]["post_nms_topk_test"], boxes, conf_thresh)
+
+    def input_shape(self, height, width):
+        return hf_resize_shape(height, width, self.min_size, self.max_size)
+
+    def network_input(self, image):
+        x, scales_yx = hf_input(image, self.config, self.min_size, self.max_size)
+        return x, (float(scales_yx[0]), float(scales_yx[1])), None
+
+    def propose(self, logits, deltas, anchors, height, width, scale):
+        return hf_proposals(logits, deltas, anchors, height, width, self.config, self.post_nms)[0]
+
+    def select(self, scored, probs, images, predictor):
+        thresholds = self.config["roi_heads"]["nms_thresh_test"]
+        thresholds = thresholds if isinstance(thresholds, (list, tuple)) else [thresholds]
+        kept = []
+        for s, p, image in zip(scored, probs, images):
+            classes_conf, classes = p.max(dim=1)
+            deltas = predictor.box_deltas(s["features"], classes)
+            height, width = s["input"].shape[1:]
+            boxes = clip_boxes(decode_boxes(deltas, s["proposals"], self.config["roi_box_head"]["bbox_reg_weights"]), height, width)
+            keep = select_hf(boxes, classes_conf, self.boxes[0], self.boxes[1], thresholds)
+            # The demo's attribute softmax leaves "no attribute" out.
+            attrs_conf, attrs_id = s["attr_logits"][keep, :-1].float().softmax(dim=1).max(dim=1)
+            scale_y, scale_x = s["scale_yx"]
+            picture_boxes = boxes[keep] * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+            kept.append(regions_dict(picture_boxes, s["features"][keep], classes_conf[keep], classes[keep], attrs_conf,
+                                     attrs_id, image))
+        return kept
+
+
+POLICIES = {policy.name: policy for policy in (CaffePolicy, HFPolicy)}
+
+
+def make_policy(detector, policy="caffe", **settings):
+    """The policy named `policy` ('caffe' or 'hf') for `detector`, with the caller's settings
+    (num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size, proposals)."""
+    if policy not in POLICIES:
+        raise OptionError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+    return POLICIES[policy](detector, **settings)

@@ -1,0 +1,184 @@
+"""A trained VSRN at work: checkpoints loaded with their vocabulary, queries and region features
+encoded, and scored as the model scores them.
+
+    opt, vocab, models = load_models(["runs/f30k/model_best.pth.tar"], need_data=False)
+    query = encode_query(models[0], vocab, "a dog on a bench")   # unknown words named, all-unknown refused
+    images, region_scores = encode_regions(models[0], features)  # features (B, regions, img_dim)
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data import check_data_folder, get_test_loader
+from model import VSRN, cosine_sim, order_sim
+from utils.checkpoint import is_original_release, load_checkpoint
+from utils.errors import CheckpointError, OptionError, VocabularyError
+from vocab import END, START, load_vocab_by_name, load_vocab_with_digest, tokenize, vocab_digest, vocab_files
+
+ENCODE_BATCH = 128
+
+
+def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None):
+    """The vocabulary the checkpoint at `path` was trained with, from DIR/NAME_vocab.{json,pkl}.
+
+    Ours record its digest (refused when neither file matches); without one, the original
+    release's are taken to use the .pkl (the only vocabularies it shipped), ours the .json,
+    and the file used is printed.
+    """
+    digest = checkpoint.get("vocab_digest")
+    if digest is not None:
+        return load_vocab_with_digest(vocab_dir, data_name, digest, path, data_path)
+    vocab = load_vocab_by_name(vocab_dir, data_name, data_path, prefer="pkl" if is_original_release(checkpoint) else "json")
+    print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}", file=sys.stderr)
+    return vocab
+
+
+def vocabulary_folder(opt, checkpoint_path):
+    """Where the checkpoint's vocabulary is: the folder it records (`opt.vocab_path`), which is
+    often relative to where training ran. Tried in turn: that path from here; from where training
+    ran (the checkpoint's folder less the `--logger_name` it records); from the checkpoint's folder
+    and each folder above it. None when none of them holds NAME_vocab.json or .pkl."""
+    recorded = opt.vocab_path
+    candidates = [recorded]
+    if not os.path.isabs(recorded):
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        logger = os.path.normpath(getattr(opt, "logger_name", "") or "")
+        if logger and not os.path.isabs(logger) and folder.endswith(os.sep + logger):
+            candidates.append(os.path.join(folder[: -len(logger) - 1], recorded))
+        while True:
+            candidates.append(os.path.join(folder, recorded))
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+    return next((path for path in candidates if vocab_files(path, opt.data_name)), None)
+
+
+def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branch=False, need_data=True, device=None):
+    """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode, float32, on `device`]).
+
+    vocab_path: the vocabulary's folder (None: the one the checkpoint records, found as
+    `vocabulary_folder` says). need_caption_branch: refuse checkpoints without caption-branch
+    weights (the original release saved only the two encoders). need_data: refuse a missing data
+    folder (False for callers that read no split). device: None for CUDA when available.
+    """
+    checkpoints = [load_checkpoint(path) for path in model_paths]
+    for path, checkpoint in zip(model_paths, checkpoints):
+        if need_caption_branch and isinstance(checkpoint["model"], (list, tuple)) and len(checkpoint["model"]) == 2:
+            raise CheckpointError(
+                f"{path}: has no caption-branch weights (an original-release checkpoint holds only the image and "
+                "text encoders); generate captions with a checkpoint trained by this port's train.py"
+            )
+    opt = checkpoints[0]["opt"]
+    if data_path is not None:
+        opt.data_path = data_path
+    if need_data:
+        check_data_folder(opt.data_path, opt.data_name,
+                          "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')")
+    if vocab_path is None:
+        vocab_path = vocabulary_folder(opt, model_paths[0])
+        if vocab_path is None:
+            raise VocabularyError(
+                f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found, from here nor "
+                f"from the checkpoint's folder; pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
+            )
+    vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
+    models = []
+    for path, checkpoint in zip(model_paths, checkpoints):
+        model_opt = checkpoint["opt"]
+        if model_opt.data_name != opt.data_name:
+            raise CheckpointError(f"{path}: trained on {model_opt.data_name}, the ensemble's first model on {opt.data_name}")
+        if checkpoint.get("vocab_digest", vocab_digest(vocab)) != vocab_digest(vocab):
+            raise CheckpointError(f"{path}: trained with another vocabulary than {vocab.path}, which the ensemble's first model uses")
+        trained_size = getattr(model_opt, "vocab_size", len(vocab))
+        if trained_size != len(vocab):
+            raise CheckpointError(
+                f"{path}: trained with a vocabulary of {trained_size} words, but the {opt.data_name} vocabulary "
+                f"in {vocab_path} has {len(vocab)}"
+            )
+        model_opt.vocab_size = len(vocab)
+        # Run on this machine, in float32, whatever the training run used.
+        model_opt.device, model_opt.amp = device, False
+        model = VSRN(model_opt, training=False)
+        model.load_state_dict(checkpoint["model"], source=path)
+        model.val_start()
+        models.append(model)
+    return opt, vocab, models
+
+
+def split_loader(opt, vocab, split):
+    """The checkpoint options' split of its dataset, in order, for evaluation."""
+    return get_test_loader(opt.data_path, opt.data_name, split, vocab, batch_size=opt.batch_size, workers=opt.workers,
+                           max_len=opt.max_len, img_dim=opt.img_dim)
+
+
+@torch.no_grad()
+def encode_regions(model, features):
+    """Region features (B, regions, img_dim) -> (image embeddings (B, D), the inner products of the
+    GCN region features with them (B, regions), which rank the regions of the paper's attention map)."""
+    model.val_start()
+    images = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=model.device)
+    embeddings, regions = model.img_enc(images)
+    return embeddings.float(), torch.einsum("brd,bd->br", regions.float(), embeddings.float())
+
+
+@torch.no_grad()
+def encode_images(model, features, batch_size=ENCODE_BATCH):
+    """Embeddings (on the CPU) of a sequence of images' region features (a split's FeatureFile, a list of arrays), in batches."""
+    chunks = []
+    for start in range(0, len(features), batch_size):
+        batch = np.stack([features[i] for i in range(start, min(start + batch_size, len(features)))])
+        chunks.append(encode_regions(model, batch)[0].cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode_text(model, vocab, text):
+    """The caption embedding (1, D), on the CPU, of `text` tokenized as the training captions were."""
+    return encode_tokens(model, vocab, tokenize(text))
+
+
+@torch.no_grad()
+def encode_tokens(model, vocab, tokens):
+    words = [vocab(START)] + [vocab(w) for w in tokens] + [vocab(END)]
+    caption = torch.tensor([words], dtype=torch.int64, device=model.device)
+    model.val_start()
+    return model.txt_enc(caption, [len(words)]).float().cpu()
+
+
+@dataclass
+class Query:
+    """A typed query: its tokens, those outside the vocabulary (read as <unk>), and its embedding (1, D) per model."""
+
+    text: str
+    tokens: list
+    unknown: list
+    embeddings: list
+
+    def notice(self):
+        """The line that names the unknown words, or None."""
+        if not self.unknown:
+            return None
+        names = ", ".join(repr(word) for word in self.unknown)
+        return f"{names} {'is' if len(self.unknown) == 1 else 'are'} not in the vocabulary: read as <unk>"
+
+
+def encode_query(models, vocab, text):
+    """A Query of `text` through each model's text encoder. A query with no word of the vocabulary
+    (or no word at all) is an OptionError: it would rank the pictures by <unk> alone."""
+    tokens = tokenize(text)
+    unknown = list(dict.fromkeys(token for token in tokens if token not in vocab.word2idx))
+    if not tokens:
+        raise OptionError(f"the query {text!r} has no words")
+    if len(unknown) == len(set(tokens)):
+        names = ", ".join(repr(word) for word in unknown)
+        raise OptionError(f"the query {text!r}: none of its words is in the model's vocabulary ({names}); rephrase it")
+    return Query(text, tokens, unknown, [encode_tokens(model, vocab, tokens) for model in models])
+
+
+def scores_against(images, captions, measure):
+    """(n_images, n_captions) scores, as the model ranks them."""
+    return (order_sim if measure == "order" else cosine_sim)(images, captions)

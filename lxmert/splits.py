@@ -1,0 +1,149 @@
+"""LXMERT's recall on a split of precomputed features, every pair or VSRN's top-k reranked, with
+evaluation.py's ranking code."""
+import os
+
+import numpy as np
+import torch
+
+from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_image_ids, read_region_boxes
+from evaluation import average_similarity, check_finite, encode_data, metrics_dict, print_recall, ranks_i2t, ranks_t2i, recall_metrics, similarity_name
+from inference import load_models
+from lxmert.loading import load_lxmert
+from lxmert.rerank import rerank, top_candidates
+from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes
+from utils.atomic import atomic_write
+from utils.captions import read_captions
+from utils.device import check_device
+from utils.errors import DataError, OptionError
+
+
+class Split:
+    """A split's images (features and normalised boxes) and captions, 5 per image."""
+
+    def __init__(self, data_path, data_name, split, visual_feat_dim):
+        folder = os.path.join(data_path, data_name)
+        self.ims_path = os.path.join(folder, f"{split}_ims.npy")
+        if not os.path.isfile(self.ims_path):
+            raise DataError(
+                f"{self.ims_path}: not found; LXMERT needs {split}_ims.npy, {split}_caps.txt, {split}_boxes.npy "
+                f"and {split}_image_sizes.npy in {folder} (see docs/lxmert.md)"
+            )
+        self.features = FeatureFile(self.ims_path)
+        if self.features.ndim != 3:
+            raise DataError(f"{self.ims_path}: features have shape {self.features.shape}; expected (num_images, regions, {visual_feat_dim})")
+        if self.features.shape[2] != visual_feat_dim:
+            raise DataError(
+                f"{self.ims_path}: features have {self.features.shape[2]} dims per region; the LXMERT model's "
+                f"visual_feat_dim is {visual_feat_dim}"
+            )
+        boxes, sizes = read_region_boxes(folder, split, needed_by="LXMERT (lxmert_match.py)")
+        captions = read_captions(os.path.join(folder, f"{split}_caps.txt"))
+        if len(captions) != 5 * len(self.features):
+            raise DataError(
+                f"{folder}/{split}_caps.txt: {len(captions)} captions for the {len(self.features)} images of "
+                f"{split}_ims.npy; evaluation needs 5 per image"
+            )
+        # As evaluation.py: validation (dev) uses the first 5000 captions, hence 1000 images.
+        if split == "dev":
+            captions = captions[:DEV_CAPTION_LIMIT]
+        self.captions = captions
+        self.num_images = len(captions) // 5
+        ids = read_image_ids(folder, split)
+        names = [f"{folder}/{split}_boxes.npy, image " + (f"{ids[i]} (row {i})" if ids else str(i)) for i in range(self.num_images)]
+        self.boxes = normalised_boxes(boxes[: self.num_images], sizes[: self.num_images], names)
+
+    def images(self, indices):
+        """Features (len, regions, dim) and normalised boxes (len, regions, 4) of some images."""
+        features = np.stack([self.features[int(i)] for i in indices])
+        if not np.isfinite(features).all():
+            bad = int(indices[int(np.flatnonzero(~np.isfinite(features).reshape(len(features), -1).all(1))[0])])
+            raise DataError(f"{self.ims_path}: NaN or Inf in the features of image {bad}")
+        return torch.from_numpy(features), torch.from_numpy(self.boxes[np.asarray(indices)])
+
+
+def vsrn_similarity(checkpoints, data_path, data_name, split, vocab_path=None):
+    """VSRN's (num_images, num_captions) similarity on the split: one checkpoint or an ensemble's average."""
+    opt, vocab, models = load_models(checkpoints, data_path, vocab_path)
+    loader = get_test_loader(data_path, data_name, split, vocab, batch_size=opt.batch_size, workers=opt.workers, max_len=opt.max_len,
+                             img_dim=opt.img_dim)
+    embeddings = [encode_data(model, loader) for model in models]
+    sims = average_similarity(embeddings, opt.measure)
+    check_finite(sims, similarity_name(len(embeddings)))
+    return sims
+
+
+def recall_of(i2t_scores, t2i_scores, name="the scores"):
+    """evaluation.py's metrics: image-to-text ranks from one score matrix, text-to-image from another."""
+    r = recall_metrics(ranks_i2t(i2t_scores, name)[0])
+    ri = recall_metrics(ranks_t2i(t2i_scores, name)[0])
+    metrics = metrics_dict(r + ri)
+    return metrics, r, ri
+
+
+def evaluate(model_path, data_path, data_name, split, mode="matched", vsrn=None, topk=20, alpha=1.0,
+             batch_size=64, device=None, amp=False, tokenizer_path=None, vocab_path=None, save_scores=None):
+    """Recall of LXMERT image-text matching on a split: dict r1 r5 r10 medr meanr r1i ... meanri rsum.
+
+    mode: 'matched' (the matching head's probability) or 'cosine' (see the module's docstring).
+    vsrn: None scores every pair; VSRN checkpoint path(s) (several: an ensemble) or an
+      (num_images, num_captions) first-stage score matrix make it two-stage: LXMERT rescores each
+      query's `topk` best targets by VSRN, which rank above the rest in VSRN's order.
+    alpha: candidates rank by alpha * LXMERT + (1 - alpha) * VSRN (two-stage only).
+    save_scores: .npy path for LXMERT's (num_images, num_captions) float64 scores (NaN where not scored).
+    """
+    if topk < 1:
+        raise OptionError(f"--topk {topk}: must be at least 1")
+    if not 0 <= alpha <= 1:
+        raise OptionError(f"--alpha {alpha}: must lie in [0, 1]")
+    if alpha != 1 and vsrn is None:
+        raise OptionError(f"--alpha {alpha}: mixes VSRN's scores in, so it needs --vsrn")
+    if batch_size < 1:
+        raise OptionError(f"--batch_size {batch_size}: must be at least 1")
+    device = check_device(device)
+    model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
+    data = Split(data_path, data_name, split, model.config.visual_feat_dim)
+    num_images, num_captions = data.num_images, len(data.captions)
+    print(f"LXMERT {mode} on {data_name} {split}: {num_images} images, {num_captions} captions")
+
+    first_stage = None
+    if vsrn is not None:
+        if isinstance(vsrn, (str, os.PathLike)):
+            vsrn = [vsrn]
+        if isinstance(vsrn, (list, tuple)):
+            first_stage = vsrn_similarity([os.fspath(p) for p in vsrn], data_path, data_name, split, vocab_path)
+        else:
+            first_stage = torch.as_tensor(np.asarray(vsrn), dtype=torch.float32)
+            check_finite(first_stage, "the first-stage scores")
+        if tuple(first_stage.shape) != (num_images, num_captions):
+            raise DataError(f"VSRN's scores are {tuple(first_stage.shape)}; the {split} split has {num_images} images and {num_captions} captions")
+        i2t_candidates = top_candidates(first_stage, topk, dim=1)
+        t2i_candidates = top_candidates(first_stage, topk, dim=0)
+        pairs = i2t_candidates | t2i_candidates
+        desc = f"LXMERT {mode}, VSRN top-{topk}"
+    else:
+        pairs = torch.ones(num_images, num_captions, dtype=torch.bool)
+        desc = f"LXMERT {mode}, all pairs"
+
+    input_ids, mask = caption_tokens(tokenizer, data.captions)
+    scorer = PairScorer(model, mode, device, amp=amp and device.type == "cuda")
+    with torch.inference_mode():
+        scores = lxmert_scores(scorer, data, input_ids, mask, pairs, batch_size, desc)
+
+    if first_stage is None:
+        metrics, r, ri = recall_of(scores, scores, "LXMERT's scores")
+    else:
+        _, vr, vri = recall_of(first_stage, first_stage, "VSRN's scores")
+        print("VSRN (first stage):")
+        print_recall(vr, vri)
+        i2t_scores = rerank(first_stage, scores, i2t_candidates, alpha)
+        t2i_scores = rerank(first_stage.T, scores.T, t2i_candidates.T, alpha).T
+        metrics, r, ri = recall_of(i2t_scores, t2i_scores, "the reranked scores")
+        fusion = f", alpha {alpha:g}" if alpha != 1 else ""
+        print(f"LXMERT {mode} reranking VSRN's top-{topk}{fusion}:")
+    print_recall(r, ri)
+    if save_scores:
+        with atomic_write(save_scores, "wb") as f:
+            np.save(f, scores.numpy())
+        print(f"LXMERT scores saved to {save_scores}")
+    return metrics
+
