@@ -8,6 +8,7 @@ The picture is drawn at a readable size, the map shown by dimming the photo wher
 low, the top-ranked boxes outlined and numbered (utils.figures); figures of one picture or of a
 gallery carry a title, captions and a brightness scale.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -24,10 +25,12 @@ IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
 MAP_SIDE = 640  # pixels of the longer side of a picture drawn alone
 TILE_SIDE = 400  # and of each picture of a gallery
 GALLERY_COLUMNS = 3
-SCALE_NOTE = (f"Brightness shows each picture's attention map (the image's own, whatever the query): the photo as it "
-              f"is where the map peaks, dimmed to {DIM:.0%} where it is 0. The map sums lambda (k - r)^2 over the boxes "
-              "that hold a pixel (r: a region's rank by the inner product of its GCN feature with the image embedding). "
-              "Numbered: the boxes of the top-ranked regions.")
+SCALE_NOTE = (
+    f"Brightness shows each picture's attention map (the image's own, whatever the query): the photo as it "
+    f"is where the map peaks, dimmed to {DIM:.0%} where it is 0. The map sums lambda (k - r)^2 over the boxes "
+    "that hold a pixel (r: a region's rank by the inner product of its GCN feature with the image embedding). "
+    "Numbered: the boxes of the top-ranked regions."
+)
 
 
 def region_ranks(scores):
@@ -105,7 +108,9 @@ def find_picture(image_dir, image_id, pattern=None):
         path = os.path.join(image_dir, name)
         if os.path.isfile(path):
             return path
-    raise DataError(f"{image_dir}: no picture of image {image_id} (looked for {', '.join(names[:3])}; see --image_pattern)")
+    raise DataError(
+        f"{image_dir}: no picture of image {image_id} (looked for {', '.join(names[:3])}; see --image_pattern)"
+    )
 
 
 class SplitPictures:
@@ -115,14 +120,22 @@ class SplitPictures:
         missing = []
         if not image_dir:
             missing.append("--image_dir (the folder of the split's pictures)")
-        absent = [f"{split}_{name}" for name in ("boxes.npy", "image_sizes.npy", "image_ids.txt")
-                  if not os.path.isfile(os.path.join(folder, f"{split}_{name}"))]
+        absent = [
+            f"{split}_{name}"
+            for name in ("boxes.npy", "image_sizes.npy", "image_ids.txt")
+            if not os.path.isfile(os.path.join(folder, f"{split}_{name}"))
+        ]
         if absent:
-            missing.append(f"{', '.join(absent)} in {folder} (written by utils.tsv_to_precomp; SCAN's precomputed features have no boxes)")
+            missing.append(
+                f"{', '.join(absent)} in {folder} (written by utils.tsv_to_precomp; "
+                "SCAN's precomputed features have no boxes)"
+            )
         if image_dir and not os.path.isdir(image_dir):
             missing.append(f"the folder --image_dir {image_dir}")
         if missing:
-            raise DataError(f"an attention map needs the pictures and their region boxes; missing: {'; '.join(missing)}")
+            raise DataError(
+                f"an attention map needs the pictures and their region boxes; missing: {'; '.join(missing)}"
+            )
         self.boxes, self.sizes = read_region_boxes(folder, split, "an attention map")
         self.ids = read_image_ids(folder, split)
         self.image_dir, self.pattern = image_dir, pattern
@@ -147,8 +160,15 @@ class OwnPhotos:
 def attention_tile(model, features, pictures, index, lam=50.0, top_boxes=3, side=MAP_SIDE):
     """(the Tile of image `index` of `pictures` (SplitPictures or OwnPhotos), its embedding (1, D))."""
     embedding, scores = encode_regions(model, features[index][None])
-    tile = render_attention(pictures.picture(index), scores[0].cpu().numpy(), pictures.boxes[index], pictures.sizes[index], lam,
-                            top_boxes, side)
+    tile = render_attention(
+        pictures.picture(index),
+        scores[0].cpu().numpy(),
+        pictures.boxes[index],
+        pictures.sizes[index],
+        lam,
+        top_boxes,
+        side,
+    )
     return tile, embedding.cpu()
 
 
@@ -164,5 +184,7 @@ def first_caption(folder, split, index, num_images):
 def gallery_figure(title, model, features, pictures, scores, top, lam=50.0, top_boxes=3):
     """The `top` images of `pictures` (best first), each drawn with its map under its rank, id and score."""
     tiles = [attention_tile(model, features, pictures, index, lam, top_boxes, TILE_SIDE)[0].image for index in top]
-    captions = [f"{place}. {pictures.ids[index]}, score {scores[index]:.3f}" for place, index in enumerate(top, start=1)]
+    captions = [
+        f"{place}. {pictures.ids[index]}, score {scores[index]:.3f}" for place, index in enumerate(top, start=1)
+    ]
     return compose(title, tiles, captions, GALLERY_COLUMNS, SCALE_NOTE)

@@ -9,6 +9,7 @@ reference captions with pycocoevalcap's scorers (the COCO caption evaluation). M
 the Stanford PTB tokenizer need Java: without `java` on PATH, METEOR is skipped and the
 captions are tokenized with NLTK's Treebank tokenizer instead. SPICE is not run.
 """
+
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import sys
@@ -24,12 +25,16 @@ def main(argv=None):
     parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--beam_size", default=1, type=int, help="1: greedy, as the original; > 1: beam search")
-    parser.add_argument("--out", default=None, help="JSON file for the captions (default: captions_SPLIT.json next to the checkpoint)")
+    parser.add_argument(
+        "--out", default=None, help="JSON file for the captions (default: captions_SPLIT.json next to the checkpoint)"
+    )
     parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path")
     parser.add_argument("--batch_size", default=128, type=int, help="images decoded at once")
     args = parser.parse_args(argv)
     try:
-        caption_split(args.checkpoint, args.data_path, args.split, args.beam_size, args.out, args.vocab_path, args.batch_size)
+        caption_split(
+            args.checkpoint, args.data_path, args.split, args.beam_size, args.out, args.vocab_path, args.batch_size
+        )
     except (VSRNError, OSError) as e:
         return report(e)
     return 0

@@ -6,6 +6,7 @@ METEOR, ROUGE-L and CIDEr-D against the split's references. METEOR and the Stanf
 tokenizer need Java: without `java` on PATH, METEOR is skipped and the captions are tokenized
 with this port's tokenizer instead. SPICE is not run.
 """
+
 import json
 import os
 import shutil
@@ -119,7 +120,7 @@ def split_references(folder, split, num_images):
     if len(captions) not in (num_images, 5 * num_images):
         raise DataError(f"{path}: {len(captions)} captions for {num_images} images; expected 5 per image (or 1)")
     per_image = len(captions) // num_images
-    return [captions[i * per_image:(i + 1) * per_image] for i in range(num_images)]
+    return [captions[i * per_image : (i + 1) * per_image] for i in range(num_images)]
 
 
 def coco_image_ids(folder, split, num_images):
@@ -161,7 +162,10 @@ def caption_split(checkpoint, data_path=None, split="test", beam_size=1, out=Non
 
 def print_scores(scores, references_per_image):
     if not java_available():
-        print("java not found on PATH: METEOR skipped; tokenized with NLTK's Treebank tokenizer, not Stanford's PTBTokenizer")
+        print(
+            "java not found on PATH: METEOR skipped; "
+            "tokenized with NLTK's Treebank tokenizer, not Stanford's PTBTokenizer"
+        )
     print(f"Caption scores (x100) against {references_per_image} reference(s) per image; SPICE not run:")
     print("  " + "  ".join(f"{name} {100 * value:.1f}" for name, value in scores.items()))
 

@@ -12,6 +12,7 @@ and, optionally (utils/tsv_to_precomp.py writes them; SCAN's release has none):
 Features are read one image at a time, so RAM does not grow with the dataset; captions
 are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
 """
+
 import atexit
 import hashlib
 import multiprocessing
@@ -35,7 +36,10 @@ DEV_CAPTION_LIMIT = 5000  # the original validates on the first 5000 dev caption
 
 def encode_captions(captions, vocab, desc="tokenizing"):
     """Word ids of every caption (without <start>/<end>) as one flat int32 array plus offsets."""
-    pieces = [np.asarray([vocab(w) for w in tokenize(c)], dtype=np.int32) for c in tqdm(captions, desc=desc, unit="cap", mininterval=1.0, disable=None)]
+    pieces = [
+        np.asarray([vocab(w) for w in tokenize(c)], dtype=np.int32)
+        for c in tqdm(captions, desc=desc, unit="cap", mininterval=1.0, disable=None)
+    ]
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in pieces], out=offsets[1:])
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
@@ -131,7 +135,10 @@ class PrecompDataset(Dataset):
         img_id = index // self.im_div
         features = self.images[img_id]
         if not np.isfinite(features).all():
-            raise DataError(f"{self.ims_path}: NaN or Inf in the features of image {img_id} ({self.split} split, caption index {index})")
+            raise DataError(
+                f"{self.ims_path}: NaN or Inf in the features of image {img_id} "
+                f"({self.split} split, caption index {index})"
+            )
         caption = self.caption(index)
         label, mask = caption_branch_target(caption, self.max_len)
         return torch.from_numpy(features), caption, index, img_id, label, mask
@@ -151,7 +158,9 @@ class FeatureFile:
         try:
             with open(path, "rb") as f:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran_order, dtype = read_header(f)
                 self.offset = f.tell()
         except (ValueError, OSError) as e:
@@ -162,7 +171,9 @@ class FeatureFile:
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         expected = self.offset + shape[0] * self.row_bytes if shape else self.offset
         if os.path.getsize(path) < expected:
-            raise DataError(f"{path}: file is truncated ({os.path.getsize(path)} bytes, the header promises {expected})")
+            raise DataError(
+                f"{path}: file is truncated ({os.path.getsize(path)} bytes, the header promises {expected})"
+            )
         self._file, self._pid = None, None
 
     def __len__(self):
@@ -220,9 +231,13 @@ def read_region_boxes(folder, split, needed_by):
     sizes = _load_array(sizes_path).astype(np.int64)
     images = FeatureFile(os.path.join(folder, f"{split}_ims.npy"))
     if boxes.shape != (*images.shape[:2], 4):
-        raise DataError(f"{boxes_path}: boxes have shape {boxes.shape}; expected {(*images.shape[:2], 4)} for {split}_ims.npy")
+        raise DataError(
+            f"{boxes_path}: boxes have shape {boxes.shape}; expected {(*images.shape[:2], 4)} for {split}_ims.npy"
+        )
     if sizes.shape != (images.shape[0], 2):
-        raise DataError(f"{sizes_path}: sizes have shape {sizes.shape}; expected {(images.shape[0], 2)} (height, width per image)")
+        raise DataError(
+            f"{sizes_path}: sizes have shape {sizes.shape}; expected {(images.shape[0], 2)} (height, width per image)"
+        )
     return boxes, sizes
 
 
@@ -292,8 +307,9 @@ class GlobalBatchShareSampler(EpochShuffleSampler):
         last = length % batch_size
         if 0 < last < world_size:
             raise OptionError(
-                f"--batch_size {batch_size}: the last batch of each epoch holds {last} of the {length} training captions, "
-                f"fewer than the {world_size} processes; choose a --batch_size that leaves none or at least {world_size}"
+                f"--batch_size {batch_size}: the last batch of each epoch holds {last} of the {length} "
+                f"training captions, fewer than the {world_size} processes; "
+                f"choose a --batch_size that leaves none or at least {world_size}"
             )
         self.caption_lengths = caption_lengths
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -377,8 +393,19 @@ def _loader(dataset, batch_size, workers, sampler=None):
     )
 
 
-def get_precomp_loader(data_path, data_split, vocab, max_len, img_dim, batch_size=100, shuffle=True, num_workers=2, seed=0,
-                       rank=0, world_size=1):
+def get_precomp_loader(
+    data_path,
+    data_split,
+    vocab,
+    max_len,
+    img_dim,
+    batch_size=100,
+    shuffle=True,
+    num_workers=2,
+    seed=0,
+    rank=0,
+    world_size=1,
+):
     """A loader of the split; shuffled, it yields process `rank`'s shares of the global batches of `batch_size`."""
     dataset = PrecompDataset(data_path, data_split, vocab, max_len, img_dim)
     if shuffle and world_size > 1:
@@ -393,11 +420,15 @@ def get_loaders(data_path, data_name, vocab, *, batch_size, workers, max_len, im
     """Train loader (shuffled by an EpochShuffleSampler seeded with `seed`; in data-parallel
     training, process `rank`'s shares of its global batches) and dev loader."""
     path = os.path.join(data_path, data_name)
-    train_loader = get_precomp_loader(path, "train", vocab, max_len, img_dim, batch_size, True, workers, seed, rank, world_size)
+    train_loader = get_precomp_loader(
+        path, "train", vocab, max_len, img_dim, batch_size, True, workers, seed, rank, world_size
+    )
     val_loader = get_precomp_loader(path, "dev", vocab, max_len, img_dim, batch_size, False, workers)
     return train_loader, val_loader
 
 
 def get_test_loader(data_path, data_name, split, vocab, *, batch_size, workers, max_len, img_dim):
     """The split in order, for evaluation."""
-    return get_precomp_loader(os.path.join(data_path, data_name), split, vocab, max_len, img_dim, batch_size, False, workers)
+    return get_precomp_loader(
+        os.path.join(data_path, data_name), split, vocab, max_len, img_dim, batch_size, False, workers
+    )

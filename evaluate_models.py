@@ -6,6 +6,7 @@
 
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """
+
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import os
@@ -20,12 +21,18 @@ from utils.options import ScriptHelpFormatter
 # checkpoint records; set a folder (e.g. "vocab/") to read it from there.
 COCO = dict(
     model_paths=("pretrain_model/coco/model_coco_1.pth.tar", "pretrain_model/coco/model_coco_2.pth.tar"),
-    data_path="data/", vocab_path=None, split="testall", fold5=True,
+    data_path="data/",
+    vocab_path=None,
+    split="testall",
+    fold5=True,
 )
 # Flickr30K: 1K test with the two-model ensemble.
 FLICKR30K = dict(
     model_paths=("pretrain_model/flickr/model_fliker_1.pth.tar", "pretrain_model/flickr/model_fliker_2.pth.tar"),
-    data_path="data/", vocab_path=None, split="test", fold5=False,
+    data_path="data/",
+    vocab_path=None,
+    split="test",
+    fold5=False,
 )
 RUN = [FLICKR30K]  # the blocks run without flags, e.g. [COCO, FLICKR30K]
 
@@ -33,7 +40,8 @@ BLOCK_KEYS = ("model_paths", "data_path", "vocab_path", "split", "fold5")
 
 
 def block_arguments(block, vocab_path=None):
-    """evalrank's arguments for a block: its model paths and keywords; `vocab_path`, when given, overrides the block's."""
+    """evalrank's arguments for a block: its model paths and keywords; `vocab_path`, when given,
+    overrides the block's."""
     unknown = sorted(set(block) - set(BLOCK_KEYS))
     if unknown or "model_paths" not in block:
         problem = f"the unknown key(s) {', '.join(unknown)}" if unknown else "no model_paths"
@@ -51,9 +59,15 @@ def main(argv=None):
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
     parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path (and the blocks')")
-    parser.add_argument("--eccv", action="store_true", help="COCO testall: also ECCV Caption, CxC and COCO 1K/5K metrics (eccv_caption)")
+    parser.add_argument(
+        "--eccv", action="store_true", help="COCO testall: also ECCV Caption, CxC and COCO 1K/5K metrics (eccv_caption)"
+    )
     args = parser.parse_args(argv)
-    blocks = [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)] if args.model_paths else RUN
+    blocks = (
+        [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)]
+        if args.model_paths
+        else RUN
+    )
     try:
         runs = [block_arguments(block, args.vocab_path) for block in blocks]
         if not args.model_paths:

@@ -8,6 +8,7 @@ strictly above its ground truth. A target that ties the ground truth therefore d
 against it (ranks are optimistic), and top1 is the lowest index among equal best scores. The
 original's unstable argsort left both cases unspecified; continuous embeddings do not tie.
 """
+
 import contextlib
 import io
 import math
@@ -28,24 +29,24 @@ from utils.errors import DataError, OptionError, ScoreError
 # temporaries stay within a few hundred MB.
 CHUNK_ELEMENTS = 1 << 24
 
-MEASURES = ('cosine', 'order')
+MEASURES = ("cosine", "order")
 
 
-def similarity(images, captions, measure='cosine'):
+def similarity(images, captions, measure="cosine"):
     """Scores of every image (one row in five of `images`) against every caption: (N, 5N) float32."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     ims = torch.as_tensor(images[::5], dtype=torch.float32)
     caps = torch.as_tensor(captions, dtype=torch.float32)
     sims = torch.empty(len(ims), len(caps))
-    elements_per_row = len(caps) * (caps.shape[1] if measure == 'order' else 1)
+    elements_per_row = len(caps) * (caps.shape[1] if measure == "order" else 1)
     step = _rows_per_chunk(elements_per_row)
     for start in range(0, len(ims), step):
-        chunk = ims[start:start + step]
-        if measure == 'order':
-            sims[start:start + step] = order_sim(chunk, caps)
+        chunk = ims[start : start + step]
+        if measure == "order":
+            sims[start : start + step] = order_sim(chunk, caps)
         else:
-            torch.mm(chunk, caps.T, out=sims[start:start + step])
+            torch.mm(chunk, caps.T, out=sims[start : start + step])
     return sims
 
 
@@ -59,7 +60,7 @@ def check_finite(scores, name="the scores"):
     step = _rows_per_chunk(scores.shape[1])
     count, first = 0, None
     for start in range(0, len(scores), step):
-        bad = ~torch.isfinite(scores[start:start + step])
+        bad = ~torch.isfinite(scores[start : start + step])
         count += int(bad.sum())
         if first is None and bad.any():
             image, caption = bad.nonzero()[0].tolist()
@@ -87,14 +88,14 @@ def ranks_i2t(sims, name="the scores", caption_images=None):
     step = _rows_per_chunk(sims.shape[1])
     ranks, top1 = [], []
     for start in range(0, len(sims), step):
-        rows = sims[start:start + step]
+        rows = sims[start : start + step]
         if not torch.isfinite(rows).all():
             check_finite(sims, name)
         if caption_images is None:
             own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
             truth = rows.gather(1, own_captions).amax(1)
         else:
-            truth = truths[start:start + len(rows)]
+            truth = truths[start : start + len(rows)]
         ranks.append(_count_above(rows, truth[:, None], dim=1))
         top1.append(rows.argmax(1))
     return _as_float_arrays(ranks, top1)
@@ -108,13 +109,17 @@ def ranks_t2i(sims, name="the scores", caption_images=None):
     each caption describes, when it is not j // 5.
     """
     sims = torch.as_tensor(sims)
-    caption_images = torch.arange(sims.shape[1]) // 5 if caption_images is None else torch.as_tensor(caption_images, dtype=torch.int64)
+    caption_images = (
+        torch.arange(sims.shape[1]) // 5
+        if caption_images is None
+        else torch.as_tensor(caption_images, dtype=torch.int64)
+    )
     n_images = len(sims)
     images = torch.arange(n_images, dtype=torch.int32)[:, None]
     step = _rows_per_chunk(n_images)
     ranks, top1 = [], []
     for start in range(0, sims.shape[1], step):
-        columns = sims[:, start:start + step]
+        columns = sims[:, start : start + step]
         if not torch.isfinite(columns).all():
             check_finite(sims, name)
         captions = torch.arange(start, start + columns.shape[1])
@@ -135,7 +140,7 @@ def recall_metrics(ranks):
     return tuple(float(metric) for metric in (r1, r5, r10, medr, meanr))
 
 
-def i2t(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None, name="the similarity"):
+def i2t(images, captions, npts=None, measure="cosine", return_ranks=False, sims=None, name="the similarity"):
     """Caption retrieval for the first `npts` images (default: all) among all captions.
 
     `sims`, an (n_images, n_captions) numpy or torch score matrix such as the average of two
@@ -146,13 +151,13 @@ def i2t(images, captions, npts=None, measure='cosine', return_ranks=False, sims=
     if npts is None:
         npts = images.shape[0] // 5 if sims is None else len(sims)
     if sims is None:
-        sims = similarity(images[:5 * npts], captions, measure)
+        sims = similarity(images[: 5 * npts], captions, measure)
     ranks, top1 = ranks_i2t(torch.as_tensor(sims)[:npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
 
-def t2i(images, captions, npts=None, measure='cosine', return_ranks=False, sims=None, name="the similarity"):
+def t2i(images, captions, npts=None, measure="cosine", return_ranks=False, sims=None, name="the similarity"):
     """Image retrieval for the captions of the first `npts` images (default: all) among all images.
 
     `sims` and `name` are as for `i2t`. Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also
@@ -161,8 +166,8 @@ def t2i(images, captions, npts=None, measure='cosine', return_ranks=False, sims=
     if npts is None:
         npts = images.shape[0] // 5 if sims is None else len(sims)
     if sims is None:
-        sims = similarity(images, captions[:5 * npts], measure)
-    ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, :5 * npts], name)
+        sims = similarity(images, captions[: 5 * npts], measure)
+    ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, : 5 * npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
@@ -190,7 +195,9 @@ def encode_data(model, data_loader):
     dataset = data_loader.dataset
     img_embs = cap_embs = None
     with torch.no_grad():
-        for images, captions, lengths, ids, _, _ in tqdm(data_loader, desc="encoding", unit="batch", leave=False, disable=None):
+        for images, captions, lengths, ids, _, _ in tqdm(
+            data_loader, desc="encoding", unit="batch", leave=False, disable=None
+        ):
             image_ids = [index // dataset.im_div for index in ids]
             first_row = {image_id: row for row, image_id in reversed(list(enumerate(image_ids)))}
             unique_ids = list(first_row)
@@ -259,7 +266,9 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
     else:
         results = []
         for fold in range(5):
-            r, ri, rt_fold, rti_fold = evaluate(slice(fold * 5000, (fold + 1) * 5000), name=f"{name}, fold {fold + 1} of 5 (counted within the fold)")
+            r, ri, rt_fold, rti_fold = evaluate(
+                slice(fold * 5000, (fold + 1) * 5000), name=f"{name}, fold {fold + 1} of 5 (counted within the fold)"
+            )
             if fold == 0:
                 rt, rti = rt_fold, rti_fold
             print("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r)
@@ -278,7 +287,9 @@ def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
 # The eccv_caption metric groups computed (its names).
 ECCV_TARGETS = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_1k_recalls", "coco_5k_recalls")
 ECCV_ROWS = (
-    ("ECCV mAP@R", ("eccv_map_at_r",)), ("ECCV R-Precision", ("eccv_rprecision",)), ("ECCV R@1", ("eccv_r1",)),
+    ("ECCV mAP@R", ("eccv_map_at_r",)),
+    ("ECCV R-Precision", ("eccv_rprecision",)),
+    ("ECCV R@1", ("eccv_r1",)),
     ("CxC R@1/5/10", ("cxc_r1", "cxc_r5", "cxc_r10")),
     ("COCO 1K R@1/5/10", ("coco_1k_r1", "coco_1k_r5", "coco_1k_r10")),
     ("COCO 5K R@1/5/10", ("coco_5k_r1", "coco_5k_r5", "coco_5k_r10")),
@@ -321,7 +332,15 @@ def eccv_caption_metrics(img_embs, cap_embs, caption_ids=None, measure="cosine",
     caption_folds = np.asarray([position[int(c)] // 5000 for c in caption_ids])
     image_folds = caption_folds[::5]
     # Every positive of every query must be within reach: mAP@R reads R results deep.
-    depth = max(10, *(len(v) for gts in (metrics.coco_gts, metrics.cxc_gts, metrics.eccv_gts) for d in gts.values() for v in d.values()))
+    depth = max(
+        10,
+        *(
+            len(v)
+            for gts in (metrics.coco_gts, metrics.cxc_gts, metrics.eccv_gts)
+            for d in gts.values()
+            for v in d.values()
+        ),
+    )
     i2t_ranked = _ranked_targets(sims, depth, image_folds, caption_folds)
     t2i_ranked = _ranked_targets(sims.T, depth, caption_folds, image_folds)
     i2t_items = {int(image_ids[i]): caption_ids[ranked].tolist() for i, ranked in enumerate(i2t_ranked)}
@@ -341,7 +360,7 @@ def _ranked_targets(scores, depth, query_folds, target_folds, fold_depth=10):
         targets = torch.from_numpy(np.flatnonzero(target_folds == fold))
         step = _rows_per_chunk(scores.shape[1])
         for start in range(0, len(queries), step):
-            rows = queries[start:start + step]
+            rows = queries[start : start + step]
             chunk = scores[_as_index(rows)].contiguous()
             best, best_index = chunk.topk(min(depth, chunk.shape[1]), dim=1)
             in_fold, in_fold_index = chunk[:, _as_index(targets)].topk(min(fold_depth, len(targets)), dim=1)
@@ -382,19 +401,28 @@ def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=
     if eccv:
         _eccv_metrics_class()  # a missing package fails before the encoding, not after
         if split != "testall":
-            raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; use --split testall, not {split}")
+            raise OptionError(
+                f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; use --split testall, not {split}"
+            )
     opt, vocab, models = load_models(model_paths, data_path, vocab_path)
     if eccv and not opt.data_name.startswith("coco"):
-        raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; the checkpoint is for {opt.data_name}")
+        raise OptionError(
+            f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; the checkpoint is for {opt.data_name}"
+        )
     print("Loading dataset")
     loader = split_loader(opt, vocab, split)
     num_captions = len(loader.dataset)
     if num_captions % 5:
         raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")
     if fold5 and num_captions < 25000:
-        raise DataError(f"fold5 needs 5 folds of 5000 captions; the {split} split of {opt.data_name} has {num_captions}")
+        raise DataError(
+            f"fold5 needs 5 folds of 5000 captions; the {split} split of {opt.data_name} has {num_captions}"
+        )
     if eccv and num_captions != 25000:
-        raise DataError(f"--eccv needs COCO's 5K test split (25000 captions); the {split} split of {opt.data_name} has {num_captions}")
+        raise DataError(
+            "--eccv needs COCO's 5K test split (25000 captions); "
+            f"the {split} split of {opt.data_name} has {num_captions}"
+        )
     print("Computing results...")
     embeddings = [encode_data(model, loader) for model in models]
     print("Images: %d, Captions: %d" % (num_captions // 5, num_captions))

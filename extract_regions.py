@@ -18,6 +18,7 @@ A rerun with the same --out extracts only the pictures not yet in it (a torn las
 a crash, is dropped and redone). A picture that cannot be read is one line on stderr, skipped
 and counted in the summary. The work is detection.pipeline's; this script reads the flags.
 """
+
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import os
@@ -41,15 +42,31 @@ def detector_settings(args):
     """The selection keywords of detector.extract_regions from the flags."""
     variable = args.min_boxes is not None or args.max_boxes is not None
     if variable and args.boxes is not None:
-        raise OptionError("--boxes N takes exactly N boxes per image; --min_boxes/--max_boxes take a variable number: give one or the other")
+        raise OptionError(
+            "--boxes N takes exactly N boxes per image; "
+            "--min_boxes/--max_boxes take a variable number: give one or the other"
+        )
     if variable and args.policy != "caffe":
-        raise OptionError(f"--min_boxes/--max_boxes select with the caffe policy; --policy {args.policy} takes --boxes N")
-    settings = dict(policy=args.policy, conf_thresh=args.conf_thresh, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
+        raise OptionError(
+            f"--min_boxes/--max_boxes select with the caffe policy; --policy {args.policy} takes --boxes N"
+        )
+    settings = dict(
+        policy=args.policy,
+        conf_thresh=args.conf_thresh,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        proposals=args.proposals,
+    )
     if variable:
-        settings.update(num_boxes=None, min_boxes=DEFAULT_MIN_BOXES if args.min_boxes is None else args.min_boxes,
-                        max_boxes=DEFAULT_MAX_BOXES if args.max_boxes is None else args.max_boxes)
+        settings.update(
+            num_boxes=None,
+            min_boxes=DEFAULT_MIN_BOXES if args.min_boxes is None else args.min_boxes,
+            max_boxes=DEFAULT_MAX_BOXES if args.max_boxes is None else args.max_boxes,
+        )
         if not 1 <= settings["min_boxes"] <= settings["max_boxes"]:
-            raise OptionError(f"--min_boxes {settings['min_boxes']} --max_boxes {settings['max_boxes']}: expected 1 <= min <= max")
+            raise OptionError(
+                f"--min_boxes {settings['min_boxes']} --max_boxes {settings['max_boxes']}: expected 1 <= min <= max"
+            )
     else:
         settings.update(num_boxes=FIXED_BOXES if args.boxes is None else args.boxes)
         if settings["num_boxes"] < 1:
@@ -59,18 +76,25 @@ def detector_settings(args):
 
 def check_arguments(args):
     if not os.path.isfile(args.weights):
-        raise OptionError(f"--weights {args.weights}: file not found (the detector's pytorch_model.bin or faster_rcnn_from_caffe_attr.pkl)")
+        raise OptionError(
+            f"--weights {args.weights}: file not found (the detector's pytorch_model.bin or "
+            "faster_rcnn_from_caffe_attr.pkl)"
+        )
     if args.config and not os.path.isfile(args.config):
         raise OptionError(f"--config {args.config}: file not found")
     if args.batch_size < 1 or args.workers < 1:
         raise OptionError("--batch_size and --workers: expected at least 1")
     if args.precomp:
-        missing = [f"--{name}" for name in ("captions", "data_path", "data_name", "split") if getattr(args, name) is None]
+        missing = [
+            f"--{name}" for name in ("captions", "data_path", "data_name", "split") if getattr(args, name) is None
+        ]
         if missing:
             raise OptionError(f"--precomp writes a VSRN split: give {', '.join(missing)} too")
         tsv_to_precomp.split_folder(args.data_path, args.data_name)
         if args.min_boxes is not None or args.max_boxes is not None:
-            raise OptionError("--precomp: VSRN needs the same number of boxes per image; use --boxes N, not --min_boxes/--max_boxes")
+            raise OptionError(
+                "--precomp: VSRN needs the same number of boxes per image; use --boxes N, not --min_boxes/--max_boxes"
+            )
     elif args.captions or args.data_path or args.data_name or args.split or args.karpathy_split:
         raise OptionError("--captions, --data_path, --data_name, --split and --karpathy_split go with --precomp")
 
@@ -83,8 +107,13 @@ def write_split(args, num_boxes):
         raise DataError(f"{args.out}: no rows to write a split from")
     feature_dim = parse_row(first, f"{args.out}:1")["features"].shape[1]
     folder = tsv_to_precomp.split_folder(args.data_path, args.data_name)
-    written, skipped = tsv_to_precomp.convert([args.out], args.captions, folder, args.split, num_boxes, feature_dim, args.karpathy_split)
-    print(f"{written} images written to {folder}/{args.split}_*" + (f" ({skipped} of other Karpathy splits skipped)" if skipped else ""))
+    written, skipped = tsv_to_precomp.convert(
+        [args.out], args.captions, folder, args.split, num_boxes, feature_dim, args.karpathy_split
+    )
+    print(
+        f"{written} images written to {folder}/{args.split}_*"
+        + (f" ({skipped} of other Karpathy splits skipped)" if skipped else "")
+    )
 
 
 def run(args, world):
@@ -103,7 +132,9 @@ def run(args, world):
     if todo:
         device = check_device(args.device) if world is SINGLE_PROCESS else world.device
         detector = load_detector(args.weights, args.config, device)
-        extract_to_tsv(detector, todo, args.out, settings, counts, world, batch_size=args.batch_size, workers=args.workers)
+        extract_to_tsv(
+            detector, todo, args.out, settings, counts, world, batch_size=args.batch_size, workers=args.workers
+        )
     if world.is_main:
         print(counts.summary(args.out))
     world.close()  # before the conversion: the other processes need not wait for it
@@ -114,24 +145,79 @@ def run(args, world):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
-    p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE", help="folders of pictures and picture files")
-    p.add_argument("--weights", required=True, help="the detector: pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl")
+    p.add_argument(
+        "--images", nargs="+", required=True, metavar="DIR_OR_FILE", help="folders of pictures and picture files"
+    )
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="the detector: pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl",
+    )
     p.add_argument("--config", default=None, help="the detector's config.yaml (None: the published values)")
     p.add_argument("--out", required=True, help="the obj36 TSV to write, or to complete when it exists")
-    p.add_argument("--policy", default="caffe", choices=("caffe", "hf"),
-                   help="caffe: bottom-up-attention's generate_tsv.py (SCAN's and LXMERT's features); hf: the LXMERT demo's selection")
-    p.add_argument("--boxes", type=int, default=None, help=f"exactly this many boxes per image (None: {FIXED_BOXES}, unless --min_boxes/--max_boxes)")
-    p.add_argument("--min_boxes", type=int, default=None, help=f"variable count, caffe policy: at least this many boxes (None: {DEFAULT_MIN_BOXES} when --max_boxes is given)")
-    p.add_argument("--max_boxes", type=int, default=None, help=f"variable count, caffe policy: at most this many boxes (None: {DEFAULT_MAX_BOXES} when --min_boxes is given)")
-    p.add_argument("--conf_thresh", type=float, default=0.2, help="with a variable count: keep regions of at least this confidence")
-    p.add_argument("--min_size", type=int, default=None, help="shortest side of the network input (None: the policy's, 600 caffe / 800 hf)")
-    p.add_argument("--max_size", type=int, default=None, help="longest side at most (None: the policy's, 1000 caffe / 1333 hf)")
+    p.add_argument(
+        "--policy",
+        default="caffe",
+        choices=("caffe", "hf"),
+        help="caffe: bottom-up-attention's generate_tsv.py (SCAN's and LXMERT's features); "
+        "hf: the LXMERT demo's selection",
+    )
+    p.add_argument(
+        "--boxes",
+        type=int,
+        default=None,
+        help=f"exactly this many boxes per image (None: {FIXED_BOXES}, unless --min_boxes/--max_boxes)",
+    )
+    p.add_argument(
+        "--min_boxes",
+        type=int,
+        default=None,
+        help="variable count, caffe policy: at least this many boxes "
+        f"(None: {DEFAULT_MIN_BOXES} when --max_boxes is given)",
+    )
+    p.add_argument(
+        "--max_boxes",
+        type=int,
+        default=None,
+        help="variable count, caffe policy: at most this many boxes "
+        f"(None: {DEFAULT_MAX_BOXES} when --min_boxes is given)",
+    )
+    p.add_argument(
+        "--conf_thresh", type=float, default=0.2, help="with a variable count: keep regions of at least this confidence"
+    )
+    p.add_argument(
+        "--min_size",
+        type=int,
+        default=None,
+        help="shortest side of the network input (None: the policy's, 600 caffe / 800 hf)",
+    )
+    p.add_argument(
+        "--max_size", type=int, default=None, help="longest side at most (None: the policy's, 1000 caffe / 1333 hf)"
+    )
     p.add_argument("--proposals", type=int, default=None, help="RPN proposals kept after NMS (None: the policy's, 300)")
-    p.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available; under torchrun each process takes its LOCAL_RANK's GPU)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda or cpu (None: cuda when available; under torchrun each process takes its LOCAL_RANK's GPU)",
+    )
     p.add_argument("--batch_size", type=int, default=1, help="pictures per forward pass of each process")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode pictures ahead of the detector")
-    p.add_argument("--dist_timeout", type=float, default=10.0, help="minutes a torchrun process waits for the others before failing")
-    p.add_argument("--precomp", action="store_true", help="then write a VSRN split from the TSV and --captions (utils/tsv_to_precomp.py's conversion)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="threads that decode pictures ahead of the detector",
+    )
+    p.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=10.0,
+        help="minutes a torchrun process waits for the others before failing",
+    )
+    p.add_argument(
+        "--precomp",
+        action="store_true",
+        help="then write a VSRN split from the TSV and --captions (utils/tsv_to_precomp.py's conversion)",
+    )
     tsv_to_precomp.add_split_arguments(p, required=False)
     return p
 

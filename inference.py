@@ -5,6 +5,7 @@ encoded, and scored as the model scores them.
     query = encode_query(models[0], vocab, "a dog on a bench")   # unknown words named, all-unknown refused
     images, region_scores = encode_regions(models[0], features)  # features (B, regions, img_dim)
 """
+
 import os
 import sys
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None
     digest = checkpoint.get("vocab_digest")
     if digest is not None:
         return load_vocab_with_digest(vocab_dir, data_name, digest, path, data_path)
-    vocab = load_vocab_by_name(vocab_dir, data_name, data_path, prefer="pkl" if is_original_release(checkpoint) else "json")
+    vocab = load_vocab_by_name(
+        vocab_dir, data_name, data_path, prefer="pkl" if is_original_release(checkpoint) else "json"
+    )
     print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}", file=sys.stderr)
     return vocab
 
@@ -76,23 +79,31 @@ def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branc
     if data_path is not None:
         opt.data_path = data_path
     if need_data:
-        check_data_folder(opt.data_path, opt.data_name,
-                          "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')")
+        check_data_folder(
+            opt.data_path,
+            opt.data_name,
+            "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')",
+        )
     if vocab_path is None:
         vocab_path = vocabulary_folder(opt, model_paths[0])
         if vocab_path is None:
             raise VocabularyError(
-                f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found, from here nor "
-                f"from the checkpoint's folder; pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
+                f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found, "
+                "from here nor from the checkpoint's folder; "
+                f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
             )
     vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
     models = []
     for path, checkpoint in zip(model_paths, checkpoints):
         model_opt = checkpoint["opt"]
         if model_opt.data_name != opt.data_name:
-            raise CheckpointError(f"{path}: trained on {model_opt.data_name}, the ensemble's first model on {opt.data_name}")
+            raise CheckpointError(
+                f"{path}: trained on {model_opt.data_name}, the ensemble's first model on {opt.data_name}"
+            )
         if checkpoint.get("vocab_digest", vocab_digest(vocab)) != vocab_digest(vocab):
-            raise CheckpointError(f"{path}: trained with another vocabulary than {vocab.path}, which the ensemble's first model uses")
+            raise CheckpointError(
+                f"{path}: trained with another vocabulary than {vocab.path}, which the ensemble's first model uses"
+            )
         trained_size = getattr(model_opt, "vocab_size", len(vocab))
         if trained_size != len(vocab):
             raise CheckpointError(
@@ -111,8 +122,16 @@ def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branc
 
 def split_loader(opt, vocab, split):
     """The checkpoint options' split of its dataset, in order, for evaluation."""
-    return get_test_loader(opt.data_path, opt.data_name, split, vocab, batch_size=opt.batch_size, workers=opt.workers,
-                           max_len=opt.max_len, img_dim=opt.img_dim)
+    return get_test_loader(
+        opt.data_path,
+        opt.data_name,
+        split,
+        vocab,
+        batch_size=opt.batch_size,
+        workers=opt.workers,
+        max_len=opt.max_len,
+        img_dim=opt.img_dim,
+    )
 
 
 @torch.no_grad()
@@ -127,7 +146,8 @@ def encode_regions(model, features):
 
 @torch.no_grad()
 def encode_images(model, features, batch_size=ENCODE_BATCH):
-    """Embeddings (on the CPU) of a sequence of images' region features (a split's FeatureFile, a list of arrays), in batches."""
+    """Embeddings (on the CPU) of a sequence of images' region features (a split's FeatureFile, a list
+    of arrays), in batches."""
     chunks = []
     for start in range(0, len(features), batch_size):
         batch = np.stack([features[i] for i in range(start, min(start + batch_size, len(features)))])

@@ -28,6 +28,7 @@ The split needs the `_boxes.npy` and `_image_sizes.npy` files that utils.tsv_to_
 Recall, median and mean rank are evaluation.py's: the same ranking code runs on LXMERT's (image,
 caption) score matrix instead of VSRN's similarity matrix.
 """
+
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import sys
@@ -42,57 +43,131 @@ from utils.options import ScriptHelpFormatter
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="local folder of LXMERT's weights (see docs/lxmert.md), or a hub name")
-    parser.add_argument("--mode", default="matched", choices=MODES,
-                        help="matched: the matching head's probability; cosine: cosine of the language and vision outputs, each averaged over its positions")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="local folder of LXMERT's weights (see docs/lxmert.md), or a hub name"
+    )
+    parser.add_argument(
+        "--mode",
+        default="matched",
+        choices=MODES,
+        help="matched: the matching head's probability; "
+        "cosine: cosine of the language and vision outputs, each averaged over its positions",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per forward pass")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (the matching head stays float32)")
+    parser.add_argument(
+        "--amp", action="store_true", help="bfloat16 autocast on CUDA (the matching head stays float32)"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or directory (default: --model)")
-    parser.add_argument("--save_scores", nargs="+", default=None, metavar="PATH",
-                        help=f"save LXMERT's (images, captions) score matrix: PATH.npy for a split; PATH.csv and/or PATH.json "
-                             f"for --images (there default: {DEFAULT_SCORES})")
+    parser.add_argument(
+        "--save_scores",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help=f"save LXMERT's (images, captions) score matrix: PATH.npy for a split; PATH.csv and/or PATH.json "
+        f"for --images (there default: {DEFAULT_SCORES})",
+    )
     split = parser.add_argument_group("a split of precomputed features (as evaluate_models.py)")
     split.add_argument("--data_path", default=None, help="folder holding NAME/ (as train.py)")
     split.add_argument("--data_name", default=None, help="e.g. f30k_precomp; the split needs boxes and image sizes")
     split.add_argument("--split", default="test", help="dev, test or testall (COCO 5K)")
-    split.add_argument("--vsrn", nargs="+", default=None, metavar="CHECKPOINT", help="two-stage: rerank these VSRN checkpoints' top-k (several: an ensemble)")
+    split.add_argument(
+        "--vsrn",
+        nargs="+",
+        default=None,
+        metavar="CHECKPOINT",
+        help="two-stage: rerank these VSRN checkpoints' top-k (several: an ensemble)",
+    )
     split.add_argument("--topk", type=int, default=20, help="candidates per query that LXMERT rescores (with --vsrn)")
-    split.add_argument("--alpha", type=float, default=1.0, help="candidates rank by alpha*LXMERT + (1-alpha)*VSRN (with --vsrn)")
+    split.add_argument(
+        "--alpha", type=float, default=1.0, help="candidates rank by alpha*LXMERT + (1-alpha)*VSRN (with --vsrn)"
+    )
     split.add_argument("--vocab_path", default=None, help="overrides the VSRN checkpoint's vocab_path")
     own = parser.add_argument_group("your own pictures, in one step")
-    own.add_argument("--images", nargs="+", default=None, metavar="DIR_OR_FILES", help="a folder of pictures, or picture files")
-    own.add_argument("--captions", default=None, metavar="FILE", help="one caption per line, or image_id<TAB>caption lines (adds recall)")
-    own.add_argument("--detector", default=None, metavar="WEIGHTS", help="the bottom-up-attention detector's pytorch_model.bin (see docs/regions.md)")
-    own.add_argument("--detector_config", default=None, metavar="YAML", help="the detector's config.yaml (default: its published values)")
-    own.add_argument("--policy", default="caffe", choices=("caffe", "hf"), help="region selection (caffe: as LXMERT's features were made)")
-    own.add_argument("--top", type=int, default=5, help="pictures printed per caption and captions per picture (0: all)")
+    own.add_argument(
+        "--images", nargs="+", default=None, metavar="DIR_OR_FILES", help="a folder of pictures, or picture files"
+    )
+    own.add_argument(
+        "--captions",
+        default=None,
+        metavar="FILE",
+        help="one caption per line, or image_id<TAB>caption lines (adds recall)",
+    )
+    own.add_argument(
+        "--detector",
+        default=None,
+        metavar="WEIGHTS",
+        help="the bottom-up-attention detector's pytorch_model.bin (see docs/regions.md)",
+    )
+    own.add_argument(
+        "--detector_config",
+        default=None,
+        metavar="YAML",
+        help="the detector's config.yaml (default: its published values)",
+    )
+    own.add_argument(
+        "--policy",
+        default="caffe",
+        choices=("caffe", "hf"),
+        help="region selection (caffe: as LXMERT's features were made)",
+    )
+    own.add_argument(
+        "--top", type=int, default=5, help="pictures printed per caption and captions per picture (0: all)"
+    )
     args = parser.parse_args(argv)
     try:
         check_device(args.device)
         if args.images is not None:
             check_pictures_arguments(args, parser)
-            match_pictures(args.images, args.captions, args.detector, model_path=args.model, mode=args.mode,
-                           detector_config=args.detector_config, policy=args.policy, batch_size=args.batch_size,
-                           device=args.device, amp=args.amp, tokenizer_path=args.tokenizer,
-                           save_scores=args.save_scores or [DEFAULT_SCORES], top=args.top)
+            match_pictures(
+                args.images,
+                args.captions,
+                args.detector,
+                model_path=args.model,
+                mode=args.mode,
+                detector_config=args.detector_config,
+                policy=args.policy,
+                batch_size=args.batch_size,
+                device=args.device,
+                amp=args.amp,
+                tokenizer_path=args.tokenizer,
+                save_scores=args.save_scores or [DEFAULT_SCORES],
+                top=args.top,
+            )
         else:
             if args.data_path is None or args.data_name is None:
-                raise OptionError("--data_path and --data_name name the split to evaluate; or match your own pictures with "
-                                  "--images DIR --captions FILE --detector WEIGHTS")
+                raise OptionError(
+                    "--data_path and --data_name name the split to evaluate; or match your own pictures with "
+                    "--images DIR --captions FILE --detector WEIGHTS"
+                )
             save_scores = args.save_scores or [None]
             if len(save_scores) > 1 or (save_scores[0] and not save_scores[0].endswith(".npy")):
                 raise OptionError(f"--save_scores {' '.join(save_scores)}: a split's scores are saved as one PATH.npy")
-            evaluate(args.model, args.data_path, args.data_name, args.split, mode=args.mode, vsrn=args.vsrn, topk=args.topk,
-                     alpha=args.alpha, batch_size=args.batch_size, device=args.device, amp=args.amp,
-                     tokenizer_path=args.tokenizer, vocab_path=args.vocab_path, save_scores=save_scores[0])
+            evaluate(
+                args.model,
+                args.data_path,
+                args.data_name,
+                args.split,
+                mode=args.mode,
+                vsrn=args.vsrn,
+                topk=args.topk,
+                alpha=args.alpha,
+                batch_size=args.batch_size,
+                device=args.device,
+                amp=args.amp,
+                tokenizer_path=args.tokenizer,
+                vocab_path=args.vocab_path,
+                save_scores=save_scores[0],
+            )
     except (VSRNError, OSError) as e:
         return report(e)
     except Interrupted as e:
         return report_interrupt(str(e))
     except KeyboardInterrupt:
-        return report_interrupt("no scores were saved (each file is written whole at the end); the regions of your pictures "
-                                "extracted so far stay in the region cache, so the same command goes on from there")
+        return report_interrupt(
+            "no scores were saved (each file is written whole at the end); the regions of your pictures "
+            "extracted so far stay in the region cache, so the same command goes on from there"
+        )
     return 0
 
 

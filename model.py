@@ -3,6 +3,7 @@
 The mathematics follow the original release exactly, quirks included (docs/differences.md lists
 the few deliberate deviations).
 """
+
 import math
 
 import torch
@@ -411,7 +412,8 @@ def check_options(opt):
         )
     if opt.dim_vid != opt.embed_size:
         raise OptionError(
-            f"--dim_vid {opt.dim_vid} must equal --embed_size {opt.embed_size}: the caption branch reads the GCN region features"
+            f"--dim_vid {opt.dim_vid} must equal --embed_size {opt.embed_size}: "
+            "the caption branch reads the GCN region features"
         )
     check_device(getattr(opt, "device", None))
     if opt.max_len < 2:
@@ -479,8 +481,13 @@ class VSRN:
             for key, value in state.items():
                 if tuple(value.shape) != tuple(own[key].shape):
                     raise CheckpointError(
-                        f"{source}: {name}.{key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
-                        + (" (vocabulary size differs from the checkpoint's)" if key in ("embed.weight", "decoder.embedding.weight") else "")
+                        f"{source}: {name}.{key} has shape {tuple(value.shape)}, "
+                        f"the model expects {tuple(own[key].shape)}"
+                        + (
+                            " (vocabulary size differs from the checkpoint's)"
+                            if key in ("embed.weight", "decoder.embedding.weight")
+                            else ""
+                        )
                     )
             module.load_state_dict(state)
 
@@ -515,7 +522,9 @@ class VSRN:
         labels = caption_labels.to(self.device, non_blocking=True)
         masks = caption_masks.to(self.device, non_blocking=True)
         sizes = self.world.batch_sizes(len(lengths))
-        img_emb, cap_emb, caption_loss = self.training_forward(images, captions, lengths, labels, masks, steps, sum(sizes))
+        img_emb, cap_emb, caption_loss = self.training_forward(
+            images, captions, lengths, labels, masks, steps, sum(sizes)
+        )
         retrieval_loss = self.criterion(self.world.gather(img_emb, sizes), self.world.gather(cap_emb, sizes))
         loss = retrieval_loss + caption_loss
         self.optimizer.zero_grad(set_to_none=True)

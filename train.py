@@ -1,10 +1,11 @@
 """Train VSRN on precomputed region features.
 
-    python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
-    python3 train.py --demo          # toy dataset: about 80 s on an idle 2-core CPU, longer on busy cores
-    python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
-    torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
+python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
+python3 train.py --demo          # toy dataset: about 80 s on an idle 2-core CPU, longer on busy cores
+python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
+torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
 """
+
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import contextlib
@@ -38,10 +39,26 @@ from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_dig
 # and clipping them to 2.0 leaves the caption branch writing nearly the same caption for
 # every image.
 DEMO_PRESET = dict(
-    data_path="data", data_name="toy_precomp", vocab_path="vocab", logger_name="runs/demo",
-    img_dim=128, embed_size=128, dim_vid=128, word_dim=64, dim_hidden=64, dim_word=64, max_len=24,
-    batch_size=128, num_epochs=6, learning_rate=0.004, lr_update=10, grad_clip=0, workers=0, log_step=10,
-    val_step=10**9, seed=0,
+    data_path="data",
+    data_name="toy_precomp",
+    vocab_path="vocab",
+    logger_name="runs/demo",
+    img_dim=128,
+    embed_size=128,
+    dim_vid=128,
+    word_dim=64,
+    dim_hidden=64,
+    dim_word=64,
+    max_len=24,
+    batch_size=128,
+    num_epochs=6,
+    learning_rate=0.004,
+    lr_update=10,
+    grad_clip=0,
+    workers=0,
+    log_step=10,
+    val_step=10**9,
+    seed=0,
 )
 
 
@@ -217,7 +234,11 @@ class Trainer:
             raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
         logging.info(
             "=> resumed '%s' at epoch %d, batch %d (Eiters %d, best_rsum %.2f)",
-            path, self.next_epoch, self.next_batch, self.model.Eiters, self.best_rsum,
+            path,
+            self.next_epoch,
+            self.next_batch,
+            self.model.Eiters,
+            self.best_rsum,
         )
 
     def _restore_position(self, checkpoint, path):
@@ -225,7 +246,8 @@ class Trainer:
         self.next_epoch, self.next_batch = int(checkpoint["next_epoch"]), int(checkpoint["next_batch"])
         if self.next_batch and saved.batch_size != self.opt.batch_size:
             raise CheckpointError(
-                f"{path}: stopped mid-epoch with --batch_size {saved.batch_size}; resume with the same batch size, not {self.opt.batch_size}"
+                f"{path}: stopped mid-epoch with --batch_size {saved.batch_size}; "
+                f"resume with the same batch size, not {self.opt.batch_size}"
             )
         optimizer = self.model.optimizer
         implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
@@ -262,7 +284,9 @@ class Trainer:
     def save(self, epoch, next_epoch, next_batch, is_best=False):
         rng_ranks = self.world.gather_objects(rng_state(self.model.device))
         if self.world.is_main:
-            save_checkpoint(self.checkpoint_state(epoch, next_epoch, next_batch, rng_ranks), is_best, self.opt.logger_name)
+            save_checkpoint(
+                self.checkpoint_state(epoch, next_epoch, next_batch, rng_ranks), is_best, self.opt.logger_name
+            )
 
     def stop_signal(self):
         """The name of the signal that stopped the run, the same on every process."""
@@ -321,7 +345,14 @@ class Trainer:
             if model.Eiters % opt.log_step == 0:
                 logging.info(
                     "Epoch: [%d][%d/%d]\t%s\tTime %.3f (%.3f)\tData %.3f (%.3f)\t",
-                    epoch, i, num_batches, train_logger, batch_time.val, batch_time.avg, data_time.val, data_time.avg,
+                    epoch,
+                    i,
+                    num_batches,
+                    train_logger,
+                    batch_time.val,
+                    batch_time.avg,
+                    data_time.val,
+                    data_time.avg,
                 )
             step = model.Eiters
             self.writer.add_scalar("epoch", epoch, step)
@@ -352,7 +383,12 @@ def warn_if_saved_mid_epoch(path, epoch, iterations, batches_per_epoch):
     if iterations % batches_per_epoch:
         logging.warning(
             "%s: Eiters %d is not a whole number of epochs of %d batches: saved during epoch %d, which counts as "
-            "finished; continuing with epoch %d", path, iterations, batches_per_epoch, epoch - 1, epoch,
+            "finished; continuing with epoch %d",
+            path,
+            iterations,
+            batches_per_epoch,
+            epoch - 1,
+            epoch,
         )
 
 
@@ -365,7 +401,19 @@ def validate(opt, val_loader, model, writer):
     r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, sims=sims)
     logging.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f", r1i, r5i, r10i, medri, meanri)
     rsum = r1 + r5 + r1i + r5i
-    metrics = dict(r1=r1, r5=r5, r10=r10, medr=medr, meanr=meanr, r1i=r1i, r5i=r5i, r10i=r10i, medri=medri, meanri=meanri, rsum=rsum)
+    metrics = dict(
+        r1=r1,
+        r5=r5,
+        r10=r10,
+        medr=medr,
+        meanr=meanr,
+        r1i=r1i,
+        r5i=r5i,
+        r10i=r10i,
+        medri=medri,
+        meanri=meanri,
+        rsum=rsum,
+    )
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, model.Eiters)
     log_generated_captions(writer, model, val_loader.dataset, model.Eiters)
@@ -391,7 +439,9 @@ def main(argv=None):
         opt, checkpoint = parse_options(argv)
         check_options(opt)
         world = init_world(opt.batch_size, opt.device, opt.dist_timeout)
-        opt.seed = world.broadcast(opt.seed)  # every process trains with rank 0's seed (each drew its own when none was given)
+        opt.seed = world.broadcast(
+            opt.seed
+        )  # every process trains with rank 0's seed (each drew its own when none was given)
         code = run(opt, checkpoint, world)
     except (VSRNError, OSError) as e:
         code = report(e)
@@ -406,7 +456,11 @@ def main(argv=None):
         if not world.lost_peer(e):
             raise
         detail = first_line(e, 160)
-        print(f"error: rank {world.rank}: communication with the other processes failed ({detail}); a failing process's own message comes first", file=sys.stderr)
+        print(
+            f"error: rank {world.rank}: communication with the other processes failed ({detail}); "
+            "a failing process's own message comes first",
+            file=sys.stderr,
+        )
         world.defer_to_failed_peer()
         code = 1
     return world.exit(code)
@@ -419,7 +473,9 @@ def compile_encoders(model):
     and this port has not run it on GPUs. Call after model.distribute."""
     for name, module in (("image encoder", model.img_enc), ("text encoder", model.txt_enc)):
         if holds_sync_batchnorm(module):
-            logging.info("--compile: the %s holds a synchronised BatchNorm (multi-process training) and runs uncompiled", name)
+            logging.info(
+                "--compile: the %s holds a synchronised BatchNorm (multi-process training) and runs uncompiled", name
+            )
         else:
             module.compile()
 
@@ -442,8 +498,16 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
             vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
         opt.vocab_size = len(vocab)
         train_loader, val_loader = data.get_loaders(
-            opt.data_path, opt.data_name, vocab, batch_size=opt.batch_size, workers=opt.workers, max_len=opt.max_len,
-            img_dim=opt.img_dim, seed=opt.seed, rank=world.rank, world_size=world.size,
+            opt.data_path,
+            opt.data_name,
+            vocab,
+            batch_size=opt.batch_size,
+            workers=opt.workers,
+            max_len=opt.max_len,
+            img_dim=opt.img_dim,
+            seed=opt.seed,
+            rank=world.rank,
+            world_size=world.size,
         )
     if world.is_main:
         print(opt)
@@ -463,10 +527,17 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
         name = trainer.stop_signal()
         world.close()
         if world.is_main:
-            print(f"Stopped by {name} before the last epoch ended; the run is not complete. Continue it with:\n"
-                  f"  {resume_command(trainer.checkpoint_path)}"
-                  + ("\n(or under torchrun, with your launcher's flags: torchrun ... train.py --resume "
-                     f"{shlex.quote(trainer.checkpoint_path)})" if world.size > 1 else ""), file=sys.stderr)
+            print(
+                f"Stopped by {name} before the last epoch ended; the run is not complete. Continue it with:\n"
+                f"  {resume_command(trainer.checkpoint_path)}"
+                + (
+                    "\n(or under torchrun, with your launcher's flags: torchrun ... train.py --resume "
+                    f"{shlex.quote(trainer.checkpoint_path)})"
+                    if world.size > 1
+                    else ""
+                ),
+                file=sys.stderr,
+            )
         return 128 + signal.Signals[name].value
     world.close()
     if opt.demo and world.is_main:

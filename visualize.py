@@ -1,9 +1,11 @@
 """What VSRN's final image representation attends to (paper, Sec. 4.5), and what it retrieves.
 
     python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --index N --out map.png
-    python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES --query "a dog on a bench" --out gallery.png
+    python3 visualize.py --checkpoint M --data_path DATA --split test --image_dir IMAGES \\
+        --query "a dog on a bench" --out gallery.png
     python3 visualize.py --checkpoint M --data_path DATA --split test --index N --captions
-    python3 visualize.py --checkpoint M --images PHOTOS --detector pytorch_model.bin --query "a dog on a bench" --out gallery.png
+    python3 visualize.py --checkpoint M --images PHOTOS --detector pytorch_model.bin \\
+        --query "a dog on a bench" --out gallery.png
 
 The attention map: the inner product of each GCN region feature V*_i with the final image
 embedding I ranks the k regions (rank 1 = highest); region i gets s_i = lam * (k - r_i)^2
@@ -15,6 +17,7 @@ cached). The picture is drawn at a readable size under a title (image id, captio
 score), the map shown by dimming the photo where the map is low, with a brightness scale, the
 top-ranked boxes outlined and numbered (attention.py, utils/figures.py).
 """
+
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
 import os
@@ -75,8 +78,10 @@ def show_query(args, opt, vocab, model, folder, features):
 def show_photos(args, photos, opt, vocab, model):
     width = photos.features[0].shape[1]
     if width != opt.img_dim:
-        raise OptionError(f"--detector {args.detector}: gives {width}-d region features, but the checkpoint's image encoder takes "
-                          f"{opt.img_dim}-d (img_dim)")
+        raise OptionError(
+            f"--detector {args.detector}: gives {width}-d region features, but the checkpoint's image encoder takes "
+            f"{opt.img_dim}-d (img_dim)"
+        )
     scores, top = rank_for_query(args, opt, vocab, model, photos.features)
     print(f"top-{len(top)} of {len(photos.ids)} pictures for {args.query!r}:")
     for place, index in enumerate(top, start=1):
@@ -92,7 +97,10 @@ def show_captions(args, opt, vocab, model, folder):
     image_embs, caption_embs = encode_data(model, loader)
     row = args.index * dataset.im_div
     if row >= len(dataset):
-        raise OptionError(f"--index {args.index}: the first {len(dataset)} captions of the {args.split} split cover only {len(dataset) // dataset.im_div} images")
+        raise OptionError(
+            f"--index {args.index}: the first {len(dataset)} captions of the {args.split} split cover only "
+            f"{len(dataset) // dataset.im_div} images"
+        )
     scores = scores_against(torch.from_numpy(image_embs[row : row + 1]), torch.from_numpy(caption_embs), opt.measure)[0]
     top = torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
     captions = read_captions(os.path.join(folder, f"{args.split}_caps.txt"))
@@ -107,20 +115,42 @@ def show_captions(args, opt, vocab, model, folder):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a VSRN checkpoint (model_best.pth.tar)")
-    p.add_argument("--data_path", default=None, help="folder holding the checkpoint's NAME_precomp (default: the checkpoint's)")
+    p.add_argument(
+        "--data_path", default=None, help="folder holding the checkpoint's NAME_precomp (default: the checkpoint's)"
+    )
     p.add_argument("--vocab_path", default=None, help="folder of the vocabulary (default: the checkpoint's)")
     p.add_argument("--split", default="test", help="the split to show (dev, test, testall)")
     p.add_argument("--index", type=int, help="an image of the split, by position")
     p.add_argument("--query", help="a caption: show the top images for it")
-    p.add_argument("--captions", action="store_true", help="with --index: list the image's top captions, ground truth marked")
+    p.add_argument(
+        "--captions", action="store_true", help="with --index: list the image's top captions, ground truth marked"
+    )
     p.add_argument("--image_dir", help="folder of the split's pictures, found by image id")
-    p.add_argument("--image_pattern", help="picture file name for an id, e.g. COCO_val2014_{:012d}.jpg (default <id>.jpg / <id>.png)")
-    p.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
-                   help="your own pictures (folders, files) to rank for --query: their regions are extracted with --detector, cached")
-    p.add_argument("--detector", help="with --images: the detector's weights, pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl")
-    p.add_argument("--detector_config", help="with --images: the detector's config.yaml (default: the published values)")
-    p.add_argument("--policy", default="caffe", choices=("caffe", "hf"),
-                   help="with --images: the regions' selection; caffe is how SCAN's features, and so VSRN's, were made")
+    p.add_argument(
+        "--image_pattern",
+        help="picture file name for an id, e.g. COCO_val2014_{:012d}.jpg (default <id>.jpg / <id>.png)",
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        metavar="DIR_OR_FILE",
+        help="your own pictures (folders, files) to rank for --query: "
+        "their regions are extracted with --detector, cached",
+    )
+    p.add_argument(
+        "--detector",
+        help="with --images: the detector's weights, pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or "
+        "faster_rcnn_from_caffe_attr.pkl",
+    )
+    p.add_argument(
+        "--detector_config", help="with --images: the detector's config.yaml (default: the published values)"
+    )
+    p.add_argument(
+        "--policy",
+        default="caffe",
+        choices=("caffe", "hf"),
+        help="with --images: the regions' selection; caffe is how SCAN's features, and so VSRN's, were made",
+    )
     p.add_argument("--out", help="PNG to write (default attention_map.png, or gallery.png for --query)")
     p.add_argument("--top", type=int, default=5, help="images or captions to show")
     p.add_argument("--top_boxes", type=int, default=3, help="outline the boxes of this many top-ranked regions")
@@ -138,22 +168,32 @@ def run(args):
     if args.index is not None and args.index < 0:
         raise OptionError(f"--index {args.index}: images are counted from 0")
     if args.top < 1 or args.top_boxes < 0:
-        raise OptionError(f"--top {args.top} --top_boxes {args.top_boxes}: expected at least 1 image or caption, and 0 or more boxes")
+        raise OptionError(
+            f"--top {args.top} --top_boxes {args.top_boxes}: expected at least 1 image or caption, and 0 or more boxes"
+        )
     device = check_device(args.device)
     if args.images:
         if args.query is None:
-            raise OptionError("--images ranks your pictures for --query TEXT (--index and --captions are for a converted split)")
+            raise OptionError(
+                "--images ranks your pictures for --query TEXT (--index and --captions are for a converted split)"
+            )
         if not args.detector:
-            raise OptionError("--images needs --detector, the bottom-up-attention detector's weights (pytorch_model.bin)")
+            raise OptionError(
+                "--images needs --detector, the bottom-up-attention detector's weights (pytorch_model.bin)"
+            )
         if args.image_dir or args.image_pattern:
-            raise OptionError("--image_dir and --image_pattern find the pictures of a converted split; --images names yours")
+            raise OptionError(
+                "--image_dir and --image_pattern find the pictures of a converted split; --images names yours"
+            )
         if not os.path.isfile(args.checkpoint):
             raise OptionError(f"--checkpoint {args.checkpoint}: checkpoint not found")
         from detection.cache import photo_regions  # the detector needs torchvision
 
         # The detector is done with (and its memory free) before the model is loaded.
         photos = OwnPhotos(*photo_regions(args.images, args.detector, args.detector_config, args.policy, device=device))
-        opt, vocab, (model,) = load_models([args.checkpoint], args.data_path, args.vocab_path, need_data=False, device=device)
+        opt, vocab, (model,) = load_models(
+            [args.checkpoint], args.data_path, args.vocab_path, need_data=False, device=device
+        )
         return show_photos(args, photos, opt, vocab, model)
     if args.detector or args.detector_config:
         raise OptionError("--detector extracts the regions of the pictures given by --images")
@@ -165,7 +205,9 @@ def run(args):
     if args.query is not None:
         return show_query(args, opt, vocab, model, folder, features)
     if args.index >= len(features):
-        raise OptionError(f"--index {args.index}: the {args.split} split has {len(features)} images (0 to {len(features) - 1})")
+        raise OptionError(
+            f"--index {args.index}: the {args.split} split has {len(features)} images (0 to {len(features) - 1})"
+        )
     return show_map(args, opt, vocab, model, folder, features)
 
 
@@ -178,8 +220,10 @@ def main(argv=None):
     except Interrupted as e:
         return report_interrupt(str(e))
     except KeyboardInterrupt:
-        return report_interrupt("nothing was drawn; the regions of your pictures extracted so far stay in the region cache, so the "
-                                "same command goes on from there")
+        return report_interrupt(
+            "nothing was drawn; the regions of your pictures extracted so far stay in the region cache, so the "
+            "same command goes on from there"
+        )
     return 0
 
 

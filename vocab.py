@@ -1,7 +1,8 @@
 """Tokenizer and vocabulary: build `NAME_vocab.json`, load it or the original release's pickles.
 
-    python3 vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4] [--overwrite]
+python3 vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab/] [--threshold 4] [--overwrite]
 """
+
 import argparse
 import functools
 import hashlib
@@ -219,7 +220,9 @@ def build_dataset_vocab(data_path, data_name, threshold=4):
     caption_files = [os.path.join(data_path, data_name, f"{split}_caps.txt") for split in ("train", "dev")]
     for path in caption_files:
         if not os.path.isfile(path):
-            raise VocabularyError(f"{path}: caption file not found (expected the precomputed layout DATA/NAME/{{train,dev}}_caps.txt)")
+            raise VocabularyError(
+                f"{path}: caption file not found (expected the precomputed layout DATA/NAME/{{train,dev}}_caps.txt)"
+            )
     return build_vocab((c for path in caption_files for c in read_captions(path)), threshold)
 
 
@@ -229,8 +232,11 @@ def build_parser():
     parser.add_argument("--data_name", default="f30k_precomp", help="dataset folder name under --data_path")
     parser.add_argument("--vocab_path", default="vocab", help="folder to write NAME_vocab.json to")
     parser.add_argument("--threshold", default=4, type=int, help="minimum word count to enter the vocabulary")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing NAME_vocab.json that differs (checkpoints trained with it then need a copy of it)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing NAME_vocab.json that differs (checkpoints trained with it then need a copy of it)",
+    )
     return parser
 
 
@@ -242,7 +248,9 @@ def check_replaceable(path, vocab):
     try:
         old = load_vocab(path)
     except VocabularyError:
-        raise VocabularyError(f"{path}: already exists and is not a readable vocabulary; pass --overwrite to replace it") from None
+        raise VocabularyError(
+            f"{path}: already exists and is not a readable vocabulary; pass --overwrite to replace it"
+        ) from None
     if vocab_digest(old) != vocab_digest(vocab):
         raise VocabularyError(
             f"{path}: already holds a different vocabulary ({len(old)} words, digest {vocab_digest(old)}; the new one: "

@@ -1,4 +1,5 @@
 """Region relationship reasoning block of VSRN (a non-local block over the 36 regions)."""
+
 import torch
 from torch import nn
 from torch.nn import functional as F

@@ -7,6 +7,7 @@ vocabulary 8481, max_len 60) with random weights; `--words N` raises the <end> l
 that sequences end after about N words, as trained captioners' do (0: never). Prints the
 median time of each and the speed-up; the predictions are checked to agree.
 """
+
 import argparse
 import os
 import statistics

@@ -16,6 +16,7 @@ synchronised (per image: the batch's time over its images):
 fp32: the region features of the same proposals, and how many kept boxes and object ids agree.
 `--smoke` checks the script on a small detector and small pictures in seconds.
 """
+
 import argparse
 import importlib.util
 import sys
@@ -37,8 +38,17 @@ from detection.weights import load_detector  # noqa: E402
 from machine import describe, print_table  # noqa: E402
 
 STAGES = ("preprocess", "backbone", "rpn", "roi_pool", "res5", "heads", "selection")
-SMOKE_ARCH = dict(PUBLISHED_ARCH, stem=8, res2=(1, 8, 16), res3=(1, 8, 32), res4=(2, 16, 64), res5=(1, 16, 64),
-                  rpn_hidden=32, embedding=16, attr_hidden=32)
+SMOKE_ARCH = dict(
+    PUBLISHED_ARCH,
+    stem=8,
+    res2=(1, 8, 16),
+    res3=(1, 8, 32),
+    res4=(2, 16, 64),
+    res5=(1, 16, 64),
+    rpn_hidden=32,
+    embedding=16,
+    attr_hidden=32,
+)
 
 
 def load_recipe(path):
@@ -94,14 +104,16 @@ def measure(detector, images, batch_size, settings, bf16=False):
     start, cpu_start = time.perf_counter(), time.process_time()
     with autocast(device, bf16):
         for i in range(0, len(images), batch_size):
-            extract_regions_batch(detector, images[i:i + batch_size], timer=timer, **settings)
+            extract_regions_batch(detector, images[i : i + batch_size], timer=timer, **settings)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return len(images) / total, cpu / len(images), {stage: timer.seconds[stage] / len(images) for stage in STAGES}
 
 
 def bf16_deviation(detector, image, settings):
     """bf16 against fp32 on one picture: features of the same proposals, kept boxes and ids."""
-    scored = score_regions(detector, [image], settings["policy"], settings["min_size"], settings["max_size"], settings["proposals"])[0]
+    scored = score_regions(
+        detector, [image], settings["policy"], settings["min_size"], settings["max_size"], settings["proposals"]
+    )[0]
     with torch.inference_mode(), autocast(detector.device, True):
         res4 = detector.backbone(scored["input"].unsqueeze(0))
         rois = torch.cat([torch.zeros(len(scored["proposals"]), 1, device=res4.device), scored["proposals"]], dim=1)
@@ -113,7 +125,14 @@ def bf16_deviation(detector, image, settings):
         bf16 = extract_regions(detector, image, **settings)
     same_box = np.abs(fp32["boxes"][:, None] - bf16["boxes"][None]).max(axis=2) < 1.0
     matched = same_box.any(axis=1).mean()
-    ids = np.mean([(bf16["objects_id"][same_box[i]] == fp32["objects_id"][i]).any() for i in range(len(fp32["boxes"])) if same_box[i].any()] or [0.0])
+    ids = np.mean(
+        [
+            (bf16["objects_id"][same_box[i]] == fp32["objects_id"][i]).any()
+            for i in range(len(fp32["boxes"]))
+            if same_box[i].any()
+        ]
+        or [0.0]
+    )
     return [
         ("features, same proposals", f"max |bf16 - fp32| / max |fp32| = {relative:.2e}"),
         ("kept boxes", f"{matched:.0%} of fp32's also kept under bf16 (within 1 px)"),
@@ -133,27 +152,52 @@ def main(argv=None):
     parser.add_argument("--proposals", type=int, default=None)
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast and measure its deviation")
     parser.add_argument("--recipe", default=str(ROOT.parent / "shared" / "frcnn_reference" / "weights_recipe.py"))
-    parser.add_argument("--smoke", action="store_true", help="a small detector on small pictures: checks the script runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a small detector on small pictures: checks the script runs"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     height, width = (int(x) for x in args.image_size.lower().split("x"))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.smoke:
         height, width = min(height, 120), min(width, 160)
-        args.images, args.min_size, args.max_size, args.proposals = min(args.images, 4), args.min_size or 96, args.max_size or 160, args.proposals or 50
-    settings = {"policy": args.policy, "num_boxes": 36, "min_size": args.min_size, "max_size": args.max_size, "proposals": args.proposals}
+        args.images, args.min_size, args.max_size, args.proposals = (
+            min(args.images, 4),
+            args.min_size or 96,
+            args.max_size or 160,
+            args.proposals or 50,
+        )
+    settings = {
+        "policy": args.policy,
+        "num_boxes": 36,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "proposals": args.proposals,
+    }
 
     torch.manual_seed(0)
     start = time.perf_counter()
     detector = random_detector(SMOKE_ARCH if args.smoke else PUBLISHED_ARCH, load_recipe(args.recipe), device)
     print_table(describe(torch, device), "machine")
-    plan = make_policy(detector, args.policy, num_boxes=36, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
-    print_table([
-        ("detector", "smoke-test size" if args.smoke else "ResNet-101 C4, 1600 classes, 400 attributes (random weights)"),
-        ("policy", f"{args.policy}: shortest side {plan.min_size}, longest <= {plan.max_size}, {plan.post_nms} proposals, 36 regions"),
-        ("pictures", f"{args.images} per batch size, {height}x{width}"),
-        ("weights", f"made in {time.perf_counter() - start:.1f} s"),
-    ], "settings")
+    plan = make_policy(
+        detector, args.policy, num_boxes=36, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals
+    )
+    print_table(
+        [
+            (
+                "detector",
+                "smoke-test size" if args.smoke else "ResNet-101 C4, 1600 classes, 400 attributes (random weights)",
+            ),
+            (
+                "policy",
+                f"{args.policy}: shortest side {plan.min_size}, longest <= {plan.max_size}, {plan.post_nms} "
+                "proposals, 36 regions",
+            ),
+            ("pictures", f"{args.images} per batch size, {height}x{width}"),
+            ("weights", f"made in {time.perf_counter() - start:.1f} s"),
+        ],
+        "settings",
+    )
     images = pictures(max(args.images, max(batch_sizes)), height, width)[: max(args.images, max(batch_sizes))]
     precisions = [("fp32", False)] + ([("bf16 autocast", True)] if args.bf16 else [])
     for name, bf16 in precisions:

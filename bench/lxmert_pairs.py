@@ -14,6 +14,7 @@ same run, a ratio less sensitive to the load of a shared machine than the raw ra
 `--tokens` is the caption length in word pieces with [CLS] and [SEP]: Flickr30K and COCO captions
 average 10 to 13 words, so 16 errs on the long side; LXMERT cuts at 20.
 """
+
 import argparse
 import statistics
 import sys
@@ -82,11 +83,15 @@ def synchronise(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="8,32,64", help="pairs per forward pass, comma-separated")
-    parser.add_argument("--tokens", type=int, default=16, help="caption length in word pieces, [CLS] and [SEP] included")
+    parser.add_argument(
+        "--tokens", type=int, default=16, help="caption length in word pieces, [CLS] and [SEP] included"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (after one warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    parser.add_argument("--no-direct", action="store_true", help="skip the whole-forward comparison (run at the first batch size)")
+    parser.add_argument(
+        "--no-direct", action="store_true", help="skip the whole-forward comparison (run at the first batch size)"
+    )
     args = parser.parse_args()
     from transformers import LxmertConfig, LxmertForPreTraining
 
@@ -125,8 +130,13 @@ def main():
 
             direct = None
             if number == 0 and not args.no_direct:
-                inputs = dict(input_ids=ids.to(device), attention_mask=mask_on_device, token_type_ids=torch.zeros_like(mask_on_device),
-                              visual_feats=features.to(device), visual_pos=boxes.to(device))
+                inputs = dict(
+                    input_ids=ids.to(device),
+                    attention_mask=mask_on_device,
+                    token_type_ids=torch.zeros_like(mask_on_device),
+                    visual_feats=features.to(device),
+                    visual_pos=boxes.to(device),
+                )
 
                 def direct():
                     with scorer.autocast:
@@ -134,16 +144,27 @@ def main():
                     synchronise(device)
 
             seconds = interleaved_medians([cross, gemm] + ([direct] if direct else []), args.repeats)
-            pair_rate, gemm_rate = batch / seconds[0], 2 * GEMM_SIZE ** 3 / seconds[1]
+            pair_rate, gemm_rate = batch / seconds[0], 2 * GEMM_SIZE**3 / seconds[1]
             caption_rate = batch / median_seconds(captions, args.repeats)
             image_rate = batch / median_seconds(images, args.repeats)
             rate_of[batch] = (pair_rate, caption_rate, image_rate)
-            rows.append((f"batch {batch}: pairs (cross layers + head)", f"{pair_rate:,.2f} pairs/s, efficiency {pair_rate * flops / gemm_rate:.2f} (GEMM {gemm_rate / 1e9:,.1f} GFLOP/s)"))
+            rows.append(
+                (
+                    f"batch {batch}: pairs (cross layers + head)",
+                    f"{pair_rate:,.2f} pairs/s, efficiency {pair_rate * flops / gemm_rate:.2f} "
+                    f"(GEMM {gemm_rate / 1e9:,.1f} GFLOP/s)",
+                )
+            )
             rows.append((f"batch {batch}: captions (language layers)", f"{caption_rate:,.1f} captions/s"))
             rows.append((f"batch {batch}: images (object-relationship layers)", f"{image_rate:,.1f} images/s"))
             if direct:
                 direct_rate = batch / seconds[2]
-                rows.append((f"batch {batch}: LxmertForPreTraining forward per pair", f"{direct_rate:,.2f} pairs/s (ours: {pair_rate / direct_rate:.2f}x its rate)"))
+                rows.append(
+                    (
+                        f"batch {batch}: LxmertForPreTraining forward per pair",
+                        f"{direct_rate:,.2f} pairs/s (ours: {pair_rate / direct_rate:.2f}x its rate)",
+                    )
+                )
     print_table(rows, f"\nspeed ({tokens} tokens, 36 regions, medians of {args.repeats})")
 
     best = max(rate_of, key=lambda b: rate_of[b][0])
@@ -153,11 +174,14 @@ def main():
     coco_pairs = images * 20 + captions * 20  # the two directions' candidates (an upper bound of their union)
     coco = coco_pairs / pair_rate + captions / caption_rate + images / image_rate
     coco_all = images * captions / pair_rate + captions / caption_rate + images / image_rate
-    print_table([
-        ("Flickr30K 1K test, all 5M pairs", format_duration(flickr)),
-        (f"COCO 5K, two-stage top-20 (<= {coco_pairs:,} pairs)", format_duration(coco)),
-        ("COCO 5K, all 125M pairs", format_duration(coco_all)),
-    ], f"\nprojected with batch {best} (LXMERT scoring only; a two-stage run adds VSRN's encoding)")
+    print_table(
+        [
+            ("Flickr30K 1K test, all 5M pairs", format_duration(flickr)),
+            (f"COCO 5K, two-stage top-20 (<= {coco_pairs:,} pairs)", format_duration(coco)),
+            ("COCO 5K, all 125M pairs", format_duration(coco_all)),
+        ],
+        f"\nprojected with batch {best} (LXMERT scoring only; a two-stage run adds VSRN's encoding)",
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """What the benchmarks print about the machine, and how they print tables."""
+
 import datetime
 import os
 import platform

@@ -12,6 +12,7 @@ ru_maxrss counts every resident page mapped into the process: the loader reads e
 into its own buffer, so it stays near the process's own memory (RssAnon); a memory map
 of the features would add every page the batches touched (RssFile).
 """
+
 import argparse
 import gc
 import json
@@ -61,7 +62,11 @@ def complete(folder, vocab_path):
     """Every file is written under another name and renamed when done: present means complete."""
     ims_path = os.path.join(folder, "train_ims.npy")
     paths = (ims_path, os.path.join(folder, "train_caps.txt"), vocab_path)
-    return all(os.path.isfile(p) for p in paths) and np.load(ims_path, mmap_mode="r").shape == (IMAGES, REGIONS, IMG_DIM)
+    return all(os.path.isfile(p) for p in paths) and np.load(ims_path, mmap_mode="r").shape == (
+        IMAGES,
+        REGIONS,
+        IMG_DIM,
+    )
 
 
 def generate(folder, vocab_path, seed=0):
@@ -109,8 +114,17 @@ def child(mode, args, folder, vocab_path):
         return {"shape": list(features.shape), "peak": peak_rss(), **proc_status()}
     start = time.perf_counter()
     defaults = build_parser().parse_args([])
-    loader = get_precomp_loader(folder, "train", load_vocab(vocab_path), defaults.max_len, defaults.img_dim, args.batch_size,
-                                shuffle=True, num_workers=args.workers, seed=0)
+    loader = get_precomp_loader(
+        folder,
+        "train",
+        load_vocab(vocab_path),
+        defaults.max_len,
+        defaults.img_dim,
+        args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        seed=0,
+    )
     batches = iter(loader)
     next(batches)
     result = {"first_batch_at": time.time(), "loader": time.perf_counter() - start}
@@ -129,8 +143,20 @@ def child(mode, args, folder, vocab_path):
 def run_child(mode, args, cache):
     env = dict(os.environ, VSRN_CACHE=cache, PYTHONWARNINGS="ignore")
     launched = time.time()
-    command = [sys.executable, os.path.abspath(__file__), "--child", mode, "--dir", args.dir,
-               "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        mode,
+        "--dir",
+        args.dir,
+        "--batches",
+        str(args.batches),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+    ]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{mode} failed:\n{done.stderr}")
@@ -172,22 +198,42 @@ def main(argv=None):
     title = f"Train loader on a Flickr30K-sized split ({IMAGES} images, {IMAGES * CAPTIONS_PER_IMAGE} captions)"
     print_table(describe(torch), title)
     rows = [
-        ("cold start (empty token cache)", f"{cold['from_start']:6.2f} s to the first batch ({cold['loader']:.2f} s after imports)"),
-        ("warm start (token cache filled)", f"{warm['from_start']:6.2f} s to the first batch ({warm['loader']:.2f} s after imports)"),
-        (f"iterating {args.batches} x {args.batch_size}, {args.workers} workers",
-         f"{iterate['peak']:6.2f} GB peak RSS (ru_maxrss{', + largest worker' if args.workers else ''}; VmHWM of the main process {iterate['VmHWM']:.2f}); "
-         f"at the end RssAnon {iterate['RssAnon']:.2f} GB, RssFile {iterate['RssFile']:.2f} GB; "
-         f"{args.batches / (iterate['iterate'] + iterate['loader']):.1f} batches/s"),
+        (
+            "cold start (empty token cache)",
+            f"{cold['from_start']:6.2f} s to the first batch ({cold['loader']:.2f} s after imports)",
+        ),
+        (
+            "warm start (token cache filled)",
+            f"{warm['from_start']:6.2f} s to the first batch ({warm['loader']:.2f} s after imports)",
+        ),
+        (
+            f"iterating {args.batches} x {args.batch_size}, {args.workers} workers",
+            f"{iterate['peak']:6.2f} GB peak RSS (ru_maxrss{', + largest worker' if args.workers else ''}; "
+            f"VmHWM of the main process {iterate['VmHWM']:.2f}); "
+            f"at the end RssAnon {iterate['RssAnon']:.2f} GB, RssFile {iterate['RssFile']:.2f} GB; "
+            f"{args.batches / (iterate['iterate'] + iterate['loader']):.1f} batches/s",
+        ),
     ]
     if full:
-        rows.append(("plain np.load of train_ims.npy",
-                     f"{full['peak']:6.2f} GB peak RSS (ru_maxrss; VmHWM {full['VmHWM']:.2f}); RssAnon {full['RssAnon']:.2f} GB"))
+        rows.append(
+            (
+                "plain np.load of train_ims.npy",
+                f"{full['peak']:6.2f} GB peak RSS (ru_maxrss; VmHWM {full['VmHWM']:.2f}); "
+                f"RssAnon {full['RssAnon']:.2f} GB",
+            )
+        )
     print_table(rows, "Measured, each in a fresh process")
-    print_table([
-        ("warm start <= 5 s", "met" if warm["from_start"] <= 5 else "NOT met"),
-        ("peak RSS <= 2.5 GB", f"ru_maxrss {'met' if iterate['peak'] <= 2.5 else 'NOT met'}, "
-                               f"RssAnon {'met' if iterate['RssAnon'] <= 2.5 else 'NOT met'}"),
-    ], "Targets")
+    print_table(
+        [
+            ("warm start <= 5 s", "met" if warm["from_start"] <= 5 else "NOT met"),
+            (
+                "peak RSS <= 2.5 GB",
+                f"ru_maxrss {'met' if iterate['peak'] <= 2.5 else 'NOT met'}, "
+                f"RssAnon {'met' if iterate['RssAnon'] <= 2.5 else 'NOT met'}",
+            ),
+        ],
+        "Targets",
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 calls i2t and t2i on the embeddings, each computing the similarity matrix; "shared" computes
 it once and passes it to both as sims=.
 """
+
 import argparse
 import os
 import platform
@@ -16,7 +17,7 @@ from pathlib import Path
 
 # With torch loaded, numpy's OpenBLAS threads and torch's OpenMP threads oversubscribe the cores
 # and slow the loop's small products tens of times; one BLAS thread runs them at full speed.
-os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -28,7 +29,7 @@ from reference_ranking import loop_i2t, loop_t2i  # noqa: E402
 DIM = 1024
 # Norm of each caption's noise relative to its image's; see embeddings().
 NOISE = 7
-NAMES = {1000: 'Flickr30K-1K', 5000: 'COCO-5K'}
+NAMES = {1000: "Flickr30K-1K", 5000: "COCO-5K"}
 
 
 def embeddings(n_images, seed=0):
@@ -67,33 +68,35 @@ def median_seconds(evaluate, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--sizes', default='1000,5000', help='comma-separated numbers of images')
-    parser.add_argument('--repeats', type=int, default=3, help='timed runs of the fast path')
-    parser.add_argument('--loop-repeats', type=int, help='timed runs of the loop (default: --repeats)')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,5000", help="comma-separated numbers of images")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the fast path")
+    parser.add_argument("--loop-repeats", type=int, help="timed runs of the loop (default: --repeats)")
     args = parser.parse_args()
     loop_repeats = args.loop_repeats or args.repeats
 
     uname = platform.uname()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; '
-          f'numpy {np.__version__}, OPENBLAS_NUM_THREADS={os.environ["OPENBLAS_NUM_THREADS"]}')
-    print(f'machine: {uname.system} {uname.release} {uname.machine}, '
-          f'processor {platform.processor() or "unknown"}, {os.cpu_count()} CPUs')
-    print(f'{"size":<32} {"loop s":>9} {"fast s":>9} {"speed-up":>9} {"shared s":>9}')
-    for n_images in (int(size) for size in args.sizes.split(',')):
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"numpy {np.__version__}, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
+    )
+    print(
+        f"machine: {uname.system} {uname.release} {uname.machine}, "
+        f"processor {platform.processor() or 'unknown'}, {os.cpu_count()} CPUs"
+    )
+    print(f"{'size':<32} {'loop s':>9} {'fast s':>9} {'speed-up':>9} {'shared s':>9}")
+    for n_images in (int(size) for size in args.sizes.split(",")):
         images, captions = embeddings(n_images)
-        loop_s, loop = median_seconds(lambda: (loop_i2t(images, captions)[0], loop_t2i(images, captions)[0]),
-                                      loop_repeats)
-        fast_s, fast = median_seconds(lambda: (i2t(images, captions), t2i(images, captions)),
-                                      args.repeats)
+        loop_s, loop = median_seconds(
+            lambda: (loop_i2t(images, captions)[0], loop_t2i(images, captions)[0]), loop_repeats
+        )
+        fast_s, fast = median_seconds(lambda: (i2t(images, captions), t2i(images, captions)), args.repeats)
         shared_s, shared = median_seconds(lambda: shared_similarity(images, captions), args.repeats)
-        assert fast == shared == loop, f'metrics differ at {n_images} images: {fast}, {shared}, {loop}'
-        name = f'{NAMES.get(n_images, "")} ({n_images} x {5 * n_images})'.strip()
-        print(f'{name:<32} {loop_s:>9.2f} {fast_s:>9.3f} {loop_s / fast_s:>8.1f}x {shared_s:>9.3f}',
-              flush=True)
-        print(f'  i2t r1 r5 r10 medr meanr: {fast[0]}\n  t2i r1 r5 r10 medr meanr: {fast[1]}')
+        assert fast == shared == loop, f"metrics differ at {n_images} images: {fast}, {shared}, {loop}"
+        name = f"{NAMES.get(n_images, '')} ({n_images} x {5 * n_images})".strip()
+        print(f"{name:<32} {loop_s:>9.2f} {fast_s:>9.3f} {loop_s / fast_s:>8.1f}x {shared_s:>9.3f}", flush=True)
+        print(f"  i2t r1 r5 r10 medr meanr: {fast[0]}\n  t2i r1 r5 r10 medr meanr: {fast[1]}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

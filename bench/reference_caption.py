@@ -5,6 +5,7 @@ It is the yardstick for model.CaptionDecoder (tests and bench/train_step.py): sa
 none of its hoisting of step-independent products, and inference that decodes every
 sequence for all steps, past its <end>.
 """
+
 import torch
 from torch.nn import functional as F
 
@@ -48,7 +49,9 @@ def caption_loss(caption_model, regions, labels, masks):
     """sum(NLL(labels[:, 1:]) * masks[:, 1:]) / batch over the original's max_len - 1 steps."""
     logprobs = caption_logprobs(caption_model, regions, labels)
     steps = logprobs.size(1)
-    nll = F.nll_loss(logprobs.reshape(-1, logprobs.size(2)).float(), labels[:, 1 : steps + 1].reshape(-1), reduction="none")
+    nll = F.nll_loss(
+        logprobs.reshape(-1, logprobs.size(2)).float(), labels[:, 1 : steps + 1].reshape(-1), reduction="none"
+    )
     return (nll * masks[:, 1 : steps + 1].reshape(-1)).sum() / labels.size(0)
 
 

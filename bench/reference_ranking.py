@@ -2,6 +2,7 @@
 
 The yardstick for evaluation.py's counting in chunks (tests and bench/ranking.py).
 """
+
 import numpy as np
 
 
@@ -24,7 +25,7 @@ def loop_i2t(images, captions, npts=None, score=dot_scores):
     ranks = np.zeros(npts)
     top1 = np.zeros(npts)
     for index in range(npts):
-        d = score(images[5 * index:5 * index + 1], captions).flatten()
+        d = score(images[5 * index : 5 * index + 1], captions).flatten()
         inds = np.argsort(d)[::-1]
         ranks[index] = min(np.where(inds == i)[0][0] for i in range(5 * index, 5 * index + 5))
         top1[index] = inds[0]
@@ -38,7 +39,7 @@ def loop_t2i(images, captions, npts=None, score=dot_scores):
     ranks = np.zeros(5 * npts)
     top1 = np.zeros(5 * npts)
     for index in range(npts):
-        d = score(ims, captions[5 * index:5 * index + 5]).T
+        d = score(ims, captions[5 * index : 5 * index + 5]).T
         for i in range(len(d)):
             inds = np.argsort(d[i])[::-1]
             ranks[5 * index + i] = np.where(inds == index)[0][0]

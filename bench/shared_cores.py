@@ -14,6 +14,7 @@ count: torch's default (one per core) unless OMP_NUM_THREADS is given, the same 
 setting. With libgomp's default spinning a shared step can take tens of seconds on a busy
 machine. --also adds settings to compare, each a comma-separated list of VAR=VALUE.
 """
+
 import argparse
 import json
 import os
@@ -70,8 +71,16 @@ def train_steps(batch_size, steps, warmup, signals):
         start = time.perf_counter()
         model.train_emb(*batch)
         seconds.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
-                      "wait": {k: os.environ[k] for k in WAIT_SETTINGS if k in os.environ}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "threads": torch.get_num_threads(),
+                "wait": {k: os.environ[k] for k in WAIT_SETTINGS if k in os.environ},
+            }
+        ),
+        flush=True,
+    )
     while not os.path.exists(os.path.join(signals, "stop")):
         model.train_emb(*batch)
 
@@ -81,8 +90,18 @@ def step_times(runs, setting, args):
     env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
     env.update(setting)
     signals = tempfile.mkdtemp(prefix="shared_cores_")
-    command = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--worker-signals", signals]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--worker-signals",
+        signals,
+    ]
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(runs)]
     try:
         if all(p.stdout.readline() == "ready\n" for p in processes):  # all warmed up
@@ -104,8 +123,13 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs sharing the cores, the measured one included")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--also", nargs="+", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
-                   help="more wait settings to compare, e.g. GOMP_SPINCOUNT=1000")
+    p.add_argument(
+        "--also",
+        nargs="+",
+        default=[],
+        metavar="VAR=VALUE[,VAR=VALUE]",
+        help="more wait settings to compare, e.g. GOMP_SPINCOUNT=1000",
+    )
     p.add_argument("--worker-signals", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker_signals:
@@ -114,8 +138,10 @@ def main(argv=None):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from machine import cpu_model, print_table
 
-    print(f"VSRN demo model, batch {args.batch_size}, synthetic data; {cpu_model()}, {os.cpu_count()} cores; "
-          f"load average {os.getloadavg()[0]:.2f} at the start")
+    print(
+        f"VSRN demo model, batch {args.batch_size}, synthetic data; {cpu_model()}, {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.2f} at the start"
+    )
     rows = []
     settings = dict(SETTINGS)
     for text in args.also:
@@ -133,7 +159,10 @@ def main(argv=None):
         rows += [
             (name, f"{alone['threads']} threads per run; " + " ".join(f"{k}={v}" for k, v in alone["wait"].items())),
             ("  alone", f"{alone_s:.3f} s per step"),
-            (f"  beside {others}", f"{median(each):.3f} s per step (each run's median: {', '.join(f'{s:.3f}' for s in each)})"),
+            (
+                f"  beside {others}",
+                f"{median(each):.3f} s per step (each run's median: {', '.join(f'{s:.3f}' for s in each)})",
+            ),
             ("  fair share", f"{fair:.3f} s ({args.runs} x alone); measured / fair share: {median(each) / fair:.2f}"),
         ]
     rows.append(("load average at the end", f"{os.getloadavg()[0]:.2f}"))

@@ -11,6 +11,7 @@ says how close a step comes to the original's arithmetic done at plain GEMM spee
 --reference also times the caption branch written step by step as the original, on the
 same weights, in the same rounds.
 """
+
 import argparse
 import os
 import sys
@@ -172,17 +173,29 @@ def main(argv=None):
     rows = describe(torch, model.device)
     rows += [
         ("options", f"batch {B}, amp {args.amp}, tf32 {args.tf32}, compile {args.compile}"),
-        ("captions", f"{sum(lengths)} tokens, longest {lengths[0]}, decoder steps run {caption_steps(masks, opt.max_len)} of {opt.max_len - 1}"),
+        (
+            "captions",
+            f"{sum(lengths)} tokens, longest {lengths[0]}, "
+            f"decoder steps run {caption_steps(masks, opt.max_len)} of {opt.max_len - 1}",
+        ),
     ]
     print_table(rows, "VSRN training step, Flickr30K configuration")
-    print_table([(name, f"{g:9.2f}  ({g / total:5.1%})") for name, g in flops.items()] + [("total", f"{total:9.2f}")],
-                f"Original algorithm, forward GFLOP at batch {B} (x3 for forward + backward)")
+    print_table(
+        [(name, f"{g:9.2f}  ({g / total:5.1%})") for name, g in flops.items()] + [("total", f"{total:9.2f}")],
+        f"Original algorithm, forward GFLOP at batch {B} (x3 for forward + backward)",
+    )
     total_128 = sum(flops_128.values())
-    print(f"  sanity: batch 128, {MEAN_TOKENS} tokens/caption: {total_128 / 1e3:.3f} TFLOP forward, "
-          f"decoder attention {flops_128['decoder attention'] / total_128:.1%}")
+    print(
+        f"  sanity: batch 128, {MEAN_TOKENS} tokens/caption: {total_128 / 1e3:.3f} TFLOP forward, "
+        f"decoder attention {flops_128['decoder attention'] / total_128:.1%}"
+    )
 
     results = [
-        (f"GEMM rate (float32{', TF32 on' if args.tf32 else ''})", f"{rate:.1f} GFLOP/s  ({B * REGIONS}x2048 @ 2048x2048, {GEMMS_PER_ROUND} per round, timed in turn with the steps)"),
+        (
+            f"GEMM rate (float32{', TF32 on' if args.tf32 else ''})",
+            f"{rate:.1f} GFLOP/s  ({B * REGIONS}x2048 @ 2048x2048, {GEMMS_PER_ROUND} per round, "
+            "timed in turn with the steps)",
+        ),
         ("train_emb step", f"{step * 1e3:.1f} ms  (median of {args.steps} rounds after {args.warmup} warm-up)"),
         ("efficiency", f"{efficiency:.2f}"),
     ]
@@ -194,8 +207,11 @@ def main(argv=None):
             ("reference step", f"{reference * 1e3:.1f} ms  (timed in turn with ours)"),
             ("reference efficiency", f"{3 * total / reference / rate:.2f}"),
             ("speed-up over reference", f"{reference / step:.2f}x"),
-            ("caption loss check", f"{'ok' if difference <= 1e-4 else 'MISMATCH'}: relative difference {difference:.1e} "
-                                   f"(loss {loss:.4f}, dropout off)"),
+            (
+                "caption loss check",
+                f"{'ok' if difference <= 1e-4 else 'MISMATCH'}: relative difference {difference:.1e} "
+                f"(loss {loss:.4f}, dropout off)",
+            ),
         ]
     print_table(results, "Measured")
 

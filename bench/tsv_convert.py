@@ -8,6 +8,7 @@ in a fresh process, and prints the converter's peak RSS (VmHWM: its own resident
 mark) against the size of the feature array it wrote, and lines per second (median).
 Streaming keeps the peak flat: it does not grow with the TSV (COCO's train TSV is 17 GB).
 """
+
 import argparse
 import base64
 import json
@@ -40,8 +41,23 @@ def generate(tsv_path, caps_path, target_bytes, seed=0):
         while written < target_bytes:
             image_id = f"{100000 + line_number}"
             boxes = np.sort(rng.uniform(0, 480, size=(BOXES, 4)), axis=1)[:, [0, 2, 1, 3]]
-            line = b"\t".join([image_id.encode(), b"480", b"640", ids, conf, ids, conf, str(BOXES).encode(),
-                               b64(boxes, np.float32), pool[line_number % POOL]]) + b"\n"
+            line = (
+                b"\t".join(
+                    [
+                        image_id.encode(),
+                        b"480",
+                        b"640",
+                        ids,
+                        conf,
+                        ids,
+                        conf,
+                        str(BOXES).encode(),
+                        b64(boxes, np.float32),
+                        pool[line_number % POOL],
+                    ]
+                )
+                + b"\n"
+            )
             tsv.write(line)
             caps.writelines(f"{image_id}\tcaption {k} of image {image_id}\n" for k in range(5))
             written += len(line)
@@ -63,8 +79,20 @@ def convert_child(tsv_path, caps_path, data_path):
     from utils.tsv_to_precomp import main as convert
 
     start = time.perf_counter()
-    code = convert(["--tsv", tsv_path, "--captions", caps_path, "--data_path", data_path,
-                    "--data_name", "bench_precomp", "--split", "train"])
+    code = convert(
+        [
+            "--tsv",
+            tsv_path,
+            "--captions",
+            caps_path,
+            "--data_path",
+            data_path,
+            "--data_name",
+            "bench_precomp",
+            "--split",
+            "train",
+        ]
+    )
     return {"code": code, "seconds": time.perf_counter() - start, "peak": peak_rss_gb()}
 
 
@@ -89,8 +117,12 @@ def main(argv=None):
     runs = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--dir", args.dir],
-                              cwd=REPO, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--child", "--dir", args.dir],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - start
         result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
         if not result or result["code"] != 0:
@@ -104,14 +136,22 @@ def main(argv=None):
     print_table(describe(torch), f"tsv_to_precomp.py on a {tsv_gb:.2f} GB obj36 TSV ({lines} images x {BOXES} x {DIM})")
     peaks = ", ".join("%.3f" % r["peak"] for r in runs)
     times = ", ".join("%.1f" % r["seconds"] for r in runs)
-    print_table([
-        ("peak RSS of the converter (VmHWM)", f"{max(r['peak'] for r in runs):.3f} GB (runs: {peaks}); "
-                                              f"the feature array it wrote: {features_gb:.2f} GB"),
-        ("conversion time (median)", f"{seconds:.1f} s (runs: {times}); "
-                                     f"with start-up {statistics.median(r['wall'] for r in runs):.1f} s"),
-        ("throughput (median)", f"{lines / seconds:.0f} lines/s, {tsv_gb * 1000 / seconds:.0f} MB/s of TSV"),
-        ("COCO train TSV (17 GB) at this rate", f"~{17 / tsv_gb * seconds / 60:.0f} min"),
-    ], f"Measured, {args.repeats} conversions, each in a fresh process")
+    print_table(
+        [
+            (
+                "peak RSS of the converter (VmHWM)",
+                f"{max(r['peak'] for r in runs):.3f} GB (runs: {peaks}); "
+                f"the feature array it wrote: {features_gb:.2f} GB",
+            ),
+            (
+                "conversion time (median)",
+                f"{seconds:.1f} s (runs: {times}); with start-up {statistics.median(r['wall'] for r in runs):.1f} s",
+            ),
+            ("throughput (median)", f"{lines / seconds:.0f} lines/s, {tsv_gb * 1000 / seconds:.0f} MB/s of TSV"),
+            ("COCO train TSV (17 GB) at this rate", f"~{17 / tsv_gb * seconds / 60:.0f} min"),
+        ],
+        f"Measured, {args.repeats} conversions, each in a fresh process",
+    )
 
 
 if __name__ == "__main__":

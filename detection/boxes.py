@@ -1,4 +1,5 @@
 """Anchors and boxes, in detectron2's arithmetic and in py-faster-rcnn's (Caffe's +1 widths)."""
+
 import math
 
 import numpy as np
@@ -33,7 +34,9 @@ def caffe_cell_anchors(sizes, ratios, base=CAFFE_ANCHOR_BASE):
             w = np.round(np.sqrt(base * base / ratio))
             h = np.round(w * ratio)
             w, h = w * size / base, h * size / base
-            anchors.append([centre - 0.5 * (w - 1), centre - 0.5 * (h - 1), centre + 0.5 * (w - 1), centre + 0.5 * (h - 1)])
+            anchors.append(
+                [centre - 0.5 * (w - 1), centre - 0.5 * (h - 1), centre + 0.5 * (w - 1), centre + 0.5 * (h - 1)]
+            )
     return torch.tensor(anchors, dtype=torch.float32)
 
 
@@ -63,7 +66,10 @@ def decode_boxes(deltas, boxes, weights=(1.0, 1.0, 1.0, 1.0), caffe=False):
     pred_ctr_y = dy * heights + ctr_y
     pred_w = torch.exp(dw) * widths
     pred_h = torch.exp(dh) * heights
-    return torch.stack([pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h], dim=1)
+    return torch.stack(
+        [pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h],
+        dim=1,
+    )
 
 
 def clip_boxes(boxes, height, width, caffe=False):
@@ -77,4 +83,3 @@ def clip_boxes(boxes, height, width, caffe=False):
 def plus_one(boxes):
     """Boxes whose torchvision IoU is py-faster-rcnn's (areas (x2 - x1 + 1) (y2 - y1 + 1))."""
     return boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
-

@@ -6,6 +6,7 @@ settings; a row is found again by the picture's path, size and modification time
 picture is extracted again. Used by visualize.py --images, lxmert_match.py --images and
 search.py --like; delete the folder to clear it.
 """
+
 import contextlib
 import fcntl
 import hashlib
@@ -36,11 +37,16 @@ def _digest(text, length=20):
 
 def regions_cache_path(weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, cache_dir=None):
     """The cache TSV of one detector file (by path, size and modification time) and one set of settings."""
-    key = json.dumps({
-        "weights": _file_identity(weights),
-        "config": _file_identity(config) if isinstance(config, str) else config,
-        "policy": policy, "num_boxes": num_boxes, "version": CACHE_VERSION,
-    }, sort_keys=True)
+    key = json.dumps(
+        {
+            "weights": _file_identity(weights),
+            "config": _file_identity(config) if isinstance(config, str) else config,
+            "policy": policy,
+            "num_boxes": num_boxes,
+            "version": CACHE_VERSION,
+        },
+        sort_keys=True,
+    )
     return os.path.join(cache_dir or default_cache_dir(), "regions", f"{policy}_{num_boxes}_{_digest(key)}.tsv")
 
 
@@ -57,8 +63,9 @@ def _locked(folder):
         os.close(handle)  # releases the lock
 
 
-def cached_regions(image_paths, weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, device="cpu", cache_dir=None,
-                   batch_size=1):
+def cached_regions(
+    image_paths, weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, device="cpu", cache_dir=None, batch_size=1
+):
     """{image id: regions dict (detection.extract's)} of the pictures, extracting only those not
     yet in the cache, then saying where they are. Pictures that cannot be used are reported on
     stderr, one line each, and are absent from the result. Ctrl-C stops with an Interrupted that
@@ -76,16 +83,25 @@ def cached_regions(image_paths, weights, config=None, policy="caffe", num_boxes=
             counts = Counts(len(items) - len(todo))
             detector = load_detector(weights, config, device)
             try:
-                extract_to_tsv(detector, todo, cache, dict(policy=policy, num_boxes=num_boxes), counts, batch_size=batch_size,
-                               workers=min(4, os.cpu_count() or 1))
+                extract_to_tsv(
+                    detector,
+                    todo,
+                    cache,
+                    dict(policy=policy, num_boxes=num_boxes),
+                    counts,
+                    batch_size=batch_size,
+                    workers=min(4, os.cpu_count() or 1),
+                )
             except KeyboardInterrupt:
                 raise Interrupted(
-                    f"the regions of the {plural(counts.written, 'picture')} extracted before the stop are kept in {cache}; "
-                    "rerun the same command to continue"
+                    f"the regions of the {plural(counts.written, 'picture')} extracted before the stop "
+                    f"are kept in {cache}; rerun the same command to continue"
                 ) from None
             del detector  # the pictures' scoring that follows needs its memory
-            print(f"Regions of {plural(counts.written, 'picture')} extracted ({policy} policy, {num_boxes} boxes) and cached in {cache}"
-                  + (f"; {counts.already} were cached already" if counts.already else ""))
+            print(
+                f"Regions of {plural(counts.written, 'picture')} extracted ({policy} policy, {num_boxes} boxes) "
+                f"and cached in {cache}" + (f"; {counts.already} were cached already" if counts.already else "")
+            )
     wanted = {key: name for (key, _), (name, _) in zip(items, names)}
     found = {}
     with contextlib.suppress(FileNotFoundError), open(cache, "rb") as f:
@@ -96,16 +112,25 @@ def cached_regions(image_paths, weights, config=None, policy="caffe", num_boxes=
     return {wanted[key]: found[key] for key, _ in items if key in found}
 
 
-def photo_regions(sources, weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, device="cpu", batch_size=1, flag="--images"):
+def photo_regions(
+    sources, weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, device="cpu", batch_size=1, flag="--images"
+):
     """(image ids, paths, regions dicts) of the usable pictures of `sources` (files and folders, as
     utils.images.list_images takes them), through the cache. None usable is a DataError; the
     others are named on stderr by cached_regions and left out, which is said here."""
     items = list_images(sources, flag)
-    regions = cached_regions([path for _, path in items], weights, config, policy, num_boxes, device, batch_size=batch_size)
+    regions = cached_regions(
+        [path for _, path in items], weights, config, policy, num_boxes, device, batch_size=batch_size
+    )
     kept = [(image_id, path) for image_id, path in items if image_id in regions]
     if not kept:
-        raise DataError(f"{flag} {' '.join(sources)}: none of the {plural(len(items), 'picture')} could be used (see the lines above)")
+        raise DataError(
+            f"{flag} {' '.join(sources)}: none of the {plural(len(items), 'picture')} could be used "
+            "(see the lines above)"
+        )
     if len(kept) < len(items):
-        print(f"{len(items) - len(kept)} of the {plural(len(items), 'picture')} could not be used (see the lines above); "
-              "going on with the others")
+        print(
+            f"{len(items) - len(kept)} of the {plural(len(items), 'picture')} could not be used (see the lines above); "
+            "going on with the others"
+        )
     return [i for i, _ in kept], [p for _, p in kept], [regions[i] for i, _ in kept]

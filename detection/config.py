@@ -1,4 +1,5 @@
 """The detector's configuration: the published config.yaml's values, overridden by a user's."""
+
 import os
 
 from utils.errors import CheckpointError, first_line
@@ -9,7 +10,12 @@ PUBLISHED_CONFIG = {
     "input": {"min_size_test": 800, "max_size_test": 1333},
     "anchor_generator": {"sizes": [[64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]]},
     "proposal_generator": {"min_size": 0.0},
-    "rpn": {"pre_nms_topk_test": 6000, "post_nms_topk_test": 300, "nms_thresh": 0.7, "bbox_reg_weights": [1.0, 1.0, 1.0, 1.0]},
+    "rpn": {
+        "pre_nms_topk_test": 6000,
+        "post_nms_topk_test": 300,
+        "nms_thresh": 0.7,
+        "bbox_reg_weights": [1.0, 1.0, 1.0, 1.0],
+    },
     "roi_heads": {"nms_thresh_test": [0.5, 0.6, 0.7]},
     "roi_box_head": {"bbox_reg_weights": [10.0, 10.0, 5.0, 5.0], "pooler_resolution": 14, "res5halve": False},
     "min_detections": 36,
@@ -52,4 +58,3 @@ def read_config(path):
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected the detector's config.yaml (a mapping), found {type(config).__name__}")
     return config
-

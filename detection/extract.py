@@ -1,11 +1,12 @@
 """Regions of pictures: the network run around a policy (detection.policies).
 
-    from detection.weights import load_detector
-    from detection.extract import extract_regions, extract_regions_batch
-    det = load_detector("frcnn/pytorch_model.bin", config="frcnn/config.yaml", device="cuda")
-    r = extract_regions(det, "photo.jpg", num_boxes=36)     # or an RGB uint8 array (H, W, 3)
-    rs = extract_regions_batch(det, [img1, img2], num_boxes=36)  # same results as one at a time
+from detection.weights import load_detector
+from detection.extract import extract_regions, extract_regions_batch
+det = load_detector("frcnn/pytorch_model.bin", config="frcnn/config.yaml", device="cuda")
+r = extract_regions(det, "photo.jpg", num_boxes=36)     # or an RGB uint8 array (H, W, 3)
+rs = extract_regions_batch(det, [img1, img2], num_boxes=36)  # same results as one at a time
 """
+
 import os
 from contextlib import nullcontext
 
@@ -64,18 +65,30 @@ def _score(detector, images, policy, timer=None):
             height, width = x.shape[1:]
             proposals.append(policy.propose(logits[0], deltas[0], anchors, height, width, scale))
     with _timed(timer, "roi_pool"):
-        pooled = torch.cat([
-            roi_pool(features, [boxes], detector.pooler_resolution, 1.0 / FEATURE_STRIDE)
-            for features, boxes in zip(res4, proposals)
-        ])
+        pooled = torch.cat(
+            [
+                roi_pool(features, [boxes], detector.pooler_resolution, 1.0 / FEATURE_STRIDE)
+                for features, boxes in zip(res4, proposals)
+            ]
+        )
     with _timed(timer, "res5"):
         features = detector.res5_mean(pooled)
     with _timed(timer, "heads"):
         obj_logits, attr_logits = detector.roi_heads.box_predictor(features)
     counts = [len(boxes) for boxes in proposals]
     return [
-        {"proposals": boxes, "features": f, "obj_logits": o, "attr_logits": a, "input": x, "scale_yx": scale_yx, "scale": scale}
-        for boxes, f, o, a, (x, scale_yx, scale) in zip(proposals, *(t.split(counts) for t in (features, obj_logits, attr_logits)), prepared)
+        {
+            "proposals": boxes,
+            "features": f,
+            "obj_logits": o,
+            "attr_logits": a,
+            "input": x,
+            "scale_yx": scale_yx,
+            "scale": scale,
+        }
+        for boxes, f, o, a, (x, scale_yx, scale) in zip(
+            proposals, *(t.split(counts) for t in (features, obj_logits, attr_logits)), prepared
+        )
     ]
 
 
@@ -91,13 +104,33 @@ def score_regions(detector, images, policy="caffe", min_size=None, max_size=None
         return _score(detector, arrays, chosen) if arrays else []
 
 
-def extract_regions_batch(detector, images, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,
-                          min_size=None, max_size=None, proposals=None, timer=None):
+def extract_regions_batch(
+    detector,
+    images,
+    policy="caffe",
+    num_boxes=None,
+    min_boxes=10,
+    max_boxes=100,
+    conf_thresh=0.2,
+    min_size=None,
+    max_size=None,
+    proposals=None,
+    timer=None,
+):
     """`extract_regions` for a list of images (paths or RGB uint8 arrays), run together: images of
     equal network-input size share the backbone, all regions share res5. Same results as one at a
     time. `timer(stage)`, if given, returns a context manager wrapped around each stage."""
-    chosen = make_policy(detector, policy, num_boxes=num_boxes, min_boxes=min_boxes, max_boxes=max_boxes,
-                         conf_thresh=conf_thresh, min_size=min_size, max_size=max_size, proposals=proposals)
+    chosen = make_policy(
+        detector,
+        policy,
+        num_boxes=num_boxes,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        conf_thresh=conf_thresh,
+        min_size=min_size,
+        max_size=max_size,
+        proposals=proposals,
+    )
     arrays = [as_rgb_array(image) for image in images]
     if not arrays:
         return []
@@ -109,8 +142,18 @@ def extract_regions_batch(detector, images, policy="caffe", num_boxes=None, min_
             return chosen.select(scored, probs, arrays, detector.roi_heads.box_predictor)
 
 
-def extract_regions(detector, image, policy="caffe", num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2,
-                    min_size=None, max_size=None, proposals=None):
+def extract_regions(
+    detector,
+    image,
+    policy="caffe",
+    num_boxes=None,
+    min_boxes=10,
+    max_boxes=100,
+    conf_thresh=0.2,
+    min_size=None,
+    max_size=None,
+    proposals=None,
+):
     """The regions of one image (a path, read with utils.images.read_image, or an RGB uint8 array).
 
     Returns a dict: boxes (N, 4) float32 x1 y1 x2 y2 in the image's pixels, features (N, D)
@@ -119,5 +162,6 @@ def extract_regions(detector, image, policy="caffe", num_boxes=None, min_boxes=1
     None sizes, proposals or num_boxes take the policy's own values (caffe: 600 / 1000 / 300,
     min_boxes..max_boxes regions; hf: the config's 800 / 1333 / 300 and 36 regions).
     """
-    return extract_regions_batch(detector, [image], policy, num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size,
-                                 proposals)[0]
+    return extract_regions_batch(
+        detector, [image], policy, num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size, proposals
+    )[0]

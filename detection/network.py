@@ -9,6 +9,7 @@ Module and parameter names are those of the published checkpoint (`unc-nlp/frcnn
 `pytorch_model.bin`), and every width and depth is read off its shapes (detection.weights), so a
 small state dict gives a small detector.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +19,17 @@ from detection.config import merged_config
 
 # The published checkpoint's architecture, as detection.weights.architecture reads it off its state dict.
 PUBLISHED_ARCH = {
-    "stem": 64, "res2": (3, 64, 256), "res3": (4, 128, 512), "res4": (23, 256, 1024), "res5": (3, 512, 2048),
-    "rpn_hidden": 512, "anchors": 12, "classes": 1600, "embedding": 256, "attr_hidden": 512, "attributes": 400,
+    "stem": 64,
+    "res2": (3, 64, 256),
+    "res3": (4, 128, 512),
+    "res4": (23, 256, 1024),
+    "res5": (3, 512, 2048),
+    "rpn_hidden": 512,
+    "anchors": 12,
+    "classes": 1600,
+    "embedding": 256,
+    "attr_hidden": 512,
+    "attributes": 400,
 }
 
 FEATURE_STRIDE = 16
@@ -33,7 +43,9 @@ class ConvNorm(nn.Conv2d):
     """A bias-free convolution followed by frozen batch norm (`NAME.weight`, `NAME.norm.*`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False
+        )
         self.norm = FrozenBatchNorm2d(out_channels)
 
     def forward(self, x):
@@ -146,7 +158,9 @@ class ROIHeads(nn.Module):
         # The Visual Genome model keeps res5 at 14x14: stride 1 and dilation 2 (unless res5halve).
         stride, dilation = (2, 1) if res5_halve else (1, 2)
         self.res5 = resnet_stage(blocks, arch["res4"][2], width, out, stride, dilation)
-        self.box_predictor = BoxPredictor(out, arch["classes"], arch["embedding"], arch["attr_hidden"], arch["attributes"])
+        self.box_predictor = BoxPredictor(
+            out, arch["classes"], arch["embedding"], arch["attr_hidden"], arch["attributes"]
+        )
 
 
 class BottomUpDetector(nn.Module):
@@ -176,4 +190,3 @@ class BottomUpDetector(nn.Module):
         res5 = self.roi_heads.res5
         out = [res5(part).mean(dim=(2, 3)) for part in pooled.split(chunk)] if len(pooled) else []
         return torch.cat(out) if out else pooled.new_zeros((0, self.arch["res5"][2]))
-

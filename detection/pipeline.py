@@ -3,6 +3,7 @@ torchrun job extracting its shares and the main process writing obj36 rows in th
 
 Used by extract_regions.py (a folder into a TSV) and by the one-step jobs' region cache (detection.cache).
 """
+
 import concurrent.futures
 import contextlib
 import sys
@@ -52,8 +53,10 @@ def region_count_problem(path, regions, num_boxes):
     if found and (num_boxes is None or found == num_boxes):
         return None
     wanted = f"{num_boxes} needed" if num_boxes else "at least 1 needed"
-    return (f"{path}: the detector kept {found} regions, {wanted} (a {regions['img_w']} x {regions['img_h']} picture; "
-            "under the caffe policy, pictures of a few pixels leave no proposal)")
+    return (
+        f"{path}: the detector kept {found} regions, {wanted} (a {regions['img_w']} x {regions['img_h']} picture; "
+        "under the caffe policy, pictures of a few pixels leave no proposal)"
+    )
 
 
 def detect(detector, arrays, settings):
@@ -86,10 +89,15 @@ def extract_rows(detector, items, pictures, settings):
             if isinstance(region, Exception):
                 height, width = pictures[position].shape[:2]
                 reason = first_line(region, 120)
-                results[position] = (None, f"{path}: the detector cannot take this {width} x {height} picture ({reason})")
+                results[position] = (
+                    None,
+                    f"{path}: the detector cannot take this {width} x {height} picture ({reason})",
+                )
                 continue
             problem = region_count_problem(path, region, settings["num_boxes"])
-            results[position] = (None, problem) if problem else (format_obj36_line(image_id, region).encode("utf-8"), None)
+            results[position] = (
+                (None, problem) if problem else (format_obj36_line(image_id, region).encode("utf-8"), None)
+            )
     return results
 
 
@@ -108,7 +116,9 @@ class Counts:
         return "; ".join(parts)
 
 
-def extract_to_tsv(detector, todo, out, settings, counts, world=SINGLE_PROCESS, batch_size=1, workers=4, desc="regions"):
+def extract_to_tsv(
+    detector, todo, out, settings, counts, world=SINGLE_PROCESS, batch_size=1, workers=4, desc="regions"
+):
     """Append the rows of `todo` ((id, path) not yet in `out`) to `out`, in `todo` order;
     every process extracts its shares, the main process writes. Updates `counts` on the main process.
 
@@ -119,7 +129,9 @@ def extract_to_tsv(detector, todo, out, settings, counts, world=SINGLE_PROCESS, 
     pictures = read_ahead([todo[p][1] for p in mine], workers)
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(open(out, "ab")) if world.is_main else None
-        progress = stack.enter_context(tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True, disable=None if world.is_main else True))
+        progress = stack.enter_context(
+            tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True, disable=None if world.is_main else True)
+        )
         for share in shares(len(todo), batch_size, world):
             batch = [todo[p] for p in share]
             results = extract_rows(detector, batch, [next(pictures) for _ in batch], settings)

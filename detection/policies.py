@@ -8,10 +8,19 @@
 A policy prepares the network input of a picture, turns the RPN's outputs into proposals and
 chooses the regions among the scored proposals; detection.extract runs the network around it.
 """
+
 import numpy as np
 
 from detection.boxes import caffe_cell_anchors, clip_boxes, decode_boxes, hf_cell_anchors
-from detection.preprocess import CAFFE_MAX_SIZE, CAFFE_SCALE, MIN_INPUT_SIDE, caffe_input, caffe_scale, hf_input, hf_resize_shape
+from detection.preprocess import (
+    CAFFE_MAX_SIZE,
+    CAFFE_SCALE,
+    MIN_INPUT_SIDE,
+    caffe_input,
+    caffe_scale,
+    hf_input,
+    hf_resize_shape,
+)
 from detection.proposals import CAFFE_POST_NMS, caffe_proposals, hf_proposals
 from detection.selection import per_class_max_conf_batch, select_caffe, select_hf
 from utils.errors import DataError, OptionError
@@ -72,11 +81,26 @@ class CaffePolicy(Policy):
     name = "caffe"
     cell_anchors_of = staticmethod(caffe_cell_anchors)
 
-    def __init__(self, detector, num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2, min_size=None, max_size=None,
-                 proposals=None):
+    def __init__(
+        self,
+        detector,
+        num_boxes=None,
+        min_boxes=10,
+        max_boxes=100,
+        conf_thresh=0.2,
+        min_size=None,
+        max_size=None,
+        proposals=None,
+    ):
         boxes = (num_boxes, num_boxes) if num_boxes is not None else (min_boxes, max_boxes)
-        super().__init__(detector, min_size or CAFFE_SCALE, max_size or CAFFE_MAX_SIZE, proposals or CAFFE_POST_NMS, boxes,
-                         conf_thresh)
+        super().__init__(
+            detector,
+            min_size or CAFFE_SCALE,
+            max_size or CAFFE_MAX_SIZE,
+            proposals or CAFFE_POST_NMS,
+            boxes,
+            conf_thresh,
+        )
 
     def input_shape(self, height, width):
         return caffe_scale(height, width, self.min_size, self.max_size)[1:]
@@ -98,8 +122,11 @@ class CaffePolicy(Policy):
             objects_conf, objects_id = p[keep].max(dim=1)
             # Caffe's attribute softmax covers all 401 outputs; ids and scores leave "no attribute" out.
             attrs_conf, attrs_id = s["attr_logits"][keep].float().softmax(dim=1)[:, :-1].max(dim=1)
-            kept.append(regions_dict(picture_boxes[keep], s["features"][keep], objects_conf, objects_id, attrs_conf,
-                                     attrs_id, image))
+            kept.append(
+                regions_dict(
+                    picture_boxes[keep], s["features"][keep], objects_conf, objects_id, attrs_conf, attrs_id, image
+                )
+            )
         return kept
 
 
@@ -110,12 +137,31 @@ class HFPolicy(Policy):
     name = "hf"
     cell_anchors_of = staticmethod(hf_cell_anchors)
 
-    def __init__(self, detector, num_boxes=None, min_boxes=10, max_boxes=100, conf_thresh=0.2, min_size=None, max_size=None,
-                 proposals=None):
+    def __init__(
+        self,
+        detector,
+        num_boxes=None,
+        min_boxes=10,
+        max_boxes=100,
+        conf_thresh=0.2,
+        min_size=None,
+        max_size=None,
+        proposals=None,
+    ):
         config = detector.config
-        boxes = (num_boxes, num_boxes) if num_boxes is not None else (int(config["min_detections"]), int(config["max_detections"]))
-        super().__init__(detector, min_size or config["input"]["min_size_test"], max_size or config["input"]["max_size_test"],
-                         proposals or config["rpn"]["post_nms_topk_test"], boxes, conf_thresh)
+        boxes = (
+            (num_boxes, num_boxes)
+            if num_boxes is not None
+            else (int(config["min_detections"]), int(config["max_detections"]))
+        )
+        super().__init__(
+            detector,
+            min_size or config["input"]["min_size_test"],
+            max_size or config["input"]["max_size_test"],
+            proposals or config["rpn"]["post_nms_topk_test"],
+            boxes,
+            conf_thresh,
+        )
 
     def input_shape(self, height, width):
         return hf_resize_shape(height, width, self.min_size, self.max_size)
@@ -135,14 +181,19 @@ class HFPolicy(Policy):
             classes_conf, classes = p.max(dim=1)
             deltas = predictor.box_deltas(s["features"], classes)
             height, width = s["input"].shape[1:]
-            boxes = clip_boxes(decode_boxes(deltas, s["proposals"], self.config["roi_box_head"]["bbox_reg_weights"]), height, width)
+            boxes = clip_boxes(
+                decode_boxes(deltas, s["proposals"], self.config["roi_box_head"]["bbox_reg_weights"]), height, width
+            )
             keep = select_hf(boxes, classes_conf, self.boxes[0], self.boxes[1], thresholds)
             # The demo's attribute softmax leaves "no attribute" out.
             attrs_conf, attrs_id = s["attr_logits"][keep, :-1].float().softmax(dim=1).max(dim=1)
             scale_y, scale_x = s["scale_yx"]
             picture_boxes = boxes[keep] * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
-            kept.append(regions_dict(picture_boxes, s["features"][keep], classes_conf[keep], classes[keep], attrs_conf,
-                                     attrs_id, image))
+            kept.append(
+                regions_dict(
+                    picture_boxes, s["features"][keep], classes_conf[keep], classes[keep], attrs_conf, attrs_id, image
+                )
+            )
         return kept
 
 

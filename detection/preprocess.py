@@ -1,4 +1,5 @@
 """Network inputs from RGB pictures: the LXMERT demo's resize (hf) and py-faster-rcnn's (caffe)."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,4 +68,3 @@ def caffe_input(image, short=CAFFE_SCALE, longest=CAFFE_MAX_SIZE):
     lo, hi, frac = _linear_taps(new_h, height, scale)
     x = x[:, lo, :] * (1 - frac)[:, None] + x[:, hi, :] * frac[:, None]
     return x.contiguous(), scale
-

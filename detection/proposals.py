@@ -1,4 +1,5 @@
 """Region proposals from the RPN's outputs: the LXMERT demo's (hf) and py-faster-rcnn's ProposalLayer (caffe)."""
+
 from torchvision.ops import nms
 
 from detection.boxes import clip_boxes, decode_boxes, plus_one
@@ -36,4 +37,3 @@ def caffe_proposals(logits, deltas, anchors, height, width, scale, post_nms):
     boxes, logits = boxes[order], logits[order]
     keep = nms(plus_one(boxes), logits, CAFFE_RPN_NMS)[:post_nms]
     return boxes[keep], logits[keep]
-

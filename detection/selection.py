@@ -1,5 +1,6 @@
 """Which regions a policy keeps: generate_tsv.py's per-class NMS and confidence rule (caffe), the
 LXMERT demo's NMS thresholds in turn (hf)."""
+
 import torch
 from torchvision.ops import box_iou, nms
 
@@ -68,4 +69,3 @@ def select_hf(boxes, scores, min_boxes, max_boxes, thresholds):
     rest = torch.nonzero(suppressed).flatten()
     rest = rest[torch.sort(scores[rest], descending=True, stable=True).indices]
     return torch.cat([keep, rest])[:min_boxes]
-

@@ -1,5 +1,6 @@
 """The detector's weights: a torch state dict, detectron2's .pkl of numpy arrays, or a dict; read
 safely, checked against the architecture their shapes describe, refused in one line otherwise."""
+
 import os
 import pickle
 import re
@@ -14,13 +15,20 @@ from utils.errors import CheckpointError
 # Keys the architecture is read from; a state dict without them is not this detector.
 _ARCH_KEYS = (
     "backbone.stem.conv1.weight",
-    "backbone.res2.0.conv1.weight", "backbone.res2.0.conv3.weight",
-    "backbone.res3.0.conv1.weight", "backbone.res3.0.conv3.weight",
-    "backbone.res4.0.conv1.weight", "backbone.res4.0.conv3.weight",
-    "roi_heads.res5.0.conv1.weight", "roi_heads.res5.0.conv3.weight",
-    "proposal_generator.rpn_head.conv.weight", "proposal_generator.rpn_head.objectness_logits.weight",
-    "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_embedding.weight",
-    "roi_heads.box_predictor.fc_attr.weight", "roi_heads.box_predictor.attr_score.weight",
+    "backbone.res2.0.conv1.weight",
+    "backbone.res2.0.conv3.weight",
+    "backbone.res3.0.conv1.weight",
+    "backbone.res3.0.conv3.weight",
+    "backbone.res4.0.conv1.weight",
+    "backbone.res4.0.conv3.weight",
+    "roi_heads.res5.0.conv1.weight",
+    "roi_heads.res5.0.conv3.weight",
+    "proposal_generator.rpn_head.conv.weight",
+    "proposal_generator.rpn_head.objectness_logits.weight",
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.box_predictor.cls_embedding.weight",
+    "roi_heads.box_predictor.fc_attr.weight",
+    "roi_heads.box_predictor.attr_score.weight",
 )
 # In the checkpoint but not learned: the anchors are computed, batch norm is frozen.
 _IGNORED = re.compile(r"(^|\.)(cell_anchors\.\d+|num_batches_tracked)$")
@@ -45,10 +53,16 @@ def architecture(state_dict, name="state dict"):
         raise CheckpointError(f"{name}: not a bottom-up-attention detector: missing {_few(missing)}")
     flat = [key for key in _ARCH_KEYS if state_dict[key].dim() < 2]
     if flat:
-        raise CheckpointError(f"{name}: does not fit the bottom-up-attention detector: misshapen {_few(flat)} (not a matrix)")
+        raise CheckpointError(
+            f"{name}: does not fit the bottom-up-attention detector: misshapen {_few(flat)} (not a matrix)"
+        )
 
     def stage(prefix):
-        return (_blocks(state_dict, prefix), state_dict[f"{prefix}.0.conv1.weight"].shape[0], state_dict[f"{prefix}.0.conv3.weight"].shape[0])
+        return (
+            _blocks(state_dict, prefix),
+            state_dict[f"{prefix}.0.conv1.weight"].shape[0],
+            state_dict[f"{prefix}.0.conv3.weight"].shape[0],
+        )
 
     predictor = "roi_heads.box_predictor."
     return {
@@ -76,7 +90,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     ALLOWED = {
         (module, name)
         for prefix in ("numpy.core", "numpy._core")
-        for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.multiarray", "scalar"), (f"{prefix}.numeric", "_frombuffer"))
+        for module, name in (
+            (f"{prefix}.multiarray", "_reconstruct"),
+            (f"{prefix}.multiarray", "scalar"),
+            (f"{prefix}.numeric", "_frombuffer"),
+        )
     } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
 
     def find_class(self, module, name):
@@ -94,8 +112,19 @@ def _read_pickle(path):
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as e:
         raise CheckpointError(f"{path}: refusing to load: {e} (a detectron2 .pkl holds numpy arrays only)") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
-        raise CheckpointError(f"{path}: not a complete pickle (truncated or another format: {type(e).__name__}: {e})") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+    ) as e:
+        raise CheckpointError(
+            f"{path}: not a complete pickle (truncated or another format: {type(e).__name__}: {e})"
+        ) from None
 
 
 def _unwrap(loaded):
@@ -114,7 +143,8 @@ def _read_torch_file(path):
             raise
     raise CheckpointError(
         f"{path}: a VSRN checkpoint (it holds 'model' and 'opt'), not the detector's weights: give the "
-        "bottom-up-attention detector's pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl"
+        "bottom-up-attention detector's pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or "
+        "faster_rcnn_from_caffe_attr.pkl"
     )
 
 
@@ -162,21 +192,28 @@ def load_detector(weights, config=None, device="cpu"):
     state_dict = {k: v for k, v in state_dict.items() if not _IGNORED.search(k)}
     arch = architecture(state_dict, name)
     detector = BottomUpDetector(arch, config)
-    anchors = len(detector.config["anchor_generator"]["sizes"][0]) * len(detector.config["anchor_generator"]["aspect_ratios"][0])
+    anchors = len(detector.config["anchor_generator"]["sizes"][0]) * len(
+        detector.config["anchor_generator"]["aspect_ratios"][0]
+    )
     if arch["anchors"] != anchors:
         raise CheckpointError(
-            f"{name}: proposal_generator.rpn_head.objectness_logits.weight has {arch['anchors']} anchors, the config {anchors}"
+            f"{name}: proposal_generator.rpn_head.objectness_logits.weight has {arch['anchors']} anchors, "
+            f"the config {anchors}"
         )
     expected = detector.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     misshapen = [
         f"{k} {list(state_dict[k].shape)} (expected {list(v.shape)})"
-        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
     ]
-    problems = [f"{label} {_few(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    problems = [
+        f"{label} {_few(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
+        if keys
+    ]
     if problems:
         raise CheckpointError(f"{name}: does not fit the bottom-up-attention detector: " + "; ".join(problems))
     detector.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     return detector.to(device).eval()
-

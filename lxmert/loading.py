@@ -1,5 +1,6 @@
 """LXMERT's model and tokenizer (HuggingFace transformers, imported only here, lazily), from a
 folder or a hub name, every failure one line."""
+
 import os
 
 from utils.errors import CheckpointError, OptionError, VSRNError, first_line
@@ -24,10 +25,14 @@ def load_lxmert(model_path, mode, tokenizer_path=None):
         raise OptionError(f"--mode {mode}: expected one of {', '.join(MODES)}")
     local_only = hub_unavailable(model_path, "--model")  # before transformers' import, which takes seconds
     transformers = import_transformers()
-    config = _from_pretrained(transformers.PretrainedConfig.get_config_dict, model_path, "--model", local_only, "its config.json")[0]
+    config = _from_pretrained(
+        transformers.PretrainedConfig.get_config_dict, model_path, "--model", local_only, "its config.json"
+    )[0]
     check_model_type(config, model_path)
     model_class = transformers.LxmertForPreTraining if mode == "matched" else transformers.LxmertModel
-    model, info = _from_pretrained(model_class.from_pretrained, model_path, "--model", local_only, "LXMERT's weights", output_loading_info=True)
+    model, info = _from_pretrained(
+        model_class.from_pretrained, model_path, "--model", local_only, "LXMERT's weights", output_loading_info=True
+    )
     missing = sorted(info.get("missing_keys", ()))
     if mode == "matched":
         if any(key.startswith("cls.seq_relationship.") for key in missing):
@@ -61,7 +66,8 @@ def check_model_type(config, model_path):
 
 
 def _from_pretrained(load, value, flag, local_only, what, **kwargs):
-    """`load(value, ...)` of transformers (loading `what`) with its failures as one line; no hub request when `local_only`."""
+    """`load(value, ...)` of transformers (loading `what`) with its failures as one line; no hub
+    request when `local_only`."""
     transformers = import_transformers()
     verbosity, progress_bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # what the caller checks, it reports in one line
@@ -77,7 +83,9 @@ def _from_pretrained(load, value, flag, local_only, what, **kwargs):
                 f"{flag} {value}: no such folder, and not in the hub's cache ({why}); download the weights into a "
                 "folder and pass that (see docs/lxmert.md)"
             ) from None
-        raise CheckpointError(f"{flag} {value}: no such folder, and the model hub cannot provide it ({first_line(e)})") from None
+        raise CheckpointError(
+            f"{flag} {value}: no such folder, and the model hub cannot provide it ({first_line(e)})"
+        ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         if progress_bars:
@@ -100,5 +108,7 @@ def load_tokenizer(path, vocab_size, flag="--tokenizer", local_only=None):
     if len(tokenizer) <= len(tokenizer.all_special_tokens):
         raise CheckpointError(f"{path}: the tokenizer has no vocabulary (only special tokens); pass --tokenizer")
     if len(tokenizer) > vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {vocab_size}")
+        raise CheckpointError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {vocab_size}"
+        )
     return tokenizer

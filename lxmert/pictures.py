@@ -1,5 +1,6 @@
 """LXMERT on your own pictures and captions, in one step: regions extracted once (detection.cache),
 every pair scored, rankings printed, the score matrix saved."""
+
 import csv
 import json
 import os
@@ -45,8 +46,12 @@ def read_pictures_captions(path):
         if tab and not caption:
             raise DataError(f"{path}: line {number}: image {image_id} has an empty caption after the tab")
         if captions and bool(tab) != bool(image_ids):
-            raise DataError(f"{path}: line {number} " + ("has" if tab else "has no") + " image id and tab, unlike the lines before; "
-                            "give every line as `caption` or every line as `image_id<TAB>caption`")
+            raise DataError(
+                f"{path}: line {number} "
+                + ("has" if tab else "has no")
+                + " image id and tab, unlike the lines before; "
+                "give every line as `caption` or every line as `image_id<TAB>caption`"
+            )
         if tab:
             image_ids.append(image_id)
         captions.append(caption if tab else line.strip())
@@ -64,7 +69,10 @@ class RegionSet:
         self.ids = list(ids)
         width = regions[0]["features"].shape[1]
         if width != visual_feat_dim:
-            raise DataError(f"--detector {detector}: its regions have {width} dims; the LXMERT model's visual_feat_dim is {visual_feat_dim}")
+            raise DataError(
+                f"--detector {detector}: its regions have {width} dims; "
+                f"the LXMERT model's visual_feat_dim is {visual_feat_dim}"
+            )
         self.features = np.stack([r["features"] for r in regions]).astype(np.float32)
         bad = np.flatnonzero(~np.isfinite(self.features).reshape(len(self.ids), -1).all(1))
         if len(bad):
@@ -84,25 +92,37 @@ def print_rankings(scores, image_ids, captions, top):
     width = max(len(i) for i in image_ids)
     for j, caption in enumerate(captions):
         print(f"Caption {j + 1}: {caption}")
-        for rank, i in enumerate(torch.argsort(scores[:, j], descending=True, stable=True)[:count(len(image_ids))].tolist(), start=1):
+        for rank, i in enumerate(
+            torch.argsort(scores[:, j], descending=True, stable=True)[: count(len(image_ids))].tolist(), start=1
+        ):
             print(f"  {rank:>3}. {image_ids[i]:<{width}}  {scores[i, j]:.4f}")
     for i, image_id in enumerate(image_ids):
         print(f"Picture {image_id}:")
-        for rank, j in enumerate(torch.argsort(scores[i], descending=True, stable=True)[:count(len(captions))].tolist(), start=1):
+        for rank, j in enumerate(
+            torch.argsort(scores[i], descending=True, stable=True)[: count(len(captions))].tolist(), start=1
+        ):
             print(f"  {rank:>3}. {scores[i, j]:.4f}  {captions[j]}")
 
 
 def save_score_matrix(path, scores, image_ids, captions, mode, model_path):
     """The (pictures, captions) scores as CSV (a row per picture, a column per caption) or JSON, atomically."""
     if os.path.splitext(path)[1].lower() == ".json":
-        record = {"mode": mode, "model": model_path, "images": image_ids, "captions": captions, "scores": scores.tolist()}
+        record = {
+            "mode": mode,
+            "model": model_path,
+            "images": image_ids,
+            "captions": captions,
+            "scores": scores.tolist(),
+        }
         with atomic_write(path, "w") as f:
             json.dump(record, f, ensure_ascii=False, indent=1)
     else:
         with atomic_write(path, "w") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["image_id", *captions])
-            writer.writerows([image_id, *(repr(float(v)) for v in row)] for image_id, row in zip(image_ids, scores.tolist()))
+            writer.writerows(
+                [image_id, *(repr(float(v)) for v in row)] for image_id, row in zip(image_ids, scores.tolist())
+            )
 
 
 def check_scores_paths(paths, formats):
@@ -111,8 +131,21 @@ def check_scores_paths(paths, formats):
             raise OptionError(f"--save_scores {path}: expected a {' or '.join(formats)} file")
 
 
-def match_pictures(images, captions_path, detector, model_path=DEFAULT_MODEL, mode="matched", detector_config=None, policy="caffe",
-                   batch_size=64, device=None, amp=False, tokenizer_path=None, save_scores=(DEFAULT_SCORES,), top=5):
+def match_pictures(
+    images,
+    captions_path,
+    detector,
+    model_path=DEFAULT_MODEL,
+    mode="matched",
+    detector_config=None,
+    policy="caffe",
+    batch_size=64,
+    device=None,
+    amp=False,
+    tokenizer_path=None,
+    save_scores=(DEFAULT_SCORES,),
+    top=5,
+):
     """LXMERT's (pictures, captions) scores of your own pictures and captions, in one step.
 
     images: a folder or picture files (a list); captions_path: one caption per line, or
@@ -134,19 +167,30 @@ def match_pictures(images, captions_path, detector, model_path=DEFAULT_MODEL, mo
     paths = dict(list_images(images))
     unknown = sorted(set(truth_ids or ()) - set(paths))
     if unknown:
-        raise DataError(f"{captions_path}: image id {unknown[0]!r} is not a picture of --images ({len(unknown)} unknown ids)")
+        raise DataError(
+            f"{captions_path}: image id {unknown[0]!r} is not a picture of --images ({len(unknown)} unknown ids)"
+        )
     if not os.path.isfile(detector):
         raise OptionError(f"--detector {detector}: detector weights not found (see docs/regions.md)")
     device = check_device(device)
     hub_unavailable(model_path, "--model")  # a --model that cannot be found is said before the extraction
-    ids, picture_paths, regions = photo_regions(images, detector, detector_config, policy, LXMERT_BOXES, device, batch_size)
+    ids, picture_paths, regions = photo_regions(
+        images, detector, detector_config, policy, LXMERT_BOXES, device, batch_size
+    )
     model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
     pictures = RegionSet(ids, picture_paths, regions, model.config.visual_feat_dim, detector)
     input_ids, mask = caption_tokens(tokenizer, captions)
     pairs = torch.ones(len(pictures.ids), len(captions), dtype=torch.bool)
     with torch.inference_mode():
-        scores = lxmert_scores(PairScorer(model, mode, device, amp=amp and device.type == "cuda"), pictures, input_ids, mask, pairs,
-                               batch_size, f"LXMERT {mode}")
+        scores = lxmert_scores(
+            PairScorer(model, mode, device, amp=amp and device.type == "cuda"),
+            pictures,
+            input_ids,
+            mask,
+            pairs,
+            batch_size,
+            f"LXMERT {mode}",
+        )
     print_rankings(scores, pictures.ids, captions, top)
     for path in save_scores:
         save_score_matrix(path, scores, pictures.ids, captions, mode, model_path)

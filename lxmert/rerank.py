@@ -1,5 +1,6 @@
 """Two-stage retrieval: a first stage's top-k per query, rescored by a second stage (LXMERT),
 optionally fused with the first stage's scores."""
+
 import math
 
 import torch
@@ -34,4 +35,3 @@ def rerank(first_stage, second_stage, candidates, alpha=1.0):
         shift = (highest_other - lowest_chosen + 1).clamp(min=0)
         result[rows] = torch.where(chosen, fused, base - shift)
     return result
-

@@ -1,5 +1,6 @@
 """LXMERT's scores of (image, caption) pairs, with each caption and image encoded once and only the
 cross-modality layers run per pair; the inputs as LXMERT was pretrained on them."""
+
 import time
 
 import numpy as np
@@ -31,9 +32,13 @@ def normalised_boxes(boxes, sizes, image_names=None):
     bad_sizes = ~(sizes > 0).all(1)  # NaN is not > 0 either
     if bad_sizes.any():
         i = int(np.flatnonzero(bad_sizes)[0])
-        raise DataError(f"{name(i)}: image size {sizes[i, 0]:g} x {sizes[i, 1]:g} (height x width); sizes must be positive")
+        raise DataError(
+            f"{name(i)}: image size {sizes[i, 0]:g} x {sizes[i, 1]:g} (height x width); sizes must be positive"
+        )
     height, width = sizes[:, 0, None].astype(np.float32), sizes[:, 1, None].astype(np.float32)
-    normalised = np.stack([boxes[..., 0] / width, boxes[..., 1] / height, boxes[..., 2] / width, boxes[..., 3] / height], axis=-1)
+    normalised = np.stack(
+        [boxes[..., 0] / width, boxes[..., 1] / height, boxes[..., 2] / width, boxes[..., 3] / height], axis=-1
+    )
     inside = ((normalised > -BOX_TOLERANCE) & (normalised < 1 + BOX_TOLERANCE)).all(-1)  # NaN is outside
     if not inside.all():
         i, region = (int(k) for k in np.argwhere(~inside)[0])
@@ -47,7 +52,9 @@ def normalised_boxes(boxes, sizes, image_names=None):
 
 def caption_tokens(tokenizer, captions, max_tokens=MAX_TOKENS):
     """Token ids and attention mask (len(captions), max_tokens) of `[CLS] caption [SEP]`, cut as LXMERT did."""
-    encoded = tokenizer(list(captions), max_length=max_tokens, truncation=True, padding="max_length", return_tensors="pt")
+    encoded = tokenizer(
+        list(captions), max_length=max_tokens, truncation=True, padding="max_length", return_tensors="pt"
+    )
     return encoded["input_ids"], encoded["attention_mask"]
 
 
@@ -157,31 +164,50 @@ def lxmert_scores(scorer, split, input_ids, mask, pairs, batch_size, desc):
     caption_slot = torch.full((pairs.shape[1],), -1, dtype=torch.int64)
     caption_slot[captions] = torch.arange(len(captions))
 
-    language = torch.cat([scorer.encode_captions(input_ids[c], mask[c]) for c in tqdm(captions.split(batch_size), desc="captions", unit="batch", leave=False, disable=None)])
-    vision = torch.cat([scorer.encode_images(*split.images(i.numpy())) for i in tqdm(images.split(batch_size), desc="images", unit="batch", leave=False, disable=None)])
+    language = torch.cat(
+        [
+            scorer.encode_captions(input_ids[c], mask[c])
+            for c in tqdm(captions.split(batch_size), desc="captions", unit="batch", leave=False, disable=None)
+        ]
+    )
+    vision = torch.cat(
+        [
+            scorer.encode_images(*split.images(i.numpy()))
+            for i in tqdm(images.split(batch_size), desc="images", unit="batch", leave=False, disable=None)
+        ]
+    )
     caption_mask = mask[captions].to(scorer.device)
     lengths = mask.sum(1)
 
     print(f"{desc}: {total:,} pairs ({len(images)} images, {len(captions)} captions)")
-    progress = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True, mininterval=1.0, disable=None)
+    progress = tqdm(
+        total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True, mininterval=1.0, disable=None
+    )
     timer = _ExpectedTime(total, progress)
     done = 0
     for image_ids, caption_ids in pair_blocks(scored, BATCHES_PER_BLOCK * batch_size):
         order = torch.argsort(lengths[caption_ids], stable=True)
         image_ids, caption_ids = image_ids[order], caption_ids[order]
         for start in range(0, len(order), batch_size):
-            batch_images, batch_captions = image_ids[start:start + batch_size], caption_ids[start:start + batch_size]
+            batch_images, batch_captions = (
+                image_ids[start : start + batch_size],
+                caption_ids[start : start + batch_size],
+            )
             tokens = int(lengths[batch_captions].max())
             slots = caption_slot[batch_captions].to(scorer.device)
-            batch_scores = scorer.score(language[slots, :tokens], caption_mask[slots, :tokens], vision[image_slot[batch_images].to(scorer.device)]).cpu()
+            batch_scores = scorer.score(
+                language[slots, :tokens],
+                caption_mask[slots, :tokens],
+                vision[image_slot[batch_images].to(scorer.device)],
+            ).cpu()
             done += len(batch_images)
             bad = ~torch.isfinite(batch_scores)
             if bad.any():
                 k = int(bad.nonzero()[0, 0])
                 raise ScoreError(
-                    f"LXMERT's scores: {int(bad.sum())} of the last {len(bad)} pairs scored (of {done:,} so far) are NaN or "
-                    f"infinite, the first at image {int(batch_images[k])}, caption {int(batch_captions[k])} (diverged "
-                    "weights?); they cannot be ranked"
+                    f"LXMERT's scores: {int(bad.sum())} of the last {len(bad)} pairs scored (of {done:,} so far) "
+                    f"are NaN or infinite, the first at image {int(batch_images[k])}, caption {int(batch_captions[k])} "
+                    "(diverged weights?); they cannot be ranked"
                 )
             scores[batch_images, batch_captions] = batch_scores
             progress.update(len(batch_images))
@@ -192,7 +218,8 @@ def lxmert_scores(scorer, split, input_ids, mask, pairs, batch_size, desc):
 
 
 def first_duplicates(input_ids):
-    """For each caption (row of token ids), the first caption with the same ids: itself when it has no earlier duplicate."""
+    """For each caption (row of token ids), the first caption with the same ids: itself when it has no
+    earlier duplicate."""
     _, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,) if len(inverse) else (0,), len(inverse), dtype=torch.int64)
     first.scatter_reduce_(0, inverse, torch.arange(len(inverse)), "amin")
@@ -208,9 +235,9 @@ def pair_blocks(pairs, block_size):
     for start in range(0, total, block_size):
         stop = min(start + block_size, total)
         first_row, last_row = torch.searchsorted(ends, torch.tensor([start, stop - 1]), right=True).tolist()
-        images, captions = pairs[first_row:last_row + 1].nonzero().unbind(1)
+        images, captions = pairs[first_row : last_row + 1].nonzero().unbind(1)
         skip = start - (int(ends[first_row - 1]) if first_row else 0)
-        yield images[skip:skip + stop - start] + first_row, captions[skip:skip + stop - start]
+        yield images[skip : skip + stop - start] + first_row, captions[skip : skip + stop - start]
 
 
 class _ExpectedTime:
@@ -228,4 +255,6 @@ class _ExpectedTime:
         self.pairs += pairs
         if self.batches == 1 + TIMED_BATCHES:
             rate = self.pairs / max(time.perf_counter() - self.start, 1e-9)
-            self.progress.write(f"expected time for {self.total:,} pairs: {format_duration(self.total / rate)} ({rate:,.1f} pairs/s)")
+            self.progress.write(
+                f"expected time for {self.total:,} pairs: {format_duration(self.total / rate)} ({rate:,.1f} pairs/s)"
+            )

@@ -1,12 +1,23 @@
 """LXMERT's recall on a split of precomputed features, every pair or VSRN's top-k reranked, with
 evaluation.py's ranking code."""
+
 import os
 
 import numpy as np
 import torch
 
 from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_image_ids, read_region_boxes
-from evaluation import average_similarity, check_finite, encode_data, metrics_dict, print_recall, ranks_i2t, ranks_t2i, recall_metrics, similarity_name
+from evaluation import (
+    average_similarity,
+    check_finite,
+    encode_data,
+    metrics_dict,
+    print_recall,
+    ranks_i2t,
+    ranks_t2i,
+    recall_metrics,
+    similarity_name,
+)
 from inference import load_models
 from lxmert.loading import load_lxmert
 from lxmert.rerank import rerank, top_candidates
@@ -30,7 +41,10 @@ class Split:
             )
         self.features = FeatureFile(self.ims_path)
         if self.features.ndim != 3:
-            raise DataError(f"{self.ims_path}: features have shape {self.features.shape}; expected (num_images, regions, {visual_feat_dim})")
+            raise DataError(
+                f"{self.ims_path}: features have shape {self.features.shape}; "
+                f"expected (num_images, regions, {visual_feat_dim})"
+            )
         if self.features.shape[2] != visual_feat_dim:
             raise DataError(
                 f"{self.ims_path}: features have {self.features.shape[2]} dims per region; the LXMERT model's "
@@ -49,7 +63,10 @@ class Split:
         self.captions = captions
         self.num_images = len(captions) // 5
         ids = read_image_ids(folder, split)
-        names = [f"{folder}/{split}_boxes.npy, image " + (f"{ids[i]} (row {i})" if ids else str(i)) for i in range(self.num_images)]
+        names = [
+            f"{folder}/{split}_boxes.npy, image " + (f"{ids[i]} (row {i})" if ids else str(i))
+            for i in range(self.num_images)
+        ]
         self.boxes = normalised_boxes(boxes[: self.num_images], sizes[: self.num_images], names)
 
     def images(self, indices):
@@ -64,8 +81,16 @@ class Split:
 def vsrn_similarity(checkpoints, data_path, data_name, split, vocab_path=None):
     """VSRN's (num_images, num_captions) similarity on the split: one checkpoint or an ensemble's average."""
     opt, vocab, models = load_models(checkpoints, data_path, vocab_path)
-    loader = get_test_loader(data_path, data_name, split, vocab, batch_size=opt.batch_size, workers=opt.workers, max_len=opt.max_len,
-                             img_dim=opt.img_dim)
+    loader = get_test_loader(
+        data_path,
+        data_name,
+        split,
+        vocab,
+        batch_size=opt.batch_size,
+        workers=opt.workers,
+        max_len=opt.max_len,
+        img_dim=opt.img_dim,
+    )
     embeddings = [encode_data(model, loader) for model in models]
     sims = average_similarity(embeddings, opt.measure)
     check_finite(sims, similarity_name(len(embeddings)))
@@ -80,8 +105,22 @@ def recall_of(i2t_scores, t2i_scores, name="the scores"):
     return metrics, r, ri
 
 
-def evaluate(model_path, data_path, data_name, split, mode="matched", vsrn=None, topk=20, alpha=1.0,
-             batch_size=64, device=None, amp=False, tokenizer_path=None, vocab_path=None, save_scores=None):
+def evaluate(
+    model_path,
+    data_path,
+    data_name,
+    split,
+    mode="matched",
+    vsrn=None,
+    topk=20,
+    alpha=1.0,
+    batch_size=64,
+    device=None,
+    amp=False,
+    tokenizer_path=None,
+    vocab_path=None,
+    save_scores=None,
+):
     """Recall of LXMERT image-text matching on a split: dict r1 r5 r10 medr meanr r1i ... meanri rsum.
 
     mode: 'matched' (the matching head's probability) or 'cosine' (see the module's docstring).
@@ -115,7 +154,10 @@ def evaluate(model_path, data_path, data_name, split, mode="matched", vsrn=None,
             first_stage = torch.as_tensor(np.asarray(vsrn), dtype=torch.float32)
             check_finite(first_stage, "the first-stage scores")
         if tuple(first_stage.shape) != (num_images, num_captions):
-            raise DataError(f"VSRN's scores are {tuple(first_stage.shape)}; the {split} split has {num_images} images and {num_captions} captions")
+            raise DataError(
+                f"VSRN's scores are {tuple(first_stage.shape)}; "
+                f"the {split} split has {num_images} images and {num_captions} captions"
+            )
         i2t_candidates = top_candidates(first_stage, topk, dim=1)
         t2i_candidates = top_candidates(first_stage, topk, dim=0)
         pairs = i2t_candidates | t2i_candidates
@@ -146,4 +188,3 @@ def evaluate(model_path, data_path, data_name, split, mode="matched", vsrn=None,
             np.save(f, scores.numpy())
         print(f"LXMERT scores saved to {save_scores}")
     return metrics
-

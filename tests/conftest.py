@@ -36,8 +36,19 @@ def make_opt(**overrides):
     """Options as train.py parses them, with small dimensions for fast tests."""
     opt = dict(option_defaults())
     opt.update(
-        data_name="toy_precomp", img_dim=32, embed_size=32, dim_vid=32, word_dim=16, dim_hidden=16, dim_word=16,
-        max_len=20, batch_size=16, workers=0, vocab_size=60, device="cpu", seed=0,
+        data_name="toy_precomp",
+        img_dim=32,
+        embed_size=32,
+        dim_vid=32,
+        word_dim=16,
+        dim_hidden=16,
+        dim_word=16,
+        max_len=20,
+        batch_size=16,
+        workers=0,
+        vocab_size=60,
+        device="cpu",
+        seed=0,
     )
     opt.update(overrides)
     return argparse.Namespace(**opt)

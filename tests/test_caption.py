@@ -1,4 +1,5 @@
 """The caption branch as a captioner: inference against the original's loop, sampling, beam search."""
+
 import itertools
 import json
 import math
@@ -127,8 +128,10 @@ def test_beam_search_scores_are_the_decoders_and_beat_greedy():
 
 def bigram_advance(table):
     """A decoder whose next-word log-probabilities depend only on the word it is fed."""
+
     def advance(state, words, rows):
         return table[words], state
+
     return advance
 
 
@@ -277,7 +280,10 @@ def test_missing_packages_are_one_line(captioner, monkeypatch, capsys):
     assert capsys.readouterr().err == "error: caption scores need pycocoevalcap: pip install pycocoevalcap\n"
     monkeypatch.setitem(sys.modules, "eccv_caption", None)
     assert evaluate_models.main(["--split", "testall", "--eccv", captioner]) == 2
-    assert capsys.readouterr().err == "error: ECCV Caption metrics need the eccv_caption package: pip install eccv_caption\n"
+    assert (
+        capsys.readouterr().err
+        == "error: ECCV Caption metrics need the eccv_caption package: pip install eccv_caption\n"
+    )
 
 
 def test_validation_logs_generated_captions_without_drawing_random_numbers(captioner, toy_data):
@@ -333,7 +339,7 @@ def test_with_java_meteor_and_the_ptb_tokenizer_run():
     meteor = Meteor()
     assert scores["METEOR"] == pytest.approx(meteor.compute_score(HAND_MADE_REFERENCES, HAND_MADE_CAPTIONS)[0])
     del meteor
-    raw = {"a": ["A dog, running on the grass.", "Two men \"riding\" bikes!"]}
+    raw = {"a": ["A dog, running on the grass.", 'Two men "riding" bikes!']}
     ptb = captioning.tokenize_for_scoring(raw)
     assert ptb == {"a": ["a dog running on the grass", "two men riding bikes"]}
     captioning.java_available, java = (lambda: False), captioning.java_available

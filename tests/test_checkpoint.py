@@ -27,7 +27,13 @@ def test_original_release_checkpoint_loads_safely_with_defaults_filled_in():
 
 
 def test_round_trip_of_our_checkpoint(tmp_path):
-    state = {"epoch": 1, "model": [{"w": torch.ones(2)}], "opt": make_opt(), "best_rsum": 3.0, "rng": {"torch": torch.get_rng_state()}}
+    state = {
+        "epoch": 1,
+        "model": [{"w": torch.ones(2)}],
+        "opt": make_opt(),
+        "best_rsum": 3.0,
+        "rng": {"torch": torch.get_rng_state()},
+    }
     save_checkpoint(state, is_best=True, folder=str(tmp_path))
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
         loaded = load_checkpoint(str(tmp_path / name))
@@ -38,7 +44,9 @@ def test_checkpoint_with_a_foreign_global_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth.tar"
     torch.save({"model": [], "opt": CreatesFile(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=rf"evil.pth.tar: refusing to load: it needs the global {re.escape(CreatesFile.GLOBAL)},"):
+    with pytest.raises(
+        CheckpointError, match=rf"evil.pth.tar: refusing to load: it needs the global {re.escape(CreatesFile.GLOBAL)},"
+    ):
         load_checkpoint(str(path))
     assert not marker.exists()
 
@@ -75,7 +83,9 @@ def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, seed):
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_a_truncated_checkpoint_is_named_truncated_at_any_length(tmp_path, legacy):
     whole = tmp_path / "whole.pth.tar"
-    torch.save({"model": [{"w": torch.ones(1000)}], "opt": make_opt()}, whole, _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {"model": [{"w": torch.ones(1000)}], "opt": make_opt()}, whole, _use_new_zipfile_serialization=not legacy
+    )
     data = whole.read_bytes()
     path = tmp_path / "model.pth.tar"
     for length in (1, 3, 10, 100, len(data) // 2, len(data) - 100, len(data) - 1):
@@ -86,7 +96,10 @@ def test_a_truncated_checkpoint_is_named_truncated_at_any_length(tmp_path, legac
 def test_foreign_and_missing_files_give_clear_errors(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    assert checkpoint_error(text) == f"{text}: not a PyTorch checkpoint (torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
+    assert (
+        checkpoint_error(text) == f"{text}: not a PyTorch checkpoint "
+        "(torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
+    )
     empty = tmp_path / "empty.pth.tar"
     empty.write_bytes(b"")
     assert checkpoint_error(empty) == f"{empty}: empty file (0 bytes), not a PyTorch checkpoint"
@@ -133,7 +146,12 @@ def test_caption_updates_of_checkpoints_that_predate_the_option(tmp_path):
     assert load_checkpoint(shared_file("fixtures", "legacy_vsrn_f30k_tiny.pth.tar"))["opt"].caption_updates == 2
     old = vars(make_opt())
     del old["caption_updates"]
-    state = {"epoch": 1, "model": [{}], "opt": argparse.Namespace(**old), "optimizer": {"state": {}, "param_groups": []}}
+    state = {
+        "epoch": 1,
+        "model": [{}],
+        "opt": argparse.Namespace(**old),
+        "optimizer": {"state": {}, "param_groups": []},
+    }
     save_checkpoint(state, is_best=False, folder=str(tmp_path))
     assert load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))["opt"].caption_updates == 1
     state["opt"] = make_opt(caption_updates=2)
@@ -158,7 +176,10 @@ def test_checkpoint_without_digest_uses_the_pkl_if_original_and_says_which(tmp_p
     original = {"model": [], "opt": make_opt(), "epoch": 3}
     vocab = load_checkpoint_vocab(original, "orig.pth.tar", str(tmp_path), "toy")
     assert vocab.path == str(tmp_path / "toy_vocab.pkl") and vocab("cat") == 4
-    assert f"orig.pth.tar records no vocabulary digest: using the vocabulary {tmp_path / 'toy_vocab.pkl'}" in capsys.readouterr().err
+    assert (
+        f"orig.pth.tar records no vocabulary digest: using the vocabulary {tmp_path / 'toy_vocab.pkl'}"
+        in capsys.readouterr().err
+    )
     ours_before_digests = {**original, "optimizer": {}}
     assert load_checkpoint_vocab(ours_before_digests, "ours.pth.tar", str(tmp_path), "toy").path.endswith(".json")
 
@@ -168,7 +189,12 @@ def test_checkpoint_digest_picks_the_matching_file_or_names_both(tmp_path):
 
     write_vocabularies(str(tmp_path), SPECIALS + ["dog", "cat"], SPECIALS + ["cat", "dog"])
     for words, ext in ((["cat", "dog"], "pkl"), (["dog", "cat"], "json")):
-        checkpoint = {"model": [], "opt": make_opt(), "optimizer": {}, "vocab_digest": vocab_digest(vocabulary_from_words(SPECIALS + words))}
+        checkpoint = {
+            "model": [],
+            "opt": make_opt(),
+            "optimizer": {},
+            "vocab_digest": vocab_digest(vocabulary_from_words(SPECIALS + words)),
+        }
         assert load_checkpoint_vocab(checkpoint, "m.pth.tar", str(tmp_path), "toy").path.endswith(ext)
     checkpoint["vocab_digest"] = vocab_digest(vocabulary_from_words(SPECIALS + ["cow"]))
     with pytest.raises(CheckpointError) as error:
@@ -178,10 +204,15 @@ def test_checkpoint_digest_picks_the_matching_file_or_names_both(tmp_path):
     assert str(tmp_path / "toy_vocab.json") in message and str(tmp_path / "toy_vocab.pkl") in message
 
 
-@pytest.mark.parametrize("script,flags", [
-    ("train", ["--resume"]), ("evaluate_models", []), ("caption", ["--checkpoint"]),
-    ("visualize", ["--index", "0", "--checkpoint"]),
-])
+@pytest.mark.parametrize(
+    "script,flags",
+    [
+        ("train", ["--resume"]),
+        ("evaluate_models", []),
+        ("caption", ["--checkpoint"]),
+        ("visualize", ["--index", "0", "--checkpoint"]),
+    ],
+)
 @pytest.mark.parametrize("damage", ["random", "truncated"])
 def test_every_script_names_a_bad_checkpoint_in_one_line(tmp_path, capsys, monkeypatch, script, flags, damage):
     monkeypatch.chdir(tmp_path)

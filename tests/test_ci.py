@@ -1,4 +1,5 @@
 """CI runs what the README tells users to run."""
+
 import os
 import re
 

@@ -184,8 +184,16 @@ def test_loaders_use_workers_and_keep_the_global_rng(toy_data):
 
     vocab = load_vocab_by_name(vocab_path, "toy_precomp")
     opt = make_opt(data_path=data_path, workers=1)
-    train_loader, val_loader = data.get_loaders(data_path, "toy_precomp", vocab, batch_size=16, workers=1, max_len=opt.max_len,
-                                                img_dim=opt.img_dim, seed=opt.seed)
+    train_loader, val_loader = data.get_loaders(
+        data_path,
+        "toy_precomp",
+        vocab,
+        batch_size=16,
+        workers=1,
+        max_len=opt.max_len,
+        img_dim=opt.img_dim,
+        seed=opt.seed,
+    )
     state = torch.get_rng_state()
     # Workers never fork this process, which runs threads (Python 3.12+ warns that a fork may deadlock).
     assert train_loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
@@ -238,12 +246,14 @@ import data
 from conftest import make_opt
 from vocab import load_vocab_by_name
 opt = make_opt(data_path={data_path!r}, workers=1)
-train_loader, _ = data.get_loaders({data_path!r}, "toy_precomp", load_vocab_by_name({vocab_path!r}, "toy_precomp"), batch_size=16,
-                                   workers=1, max_len=opt.max_len, img_dim=opt.img_dim)
+train_loader, _ = data.get_loaders({data_path!r}, "toy_precomp", load_vocab_by_name({vocab_path!r}, "toy_precomp"),
+                                   batch_size=16, workers=1, max_len=opt.max_len, img_dim=opt.img_dim)
 batches = iter(train_loader)
 next(batches)
 print("a batch", flush=True)
 """
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
-    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90
+    )
     assert done.returncode == 0 and done.stdout == "a batch\n", done.stderr

@@ -1,4 +1,5 @@
 """The README's demo as shipped: `python3 train.py --demo` learns to retrieve and to caption."""
+
 import json
 import re
 

@@ -1,5 +1,6 @@
 """The bottom-up-attention detector: the LXMERT demo's outputs reproduced (policy='hf'), the
 generate_tsv.py selection (policy='caffe') against a transcription, loading and refusing files."""
+
 import argparse
 import importlib.util
 import json
@@ -11,7 +12,15 @@ import torch
 import yaml
 from torchvision.ops import nms
 
-from detection import boxes as detection_boxes, config as detection_config, extract, policies, preprocess, proposals, selection
+from detection import (
+    boxes as detection_boxes,
+    config as detection_config,
+    extract,
+    policies,
+    preprocess,
+    proposals,
+    selection,
+)
 from detection.weights import load_detector
 from conftest import CreatesFile, shared_file
 from tiny_detector import tiny_detector_state_dict
@@ -21,6 +30,7 @@ REFERENCE = "frcnn_reference"
 
 
 # ----------------------------------------------------------------------------- the reference
+
 
 @pytest.fixture(scope="module")
 def reference():
@@ -74,7 +84,9 @@ def test_reference_proposals_as_a_set(reference, i):
     with torch.inference_mode():
         logits, deltas = detector.proposal_generator.rpn_head(res4)
         anchors = detection_boxes.grid_anchors(plan.cell_anchors, res4.shape[2], res4.shape[3])
-        boxes, scores = proposals.hf_proposals(logits[0], deltas[0], anchors, height, width, detector.config, plan.post_nms)
+        boxes, scores = proposals.hf_proposals(
+            logits[0], deltas[0], anchors, height, width, detector.config, plan.post_nms
+        )
     expected, expected_logits = ref[f"img{i}_proposals"], ref[f"img{i}_proposal_logits"]
     assert boxes.shape == expected.shape
     # Each proposal matched to one of the reference's, one to one, with its logit.
@@ -103,13 +115,20 @@ def test_reference_region_outputs(reference, i):
     assert relative_error(obj_logits.numpy(), ref[f"img{i}_roi_obj_logits"]) < 1e-4
     assert relative_error(attr_logits.numpy(), ref[f"img{i}_roi_attr_logits"]) < 1e-4
     assert relative_error(deltas.numpy(), ref[f"img{i}_roi_box_deltas"]) < 1e-4
-    np.testing.assert_allclose(best_deltas.numpy(), deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas)), classes].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        best_deltas.numpy(),
+        deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas)), classes].numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_reference_end_to_end_in_one_batch(reference):
     """Both images through extract_regions_batch: the regions the demo keeps, in its order."""
     ref, inputs, detector = reference
-    results = extract.extract_regions_batch(detector, [rgb_image(inputs, 0), rgb_image(inputs, 1)], policy="hf", num_boxes=10)
+    results = extract.extract_regions_batch(
+        detector, [rgb_image(inputs, 0), rgb_image(inputs, 1)], policy="hf", num_boxes=10
+    )
     for i, regions in enumerate(results):
         assert (regions["img_h"], regions["img_w"]) == tuple(ref[f"img{i}_raw_hw"])
         assert relative_error(regions["features"], ref[f"img{i}_roi_features"][0]) < 1e-4
@@ -118,7 +137,10 @@ def test_reference_end_to_end_in_one_batch(reference):
         np.testing.assert_allclose(regions["attrs_conf"], ref[f"img{i}_attr_probs"][0], rtol=1e-4)
         # Ids where the top two logits are clearly apart (random weights give near-ties).
         kept = ref[f"img{i}_keep_idx"]
-        for name, logits, ids in (("obj", "roi_obj_logits", regions["objects_id"]), ("attr", "roi_attr_logits", regions["attrs_id"])):
+        for name, logits, ids in (
+            ("obj", "roi_obj_logits", regions["objects_id"]),
+            ("attr", "roi_attr_logits", regions["attrs_id"]),
+        ):
             top2 = np.sort(ref[f"img{i}_{logits}"][kept, :-1], axis=1)[:, -2:]
             clear = (top2[:, 1] - top2[:, 0]) > 1e-3
             assert clear.sum() >= len(kept) - 2
@@ -128,6 +150,7 @@ def test_reference_end_to_end_in_one_batch(reference):
 # ----------------------------------------------------------------------------- policy='caffe'
 # A plain transcription of py-faster-rcnn's NMS and bottom-up-attention's generate_tsv.py
 # selection, in Caffe's layout (background / "no attribute" first).
+
 
 def transcribed_nms(dets, thresh):
     x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
@@ -221,13 +244,22 @@ def test_per_class_max_conf_of_a_batch_is_that_of_each_image():
     for (caffe_boxes, caffe_probs), b, p, conf in zip(images, boxes, probs, together):
         np.testing.assert_array_equal(conf.numpy(), selection.per_class_max_conf(b, p).numpy())
         if len(b):
-            np.testing.assert_array_equal(conf.numpy(), transcribed_max_conf(caffe_boxes, caffe_probs).astype(np.float32))
+            np.testing.assert_array_equal(
+                conf.numpy(), transcribed_max_conf(caffe_boxes, caffe_probs).astype(np.float32)
+            )
 
 
-@pytest.mark.parametrize("count, low, high", [
-    (36, 36, 36), (20, 36, 36), (60, 36, 36),  # fixed 36 (obj36): exactly reached, too few, too many
-    (50, 10, 100), (4, 10, 100), (130, 10, 100),  # 10 to 100: within, too few, too many
-])
+@pytest.mark.parametrize(
+    "count, low, high",
+    [
+        (36, 36, 36),
+        (20, 36, 36),
+        (60, 36, 36),  # fixed 36 (obj36): exactly reached, too few, too many
+        (50, 10, 100),
+        (4, 10, 100),
+        (130, 10, 100),  # 10 to 100: within, too few, too many
+    ],
+)
 def test_select_caffe_matches_transcription(count, low, high):
     boxes, probs = synthetic_regions(7)
     max_conf = transcribed_max_conf(boxes, probs)
@@ -257,12 +289,15 @@ def photo(seed, height=120, width=160):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("selection", [
-    {"num_boxes": 36},
-    {"min_boxes": 10, "max_boxes": 100, "conf_thresh": "within"},
-    {"min_boxes": 10, "max_boxes": 100, "conf_thresh": 0.99},
-    {"min_boxes": 10, "max_boxes": 30, "conf_thresh": 0.0},
-])
+@pytest.mark.parametrize(
+    "selection",
+    [
+        {"num_boxes": 36},
+        {"min_boxes": 10, "max_boxes": 100, "conf_thresh": "within"},
+        {"min_boxes": 10, "max_boxes": 100, "conf_thresh": 0.99},
+        {"min_boxes": 10, "max_boxes": 30, "conf_thresh": 0.0},
+    ],
+)
 def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detector, selection):
     """extract_regions(policy='caffe') against the transcription run on the same proposals' outputs."""
     image = photo(3)
@@ -276,7 +311,9 @@ def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detect
         selection["conf_thresh"] = thresh_for(transcribed_max_conf(cls_boxes, cls_prob), 50)
     low = selection.get("num_boxes", selection.get("min_boxes"))
     high = selection.get("num_boxes", selection.get("max_boxes"))
-    expected = transcribed_generate_tsv(cls_boxes, cls_prob, attr_prob, pool5, selection.get("conf_thresh", 0.2), low, high)
+    expected = transcribed_generate_tsv(
+        cls_boxes, cls_prob, attr_prob, pool5, selection.get("conf_thresh", 0.2), low, high
+    )
     regions = extract.extract_regions(small_vocabulary_detector, image, policy="caffe", proposals=120, **selection)
     assert (regions["img_h"], regions["img_w"]) == image.shape[:2]
     for key, value in expected.items():
@@ -287,23 +324,34 @@ def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detect
 def test_caffe_anchors_are_py_faster_rcnn_generate_anchors():
     # What py-faster-rcnn's generate_anchors() returns for scales 8, 16, 32 (ratio-major; its
     # docstring shows the MATLAB version's, one pixel off).
-    published = np.array([
-        [-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
-        [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
-        [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359],
-    ])
+    published = np.array(
+        [
+            [-84, -40, 99, 55],
+            [-176, -88, 191, 103],
+            [-360, -184, 375, 199],
+            [-56, -56, 71, 71],
+            [-120, -120, 135, 135],
+            [-248, -248, 263, 263],
+            [-36, -80, 51, 95],
+            [-80, -168, 95, 183],
+            [-168, -344, 183, 359],
+        ]
+    )
     ours = detection_boxes.caffe_cell_anchors([128, 256, 512], [0.5, 1.0, 2.0]).numpy()
     # Ours are size-major, the checkpoint's channel order.
     np.testing.assert_array_equal(ours, published.reshape(3, 3, 4).transpose(1, 0, 2).reshape(9, 4))
     assert detection_boxes.caffe_cell_anchors([64, 128, 256, 512], [0.5, 1.0, 2.0]).shape == (12, 4)
 
 
-@pytest.mark.parametrize("size, expected", [
-    ((480, 640), (1.25, 600, 800)),
-    ((300, 1000), (1.0, 300, 1000)),  # 600 / 300 would make the longest side 2000
-    ((333, 500), (600 / 333, 600, 901)),
-    ((10, 17), (60.0, 600, 1000)),  # 17 * 60 = 1020 rounds above 1000: scale from the longest side
-])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((480, 640), (1.25, 600, 800)),
+        ((300, 1000), (1.0, 300, 1000)),  # 600 / 300 would make the longest side 2000
+        ((333, 500), (600 / 333, 600, 901)),
+        ((10, 17), (60.0, 600, 1000)),  # 17 * 60 = 1020 rounds above 1000: scale from the longest side
+    ],
+)
 def test_caffe_scale(size, expected):
     scale, height, width = preprocess.caffe_scale(*size)
     if size == (10, 17):
@@ -325,6 +373,7 @@ def test_caffe_resize_is_cv2_linear_at_the_given_scale():
 
 # ----------------------------------------------------------------------------- policy='hf'
 
+
 def test_select_hf_fills_with_the_best_suppressed_when_too_few_survive():
     """The demo crashes when fewer than num_boxes survive NMS even at 0.7; we keep the survivors
     of that last NMS, best first, then the best of the suppressed regions."""
@@ -339,7 +388,7 @@ def test_select_hf_fills_with_the_best_suppressed_when_too_few_survive():
     assert len(keep) == 10 and len(set(keep.tolist())) == 10
     assert keep[: len(survivors)].tolist() == survivors.tolist()
     rest = [i for i in np.argsort(-scores.numpy(), kind="stable") if i not in survivors.tolist()]
-    assert keep[len(survivors):].tolist() == rest[: 10 - len(survivors)]
+    assert keep[len(survivors) :].tolist() == rest[: 10 - len(survivors)]
     # When enough survive, the first threshold that leaves num_boxes decides, best first.
     keep = selection.select_hf(boxes, scores, 2, 2, [0.5, 0.6, 0.7])
     assert keep.tolist() == nms(boxes, scores, 0.5)[:2].tolist()
@@ -372,11 +421,14 @@ def test_tiny_and_elongated_pictures(tiny):
 def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
     regions = extract.extract_regions(tiny, photo(1), policy="hf")
     assert regions["boxes"].shape == (36, 4) and regions["features"].shape == (36, 64)
-    assert (regions["boxes"][:, 2] <= regions["img_w"] + 1e-3).all() and (regions["boxes"][:, 3] <= regions["img_h"] + 1e-3).all()
+    assert (regions["boxes"][:, 2] <= regions["img_w"] + 1e-3).all() and (
+        regions["boxes"][:, 3] <= regions["img_h"] + 1e-3
+    ).all()
     assert (np.diff(regions["objects_conf"]) <= 0).all()  # NMS order: best first
 
 
 # ----------------------------------------------------------------------------- the API
+
 
 @pytest.mark.parametrize("policy", policies.POLICIES)
 def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
@@ -405,7 +457,9 @@ def test_image_path_is_read_with_utils_images(tiny, monkeypatch, tmp_path):
     path = str(tmp_path / "photo.jpg")
     regions = extract.extract_regions(tiny, path, num_boxes=10, **QUICK)
     assert read == [path]
-    np.testing.assert_array_equal(regions["features"], extract.extract_regions(tiny, photo(5), num_boxes=10, **QUICK)["features"])
+    np.testing.assert_array_equal(
+        regions["features"], extract.extract_regions(tiny, photo(5), num_boxes=10, **QUICK)["features"]
+    )
 
 
 def test_unknown_policy_and_bad_arrays_are_refused(tiny):
@@ -418,6 +472,7 @@ def test_unknown_policy_and_bad_arrays_are_refused(tiny):
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def same_detector(a, b):
     sa, sb = a.state_dict(), b.state_dict()
@@ -446,12 +501,17 @@ def test_architecture_is_read_off_the_state_dict(tiny):
 
 def test_config_yaml_in_any_case(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"INPUT": {"MIN_SIZE_TEST": 320}, "ROI_HEADS": {"NMS_THRESH_TEST": [0.4]}, "max_detections": 12}))
+    path.write_text(
+        yaml.safe_dump({"INPUT": {"MIN_SIZE_TEST": 320}, "ROI_HEADS": {"NMS_THRESH_TEST": [0.4]}, "max_detections": 12})
+    )
     detector = load_detector(tiny_detector_state_dict(), config=str(path))
     assert detector.config["input"] == {"min_size_test": 320, "max_size_test": 1333}
     assert detector.config["roi_heads"]["nms_thresh_test"] == [0.4] and detector.config["max_detections"] == 12
     # One threshold may be written without a list, as detectron2 configs do.
-    scalar = load_detector(tiny_detector_state_dict(), config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5})
+    scalar = load_detector(
+        tiny_detector_state_dict(),
+        config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5},
+    )
     assert len(extract.extract_regions(scalar, photo(0), policy="hf", **QUICK)["boxes"]) == 5
 
 
@@ -467,17 +527,26 @@ def test_refuses_other_checkpoints(tmp_path):
     vsrn = tmp_path / "model_best.pth.tar"
     torch.save({"model": [{"w": torch.zeros(1)}], "opt": argparse.Namespace(embed_size=1024), "epoch": 3}, vsrn)
     assert refusal(str(vsrn)) == (
-        f"{vsrn}: a VSRN checkpoint (it holds 'model' and 'opt'), not the detector's weights: give the bottom-up-attention "
-        "detector's pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl"
+        f"{vsrn}: a VSRN checkpoint (it holds 'model' and 'opt'), not the detector's weights: give the "
+        "bottom-up-attention detector's pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or "
+        "faster_rcnn_from_caffe_attr.pkl"
     )
     other = tmp_path / "other.pth"
     torch.save({"w": torch.zeros(1), "opt": argparse.Namespace(x=1)}, other)  # a Namespace, but no VSRN checkpoint
-    assert refusal(str(other)) == f"{other}: refusing to load: it needs the global argparse.Namespace, which a detector checkpoint never holds"
+    assert (
+        refusal(str(other))
+        == f"{other}: refusing to load: it needs the global argparse.Namespace, which a detector checkpoint never holds"
+    )
     bert = tmp_path / "pytorch_model.bin"
-    torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(4, 2), "cls.predictions.bias": torch.zeros(4)}, bert)
+    torch.save(
+        {"bert.embeddings.word_embeddings.weight": torch.zeros(4, 2), "cls.predictions.bias": torch.zeros(4)}, bert
+    )
     message = refusal(str(bert))
     assert message.startswith(f"{bert}: not a bottom-up-attention detector: missing backbone.res2.0.conv1.weight")
-    lxmert = {"lxmert.encoder.x_layers.0.visual_attention.att.query.weight": torch.zeros(2, 2), "answer_head.logit_fc.0.weight": torch.zeros(2, 2)}
+    lxmert = {
+        "lxmert.encoder.x_layers.0.visual_attention.att.query.weight": torch.zeros(2, 2),
+        "answer_head.logit_fc.0.weight": torch.zeros(2, 2),
+    }
     assert "not a bottom-up-attention detector: missing" in refusal(lxmert)
 
 

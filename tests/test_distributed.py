@@ -1,4 +1,5 @@
 """Data-parallel training (gloo, 2 processes spawned here) against one process on the same global batches."""
+
 import os
 import signal
 import socket
@@ -40,8 +41,22 @@ def odd_toy(tmp_path_factory):
 def run_args(odd_toy, run, *extra):
     data_path, vocab_path = odd_toy
     # No dropout: its masks cannot be split across processes as one process draws them.
-    return ["--data_path", data_path, "--vocab_path", vocab_path, "--logger_name", str(run), *SMALL,
-            "--num_epochs", "1", "--val_step", "10", "--input_dropout_p", "0", *extra]
+    return [
+        "--data_path",
+        data_path,
+        "--vocab_path",
+        vocab_path,
+        "--logger_name",
+        str(run),
+        *SMALL,
+        "--num_epochs",
+        "1",
+        "--val_step",
+        "10",
+        "--input_dropout_p",
+        "0",
+        *extra,
+    ]
 
 
 def install_probes(setattr, records, frozen_bn, stop_at=None):
@@ -86,8 +101,14 @@ def install_probes(setattr, records, frozen_bn, stop_at=None):
 
 def _worker(rank, world_size, port, args, out, frozen_bn, stop_rank, stop_at):
     """One process of the job, launched as torchrun would: the environment, then train.main."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     log = open(os.path.join(out, f"rank{rank}.log"), "w")
     os.dup2(log.fileno(), 1)
@@ -108,8 +129,11 @@ def free_port():
 def spawn(args, out, world_size=2, frozen_bn=True, stop_rank=None, stop_at=None):
     os.makedirs(out, exist_ok=True)
     torch.multiprocessing.start_processes(
-        _worker, args=(world_size, free_port(), args, str(out), frozen_bn, stop_rank, stop_at),
-        nprocs=world_size, join=True, start_method="spawn",
+        _worker,
+        args=(world_size, free_port(), args, str(out), frozen_bn, stop_rank, stop_at),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
     )
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
@@ -185,7 +209,9 @@ def f30k_two_short(tmp_path_factory):
     return str(root / "data"), str(root / "vocab")
 
 
-def test_batchnorm_statistics_are_the_global_batchs_on_the_cpu_down_to_one_sample_per_process(f30k_two_short, tmp_path, monkeypatch, one_thread):
+def test_batchnorm_statistics_are_the_global_batchs_on_the_cpu_down_to_one_sample_per_process(
+    f30k_two_short, tmp_path, monkeypatch, one_thread
+):
     args = ("--data_name", "f30k_precomp", "--val_step", "100")
     reference = {}
     install_probes(monkeypatch.setattr, reference, frozen_bn=False)
@@ -219,8 +245,22 @@ def test_compile_leaves_an_encoder_holding_sync_batchnorm_uncompiled(toy_data, t
     distribute = VSRN.distribute
     monkeypatch.setattr(VSRN, "distribute", lambda self, world: (models.append(self), distribute(self, world)))
     data_path, vocab_path = toy_data
-    opt, _ = train.parse_options(["--data_path", data_path, "--vocab_path", vocab_path, "--logger_name", str(tmp_path / "run"),
-                                  *SMALL, "--num_epochs", "1", "--val_step", "1000", "--compile"])
+    opt, _ = train.parse_options(
+        [
+            "--data_path",
+            data_path,
+            "--vocab_path",
+            vocab_path,
+            "--logger_name",
+            str(tmp_path / "run"),
+            *SMALL,
+            "--num_epochs",
+            "1",
+            "--val_step",
+            "1000",
+            "--compile",
+        ]
+    )
     assert train.run(opt, None, SyncBatchNormWorld()) == 0
     (model,) = models
     assert any(isinstance(layer, nn.SyncBatchNorm) for layer in model.img_enc.modules())
@@ -241,8 +281,10 @@ def test_shares_are_the_single_process_batches_in_rank_order():
         for epoch, start_batch in ((0, 0), (1, 4)):
             single.set_epoch(epoch, start_batch * batch_size)
             order = list(single)
-            expected = [sorted(order[i : i + batch_size], key=caption_lengths.__getitem__, reverse=True)
-                        for i in range(0, len(order), batch_size)]
+            expected = [
+                sorted(order[i : i + batch_size], key=caption_lengths.__getitem__, reverse=True)
+                for i in range(0, len(order), batch_size)
+            ]
             shares = []
             for rank in range(world_size):
                 sampler = GlobalBatchShareSampler(length, 5, caption_lengths, batch_size, rank, world_size)
@@ -262,14 +304,23 @@ def test_share_sizes():
 def test_global_batch_rules_are_one_line_errors(monkeypatch):
     with pytest.raises(OptionError, match="the last batch of each epoch holds 1 of the 25 training captions"):
         GlobalBatchShareSampler(25, 0, [3] * 25, 12, 0, 2)
-    monkeypatch.setattr(os, "environ", dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
-                                            MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
-    with pytest.raises(OptionError, match="--batch_size 15 is the global batch and must divide evenly among the 2 processes"):
+    monkeypatch.setattr(
+        os,
+        "environ",
+        dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+    )
+    with pytest.raises(
+        OptionError, match="--batch_size 15 is the global batch and must divide evenly among the 2 processes"
+    ):
         distributed.init_world(15)
     os.environ["WORLD_SIZE"] = "two"
-    with pytest.raises(distributed.DistributedError, match="environment variable WORLD_SIZE='two': expected an integer"):
+    with pytest.raises(
+        distributed.DistributedError, match="environment variable WORLD_SIZE='two': expected an integer"
+    ):
         distributed.init_world(16)
-    with pytest.raises(OptionError, match="--device cuda:1: under torchrun each process uses the GPU of its LOCAL_RANK"):
+    with pytest.raises(
+        OptionError, match="--device cuda:1: under torchrun each process uses the GPU of its LOCAL_RANK"
+    ):
         distributed._device("cuda:1", 0)
     if torch.cuda.device_count() < 8:
         with pytest.raises(OptionError, match="LOCAL_RANK 7 needs GPU cuda:7, but this node has"):

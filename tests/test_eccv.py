@@ -1,4 +1,5 @@
 """ECCV Caption / CxC / COCO metrics through the eccv_caption package, against our own recall."""
+
 import os
 import shutil
 from types import SimpleNamespace
@@ -87,7 +88,9 @@ def test_ranked_targets_are_exact_overall_and_within_each_fold():
     for row, (mine, everything) in enumerate(zip(ranked, full)):
         assert mine[:7] == everything[:7]
         fold = query_folds[row]
-        assert [t for t in mine if target_folds[t] == fold][:3] == [t for t in everything if target_folds[t] == fold][:3]
+        assert [t for t in mine if target_folds[t] == fold][:3] == [t for t in everything if target_folds[t] == fold][
+            :3
+        ]
 
 
 def coco_checkpoint(tmp_path, toy_data, name, seed):
@@ -133,7 +136,12 @@ def test_evalrank_eccv_scores_the_ensembles_averaged_similarity(tmp_path, toy_da
     torch.testing.assert_close(received["eccv"], (similarity(*ensemble[0]) + similarity(*ensemble[1])) / 2)
     assert metrics["r1"] == 50.0 and metrics["eccv_map_at_r_i2t"] == 1.0 and metrics["coco_5k_r10_t2i"] == 2.0 + 11
     out = capsys.readouterr().out
-    assert out.index("Text to image:") < out.index("ECCV mAP@R") < out.index("CxC R@1/5/10") < out.index("COCO 5K R@1/5/10")
+    assert (
+        out.index("Text to image:")
+        < out.index("ECCV mAP@R")
+        < out.index("CxC R@1/5/10")
+        < out.index("COCO 5K R@1/5/10")
+    )
     assert "  COCO 5K R@1/5/10   10.0 / 11.0 / 12.0 | 11.0 / 12.0 / 13.0" in out
 
 
@@ -156,5 +164,8 @@ def test_eccv_outside_coco_testall_is_one_line(tmp_path, toy_data, capsys):
 def test_non_finite_scores_are_refused(embeddings):
     sims = similarity(*embeddings)
     sims[4999, 3] = float("nan")
-    with pytest.raises(evaluation.ScoreError, match=r"^the similarity: 1 of the 125,000,000 scores are NaN or infinite, the first at image 4999, caption 3 "):
+    with pytest.raises(
+        evaluation.ScoreError,
+        match=r"^the similarity: 1 of the 125,000,000 scores are NaN or infinite, the first at image 4999, caption 3 ",
+    ):
         eccv_caption_metrics(None, None, sims=sims)

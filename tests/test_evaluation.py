@@ -17,7 +17,9 @@ def test_encode_data_equals_encoding_every_caption_row(toy_data):
     opt = make_opt(data_path=data_path, vocab_size=len(vocab), batch_size=7)
     torch.manual_seed(0)
     model = VSRN(opt)
-    loader = get_test_loader(data_path, "toy_precomp", "test", vocab, batch_size=7, workers=0, max_len=opt.max_len, img_dim=opt.img_dim)
+    loader = get_test_loader(
+        data_path, "toy_precomp", "test", vocab, batch_size=7, workers=0, max_len=opt.max_len, img_dim=opt.img_dim
+    )
     img_embs, cap_embs = encode_data(model, loader)
     assert img_embs.dtype == np.float32 and img_embs.shape == (100, 32) and cap_embs.shape == (100, 32)
     expected_img, expected_cap = np.zeros_like(img_embs), np.zeros_like(cap_embs)
@@ -41,7 +43,11 @@ def test_fold5_averages_the_five_1k_folds(capsys):
     embeddings = [random_embeddings(5000, 8, 0)]
     metrics, (rt, rti) = evaluate_embeddings(embeddings, fold5=True)
     img, cap = embeddings[0]
-    folds = [i2t(img[f * 5000:(f + 1) * 5000], cap[f * 5000:(f + 1) * 5000]) + t2i(img[f * 5000:(f + 1) * 5000], cap[f * 5000:(f + 1) * 5000]) for f in range(5)]
+    folds = [
+        i2t(img[f * 5000 : (f + 1) * 5000], cap[f * 5000 : (f + 1) * 5000])
+        + t2i(img[f * 5000 : (f + 1) * 5000], cap[f * 5000 : (f + 1) * 5000])
+        for f in range(5)
+    ]
     expected = np.mean(folds, axis=0)
     names = ("r1", "r5", "r10", "medr", "meanr", "r1i", "r5i", "r10i", "medri", "meanri")
     assert [metrics[n] for n in names] == pytest.approx(list(expected))
@@ -57,7 +63,13 @@ def test_ensemble_averages_similarity_matrices(capsys):
     sims = (similarity(*first) + similarity(*second)) / 2
     r = i2t(*first, sims=sims.numpy())
     ri = t2i(*first, sims=sims.numpy())
-    assert (metrics["r1"], metrics["r5"], metrics["meanr"], metrics["r1i"], metrics["meanri"]) == (r[0], r[1], r[4], ri[0], ri[4])
+    assert (metrics["r1"], metrics["r5"], metrics["meanr"], metrics["r1i"], metrics["meanri"]) == (
+        r[0],
+        r[1],
+        r[4],
+        ri[0],
+        ri[4],
+    )
     alone, _ = evaluate_embeddings([first])
     assert alone != metrics
 
@@ -76,7 +88,13 @@ def test_original_release_checkpoint_evaluates_without_conversion(tmp_path):
     vocab_dir = tmp_path / "vocab"
     vocab_dir.mkdir()
     os.symlink(vocab_pkl, vocab_dir / "f30k_precomp_vocab.pkl")
-    metrics = evalrank(checkpoint, data_path=str(tmp_path / "data"), split="test", vocab_path=str(vocab_dir), ranks_path=str(tmp_path / "ranks.pth.tar"))
+    metrics = evalrank(
+        checkpoint,
+        data_path=str(tmp_path / "data"),
+        split="test",
+        vocab_path=str(vocab_dir),
+        ranks_path=str(tmp_path / "ranks.pth.tar"),
+    )
     assert 0 <= metrics["r1"] <= 100 and 1 <= metrics["medr"] <= 6 and 1 <= metrics["medri"] <= 6
     ranks = torch.load(tmp_path / "ranks.pth.tar")
     assert ranks["rt"][0].shape == (6,) and ranks["rti"][0].shape == (30,)
@@ -90,13 +108,18 @@ def test_original_release_checkpoint_prefers_the_pkl_and_says_so(tmp_path, capsy
     vocab_pkl = shared_file("vocab", "f30k_precomp_vocab.pkl")
     words = load_vocab(vocab_pkl).idx2word
     # A vocabulary of the same size and other word order, as vocab.py would build it.
-    save_vocab(vocabulary_from_words([words[i] for i in range(4)] + sorted(words[i] for i in range(4, len(words)))),
-               str(tmp_path / "f30k_precomp_vocab.json"))
+    save_vocab(
+        vocabulary_from_words([words[i] for i in range(4)] + sorted(words[i] for i in range(4, len(words)))),
+        str(tmp_path / "f30k_precomp_vocab.json"),
+    )
     os.symlink(vocab_pkl, tmp_path / "f30k_precomp_vocab.pkl")
     (tmp_path / "data" / "f30k_precomp").mkdir(parents=True)
     _, vocab, _ = load_models([checkpoint], str(tmp_path / "data"), str(tmp_path))
     assert vocab.path == str(tmp_path / "f30k_precomp_vocab.pkl") and vocab.idx2word == words
-    assert f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}" in capsys.readouterr().err
+    assert (
+        f"records no vocabulary digest: using the vocabulary {tmp_path / 'f30k_precomp_vocab.pkl'}"
+        in capsys.readouterr().err
+    )
 
 
 def test_ensemble_with_a_diverged_model_is_one_line(tmp_path, toy_data, capsys):
@@ -118,8 +141,10 @@ def test_ensemble_with_a_diverged_model_is_one_line(tmp_path, toy_data, capsys):
         torch.save({"model": state, "opt": opt, "vocab_digest": vocab_digest(vocab)}, paths[-1])
     assert evaluate_models.main(["--data_path", data_path, "--split", "test", *paths]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: the 2-model ensemble's averaged similarity: 2,000 of the 2,000 scores are NaN or infinite, the first at "
-                   "image 0, caption 0 (a diverged model or non-finite features?); they cannot be ranked\n")
+    assert err == (
+        "error: the 2-model ensemble's averaged similarity: 2,000 of the 2,000 scores are NaN or infinite, "
+        "the first at image 0, caption 0 (a diverged model or non-finite features?); they cannot be ranked\n"
+    )
     assert evaluate_models.main(["--data_path", data_path, "--split", "test", paths[1]]) == 2
     assert capsys.readouterr().err.startswith("error: VSRN's similarity: 2,000 of the 2,000 scores are NaN")
     assert not (tmp_path / "ranks.pth.tar").exists()

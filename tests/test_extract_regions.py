@@ -1,5 +1,6 @@
 """extract_regions.py: the obj36 TSV, its round trip through tsv_to_precomp, resume after a kill,
 torchrun sharding, bad pictures, and cached_regions."""
+
 import os
 import signal
 import subprocess
@@ -22,9 +23,12 @@ from utils.images import read_image
 
 # Small network inputs and 10 boxes: a fraction of a second per picture with the tiny detector.
 FAST = ["--boxes", "10", "--min_size", "128", "--max_size", "200"]
-SLOWED = ("import sys, time; sys.path.insert(0, sys.argv.pop(1)); from detection import pipeline; batch = pipeline.extract_regions_batch; "
-          "pipeline.extract_regions_batch = lambda *a, **k: (time.sleep(0.3), batch(*a, **k))[1]; "
-          "import extract_regions; sys.exit(extract_regions.main(sys.argv[1:]))")
+SLOWED = (
+    "import sys, time; sys.path.insert(0, sys.argv.pop(1)); "
+    "from detection import pipeline; batch = pipeline.extract_regions_batch; "
+    "pipeline.extract_regions_batch = lambda *a, **k: (time.sleep(0.3), batch(*a, **k))[1]; "
+    "import extract_regions; sys.exit(extract_regions.main(sys.argv[1:]))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,9 @@ def make_pictures(folder, count=6, seed=0):
 
 
 def run_script(args, env, script="extract_regions.py"):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def rows(path):
@@ -62,7 +68,12 @@ def test_the_tsv_round_trips_through_tsv_to_precomp(detector, tmp_path, capsys):
     weights, _ = detector
     paths = make_pictures(tmp_path / "pics")
     out = tmp_path / "regions.tsv"
-    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST, "--batch_size", "2"]) == 0
+    assert (
+        extract_regions.main(
+            ["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST, "--batch_size", "2"]
+        )
+        == 0
+    )
     assert f"6 images written to {out}" in capsys.readouterr().out
 
     net = load_detector(weights)
@@ -87,23 +98,51 @@ def test_the_tsv_round_trips_through_tsv_to_precomp(detector, tmp_path, capsys):
     assert (folder / "test_image_ids.txt").read_text().split() == ids
 
     # --precomp writes the same split through the converter.
-    assert extract_regions.main(["--images", *paths, "--weights", weights, "--out", str(out), *FAST, "--precomp", "--captions", str(captions),
-                                 "--data_path", str(tmp_path / "data2"), "--data_name", "mine_precomp", "--split", "test"]) == 0
+    assert (
+        extract_regions.main(
+            [
+                "--images",
+                *paths,
+                "--weights",
+                weights,
+                "--out",
+                str(out),
+                *FAST,
+                "--precomp",
+                "--captions",
+                str(captions),
+                "--data_path",
+                str(tmp_path / "data2"),
+                "--data_name",
+                "mine_precomp",
+                "--split",
+                "test",
+            ]
+        )
+        == 0
+    )
     assert "0 images written" in capsys.readouterr().out  # all were in the TSV already
     for name in ("ims.npy", "boxes.npy", "image_sizes.npy", "image_ids.txt", "caps.txt"):
-        assert (tmp_path / "data2" / "mine_precomp" / f"test_{name}").read_bytes() == (folder / f"test_{name}").read_bytes()
+        assert (tmp_path / "data2" / "mine_precomp" / f"test_{name}").read_bytes() == (
+            folder / f"test_{name}"
+        ).read_bytes()
 
 
 def test_a_torn_last_line_is_dropped_and_redone(detector, tmp_path, capsys):
     weights, _ = detector
     make_pictures(tmp_path / "pics")
     clean, torn = tmp_path / "clean.tsv", tmp_path / "torn.tsv"
-    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(clean), *FAST]) == 0
+    assert (
+        extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(clean), *FAST])
+        == 0
+    )
     whole = rows(clean)
     # Three whole rows and half of the fourth, as a crash in the middle of a write leaves them.
     torn.write_bytes(b"".join(whole[:3]) + whole[3][: len(whole[3]) // 2])
     capsys.readouterr()
-    assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(torn), *FAST]) == 0
+    assert (
+        extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(torn), *FAST]) == 0
+    )
     assert f"3 images written to {torn}; 3 were already there" in capsys.readouterr().out
     assert torn.read_bytes() == clean.read_bytes()
 
@@ -114,8 +153,13 @@ def test_resume_after_kill_9_equals_a_clean_run(detector, tmp_path, capsys):
     clean, killed = tmp_path / "clean.tsv", tmp_path / "killed.tsv"
     args = ["--images", str(tmp_path / "pics"), "--weights", weights, *FAST, "--batch_size", "1"]
     assert extract_regions.main([*args, "--out", str(clean)]) == 0
-    process = subprocess.Popen([sys.executable, "-c", SLOWED, ROOT, *args, "--out", str(killed)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOWED, ROOT, *args, "--out", str(killed)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed.exists() and killed.read_bytes().count(b"\n") >= 3) and time.time() < deadline:
         assert process.poll() is None, "finished before it could be killed"
@@ -137,8 +181,24 @@ def test_torchrun_with_two_processes_writes_the_single_process_tsv(detector, tmp
     args = ["--images", str(tmp_path / "pics"), "--weights", weights, *FAST, "--batch_size", "2"]
     assert extract_regions.main([*args, "--out", str(tmp_path / "single.tsv")]) == 0
     single = capsys.readouterr()
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "extract_regions.py",
-                               *args, "--out", str(tmp_path / "two.tsv")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "extract_regions.py",
+            *args,
+            "--out",
+            str(tmp_path / "two.tsv"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert torchrun.returncode == 0, torchrun.stderr
     assert (tmp_path / "two.tsv").read_bytes() == (tmp_path / "single.tsv").read_bytes()
     assert len(rows(tmp_path / "two.tsv")) == 7
@@ -212,14 +272,28 @@ def test_each_bad_picture_is_one_line_skipped_and_counted(detector, tmp_path, ca
     args = ["--images", *tiny, "--weights", weights, "--out", str(tmp_path / "caffe.tsv"), *FAST, "--batch_size", "2"]
     assert extract_regions.main(args) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; " \
+    assert (
+        err[0] == f"skipped: {tiny[0]}: the detector kept 0 regions, 10 needed (a 1 x 1 picture; "
         "under the caffe policy, pictures of a few pixels leave no proposal)"
+    )
     assert err[1].startswith(f"skipped: {tiny[2]}: the detector cannot take this 3000 x 1 picture (") and len(err) == 2
     assert [line.split(b"\t")[0] for line in rows(tmp_path / "caffe.tsv")] == [b"whole", b"gray"]
 
 
-@pytest.mark.parametrize("case", ["empty folder", "missing folder", "missing weights", "wrong weights", "same ids", "other box count",
-                                  "out is another file", "out is a text line", "precomp flags"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty folder",
+        "missing folder",
+        "missing weights",
+        "wrong weights",
+        "same ids",
+        "other box count",
+        "out is another file",
+        "out is a text line",
+        "precomp flags",
+    ],
+)
 def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, case):
     weights, env = detector
     (tmp_path / "empty").mkdir()
@@ -238,7 +312,10 @@ def test_unusable_inputs_are_one_line_and_exit_2(detector, tmp_path, capsys, cas
     }[case]
     out = tmp_path / "regions.tsv"
     if case == "other box count":
-        assert extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST]) == 0
+        assert (
+            extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), *FAST])
+            == 0
+        )
     if case.startswith("out is"):  # a wrong --out is never cut or appended to
         out.write_text("some notes\nof the user's" if case == "out is another file" else "one line without a newline")
     before = out.read_bytes() if out.exists() else None
@@ -270,7 +347,11 @@ def test_cached_regions_extracts_each_picture_once(detector, tmp_path, monkeypat
     paths = make_pictures(tmp_path / "pics", count=4)
     extracted = []
     batch = extract.extract_regions_batch
-    monkeypatch.setattr(pipeline, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
+    monkeypatch.setattr(
+        pipeline,
+        "extract_regions_batch",
+        lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1],
+    )
 
     first = cache.cached_regions(paths[:3], weights, num_boxes=10)
     assert list(first) == ["pic00", "pic01", "pic02"] and len(extracted) == 3

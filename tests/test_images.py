@@ -1,4 +1,5 @@
 """utils/images.read_image on every kind of picture a photo folder holds, and the ones it refuses."""
+
 import struct
 import zlib
 
@@ -20,6 +21,7 @@ def halves(width, height, left, right):
 
 def png_header_only(path, width, height):
     """A PNG that declares width x height 8-bit gray pixels and holds none (what a bomb's header says)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -27,16 +27,45 @@ from utils.errors import CheckpointError, DataError, ScoreError, VSRNError  # no
 NAME = "lx_precomp"
 IMAGES, REGIONS, FEAT_DIM = 8, 36, 12
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ["a", "dog", "cat", "man", "woman", "runs", "sits", "on", "the", "grass", "red", "blue", "ball", "car", "street", "with", "near", "water"]
+WORDS = [
+    "a",
+    "dog",
+    "cat",
+    "man",
+    "woman",
+    "runs",
+    "sits",
+    "on",
+    "the",
+    "grass",
+    "red",
+    "blue",
+    "ball",
+    "car",
+    "street",
+    "with",
+    "near",
+    "water",
+]
 VOCAB = SPECIAL + WORDS
 HEIGHT_WIDTH = (300, 500)
 
 
 def tiny_config(feat_dim=FEAT_DIM):
     return LxmertConfig(
-        vocab_size=len(VOCAB), hidden_size=16, num_attention_heads=2, intermediate_size=32, l_layers=2, r_layers=1,
-        x_layers=2, visual_feat_dim=feat_dim, num_qa_labels=3, num_object_labels=5, num_attr_labels=4,
-        max_position_embeddings=32, initializer_range=0.5,
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        l_layers=2,
+        r_layers=1,
+        x_layers=2,
+        visual_feat_dim=feat_dim,
+        num_qa_labels=3,
+        num_object_labels=5,
+        num_attr_labels=4,
+        max_position_embeddings=32,
+        initializer_range=0.5,
     )
 
 
@@ -95,15 +124,25 @@ def hand_inputs(data_path, captions):
     boxes = np.load(os.path.join(folder, "test_boxes.npy"))
     height, width = HEIGHT_WIDTH
     positions = boxes / np.array([width, height, width, height], dtype=np.float32)
-    return torch.from_numpy(ids), torch.from_numpy(ids != 0).long(), torch.from_numpy(features), torch.from_numpy(positions)
+    return (
+        torch.from_numpy(ids),
+        torch.from_numpy(ids != 0).long(),
+        torch.from_numpy(features),
+        torch.from_numpy(positions),
+    )
 
 
 def all_pair_inputs(data_path, captions):
     ids, mask, features, positions = hand_inputs(data_path, captions)
     image = torch.arange(IMAGES).repeat_interleave(len(captions))
     caption = torch.arange(len(captions)).repeat(IMAGES)
-    return dict(input_ids=ids[caption], attention_mask=mask[caption], visual_feats=features[image], visual_pos=positions[image],
-                token_type_ids=torch.zeros_like(ids[caption])), mask[caption]
+    return dict(
+        input_ids=ids[caption],
+        attention_mask=mask[caption],
+        visual_feats=features[image],
+        visual_pos=positions[image],
+        token_type_ids=torch.zeros_like(ids[caption]),
+    ), mask[caption]
 
 
 def metrics_of(sims):
@@ -166,7 +205,9 @@ def vsrn_checkpoint(setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("vsrn")
     vocab = build_vocab(captions, threshold=1)
     save_vocab(vocab, str(root / "vocab" / f"{NAME}_vocab.json"))
-    opt = make_opt(data_name=NAME, img_dim=FEAT_DIM, vocab_size=len(vocab), vocab_path=str(root / "vocab"), batch_size=8)
+    opt = make_opt(
+        data_name=NAME, img_dim=FEAT_DIM, vocab_size=len(vocab), vocab_path=str(root / "vocab"), batch_size=8
+    )
     torch.manual_seed(0)
     model = VSRN(opt, training=False)
     path = str(root / "vsrn.pth.tar")
@@ -200,7 +241,9 @@ def test_rerank_with_small_topk_only_reorders_inside_the_topk(setup, tmp_path):
     vsrn = np.random.default_rng(1).normal(size=(IMAGES, len(captions))).astype(np.float32)
     scores_path = tmp_path / "scores.npy"
     topk = 3
-    metrics = evaluate(model_dir, data_path, NAME, "test", vsrn=vsrn, topk=topk, batch_size=16, save_scores=str(scores_path))
+    metrics = evaluate(
+        model_dir, data_path, NAME, "test", vsrn=vsrn, topk=topk, batch_size=16, save_scores=str(scores_path)
+    )
     lxmert = np.load(scores_path)
     i2t_pairs = top_candidates(vsrn, topk, dim=1).numpy()
     t2i_pairs = top_candidates(vsrn, topk, dim=0).numpy()
@@ -277,7 +320,20 @@ def test_non_finite_features_are_one_line_error(setup, tmp_path):
 def test_command_line_prints_recall_and_saves_scores(setup, tmp_path, capsys):
     data_path, model_dir, _ = setup
     scores_path = tmp_path / "out" / "scores.npy"
-    code = main(["--model", model_dir, "--data_path", data_path, "--data_name", NAME, "--mode", "cosine", "--save_scores", str(scores_path)])
+    code = main(
+        [
+            "--model",
+            model_dir,
+            "--data_path",
+            data_path,
+            "--data_name",
+            NAME,
+            "--mode",
+            "cosine",
+            "--save_scores",
+            str(scores_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "Image to text:" in out and "Text to image:" in out and "rsum:" in out
     assert np.load(scores_path).shape == (IMAGES, 5 * IMAGES)
@@ -305,7 +361,9 @@ def scores_of_every_pair(data_path, model_dir, amp):
     input_ids, mask = caption_tokens(tokenizer, split.captions)
     pairs = torch.ones(IMAGES, len(split.captions), dtype=torch.bool)
     with torch.inference_mode():
-        return lxmert_scores(PairScorer(model, "matched", torch.device("cpu"), amp=amp), split, input_ids, mask, pairs, 16, "pairs")
+        return lxmert_scores(
+            PairScorer(model, "matched", torch.device("cpu"), amp=amp), split, input_ids, mask, pairs, 16, "pairs"
+        )
 
 
 def test_amp_keeps_the_matching_head_in_float32_so_scores_do_not_tie(setup):
@@ -321,8 +379,14 @@ def test_amp_keeps_the_matching_head_in_float32_so_scores_do_not_tie(setup):
 
 def test_top_candidates_take_every_target_tied_with_the_kth():
     scores = torch.tensor([[5.0, 3.0, 4.0, 3.0, 1.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
-    assert top_candidates(scores, 2, dim=1).tolist() == [[True, False, True, False, False, False], [False] * 4 + [True] * 2]
-    assert top_candidates(scores, 3, dim=1).tolist() == [[True, True, True, True, False, True], [False] * 3 + [True] * 3]
+    assert top_candidates(scores, 2, dim=1).tolist() == [
+        [True, False, True, False, False, False],
+        [False] * 4 + [True] * 2,
+    ]
+    assert top_candidates(scores, 3, dim=1).tolist() == [
+        [True, True, True, True, False, True],
+        [False] * 3 + [True] * 3,
+    ]
     assert top_candidates(scores.T, 3, dim=0).tolist() == top_candidates(scores, 3, dim=1).T.tolist()
     assert top_candidates(scores, 10, dim=1).all()
 
@@ -341,7 +405,9 @@ def test_rerank_boundary_tie_keeps_vsrn_recall_at_topk(setup, tmp_path):
     vsrn[2, [3, 12]] = 5  # tied at the 5th place: image 2's ground truth 12 and image 0's caption 3
     assert top_candidates(vsrn, topk, dim=1)[2].nonzero()[:, 0].tolist() == [3, 12, 20, 21, 22, 23]
     scores_path = tmp_path / "scores.npy"
-    metrics = evaluate(model_dir, str(tmp_path), NAME, "test", vsrn=vsrn, topk=topk, batch_size=16, save_scores=str(scores_path))
+    metrics = evaluate(
+        model_dir, str(tmp_path), NAME, "test", vsrn=vsrn, topk=topk, batch_size=16, save_scores=str(scores_path)
+    )
     lxmert = np.load(scores_path)
     assert not np.isnan(lxmert[2, [3, 12]]).any() and lxmert[2, 3] == lxmert[2, 12]  # the same caption: the same score
     first_stage = metrics_of(vsrn)
@@ -365,13 +431,18 @@ def test_duplicate_captions_score_exactly_alike_whatever_their_batches(setup, tm
 
 def test_boxes_are_checked_and_clipped_as_lxmert_does():
     sizes = np.array([[200, 400], [100, 100]])
-    boxes = np.array([[[0, 0, 400, 200], [-0.001, 10, 400.002, 200.001]], [[10, 10, 20, 20], [0, 0, 100, 100]]], dtype=np.float32)
+    boxes = np.array(
+        [[[0, 0, 400, 200], [-0.001, 10, 400.002, 200.001]], [[10, 10, 20, 20], [0, 0, 100, 100]]], dtype=np.float32
+    )
     result = normalised_boxes(boxes, sizes)
     assert result.min() == 0 and result.max() == 1  # within LXMERT's tolerance of 1e-5: clipped
     np.testing.assert_allclose(result[1, 0], [0.1, 0.1, 0.2, 0.2])
     outside = boxes.copy()
     outside[1, 1, 3] = 100.01  # 1e-4 beyond the bottom
-    with pytest.raises(DataError, match=r"^b: region 1's box \(x1 y1 x2 y2 0 0 100 100.01\) is not within the 100 x 100 \(width x height\) image"):
+    with pytest.raises(
+        DataError,
+        match=r"^b: region 1's box \(x1 y1 x2 y2 0 0 100 100.01\) is not within the 100 x 100 \(width x height\) image",
+    ):
         normalised_boxes(outside, sizes, ["a", "b"])
     outside[1, 1, 3] = np.nan
     with pytest.raises(DataError, match=r"^image 1: region 1's box \(x1 y1 x2 y2 0 0 100 nan\)"):
@@ -387,14 +458,19 @@ def test_split_with_a_box_outside_its_image_or_a_bad_size_is_one_line_naming_the
     boxes = np.load(folder / "test_boxes.npy")
     boxes[5, 2, 2] = HEIGHT_WIDTH[1] * 1.1
     np.save(folder / "test_boxes.npy", boxes)
-    with pytest.raises(DataError, match=rf"^{folder}/test_boxes\.npy, image 105 \(row 5\): region 2's box .* is not within the 500 x 300"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{folder}/test_boxes\.npy, image 105 \(row 5\): region 2's box .* is not within the 500 x 300",
+    ):
         evaluate(model_dir, str(tmp_path), NAME, "test")
     boxes[5, 2, 2] = HEIGHT_WIDTH[1]
     np.save(folder / "test_boxes.npy", boxes)
     sizes = np.load(folder / "test_image_sizes.npy")
     sizes[6, 1] = -500
     np.save(folder / "test_image_sizes.npy", sizes)
-    with pytest.raises(DataError, match=r"image 106 \(row 6\): image size 300 x -500 \(height x width\); sizes must be positive"):
+    with pytest.raises(
+        DataError, match=r"image 106 \(row 6\): image size 300 x -500 \(height x width\); sizes must be positive"
+    ):
         evaluate(model_dir, str(tmp_path), NAME, "test")
 
 
@@ -402,7 +478,10 @@ def test_non_finite_first_stage_scores_are_refused(setup):
     data_path, model_dir, captions = setup
     vsrn = np.random.default_rng(1).normal(size=(IMAGES, len(captions))).astype(np.float32)
     vsrn[6, 30:35] = np.nan
-    with pytest.raises(ScoreError, match=r"^the first-stage scores: 5 of the 320 scores are NaN or infinite, the first at image 6, caption 30"):
+    with pytest.raises(
+        ScoreError,
+        match=r"^the first-stage scores: 5 of the 320 scores are NaN or infinite, the first at image 6, caption 30",
+    ):
         evaluate(model_dir, data_path, NAME, "test", vsrn=vsrn, topk=3)
 
 
@@ -414,10 +493,15 @@ def test_non_finite_lxmert_scores_are_refused_at_once(setup, tmp_path, monkeypat
     model.save_pretrained(tmp_path / "diverged")
     shutil.copy(tmp_path / "lxmert" / "vocab.txt", tmp_path / "diverged")
     capsys.readouterr()
-    code = main(["--model", str(tmp_path / "diverged"), "--data_path", data_path, "--data_name", NAME, "--batch_size", "16"])
+    code = main(
+        ["--model", str(tmp_path / "diverged"), "--data_path", data_path, "--data_name", NAME, "--batch_size", "16"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: LXMERT's scores: ") and "of the last 16 pairs scored (of 16 so far) are NaN or infinite" in err
+    assert (
+        err.startswith("error: LXMERT's scores: ")
+        and "of the last 16 pairs scored (of 16 so far) are NaN or infinite" in err
+    )
 
 
 def test_pair_blocks_fill_whole_batches_however_sparse_the_rows():
@@ -437,7 +521,11 @@ def test_two_stage_batches_are_full(setup, monkeypatch):
     monkeypatch.setattr(scoring, "BATCHES_PER_BLOCK", 1)
     sizes = []
     score = PairScorer.score
-    monkeypatch.setattr(PairScorer, "score", lambda self, language, mask, vision: sizes.append(len(vision)) or score(self, language, mask, vision))
+    monkeypatch.setattr(
+        PairScorer,
+        "score",
+        lambda self, language, mask, vision: sizes.append(len(vision)) or score(self, language, mask, vision),
+    )
     vsrn = np.random.default_rng(1).normal(size=(IMAGES, len(captions))).astype(np.float32)
     evaluate(model_dir, data_path, NAME, "test", vsrn=vsrn, topk=2, batch_size=16)
     pairs = int((top_candidates(vsrn, 2, dim=1) | top_candidates(vsrn, 2, dim=0)).sum())
@@ -451,13 +539,19 @@ def test_model_path_that_is_no_folder_fails_at_once_without_the_hub(setup, tmp_p
     (tmp_path / "runs").mkdir()
     (tmp_path / "weights.bin").write_bytes(b"\0")
     expected = {
-        str(tmp_path / "absent"): "folder not found", "./lxmert-base": "folder not found", "runs/lxmert": "folder not found",
-        "a/b/c": "folder not found", "weights.bin": "a file, not a folder; LXMERT's weights are a folder (see docs/lxmert.md)",
+        str(tmp_path / "absent"): "folder not found",
+        "./lxmert-base": "folder not found",
+        "runs/lxmert": "folder not found",
+        "a/b/c": "folder not found",
+        "weights.bin": "a file, not a folder; LXMERT's weights are a folder (see docs/lxmert.md)",
     }
     for value, message in expected.items():
         assert main(["--model", value, "--data_path", data_path, "--data_name", NAME]) == 2
         assert capsys.readouterr().err == f"error: --model {value}: {message}\n"
-    assert main(["--model", str(setup[1]), "--tokenizer", "runs/vocab", "--data_path", data_path, "--data_name", NAME]) == 2
+    assert (
+        main(["--model", str(setup[1]), "--tokenizer", "runs/vocab", "--data_path", data_path, "--data_name", NAME])
+        == 2
+    )
     assert capsys.readouterr().err == "error: --tokenizer runs/vocab: folder not found\n"
 
 
@@ -469,14 +563,19 @@ def test_hub_name_is_tried_only_when_the_hub_is_reachable(setup, monkeypatch, ca
     def config_dict(value, local_files_only):
         calls.append(local_files_only)
         if local_files_only:
-            raise OSError(f"Cannot find the requested files in the disk cache\nand outgoing traffic has been disabled ({value})")
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand couldn't find them in the cached files.")
+            raise OSError(
+                f"Cannot find the requested files in the disk cache\nand outgoing traffic has been disabled ({value})"
+            )
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files,\n"
+            "and couldn't find them in the cached files."
+        )
 
     monkeypatch.setattr(import_transformers().PretrainedConfig, "get_config_dict", config_dict)
     assert main(args) == 2  # HF_HUB_OFFLINE=1: the cache alone, no connection
     assert capsys.readouterr().err == (
-        "error: --model unc-nlp/lxmert-base-uncased: no such folder, and not in the hub's cache (HF_HUB_OFFLINE is set); "
-        "download the weights into a folder and pass that (see docs/lxmert.md)\n"
+        "error: --model unc-nlp/lxmert-base-uncased: no such folder, and not in the hub's cache "
+        "(HF_HUB_OFFLINE is set); download the weights into a folder and pass that (see docs/lxmert.md)\n"
     )
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
@@ -497,7 +596,9 @@ def test_hub_reachability_is_a_quick_local_check(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     with monkeypatch.context() as patched:
-        patched.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("connected although HF_HUB_OFFLINE is set"))
+        patched.setattr(
+            socket, "create_connection", lambda *a, **k: pytest.fail("connected although HF_HUB_OFFLINE is set")
+        )
         assert not hub_reachable()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -513,7 +614,9 @@ def test_model_of_another_type_is_refused(setup, tmp_path):
     from transformers import BertConfig
 
     data_path, _, _ = setup
-    BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "bert")
+    BertConfig(
+        vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(CheckpointError, match=r"^--model .*/bert: a bert model \(config\.json\), not LXMERT$"):
         evaluate(str(tmp_path / "bert"), data_path, NAME, "test")
     untyped = tmp_path / "untyped"
@@ -527,7 +630,10 @@ def test_mode_help_says_averaged(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "cosine: cosine of the language and vision outputs, each averaged over its positions" in out and "pooled" not in out
+    assert (
+        "cosine: cosine of the language and vision outputs, each averaged over its positions" in out
+        and "pooled" not in out
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,22 +653,43 @@ def own_pictures(tmp_path_factory):
         height, width = rng.randint(40, 80, size=2)
         Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "photos" / f"{name}.png")
     captions = root / "captions.tsv"
-    captions.write_text("dog\ta dog runs on the grass\nbeach\tthe water near a man\n\nstreet\ta red car on the street\n"
-                        "dog\ta dog with a ball\nbeach\ta woman sits near the water\n")
+    captions.write_text(
+        "dog\ta dog runs on the grass\nbeach\tthe water near a man\n\nstreet\ta red car on the street\n"
+        "dog\ta dog with a ball\nbeach\ta woman sits near the water\n"
+    )
     weights = root / "tiny_detector.bin"
     torch.save(tiny_detector_state_dict(), weights)
     return root / "photos", captions, str(weights), save_model(root / "lxmert", feat_dim=64)
 
 
-def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(own_pictures, tmp_path, monkeypatch, capsys):
+def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
+    own_pictures, tmp_path, monkeypatch, capsys
+):
     from detection import cache, pipeline
 
     photos, captions_file, weights, model_dir = own_pictures
     extracted = []
     batch = pipeline.extract_regions_batch
-    monkeypatch.setattr(pipeline, "extract_regions_batch", lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1])
+    monkeypatch.setattr(
+        pipeline,
+        "extract_regions_batch",
+        lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1],
+    )
     csv_path, json_path = tmp_path / "out" / "scores.csv", tmp_path / "scores.json"
-    args = ["--images", str(photos), "--captions", str(captions_file), "--detector", weights, "--model", model_dir, "--batch_size", "4", "--top", "0"]
+    args = [
+        "--images",
+        str(photos),
+        "--captions",
+        str(captions_file),
+        "--detector",
+        weights,
+        "--model",
+        model_dir,
+        "--batch_size",
+        "4",
+        "--top",
+        "0",
+    ]
     assert main(args + ["--save_scores", str(csv_path), str(json_path)]) == 0
     out = capsys.readouterr().out
     assert len(extracted) == 3
@@ -571,8 +698,18 @@ def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
     assert cache_path.startswith(os.environ["VSRN_CACHE"])
 
     record = json.loads(json_path.read_text())
-    captions = ["a dog runs on the grass", "the water near a man", "a red car on the street", "a dog with a ball", "a woman sits near the water"]
-    assert record["images"] == ["beach", "dog", "street"] and record["captions"] == captions and record["mode"] == "matched"
+    captions = [
+        "a dog runs on the grass",
+        "the water near a man",
+        "a red car on the street",
+        "a dog with a ball",
+        "a woman sits near the water",
+    ]
+    assert (
+        record["images"] == ["beach", "dog", "street"]
+        and record["captions"] == captions
+        and record["mode"] == "matched"
+    )
     scores = np.array(record["scores"])
     with open(csv_path, newline="") as f:
         table = list(csv.reader(f))
@@ -586,24 +723,36 @@ def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
     tokenizer = load_tokenizer(model_dir, len(VOCAB))
     ids, mask = caption_tokens(tokenizer, captions)
     for i, r in enumerate(regions.values()):
-        positions = torch.from_numpy(r["boxes"] / np.array([r["img_w"], r["img_h"], r["img_w"], r["img_h"]], dtype=np.float32))
+        positions = torch.from_numpy(
+            r["boxes"] / np.array([r["img_w"], r["img_h"], r["img_w"], r["img_h"]], dtype=np.float32)
+        )
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
-                           visual_feats=torch.from_numpy(r["features"])[None].expand(len(captions), -1, -1),
-                           visual_pos=positions[None].expand(len(captions), -1, -1)).cross_relationship_score
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                token_type_ids=torch.zeros_like(ids),
+                visual_feats=torch.from_numpy(r["features"])[None].expand(len(captions), -1, -1),
+                visual_pos=positions[None].expand(len(captions), -1, -1),
+            ).cross_relationship_score
         np.testing.assert_allclose(scores[i], torch.softmax(logits, -1)[:, 1].numpy(), atol=1e-5)
 
     # The rankings, best first, and recall against the file's ground truths.
     best = np.argsort(-scores[:, 0], kind="stable")
-    assert "Caption 1: a dog runs on the grass\n" + "".join(
-        f"  {k + 1:>3}. {record['images'][i]:<6}  {scores[i, 0]:.4f}\n" for k, i in enumerate(best)) in out
+    assert (
+        "Caption 1: a dog runs on the grass\n"
+        + "".join(f"  {k + 1:>3}. {record['images'][i]:<6}  {scores[i, 0]:.4f}\n" for k, i in enumerate(best))
+        in out
+    )
     assert f"Picture dog:\n    1. {scores[1].max():.4f}  {captions[int(np.argmax(scores[1]))]}\n" in out
     truth = np.array([1, 0, 2, 1, 0])
     i2t_ranks = [np.sum(scores[i] > scores[i, truth == i].max()) for i in range(3)]
     t2i_ranks = [np.sum(scores[:, j] > scores[truth[j], j]) for j in range(5)]
     expected = recall_metrics(i2t_ranks) + recall_metrics(t2i_ranks)
     assert "Recall against the ground truths of the caption file (3 pictures, 5 captions):" in out
-    assert "Image to text: %.1f %.1f %.1f %.1f %.1f" % expected[:5] in out and "Text to image: %.1f %.1f %.1f %.1f %.1f" % expected[5:] in out
+    assert (
+        "Image to text: %.1f %.1f %.1f %.1f %.1f" % expected[:5] in out
+        and "Text to image: %.1f %.1f %.1f %.1f %.1f" % expected[5:] in out
+    )
 
     # A second run reads the regions from the cache: nothing is extracted again.
     assert main(args + ["--save_scores", str(tmp_path / "again.json")]) == 0
@@ -616,8 +765,24 @@ def test_one_step_demo_with_plain_captions_has_no_recall(own_pictures, tmp_path,
     captions_file = tmp_path / "captions.txt"
     captions_file.write_text("a dog on the grass\na red car\n")
     monkeypatch.chdir(tmp_path)
-    assert main(["--images", str(photos / "dog.png"), str(photos / "street.png"), "--captions", str(captions_file),
-                 "--detector", weights, "--model", model_dir, "--mode", "cosine"]) == 0
+    assert (
+        main(
+            [
+                "--images",
+                str(photos / "dog.png"),
+                str(photos / "street.png"),
+                "--captions",
+                str(captions_file),
+                "--detector",
+                weights,
+                "--model",
+                model_dir,
+                "--mode",
+                "cosine",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Picture street:" in out and "Caption 2: a red car" in out and "Recall" not in out
     with open(tmp_path / "lxmert_scores.csv", newline="") as f:
@@ -634,16 +799,51 @@ def test_one_step_demo_bad_inputs_are_one_line(own_pictures, tmp_path, capsys):
     cases = {
         ("--images", str(photos)): "error: --images: needs --captions (see docs/lxmert.md)",
         (*base, "--captions", str(mixed)): f"error: {mixed}: line 2 has no image id and tab, unlike the lines before; "
-                                           "give every line as `caption` or every line as `image_id<TAB>caption`",
-        (*base, "--captions", str(unknown)): f"error: {unknown}: image id 'cat' is not a picture of --images (1 unknown ids)",
-        (*base, "--captions", str(captions_file), "--save_scores", "s.npy"): "error: --save_scores s.npy: expected a .csv or .json file",
-        (*base, "--captions", str(captions_file), "--topk", "3"): "error: --topk: belongs to a split's evaluation, not to --images",
-        ("--images", str(photos), "--captions", str(captions_file), "--detector", str(tmp_path / "absent.bin"), "--model", model_dir):
-            f"error: --detector {tmp_path / 'absent.bin'}: detector weights not found (see docs/regions.md)",
-        ("--images", str(tmp_path / "nothing"), "--captions", str(captions_file), "--detector", weights, "--model", model_dir):
-            f"error: --images {tmp_path / 'nothing'}: no such file or folder",
-        ("--model", model_dir): "error: --data_path and --data_name name the split to evaluate; or match your own pictures with "
-                                "--images DIR --captions FILE --detector WEIGHTS",
+        "give every line as `caption` or every line as `image_id<TAB>caption`",
+        (
+            *base,
+            "--captions",
+            str(unknown),
+        ): f"error: {unknown}: image id 'cat' is not a picture of --images (1 unknown ids)",
+        (
+            *base,
+            "--captions",
+            str(captions_file),
+            "--save_scores",
+            "s.npy",
+        ): "error: --save_scores s.npy: expected a .csv or .json file",
+        (
+            *base,
+            "--captions",
+            str(captions_file),
+            "--topk",
+            "3",
+        ): "error: --topk: belongs to a split's evaluation, not to --images",
+        (
+            "--images",
+            str(photos),
+            "--captions",
+            str(captions_file),
+            "--detector",
+            str(tmp_path / "absent.bin"),
+            "--model",
+            model_dir,
+        ): f"error: --detector {tmp_path / 'absent.bin'}: detector weights not found (see docs/regions.md)",
+        (
+            "--images",
+            str(tmp_path / "nothing"),
+            "--captions",
+            str(captions_file),
+            "--detector",
+            weights,
+            "--model",
+            model_dir,
+        ): f"error: --images {tmp_path / 'nothing'}: no such file or folder",
+        (
+            "--model",
+            model_dir,
+        ): "error: --data_path and --data_name name the split to evaluate; or match your own pictures with "
+        "--images DIR --captions FILE --detector WEIGHTS",
     }
     for args, message in cases.items():
         assert main(list(args)) == 2
@@ -656,4 +856,7 @@ def test_a_bad_vsrn_checkpoint_is_one_line(setup, tmp_path, capsys):
     path.write_bytes(bytes(range(256)) * 8)
     code = main(["--model", model_dir, "--data_path", data_path, "--data_name", NAME, "--vsrn", str(path)])
     assert code == 2
-    assert error_line(capsys) == f"error: {path}: not a PyTorch checkpoint (torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
+    assert (
+        error_line(capsys) == f"error: {path}: not a PyTorch checkpoint "
+        "(torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
+    )

@@ -130,7 +130,10 @@ def test_order_similarity():
 
 def caption_batch(vocab_size, lengths, max_len):
     generator = torch.Generator().manual_seed(1)
-    captions = [torch.cat([torch.tensor([1]), torch.randint(4, vocab_size, (n - 2,), generator=generator), torch.tensor([2])]) for n in lengths]
+    captions = [
+        torch.cat([torch.tensor([1]), torch.randint(4, vocab_size, (n - 2,), generator=generator), torch.tensor([2])])
+        for n in lengths
+    ]
     labels, masks = zip(*(caption_branch_target(c, max_len) for c in captions))
     return torch.stack(labels), torch.stack(masks)
 
@@ -170,12 +173,24 @@ def test_state_dict_keys_are_the_originals():
     model = VSRN(make_opt(data_name="f30k_precomp"))
     img, txt, cap = model.state_dict()
     assert sorted(txt) == ["embed.weight", "rnn.bias_hh_l0", "rnn.bias_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
-    assert {"fc.weight", "Rs_GCN_4.W.1.running_var", "Rs_GCN_1.theta.weight", "bn.weight", "img_rnn.weight_hh_l0"} <= set(img)
+    assert {
+        "fc.weight",
+        "Rs_GCN_4.W.1.running_var",
+        "Rs_GCN_1.theta.weight",
+        "bn.weight",
+        "img_rnn.weight_hh_l0",
+    } <= set(img)
     assert sorted(cap) == sorted(
         ["encoder.vid2hid.weight", "encoder.vid2hid.bias"]
         + [f"encoder.rnn.{k}" for k in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
-        + ["decoder.embedding.weight", "decoder.attention.linear1.weight", "decoder.attention.linear1.bias",
-           "decoder.attention.linear2.weight", "decoder.out.weight", "decoder.out.bias"]
+        + [
+            "decoder.embedding.weight",
+            "decoder.attention.linear1.weight",
+            "decoder.attention.linear1.bias",
+            "decoder.attention.linear2.weight",
+            "decoder.out.weight",
+            "decoder.out.bias",
+        ]
         + [f"decoder.rnn.{k}" for k in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
     )
 
@@ -187,7 +202,9 @@ def test_vsrn_updates_the_caption_branch_twice_by_default_each_parameter_listed_
     params = optimizer.param_groups[0]["params"]
     assert len(params) == len({id(p) for p in params}) == sum(1 for m in model.modules() for _ in m.parameters())
     assert {id(p) for p in optimizer.caption_params} == {id(p) for p in model.caption_model.parameters()}
-    assert {id(p) for p in optimizer.retrieval_params} == {id(p) for m in (model.img_enc, model.txt_enc) for p in m.parameters()}
+    assert {id(p) for p in optimizer.retrieval_params} == {
+        id(p) for m in (model.img_enc, model.txt_enc) for p in m.parameters()
+    }
     assert VSRN(make_opt(caption_updates=1)).optimizer.caption_updates == 1
     assert VSRN(make_opt(), training=False).optimizer is None
 
@@ -208,7 +225,10 @@ def test_load_state_dict_accepts_two_part_lists_and_names_mismatches():
     target.load_state_dict(source.state_dict()[:2])
     torch.testing.assert_close(target.txt_enc.embed.weight, source.txt_enc.embed.weight)
     other_vocab = VSRN(make_opt(vocab_size=70))
-    with pytest.raises(CheckpointError, match=r"txt_enc.embed.weight has shape \(60, 16\), the model expects \(70, 16\) \(vocabulary size"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"txt_enc.embed.weight has shape \(60, 16\), the model expects \(70, 16\) \(vocabulary size",
+    ):
         other_vocab.load_state_dict(source.state_dict(), source="x.pth.tar")
     with pytest.raises(CheckpointError, match="img_enc does not fit this model"):
         VSRN(make_opt(data_name="f30k_precomp")).load_state_dict(source.state_dict())

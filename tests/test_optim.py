@@ -1,4 +1,5 @@
 """The original's optimizer: Adam over a list holding the caption branch twice, clipping included."""
+
 import pytest
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ def test_caption_repeating_adam_equals_adam_over_the_originals_list(caption_upda
     shapes = {"img": (4, 3), "txt": (5,), "decoder": (3, 2), "encoder": (6,)}
     ours = {k: nn.Parameter(torch.randn(s)) for k, s in shapes.items()}
     theirs = {k: nn.Parameter(p.detach().clone()) for k, p in ours.items()}
-    optimizer = CaptionRepeatingAdam([ours["img"], ours["txt"]], [ours["decoder"], ours["encoder"]], 0.01, caption_updates)
+    optimizer = CaptionRepeatingAdam(
+        [ours["img"], ours["txt"]], [ours["decoder"], ours["encoder"]], 0.01, caption_updates
+    )
     # The original's list: text and image encoders, decoder, encoder, then the caption model (encoder, decoder).
     listed = [theirs["txt"], theirs["img"], theirs["decoder"], theirs["encoder"]]
     listed += [theirs["encoder"], theirs["decoder"]] * (caption_updates - 1)
@@ -48,7 +51,9 @@ def test_caption_repeating_adam_equals_adam_over_the_originals_list(caption_upda
         torch.testing.assert_close(norm, expected_norm)
         for k in shapes:
             torch.testing.assert_close(ours[k].grad, theirs[k].grad, rtol=1e-6, atol=1e-7, msg=f"{k} grad, step {step}")
-            torch.testing.assert_close(ours[k].detach(), theirs[k].detach(), rtol=1e-6, atol=1e-7, msg=f"{k}, step {step}")
+            torch.testing.assert_close(
+                ours[k].detach(), theirs[k].detach(), rtol=1e-6, atol=1e-7, msg=f"{k}, step {step}"
+            )
     steps = {k: int(optimizer.adam.state[p]["step"]) for k, p in ours.items()}
     assert steps == {"img": 3, "txt": 3, "decoder": 3 * caption_updates, "encoder": 3 * caption_updates}
     assert all(ours[k].grad is not None for k in shapes)

@@ -11,7 +11,7 @@ def order_scores(im, s):
     return -np.sqrt((np.clip(s[None] - im[:, None], 0, None) ** 2).sum(2))
 
 
-SCORES = {'cosine': dot_scores, 'order': order_scores}
+SCORES = {"cosine": dot_scores, "order": order_scores}
 
 
 def tie_free(sims):
@@ -20,12 +20,14 @@ def tie_free(sims):
     own = sims.reshape(n, n, 5)[np.arange(n), np.arange(n)]
     best_own = own.max(1, keepdims=True)
     caption_truth = sims[np.arange(5 * n) // 5, np.arange(5 * n)]
-    return all([
-        ((sims == best_own).sum(1) == (own == best_own).sum(1)).all(),
-        ((sims == sims.max(1, keepdims=True)).sum(1) == 1).all(),
-        ((sims == caption_truth).sum(0) == 1).all(),
-        ((sims == sims.max(0)).sum(0) == 1).all(),
-    ])
+    return all(
+        [
+            ((sims == best_own).sum(1) == (own == best_own).sum(1)).all(),
+            ((sims == sims.max(1, keepdims=True)).sum(1) == 1).all(),
+            ((sims == caption_truth).sum(0) == 1).all(),
+            ((sims == sims.max(0)).sum(0) == 1).all(),
+        ]
+    )
 
 
 def exact_embeddings(seed, n_images, dim, score=dot_scores):
@@ -36,7 +38,7 @@ def exact_embeddings(seed, n_images, dim, score=dot_scores):
     chunked GEMMs then agree to the bit whatever their summation order.
     """
     rng = np.random.default_rng(seed)
-    bound = int(2 ** 11 / np.sqrt(dim))
+    bound = int(2**11 / np.sqrt(dim))
     while True:
         images = np.repeat(rng.integers(-bound, bound + 1, (n_images, dim)), 5, axis=0)
         captions = rng.integers(-bound, bound + 1, (5 * n_images, dim))
@@ -60,8 +62,8 @@ def assert_same(fast, loop):
     np.testing.assert_array_equal(top1, expected_top1)
 
 
-@pytest.mark.parametrize('measure', ['cosine', 'order'])
-@pytest.mark.parametrize('n_images, dim', [(1, 8), (7, 8), (7, 32), (100, 32)])
+@pytest.mark.parametrize("measure", ["cosine", "order"])
+@pytest.mark.parametrize("n_images, dim", [(1, 8), (7, 8), (7, 32), (100, 32)])
 def test_matches_loop(n_images, dim, measure):
     score = SCORES[measure]
     images, captions = exact_embeddings(0, n_images, dim, score)
@@ -71,24 +73,20 @@ def test_matches_loop(n_images, dim, measure):
         assert fast(images, captions, measure=measure) == result[0]
 
 
-@pytest.mark.parametrize('measure', ['cosine', 'order'])
-@pytest.mark.parametrize('chunk_elements', [1, 7 * 5 * 40, 3 * 200 * 16])
+@pytest.mark.parametrize("measure", ["cosine", "order"])
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 5 * 40, 3 * 200 * 16])
 def test_chunked_matches_loop(monkeypatch, chunk_elements, measure):
     score = SCORES[measure]
     images, captions = exact_embeddings(3, 40, 16, score)
-    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', chunk_elements)
-    assert_same(i2t(images, captions, measure=measure, return_ranks=True),
-                loop_i2t(images, captions, 40, score))
-    assert_same(t2i(images, captions, measure=measure, return_ranks=True),
-                loop_t2i(images, captions, 40, score))
+    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", chunk_elements)
+    assert_same(i2t(images, captions, measure=measure, return_ranks=True), loop_i2t(images, captions, 40, score))
+    assert_same(t2i(images, captions, measure=measure, return_ranks=True), loop_t2i(images, captions, 40, score))
 
 
 def test_npts_queries_a_prefix_against_all_targets():
     images, captions = exact_embeddings(5, 30, 8)
-    assert_same(i2t(images, captions, npts=12, return_ranks=True),
-                loop_i2t(images, captions, 12, dot_scores))
-    assert_same(t2i(images, captions, npts=12, return_ranks=True),
-                loop_t2i(images, captions, 12, dot_scores))
+    assert_same(i2t(images, captions, npts=12, return_ranks=True), loop_i2t(images, captions, 12, dot_scores))
+    assert_same(t2i(images, captions, npts=12, return_ranks=True), loop_t2i(images, captions, 12, dot_scores))
 
 
 def test_continuous_scores_match_loop(monkeypatch):
@@ -96,7 +94,7 @@ def test_continuous_scores_match_loop(monkeypatch):
     sims = rng.random((60, 300), dtype=np.float32)
     assert tie_free(sims)
     images, captions = one_hot_embeddings(sims)
-    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 4000)
+    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 4000)
     assert_same(i2t(images, captions, return_ranks=True), loop_i2t(images, captions, 60, dot_scores))
     assert_same(t2i(images, captions, return_ranks=True), loop_t2i(images, captions, 60, dot_scores))
 
@@ -111,10 +109,8 @@ def test_ensemble_sims_match_loop_on_averaged_scores():
     def averaged_scores(im, s):
         return (im[:, :dim] @ s[:, :dim].T + im[:, dim:] @ s[:, dim:].T) / 2
 
-    assert_same(i2t(*model1, sims=sims, return_ranks=True),
-                loop_i2t(images, captions, 50, averaged_scores))
-    assert_same(t2i(*model1, sims=sims.numpy(), return_ranks=True),
-                loop_t2i(images, captions, 50, averaged_scores))
+    assert_same(i2t(*model1, sims=sims, return_ranks=True), loop_i2t(images, captions, 50, averaged_scores))
+    assert_same(t2i(*model1, sims=sims.numpy(), return_ranks=True), loop_t2i(images, captions, 50, averaged_scores))
 
 
 def hand_made_sims():
@@ -183,13 +179,13 @@ def test_similarity_of_normalised_floats():
     sims = similarity(images.astype(np.float32), captions.astype(np.float32))
     assert sims.dtype == torch.float32 and sims.shape == (20, 100)
     np.testing.assert_allclose(sims.numpy(), images[::5] @ captions.T, rtol=0, atol=1e-6)
-    order = similarity(images, captions, measure='order')
+    order = similarity(images, captions, measure="order")
     np.testing.assert_allclose(order.numpy(), order_scores(images[::5], captions), rtol=0, atol=1e-6)
 
 
 def test_unknown_measure():
-    with pytest.raises(ValueError, match='measure'):
-        similarity(np.zeros((5, 2)), np.zeros((5, 2)), measure='euclidean')
+    with pytest.raises(ValueError, match="measure"):
+        similarity(np.zeros((5, 2)), np.zeros((5, 2)), measure="euclidean")
 
 
 def test_exact_ties_count_optimistically():
@@ -205,14 +201,17 @@ def test_exact_ties_count_optimistically():
     assert ranks_t2i(sims)[0][5] == 0
 
 
-@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_scores_are_refused_with_count_and_place(monkeypatch, value):
     """A NaN compares neither above nor below: ranked, a NaN row would count as an R@1 hit."""
-    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 40)  # several chunks: the count and place span them
+    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 40)  # several chunks: the count and place span them
     sims = np.random.default_rng(0).normal(size=(6, 30)).astype(np.float32)
     sims[4, 7] = sims[4, 21] = sims[5, 0] = value
     for rank in (i2t, t2i):
-        with pytest.raises(evaluation.ScoreError, match=r"^the similarity: 3 of the 180 scores are NaN or infinite, the first at image 4, caption 7 "):
+        with pytest.raises(
+            evaluation.ScoreError,
+            match=r"^the similarity: 3 of the 180 scores are NaN or infinite, the first at image 4, caption 7 ",
+        ):
             rank(None, None, sims=sims)
     with pytest.raises(evaluation.ScoreError, match=r"^VSRN's: 3 of the 180"):
         ranks_t2i(torch.from_numpy(sims), "VSRN's")
@@ -226,7 +225,9 @@ def test_ranks_with_caption_images_of_any_layout_match_loop():
     rng = np.random.default_rng(3)
     sims = torch.from_numpy(rng.normal(size=(4, 9)))
     caption_images = [2, 0, 1, 3, 0, 2, 2, 1, 3]
-    i2t_ranks = [np.sum(sims[i].numpy() > max(sims[i, j] for j in range(9) if caption_images[j] == i).item()) for i in range(4)]
+    i2t_ranks = [
+        np.sum(sims[i].numpy() > max(sims[i, j] for j in range(9) if caption_images[j] == i).item()) for i in range(4)
+    ]
     t2i_ranks = [np.sum(sims[:, j].numpy() > sims[caption_images[j], j].item()) for j in range(9)]
     np.testing.assert_array_equal(ranks_i2t(sims, caption_images=caption_images)[0], i2t_ranks)
     np.testing.assert_array_equal(ranks_t2i(sims, caption_images=caption_images)[0], t2i_ranks)

@@ -1,4 +1,5 @@
 """Crash safety, signals, NaN, determinism across resume, and one-line errors for bad input."""
+
 import os
 import shutil
 import signal
@@ -42,7 +43,9 @@ def error_line(capsys):
 def start_training(args, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", VSRN_CACHE=str(tmp_path / "cache"))
     log = open(tmp_path / "train.log", "w")
-    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     return process, tmp_path / "train.log"
 
 
@@ -62,7 +65,9 @@ def wait_for(log_path, text, process, timeout=120):
 def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signum):
     data_path, vocab_path = toy_data
     run = tmp_path / "run"
-    process, log = start_training(train_args(data_path, vocab_path, run, "--num_epochs", "3", "--workers", "1"), tmp_path)
+    process, log = start_training(
+        train_args(data_path, vocab_path, run, "--num_epochs", "3", "--workers", "1"), tmp_path
+    )
     wait_for(log, "Epoch: [0][9/25]", process)
     process.send_signal(signum)
     assert process.wait(timeout=120) == 128 + signum
@@ -128,8 +133,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_data, tmp_path,
     [
         (lambda f: os.remove(f"{f}/train_ims.npy"), "train_ims.npy: not found; expected the precomputed layout"),
         (lambda f: _drop_last_caption(f"{f}/train_caps.txt"), "train_caps.txt: 399 captions for the 80 images"),
-        (lambda f: np.save(f"{f}/train_ims.npy", np.zeros((80, 32), np.float32)), "expected 3-D (num_images, regions, img_dim)"),
-        (lambda f: np.save(f"{f}/train_ims.npy", np.zeros((80, 36, 16), np.float32)), "16 dims per region; --img_dim is 32"),
+        (
+            lambda f: np.save(f"{f}/train_ims.npy", np.zeros((80, 32), np.float32)),
+            "expected 3-D (num_images, regions, img_dim)",
+        ),
+        (
+            lambda f: np.save(f"{f}/train_ims.npy", np.zeros((80, 36, 16), np.float32)),
+            "16 dims per region; --img_dim is 32",
+        ),
         (lambda f: _replace_line(f"{f}/train_caps.txt", 7, b"a caf\xe9"), "train_caps.txt: line 7 is not UTF-8 text"),
     ],
     ids=["missing-split", "caption-count", "feature-rank", "img-dim", "not-utf8"],
@@ -175,7 +186,10 @@ def test_empty_caption_lines_warn_and_training_goes_on(toy_copy, tmp_path):
         (("--dim_vid", "16"), "--dim_vid 16 must equal --embed_size 32"),
         (("--data_name", "f30k"), "--data_name f30k: only precomputed features"),
         (("--data_name", "coco_precomp"), "/coco_precomp: dataset folder not found; expected coco_precomp/"),
-        (("--vocab_path", "/no/vocab"), "/no/vocab/toy_precomp_vocab.json: vocabulary not found (nor .pkl); build it with: python3 vocab.py"),
+        (
+            ("--vocab_path", "/no/vocab"),
+            "/no/vocab/toy_precomp_vocab.json: vocabulary not found (nor .pkl); build it with: python3 vocab.py",
+        ),
         (("--resume", "nowhere.pth.tar"), "nowhere.pth.tar: checkpoint not found"),
         (("--device", "gpu"), "--device gpu: expected cpu or cuda"),
     ],
@@ -215,8 +229,10 @@ def test_evaluate_models_blocks_honour_their_vocab_path(toy_data, trained, tmp_p
     data_path, vocab_path = toy_data
     words = load_vocab(os.path.join(vocab_path, "toy_precomp_vocab.json")).idx2word
     other = tmp_path / "vocab"
-    save_vocab(vocabulary_from_words([words[i] for i in range(4)] + [words[i] for i in reversed(range(4, len(words)))]),
-               str(other / "toy_precomp_vocab.json"))
+    save_vocab(
+        vocabulary_from_words([words[i] for i in range(4)] + [words[i] for i in reversed(range(4, len(words)))]),
+        str(other / "toy_precomp_vocab.json"),
+    )
     block = dict(model_paths=(trained,), data_path=data_path, vocab_path=str(other), split="test", fold5=False)
     monkeypatch.setattr(evaluate_models, "RUN", [block])
     assert evaluate_models.main([]) == 2  # the block's vocabulary is read, and it is not the checkpoint's
@@ -226,13 +242,20 @@ def test_evaluate_models_blocks_honour_their_vocab_path(toy_data, trained, tmp_p
     assert "rsum:" in capsys.readouterr().out
     monkeypatch.setattr(evaluate_models, "RUN", [dict(block, vocab=vocab_path)])
     assert evaluate_models.main([]) == 2
-    assert error_line(capsys) == ("error: evaluate_models.py: a block has the unknown key(s) vocab; "
-                                  "its keys are model_paths, data_path, vocab_path, split, fold5")
+    assert error_line(capsys) == (
+        "error: evaluate_models.py: a block has the unknown key(s) vocab; "
+        "its keys are model_paths, data_path, vocab_path, split, fold5"
+    )
 
 
 def test_evaluation_split_checks(toy_copy, trained, capsys):
     data_path, vocab_path, folder = toy_copy
-    assert evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--fold5", "--split", "test", trained]) == 2
+    assert (
+        evaluate_models.main(
+            ["--data_path", data_path, "--vocab_path", vocab_path, "--fold5", "--split", "test", trained]
+        )
+        == 2
+    )
     assert "fold5 needs 5 folds of 5000 captions; the test split of toy_precomp has 100" in error_line(capsys)
     np.save(f"{folder}/test_ims.npy", np.load(f"{folder}/test_ims.npy")[:19])
     _drop_last_caption(f"{folder}/test_caps.txt")

@@ -1,5 +1,6 @@
 """Torch's CPU threads spin briefly, then sleep, in every entry script (utils/threads.py), unless the user
 says otherwise: the setting must be in the environment when torch first loads OpenMP."""
+
 import json
 import os
 import subprocess
@@ -68,7 +69,9 @@ def test_entry_script_keeps_the_users_setting():
     assert seen == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000", "KMP_BLOCKTIME": None}
 
 
-@pytest.mark.parametrize("name, value", [("OMP_WAIT_POLICY", "active"), ("GOMP_SPINCOUNT", "1000"), ("KMP_BLOCKTIME", "0")])
+@pytest.mark.parametrize(
+    "name, value", [("OMP_WAIT_POLICY", "active"), ("GOMP_SPINCOUNT", "1000"), ("KMP_BLOCKTIME", "0")]
+)
 def test_wait_briefly_keeps_any_wait_setting(name, value):
     environ = {name: value}
     wait_briefly(environ)
@@ -99,7 +102,9 @@ print(json.dumps(time.process_time() - start))
 def idle_cpu_seconds(**user_settings):
     env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS + ("OMP_NUM_THREADS",)}
     env.update(user_settings)
-    out = subprocess.run([sys.executable, "-c", IDLE_CPU], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", IDLE_CPU], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

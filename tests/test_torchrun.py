@@ -1,4 +1,5 @@
 """train.py under torchrun (gloo, 2 processes): a failing process, SIGTERM and kill -9 on the launcher."""
+
 import os
 import signal
 import subprocess
@@ -21,8 +22,18 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def args_for(data_path, vocab_path, run, *extra):
-    return ["--data_path", data_path, "--vocab_path", vocab_path, "--logger_name", str(run), *SMALL,
-            "--input_dropout_p", "0", *extra]
+    return [
+        "--data_path",
+        data_path,
+        "--vocab_path",
+        vocab_path,
+        "--logger_name",
+        str(run),
+        *SMALL,
+        "--input_dropout_p",
+        "0",
+        *extra,
+    ]
 
 
 def start_torchrun(args, tmp_path):
@@ -49,7 +60,9 @@ def test_a_failing_process_ends_the_job_with_its_message(toy_copy, tmp_path):  #
     data_path, vocab_path, folder = toy_copy
     # An image whose captions in the first global batch all fall in rank 1's share: rank 1 alone fails.
     opt, _ = train.parse_options(args_for(data_path, vocab_path, tmp_path / "run"))
-    dataset = PrecompDataset(folder, "train", load_vocab_by_name(vocab_path, "toy_precomp", data_path), opt.max_len, opt.img_dim)
+    dataset = PrecompDataset(
+        folder, "train", load_vocab_by_name(vocab_path, "toy_precomp", data_path), opt.max_len, opt.img_dim
+    )
     lengths = np.diff(dataset.offsets)
     shares = [list(GlobalBatchShareSampler(len(dataset), opt.seed, lengths, 16, rank, 2))[:8] for rank in (0, 1)]
     image = next(i // 5 for i in shares[1] if all(j // 5 != i // 5 for j in shares[0]))
@@ -68,7 +81,12 @@ def test_a_failing_process_ends_the_job_with_its_message(toy_copy, tmp_path):  #
     assert "rank      : 1" in text.split("Root Cause")[1]  # torchrun names rank 1 as the first failure
 
 
-def test_sigterm_to_torchrun_stops_both_at_one_step_and_one_process_resumes(toy_data, tmp_path, monkeypatch, one_thread):  # noqa: F811
+def test_sigterm_to_torchrun_stops_both_at_one_step_and_one_process_resumes(
+    toy_data,
+    tmp_path,
+    monkeypatch,
+    one_thread,  # noqa: F811
+):
     data_path, vocab_path = toy_data
     run = tmp_path / "run"
     args = args_for(data_path, vocab_path, run, "--num_epochs", "2", "--log_step", "1")
@@ -92,7 +110,9 @@ def test_sigterm_to_torchrun_stops_both_at_one_step_and_one_process_resumes(toy_
     first = {tag: events.Scalars(tag)[0] for tag in ("Le", "Le_retrieval", "Le_caption")}
     single = {}
     install_probes(monkeypatch.setattr, single, frozen_bn=False, stop_at=1)
-    assert train.main(args_for(data_path, vocab_path, tmp_path / "single", "--num_epochs", "2")) == 143  # the probe's stop
+    assert (
+        train.main(args_for(data_path, vocab_path, tmp_path / "single", "--num_epochs", "2")) == 143
+    )  # the probe's stop
     for tag, event in first.items():
         assert event.step == 1 and event.value == pytest.approx(single["losses"][0][tag], rel=1e-6)
 

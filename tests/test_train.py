@@ -1,4 +1,5 @@
 """End to end: vocab.py -> train.py -> evalrank on generated toy data; resume; stop; errors."""
+
 import contextlib
 import os
 
@@ -13,9 +14,32 @@ from utils.checkpoint import load_checkpoint
 from vocab import load_vocab_by_name, vocab_digest
 
 SMALL = [
-    "--data_name", "toy_precomp", "--img_dim", "32", "--embed_size", "32", "--dim_vid", "32", "--word_dim", "16",
-    "--dim_hidden", "16", "--dim_word", "16", "--max_len", "20", "--batch_size", "16", "--workers", "0",
-    "--learning_rate", "0.002", "--log_step", "5", "--seed", "1",
+    "--data_name",
+    "toy_precomp",
+    "--img_dim",
+    "32",
+    "--embed_size",
+    "32",
+    "--dim_vid",
+    "32",
+    "--word_dim",
+    "16",
+    "--dim_hidden",
+    "16",
+    "--dim_word",
+    "16",
+    "--max_len",
+    "20",
+    "--batch_size",
+    "16",
+    "--workers",
+    "0",
+    "--learning_rate",
+    "0.002",
+    "--log_step",
+    "5",
+    "--seed",
+    "1",
 ]
 
 
@@ -25,7 +49,16 @@ def toy_run(toy_data, tmp_path):
     data_path, vocab_path = toy_data
 
     def args(*extra, name="run"):
-        return ["--data_path", data_path, "--vocab_path", vocab_path, "--logger_name", str(tmp_path / name), *SMALL, *extra]
+        return [
+            "--data_path",
+            data_path,
+            "--vocab_path",
+            vocab_path,
+            "--logger_name",
+            str(tmp_path / name),
+            *SMALL,
+            *extra,
+        ]
 
     return args
 
@@ -58,7 +91,12 @@ def recorded_losses(monkeypatch):
 def test_vocab_train_evaluate_learns_well_above_chance(toy_data, tmp_path):
     data_path, _ = toy_data
     vocab_path = str(tmp_path / "vocab")
-    assert vocab_module.main(["--data_path", data_path, "--data_name", "toy_precomp", "--vocab_path", vocab_path, "--threshold", "1"]) == 0
+    assert (
+        vocab_module.main(
+            ["--data_path", data_path, "--data_name", "toy_precomp", "--vocab_path", vocab_path, "--threshold", "1"]
+        )
+        == 0
+    )
     run = str(tmp_path / "run")
     args = ["--data_path", data_path, "--vocab_path", vocab_path, "--logger_name", run, *SMALL, "--num_epochs", "4"]
     assert train.main(args) == 0
@@ -172,7 +210,10 @@ def test_resume_from_an_original_release_checkpoint(toy_run, tmp_path, capsys):
         assert train.main(toy_run("--num_epochs", "2", "--resume", path, name="mid")) == 143
     resumed = final_state(str(tmp_path / "mid"))
     assert (resumed["Eiters"], resumed["next_epoch"], resumed["next_batch"]) == (14, 1, 1)
-    assert "Eiters 13 is not a whole number of epochs of 25 batches: saved during epoch 0, which counts as finished; continuing with epoch 1" in capsys.readouterr().err
+    assert (
+        "Eiters 13 is not a whole number of epochs of 25 batches: saved during epoch 0, which counts as finished; "
+        "continuing with epoch 1" in capsys.readouterr().err
+    )
 
 
 def test_checkpoints_record_the_vocabulary_and_resume_keeps_their_caption_updates(toy_run, toy_data, tmp_path):
@@ -212,7 +253,19 @@ def test_demo_preset_yields_to_explicit_flags():
 
 def test_demo_generates_data_and_vocabulary(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["--demo", "--num_epochs", "1", "--img_dim", "32", "--embed_size", "32", "--dim_vid", "32", "--batch_size", "128"]
+    args = [
+        "--demo",
+        "--num_epochs",
+        "1",
+        "--img_dim",
+        "32",
+        "--embed_size",
+        "32",
+        "--dim_vid",
+        "32",
+        "--batch_size",
+        "128",
+    ]
     assert train.main(args) == 0
     assert os.path.isfile(tmp_path / "data" / "toy_precomp" / "train_ims.npy")
     assert os.path.isfile(tmp_path / "vocab" / "toy_precomp_vocab.json")

@@ -26,12 +26,26 @@ def image_arrays(seed):
 
 def lxmert_line(image_id, height, width, boxes, features, num_boxes=BOXES):
     ids, conf = np.arange(num_boxes), np.linspace(0, 1, num_boxes)
-    return "\t".join([str(image_id), str(height), str(width), b64(ids, np.int64), b64(conf, np.float32), b64(ids, np.int64),
-                      b64(conf, np.float32), str(num_boxes), b64(boxes, np.float32), b64(features, np.float32)])
+    return "\t".join(
+        [
+            str(image_id),
+            str(height),
+            str(width),
+            b64(ids, np.int64),
+            b64(conf, np.float32),
+            b64(ids, np.int64),
+            b64(conf, np.float32),
+            str(num_boxes),
+            b64(boxes, np.float32),
+            b64(features, np.float32),
+        ]
+    )
 
 
 def bottom_up_line(image_id, height, width, boxes, features, num_boxes=BOXES):
-    return "\t".join([str(image_id), str(width), str(height), str(num_boxes), b64(boxes, np.float32), b64(features, np.float32)])
+    return "\t".join(
+        [str(image_id), str(width), str(height), str(num_boxes), b64(boxes, np.float32), b64(features, np.float32)]
+    )
 
 
 def write(path, lines):
@@ -46,7 +60,10 @@ def caption_lines(ids, per_image=5):
 @pytest.fixture
 def images():
     """id -> (height, width, boxes, features)"""
-    return {image_id: (100 + n, 200 + n, *image_arrays(n)) for n, image_id in enumerate(["7", "42", "COCO_val2014_000000000003"])}
+    return {
+        image_id: (100 + n, 200 + n, *image_arrays(n))
+        for n, image_id in enumerate(["7", "42", "COCO_val2014_000000000003"])
+    }
 
 
 def run(tmp_path, tsv_paths, captions, **kwargs):
@@ -100,10 +117,21 @@ def test_first_five_captions_in_file_order_and_flickr_ids(tmp_path, images):
 
 def karpathy_document():
     def image(filename, split, cocoid, count=5):
-        return {"filename": filename, "split": split, "cocoid": cocoid,
-                "sentences": [{"raw": f"{cocoid} says\n {k}", "tokens": []} for k in range(count)]}
-    return {"images": [image("COCO_val2014_000000000007.jpg", "test", 7, 6), image("COCO_val2014_000000000042.jpg", "val", 42),
-                       image("COCO_val2014_000000000003.jpg", "restval", 3)], "dataset": "coco"}
+        return {
+            "filename": filename,
+            "split": split,
+            "cocoid": cocoid,
+            "sentences": [{"raw": f"{cocoid} says\n {k}", "tokens": []} for k in range(count)],
+        }
+
+    return {
+        "images": [
+            image("COCO_val2014_000000000007.jpg", "test", 7, 6),
+            image("COCO_val2014_000000000042.jpg", "val", 42),
+            image("COCO_val2014_000000000003.jpg", "restval", 3),
+        ],
+        "dataset": "coco",
+    }
 
 
 def test_karpathy_split_selects_images_and_skips_other_splits(tmp_path, images):
@@ -120,8 +148,10 @@ def test_karpathy_split_selects_images_and_skips_other_splits(tmp_path, images):
 
 def test_coco_caption_annotations(tmp_path, images):
     ids = list(images)[:2]
-    document = {"images": [{"id": int(i), "file_name": f"COCO_val2014_{int(i):012d}.jpg"} for i in ids],
-                "annotations": [{"id": n, "image_id": int(ids[n % 2]), "caption": f"cap {n}"} for n in range(12)]}
+    document = {
+        "images": [{"id": int(i), "file_name": f"COCO_val2014_{int(i):012d}.jpg"} for i in ids],
+        "annotations": [{"id": n, "image_id": int(ids[n % 2]), "caption": f"cap {n}"} for n in range(12)],
+    }
     path = tmp_path / "captions_val2014.json"
     path.write_text(json.dumps(document))
     tsv = write(tmp_path / "a.tsv", [lxmert_line(f"COCO_val2014_{int(i):012d}", *images[i]) for i in reversed(ids)])
@@ -134,8 +164,25 @@ def errors_of(tmp_path, capsys, tsv_lines, caption_lines_, extra=()):
     tsv = write(tmp_path / "a.tsv", tsv_lines)
     captions = write(tmp_path / "caps.txt", caption_lines_)
     data_path = tmp_path / "data"
-    code = main(["--tsv", tsv, "--captions", captions, "--data_path", str(data_path), "--data_name", "x_precomp",
-                 "--split", "test", "--num_boxes", str(BOXES), "--feature_dim", str(DIM), *extra])
+    code = main(
+        [
+            "--tsv",
+            tsv,
+            "--captions",
+            captions,
+            "--data_path",
+            str(data_path),
+            "--data_name",
+            "x_precomp",
+            "--split",
+            "test",
+            "--num_boxes",
+            str(BOXES),
+            "--feature_dim",
+            str(DIM),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert not [p for p in data_path.rglob("*") if p.is_file()]  # nothing half-written
@@ -152,16 +199,30 @@ def good_lines(images, layout=lxmert_line):
     return [layout(i, *images[i]) for i in images]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda line: line.replace("\t", "\t\t", 1), r"a.tsv:2: 11 tab-separated fields; expected 10 \(LXMERT obj36\) or 6"),
-    (lambda line: line[:-8] + "!!!!" + line[-4:], r"a.tsv:2: field features is not valid base64"),
-    (lambda line: line.rsplit("\t", 1)[0] + "\t" + b64(np.zeros((BOXES, DIM + 1)), np.float32),
-     r"a.tsv:2: image 42 has 5-dimensional region features, not 4 \(--feature_dim\): pass --feature_dim 5$"),
-    (lambda line: line.rsplit("\t", 1)[0] + "\t" + b64(np.zeros(BOXES * DIM + 1), np.float32),
-     r"a.tsv:2: field features holds 52 bytes; expected 3 x 4 float32 \(48 bytes\) \(--num_boxes x --feature_dim\)"),
-    (lambda line: replace_field(line, 3, b64([1, 2], np.int64)), r"a.tsv:2: field objects_id holds 16 bytes; expected 3 int64"),
-    (lambda line: replace_field(line, 1, "abc"), r"a.tsv:2: field image height is not an integer"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda line: line.replace("\t", "\t\t", 1),
+            r"a.tsv:2: 11 tab-separated fields; expected 10 \(LXMERT obj36\) or 6",
+        ),
+        (lambda line: line[:-8] + "!!!!" + line[-4:], r"a.tsv:2: field features is not valid base64"),
+        (
+            lambda line: line.rsplit("\t", 1)[0] + "\t" + b64(np.zeros((BOXES, DIM + 1)), np.float32),
+            r"a.tsv:2: image 42 has 5-dimensional region features, not 4 \(--feature_dim\): pass --feature_dim 5$",
+        ),
+        (
+            lambda line: line.rsplit("\t", 1)[0] + "\t" + b64(np.zeros(BOXES * DIM + 1), np.float32),
+            r"a.tsv:2: field features holds 52 bytes; expected 3 x 4 float32 \(48 bytes\) "
+            r"\(--num_boxes x --feature_dim\)",
+        ),
+        (
+            lambda line: replace_field(line, 3, b64([1, 2], np.int64)),
+            r"a.tsv:2: field objects_id holds 16 bytes; expected 3 int64",
+        ),
+        (lambda line: replace_field(line, 1, "abc"), r"a.tsv:2: field image height is not an integer"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, capsys, images, damage, message):
     lines = good_lines(images)
     lines[1] = damage(lines[1])
@@ -188,8 +249,12 @@ def test_caption_errors_name_the_ids(tmp_path, capsys, images):
 
 
 def test_empty_caption_files_are_named_as_such(tmp_path, capsys, images):
-    assert errors_of(tmp_path, capsys, good_lines(images), []).endswith("caps.txt: the caption file holds no captions (it is empty)")
-    assert errors_of(tmp_path, capsys, good_lines(images), ["", "  "]).endswith("caps.txt: the caption file holds no captions")
+    assert errors_of(tmp_path, capsys, good_lines(images), []).endswith(
+        "caps.txt: the caption file holds no captions (it is empty)"
+    )
+    assert errors_of(tmp_path, capsys, good_lines(images), ["", "  "]).endswith(
+        "caps.txt: the caption file holds no captions"
+    )
 
 
 def test_a_tsv_file_given_twice_is_named(tmp_path, capsys, images):
@@ -197,17 +262,26 @@ def test_a_tsv_file_given_twice_is_named(tmp_path, capsys, images):
     err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", tsv, tsv])
     assert err == f"error: --tsv: {tsv} is given twice; each TSV file is read once"
     os.symlink(tsv, tmp_path / "link.tsv")
-    err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", tsv, str(tmp_path / "link.tsv")])
+    err = errors_of(
+        tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", tsv, str(tmp_path / "link.tsv")]
+    )
     assert err == f"error: --tsv: {tmp_path / 'link.tsv'} is given twice (first as {tsv}); each TSV file is read once"
 
 
 def test_the_data_feature_size_is_named_on_a_feature_dim_mismatch(tmp_path, capsys, images):
     err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--feature_dim", "2048"])
-    assert err == "error: " + str(tmp_path / "a.tsv") + ":1: image 7 has 4-dimensional region features, not 2048 (--feature_dim): pass --feature_dim 4"
+    assert (
+        err
+        == "error: "
+        + str(tmp_path / "a.tsv")
+        + ":1: image 7 has 4-dimensional region features, not 2048 (--feature_dim): pass --feature_dim 4"
+    )
 
 
 def test_missing_files_are_named(tmp_path, capsys, images):
-    err = errors_of(tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", str(tmp_path / "none.tsv")])
+    err = errors_of(
+        tmp_path, capsys, good_lines(images), caption_lines(images), extra=["--tsv", str(tmp_path / "none.tsv")]
+    )
     assert "none.tsv: TSV file not found" in err
 
 
@@ -215,8 +289,25 @@ def test_karpathy_file_needs_a_split(tmp_path, capsys, images):
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(karpathy_document()))
     tsv = write(tmp_path / "a.tsv", good_lines(images))
-    code = main(["--tsv", tsv, "--captions", str(path), "--data_path", str(tmp_path), "--data_name", "x_precomp", "--split", "test"])
-    assert code == 2 and "dataset_coco.json is a Karpathy split file: choose its images with --karpathy_split" in capsys.readouterr().err
+    code = main(
+        [
+            "--tsv",
+            tsv,
+            "--captions",
+            str(path),
+            "--data_path",
+            str(tmp_path),
+            "--data_name",
+            "x_precomp",
+            "--split",
+            "test",
+        ]
+    )
+    assert (
+        code == 2
+        and "dataset_coco.json is a Karpathy split file: choose its images with --karpathy_split"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_failure_leaves_earlier_files_untouched(tmp_path, capsys, images):
@@ -228,12 +319,31 @@ def test_a_failure_leaves_earlier_files_untouched(tmp_path, capsys, images):
     lines[2] = lines[2][:-3]
     tsv = write(tmp_path / "a.tsv", lines)
     captions = write(tmp_path / "caps.txt", caption_lines(ids))
-    code = main(["--tsv", tsv, "--captions", captions, "--data_path", str(tmp_path / "data"), "--data_name", "x_precomp",
-                 "--split", "test", "--num_boxes", str(BOXES), "--feature_dim", str(DIM)])
+    code = main(
+        [
+            "--tsv",
+            tsv,
+            "--captions",
+            captions,
+            "--data_path",
+            str(tmp_path / "data"),
+            "--data_name",
+            "x_precomp",
+            "--split",
+            "test",
+            "--num_boxes",
+            str(BOXES),
+            "--feature_dim",
+            str(DIM),
+        ]
+    )
     assert code == 2 and "a.tsv:3:" in capsys.readouterr().err
     assert os.listdir(folder) == ["test_caps.txt"] and (folder / "test_caps.txt").read_text() == "old\n"
 
 
 def test_npy_header_keeps_its_size(tmp_path):
-    small, large = tsv_to_precomp.npy_header(np.float32, (0, 36, 2048)), tsv_to_precomp.npy_header(np.float32, (10**12, 36, 2048))
+    small, large = (
+        tsv_to_precomp.npy_header(np.float32, (0, 36, 2048)),
+        tsv_to_precomp.npy_header(np.float32, (10**12, 36, 2048)),
+    )
     assert len(small) == len(large) == tsv_to_precomp.NPY_HEADER_BYTES

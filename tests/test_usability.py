@@ -1,5 +1,6 @@
 """What a new user runs into: stops in the last epoch, resuming from the checkpoint alone,
 folders that already hold a run, file modes, and one-line errors for bad output paths."""
+
 import contextlib
 import os
 import re
@@ -45,8 +46,22 @@ def stop_at_iteration(monkeypatch, iteration):
     return lambda: monkeypatch.setattr(train.Trainer, "train_epoch", original)
 
 
-DEMO_SMALL = ["--img_dim", "32", "--embed_size", "32", "--dim_vid", "32", "--word_dim", "16", "--dim_hidden", "16",
-              "--dim_word", "16", "--max_len", "20"]
+DEMO_SMALL = [
+    "--img_dim",
+    "32",
+    "--embed_size",
+    "32",
+    "--dim_vid",
+    "32",
+    "--word_dim",
+    "16",
+    "--dim_hidden",
+    "16",
+    "--dim_word",
+    "16",
+    "--max_len",
+    "20",
+]
 
 
 def test_a_stop_in_the_last_epoch_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
@@ -102,7 +117,10 @@ def test_a_new_run_never_overwrites_a_folder_holding_a_run(toy_data, tmp_path, c
     assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "1")) == 0
     before = (run / "checkpoint.pth.tar").read_bytes()
     assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "1")) == 2
-    assert f"{run} already holds a run; continue it with `python3 train.py --resume {run}/checkpoint.pth.tar`" in error_line(capsys)
+    assert (
+        f"{run} already holds a run; continue it with `python3 train.py --resume {run}/checkpoint.pth.tar`"
+        in error_line(capsys)
+    )
     assert (run / "checkpoint.pth.tar").read_bytes() == before
     # Resuming a checkpoint into a folder that holds another run is refused too.
     assert train.main(train_args(data_path, vocab_path, tmp_path / "b", "--num_epochs", "1")) == 0
@@ -132,8 +150,12 @@ def test_written_files_follow_the_umask(tmp_path, monkeypatch):
     with umask(0o027):
         assert train.main(["--demo", "--num_epochs", "1", *DEMO_SMALL]) == 0
     written = [
-        "runs/demo/checkpoint.pth.tar", "runs/demo/model_best.pth.tar", "runs/demo/ranks.pth.tar",
-        "vocab/toy_precomp_vocab.json", "data/toy_precomp/train_ims.npy", "data/toy_precomp/test_caps.txt",
+        "runs/demo/checkpoint.pth.tar",
+        "runs/demo/model_best.pth.tar",
+        "runs/demo/ranks.pth.tar",
+        "vocab/toy_precomp_vocab.json",
+        "data/toy_precomp/train_ims.npy",
+        "data/toy_precomp/test_caps.txt",
     ] + [str(p) for p in cache.iterdir()]
     assert len(written) > 6
     for path in written:
@@ -156,8 +178,19 @@ def test_unwritable_output_paths_are_one_line(toy_data, capsys, script, args, ex
 
 
 def test_a_missing_data_folder_is_named_before_the_vocabulary(tmp_path, capsys, monkeypatch):
-    assert train.main(["--data_path", str(tmp_path / "nowhere"), "--data_name", "f30k_precomp",
-                       "--logger_name", str(tmp_path / "run")]) == 2
+    assert (
+        train.main(
+            [
+                "--data_path",
+                str(tmp_path / "nowhere"),
+                "--data_name",
+                "f30k_precomp",
+                "--logger_name",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     line = error_line(capsys)
     assert f"{tmp_path}/nowhere/f30k_precomp: dataset folder not found" in line and "--data_path" in line
     monkeypatch.chdir(tmp_path)
@@ -199,8 +232,15 @@ def test_help_shows_defaults_and_workers_are_capped(toy_data):
     from vocab import load_vocab_by_name
 
     opt = make_opt()
-    train_loader, _ = get_loaders(data_path, "toy_precomp", load_vocab_by_name(vocab_path, "toy_precomp"), batch_size=16,
-                                  workers=10_000, max_len=opt.max_len, img_dim=opt.img_dim)
+    train_loader, _ = get_loaders(
+        data_path,
+        "toy_precomp",
+        load_vocab_by_name(vocab_path, "toy_precomp"),
+        batch_size=16,
+        workers=10_000,
+        max_len=opt.max_len,
+        img_dim=opt.img_dim,
+    )
     assert train_loader.num_workers == len(os.sched_getaffinity(0))
 
 
@@ -216,8 +256,12 @@ def test_progress_bars_stay_out_of_redirected_logs(capsys):
 
 def script_paths():
     """Every script with a command line: the top-level ones, utils/ and bench/."""
-    paths = [os.path.join(folder, name) for folder in ("", "utils", "bench")
-             for name in sorted(os.listdir(os.path.join(ROOT, folder) if folder else ROOT)) if name.endswith(".py")]
+    paths = [
+        os.path.join(folder, name)
+        for folder in ("", "utils", "bench")
+        for name in sorted(os.listdir(os.path.join(ROOT, folder) if folder else ROOT))
+        if name.endswith(".py")
+    ]
     texts = {path: open(os.path.join(ROOT, path)).read() for path in paths}
     return [path for path, text in texts.items() if "argparse" in text and re.search(r"__name__ == .__main__.", text)]
 
@@ -228,7 +272,9 @@ def test_help_states_each_default_once_and_only_informative_ones(script, monkeyp
     path = os.path.join(ROOT, script)
     monkeypatch.setattr(sys, "argv", [path, "--help"])
     with pytest.raises(SystemExit) as exit_:
-        if script.startswith("utils"):  # `python3 -m utils.NAME`; other tests imported it already, which runpy warns about
+        if script.startswith(
+            "utils"
+        ):  # `python3 -m utils.NAME`; other tests imported it already, which runpy warns about
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 runpy.run_module(script[:-3].replace("/", "."), run_name="__main__", alter_sys=True)
@@ -261,7 +307,10 @@ def test_the_demo_on_other_data_names_that_data(toy_data, tmp_path, monkeypatch,
     shutil.copytree(os.path.join(data_path, "toy_precomp"), tmp_path / "data" / "mine_precomp")
     shutil.copy(os.path.join(vocab_path, "toy_precomp_vocab.json"), tmp_path / "mine_precomp_vocab.json")
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--demo", "--data_name", "mine_precomp", "--vocab_path", ".", "--num_epochs", "1", *DEMO_SMALL]) == 0
+    assert (
+        train.main(["--demo", "--data_name", "mine_precomp", "--vocab_path", ".", "--num_epochs", "1", *DEMO_SMALL])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Demo: recall of runs/demo/model_best.pth.tar on the test split of data/mine_precomp\n" in out
     assert "toy" not in out
@@ -270,6 +319,10 @@ def test_the_demo_on_other_data_names_that_data(toy_data, tmp_path, monkeypatch,
 def test_pytest_shows_why_tests_skip(tmp_path):
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path)
     (tmp_path / "test_skips.py").write_text('import pytest\n\n\ndef test_it():\n    pytest.skip("the reason")\n')
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_skips.py"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_skips.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "SKIPPED [1] test_skips.py:5: the reason" in done.stdout, done.stdout

@@ -27,14 +27,15 @@ def test_ranks_are_descending_with_ties_in_region_order():
 
 def test_map_against_a_hand_computed_example():
     scores = [0.2, 0.9, 0.2, -1.0]  # ranks 2 1 3 4 -> s = 50 (4 - r)^2 = 200 450 50 0
-    boxes = [[0, 0, 2, 2],  # columns 0-1, rows 0-1
-             [1.5, 0.5, 4, 3],  # x1 on a pixel centre: columns 1-3 (4.5 is not < 4), rows 0-2
-             [0.4, 2.4, 1.5, 5],  # column 0 only (1.5 is not < 1.5), rows 2-3
-             [0, 0, 5, 4]]  # everything, with weight 0
-    expected = np.array([[200, 650, 450, 450, 0],
-                         [200, 650, 450, 450, 0],
-                         [50, 450, 450, 450, 0],
-                         [50, 0, 0, 0, 0]], dtype=np.float64)
+    boxes = [
+        [0, 0, 2, 2],  # columns 0-1, rows 0-1
+        [1.5, 0.5, 4, 3],  # x1 on a pixel centre: columns 1-3 (4.5 is not < 4), rows 0-2
+        [0.4, 2.4, 1.5, 5],  # column 0 only (1.5 is not < 1.5), rows 2-3
+        [0, 0, 5, 4],
+    ]  # everything, with weight 0
+    expected = np.array(
+        [[200, 650, 450, 450, 0], [200, 650, 450, 450, 0], [50, 450, 450, 450, 0], [50, 0, 0, 0, 0]], dtype=np.float64
+    )
     assert np.array_equal(region_attention_map(scores, boxes, 4, 5), expected)
     assert np.array_equal(region_attention_map(np.float32(scores), np.float32(boxes), 4, 5, lam=1.0), expected / 50)
 
@@ -51,8 +52,11 @@ def test_dimming_keeps_the_photo_at_the_peak_and_dims_it_where_the_map_is_zero()
 
 
 def disjoint(rectangles):
-    return all(a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
-               for i, a in enumerate(rectangles) for b in rectangles[i + 1:])
+    return all(
+        a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+        for i, a in enumerate(rectangles)
+        for b in rectangles[i + 1 :]
+    )
 
 
 def test_labels_of_boxes_sharing_a_corner_stay_inside_and_clear_of_each_other():
@@ -61,17 +65,25 @@ def test_labels_of_boxes_sharing_a_corner_stay_inside_and_clear_of_each_other():
     assert labels[0] == (30, 22, 44, 40)  # above its box's top-left corner
     assert labels[1] == (30, 92, 44, 110)  # inside would touch it: below the box, moved up into the picture
     assert disjoint(labels) and all(0 <= x1 and 0 <= y1 and x2 <= 120 and y2 <= 110 for x1, y1, x2, y2 in labels)
-    crowded = figures.place_labels([(0, 0, 10, 10)] * 6, [(10, 10)] * 6, 32, 21)  # six 10 x 10 labels fit in 32 x 21 only in a grid
+    crowded = figures.place_labels(
+        [(0, 0, 10, 10)] * 6, [(10, 10)] * 6, 32, 21
+    )  # six 10 x 10 labels fit in 32 x 21 only in a grid
     assert disjoint(crowded) and all(x2 <= 32 and y2 <= 21 for _, _, x2, y2 in crowded)
-    many = figures.place_labels([(100, 100, 150, 150)] * 36, [(20, 20)] * 36, 400, 267)  # --top_boxes 36, all boxes alike
+    many = figures.place_labels(
+        [(100, 100, 150, 150)] * 36, [(20, 20)] * 36, 400, 267
+    )  # --top_boxes 36, all boxes alike
     assert disjoint(many) and all(x2 <= 400 and y2 <= 267 for _, _, x2, y2 in many)
-    assert figures.place_labels([(0, 0, 5, 5)] * 2, [(10, 10)] * 2, 10, 10) == [(0, 0, 10, 10)] * 2  # no room: the first spot
+    assert (
+        figures.place_labels([(0, 0, 5, 5)] * 2, [(10, 10)] * 2, 10, 10) == [(0, 0, 10, 10)] * 2
+    )  # no room: the first spot
 
 
 @pytest.mark.parametrize("scale", [1, 2])
 def test_tile_is_readable_dimmed_where_unattended_with_clear_labels(scale):
     photo = Image.fromarray(np.random.RandomState(0).randint(0, 256, (60 * scale, 80 * scale, 3), dtype=np.uint8))
-    boxes = np.array([[10, 10, 40, 40], [10, 10, 36, 30], [10, 10, 30, 44], [60, 40, 75, 55]], dtype=np.float32)  # in a 60 x 80 image
+    boxes = np.array(
+        [[10, 10, 40, 40], [10, 10, 36, 30], [10, 10, 30, 44], [60, 40, 75, 55]], dtype=np.float32
+    )  # in a 60 x 80 image
     tile = render_attention(photo, [0.9, 0.5, 0.1, -0.3], boxes, (60, 80), top_boxes=3)
     assert tile.image.size == (attention.MAP_SIDE, attention.MAP_SIDE * 3 // 4) == tile.attention.shape[::-1]
     shown = np.asarray(tile.image, dtype=np.int64)
@@ -91,24 +103,39 @@ def test_tile_is_readable_dimmed_where_unattended_with_clear_labels(scale):
     assert peak.sum() > 1000 and np.array_equal(shown[peak], np.round(expected[peak]))
     assert len(tile.labels) == 3 and disjoint(tile.labels)
     middle = int(25 * attention.MAP_SIDE / 80)  # a column through the top box's top edge: black, white, black
-    edge = [tuple(p) for p in shown[int(10 * attention.MAP_SIDE / 80) - 1 : int(10 * attention.MAP_SIDE / 80) + 5, middle]]
+    edge = [
+        tuple(p) for p in shown[int(10 * attention.MAP_SIDE / 80) - 1 : int(10 * attention.MAP_SIDE / 80) + 5, middle]
+    ]
     assert (0, 0, 0) in edge and (255, 255, 255) in edge
 
 
 def test_figure_has_its_title_tiles_captions_and_a_brightness_scale():
     tiles = [Image.new("RGB", (100, 60), colour) for colour in [(200, 0, 0), (0, 200, 0), (0, 0, 200), (9, 9, 9)]]
-    figure = figures.compose("a title long enough to need a second line " * 3, tiles, ["1. one", "2. two", "3. three", ""], 3, "a note", dim=0.4)
+    figure = figures.compose(
+        "a title long enough to need a second line " * 3,
+        tiles,
+        ["1. one", "2. two", "3. three", ""],
+        3,
+        "a note",
+        dim=0.4,
+    )
     pixels = np.asarray(figure.image)
     assert figure.title.startswith("a title") and figure.captions == ["1. one", "2. two", "3. three", ""]
-    assert (pixels[: figures.MARGIN + 2 * figures.line_height(figures.font(figures.TITLE_SIZE)), :].sum(axis=2) < 150).sum() > 200  # two lines of dark text
-    assert [p[1] for p in figure.tiles[:3]] == [figure.tiles[0][1]] * 3 and figure.tiles[3][1] > figure.tiles[0][3]  # three a row
+    assert (
+        pixels[: figures.MARGIN + 2 * figures.line_height(figures.font(figures.TITLE_SIZE)), :].sum(axis=2) < 150
+    ).sum() > 200  # two lines of dark text
+    assert [p[1] for p in figure.tiles[:3]] == [figure.tiles[0][1]] * 3 and figure.tiles[3][1] > figure.tiles[0][
+        3
+    ]  # three a row
     for tile, (x1, y1, x2, y2) in zip(tiles, figure.tiles):
         assert np.array_equal(pixels[y1:y2, x1:x2], np.asarray(tile))
     x1, y1, x2, y2 = figure.colour_bar
     assert y1 > figure.tiles[3][3]
     ramp = pixels[(y1 + y2) // 2, x1:x2, 0].astype(int)
     assert ramp[0] == round(255 * 0.4) and ramp[-1] == 255 and (np.diff(ramp) >= 0).all()
-    assert (pixels[(y1 + y2) // 2, x1:x2] == pixels[(y1 + y2) // 2, x1:x2, :1]).all()  # grey: white dimmed as the photo is
+    assert (
+        pixels[(y1 + y2) // 2, x1:x2] == pixels[(y1 + y2) // 2, x1:x2, :1]
+    ).all()  # grey: white dimmed as the photo is
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +145,18 @@ def toy_run(tmp_path_factory):
     out = make_toy_images(str(root / "toy_images"), img_dim=32, sizes={"test": 12})
     data_path = str(root / "data")
     folder = os.path.join(data_path, "toyimg_precomp")
-    convert([os.path.join(out, "test_obj36.tsv")], os.path.join(out, "test_captions.txt"), folder, "test", feature_dim=32)
+    convert(
+        [os.path.join(out, "test_obj36.tsv")], os.path.join(out, "test_captions.txt"), folder, "test", feature_dim=32
+    )
     vocab = build_vocab(read_captions(os.path.join(folder, "test_caps.txt")), threshold=1)
     save_vocab(vocab, str(root / "vocab" / "toyimg_precomp_vocab.json"))
-    opt = make_opt(data_name="toyimg_precomp", data_path=data_path, vocab_path=str(root / "vocab"), vocab_size=len(vocab))
+    opt = make_opt(
+        data_name="toyimg_precomp", data_path=data_path, vocab_path=str(root / "vocab"), vocab_size=len(vocab)
+    )
     model = VSRN(opt, training=False)
-    checkpoint = save_checkpoint({"model": model.state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)}, False, str(root))
+    checkpoint = save_checkpoint(
+        {"model": model.state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)}, False, str(root)
+    )
     return root, checkpoint, data_path
 
 
@@ -135,7 +168,10 @@ def visualize_cli(toy_run, *args):
 def test_index_renders_the_picture_readably_under_a_title_with_its_caption_and_score(toy_run, tmp_path, capsys):
     root = toy_run[0]
     out = tmp_path / "map.png"
-    assert visualize_cli(toy_run, "--image_dir", str(root / "toy_images" / "images"), "--index", "2", "--out", str(out)) == 0
+    assert (
+        visualize_cli(toy_run, "--image_dir", str(root / "toy_images" / "images"), "--index", "2", "--out", str(out))
+        == 0
+    )
     caption = read_captions(os.path.join(toy_run[2], "toyimg_precomp", "test_caps.txt"))[10]
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "toy_test_00002 (test image 2)"
@@ -148,15 +184,31 @@ def test_index_renders_the_picture_readably_under_a_title_with_its_caption_and_s
 def test_query_gallery_shows_five_images_with_scores(toy_run, tmp_path, capsys):
     root = toy_run[0]
     out = tmp_path / "gallery.png"
-    assert visualize_cli(toy_run, "--image_dir", str(root / "toy_images" / "images"), "--query", "a dog near a cat", "--out", str(out)) == 0
+    assert (
+        visualize_cli(
+            toy_run,
+            "--image_dir",
+            str(root / "toy_images" / "images"),
+            "--query",
+            "a dog near a cat",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "top-5 images for 'a dog near a cat' (test split):"
-    ranked = [re.fullmatch(r"  (\d)\. image \d+ \((toy_test_\d{5})\)  score (-?[\d.]+)", line).groups() for line in lines[1:6]]
+    ranked = [
+        re.fullmatch(r"  (\d)\. image \d+ \((toy_test_\d{5})\)  score (-?[\d.]+)", line).groups() for line in lines[1:6]
+    ]
     scores = [float(score) for _, _, score in ranked]
     assert scores == sorted(scores, reverse=True)
     with Image.open(out) as png:
         assert png.text["Title"] == 'The top 5 test images for "a dog near a cat"'
-        drawn = [re.fullmatch(r"(\d)\. (toy_test_\d{5}), score (-?[\d.]+)", line).groups() for line in png.text["Description"].splitlines()]
+        drawn = [
+            re.fullmatch(r"(\d)\. (toy_test_\d{5}), score (-?[\d.]+)", line).groups()
+            for line in png.text["Description"].splitlines()
+        ]
         assert png.size[0] == 3 * attention.TILE_SIDE + 4 * figures.MARGIN
         assert png.size[1] > 2 * attention.TILE_SIDE * HEIGHT // WIDTH  # two rows
     # Printed with four decimals, drawn with three: rounding the printed score again may differ by one unit.
@@ -186,7 +238,9 @@ def test_without_pictures_or_boxes_it_says_what_is_missing(toy_run, tmp_path, ca
     shutil.copytree(os.path.join(toy_run[2], "toyimg_precomp"), boxless / "toyimg_precomp")
     for name in ("test_boxes.npy", "test_image_sizes.npy", "test_image_ids.txt"):
         os.remove(boxless / "toyimg_precomp" / name)
-    code = main(["--checkpoint", toy_run[1], "--data_path", str(boxless), "--query", "a dog", "--image_dir", str(tmp_path)])
+    code = main(
+        ["--checkpoint", toy_run[1], "--data_path", str(boxless), "--query", "a dog", "--image_dir", str(tmp_path)]
+    )
     err = one_error(capsys)
     assert code == 2 and "missing: test_boxes.npy, test_image_sizes.npy, test_image_ids.txt in" in err
     assert "SCAN's precomputed features have no boxes" in err
@@ -212,7 +266,9 @@ def test_missing_picture_and_bad_flags_are_one_line(toy_run, tmp_path, capsys):
 
 def test_image_pattern_formats_numeric_ids(tmp_path):
     (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"")
-    assert attention.find_picture(str(tmp_path), "42", "COCO_val2014_{:012d}.jpg") == str(tmp_path / "COCO_val2014_000000000042.jpg")
+    assert attention.find_picture(str(tmp_path), "42", "COCO_val2014_{:012d}.jpg") == str(
+        tmp_path / "COCO_val2014_000000000042.jpg"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -234,41 +290,84 @@ def photo_run(tmp_path_factory):
     (photos / "broken.jpg").write_bytes(b"not a picture")
     weights = str(root / "detector.bin")
     torch.save(tiny_detector_state_dict(), weights)
-    vocab = build_vocab([line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "test_captions.txt"))], threshold=1)
+    vocab = build_vocab(
+        [line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "test_captions.txt"))], threshold=1
+    )
     save_vocab(vocab, str(root / "vocab" / "toyimg_precomp_vocab.json"))
-    opt = make_opt(data_name="toyimg_precomp", data_path=str(root / "no_data"), vocab_path=str(root / "vocab"),
-                   vocab_size=len(vocab), img_dim=TINY_ARCH["res5"][-1])
-    checkpoint = save_checkpoint({"model": VSRN(opt, training=False).state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)}, False, str(root))
+    opt = make_opt(
+        data_name="toyimg_precomp",
+        data_path=str(root / "no_data"),
+        vocab_path=str(root / "vocab"),
+        vocab_size=len(vocab),
+        img_dim=TINY_ARCH["res5"][-1],
+    )
+    checkpoint = save_checkpoint(
+        {"model": VSRN(opt, training=False).state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)},
+        False,
+        str(root),
+    )
     return photos, weights, checkpoint
 
 
-def test_images_extracts_ranks_and_draws_own_pictures_from_the_cache_the_second_time(photo_run, tmp_path, capsys, monkeypatch):
+def test_images_extracts_ranks_and_draws_own_pictures_from_the_cache_the_second_time(
+    photo_run, tmp_path, capsys, monkeypatch
+):
     from detection import cache
 
     photos, weights, checkpoint = photo_run
     out = tmp_path / "gallery.png"
-    args = ["--checkpoint", checkpoint, "--images", str(photos), "--detector", weights, "--query", "a dog near a cat", "--top", "4", "--out", str(out)]
+    args = [
+        "--checkpoint",
+        checkpoint,
+        "--images",
+        str(photos),
+        "--detector",
+        weights,
+        "--query",
+        "a dog near a cat",
+        "--top",
+        "4",
+        "--out",
+        str(out),
+    ]
     figure = visualize.run(visualize.build_parser().parse_args(args))
     captured = capsys.readouterr()
     skipped, unknown = captured.err.strip().splitlines()
     assert "broken.jpg" in skipped
-    assert unknown == "warning: 'dog', 'cat' are not in the vocabulary: read as <unk>"  # the four test captions never name them
+    assert (
+        unknown == "warning: 'dog', 'cat' are not in the vocabulary: read as <unk>"
+    )  # the four test captions never name them
     lines = captured.out.splitlines()
-    assert re.fullmatch(r"Regions of 4 pictures extracted \(caffe policy, 36 boxes\) and cached in .+\.tsv", lines.pop(0))
+    assert re.fullmatch(
+        r"Regions of 4 pictures extracted \(caffe policy, 36 boxes\) and cached in .+\.tsv", lines.pop(0)
+    )
     assert lines.pop(0) == "1 of the 5 pictures could not be used (see the lines above); going on with the others"
     assert lines[0] == "top-4 of 4 pictures for 'a dog near a cat':"
     ranked = [re.fullmatch(r"  (\d)\. (.+)  score (-?[\d.]+)", line).groups() for line in lines[1:5]]
-    assert sorted(os.path.basename(path) for _, path, _ in ranked) == ["photo0.png", "photo1.png", "photo2.png", "rotated.jpg"]
+    assert sorted(os.path.basename(path) for _, path, _ in ranked) == [
+        "photo0.png",
+        "photo1.png",
+        "photo2.png",
+        "rotated.jpg",
+    ]
     scores = [float(score) for _, _, score in ranked]
     assert scores == sorted(scores, reverse=True)
     with Image.open(out) as png:
         assert png.text["Title"] == 'The top 4 of 4 pictures for "a dog near a cat"'
-        drawn = [re.fullmatch(r"(\d)\. (.+), score (-?[\d.]+)", line).groups() for line in png.text["Description"].splitlines()]
+        drawn = [
+            re.fullmatch(r"(\d)\. (.+), score (-?[\d.]+)", line).groups()
+            for line in png.text["Description"].splitlines()
+        ]
     # The printed score has four decimals, the drawn one three: rounding the printed one again may differ by one unit.
-    assert [(place, name) for place, name, _ in drawn] == [(place, os.path.splitext(os.path.basename(path))[0]) for place, path, _ in ranked]
+    assert [(place, name) for place, name, _ in drawn] == [
+        (place, os.path.splitext(os.path.basename(path))[0]) for place, path, _ in ranked
+    ]
     assert all(abs(float(a) - float(b)) <= 0.00051 for (_, _, a), (_, _, b) in zip(drawn, ranked))
     sizes = {os.path.basename(path): (x2 - x1, y2 - y1) for (_, path, _), (x1, y1, x2, y2) in zip(ranked, figure.tiles)}
-    assert sizes["rotated.jpg"] == (round(attention.TILE_SIDE * HEIGHT / WIDTH), attention.TILE_SIDE)  # upright, as the detector saw it
+    assert sizes["rotated.jpg"] == (
+        round(attention.TILE_SIDE * HEIGHT / WIDTH),
+        attention.TILE_SIDE,
+    )  # upright, as the detector saw it
     assert sizes["photo0.png"] == (attention.TILE_SIDE, round(attention.TILE_SIDE * HEIGHT / WIDTH))
     place = [os.path.basename(path) for _, path, _ in ranked].index("photo0.png")
     x1, y1, x2, y2 = figure.tiles[place]
@@ -283,7 +382,20 @@ def test_images_extracts_ranks_and_draws_own_pictures_from_the_cache_the_second_
 
     monkeypatch.setattr(cache, "load_detector", no_detector)  # the readable pictures' regions come from the cache
     readable = sorted(str(path) for path in photos.iterdir() if path.name != "broken.jpg")
-    again = ["--checkpoint", checkpoint, "--images", *readable, "--detector", weights, "--query", "a dog near a cat", "--top", "4", "--out", str(tmp_path / "again.png")]
+    again = [
+        "--checkpoint",
+        checkpoint,
+        "--images",
+        *readable,
+        "--detector",
+        weights,
+        "--query",
+        "a dog near a cat",
+        "--top",
+        "4",
+        "--out",
+        str(tmp_path / "again.png"),
+    ]
     assert main(again) == 0
     assert capsys.readouterr().out.splitlines()[:5] == lines[:5]
 

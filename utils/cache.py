@@ -1,4 +1,5 @@
 """Where the project keeps what it can recompute: token ids of caption files, regions of pictures."""
+
 import os
 
 

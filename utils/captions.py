@@ -2,6 +2,7 @@
 
 One home for them, read by data.py, vocab.py and the scripts alike.
 """
+
 import os
 
 from utils.errors import DataError

@@ -1,4 +1,5 @@
 """Safe checkpoint I/O: ours and the original release's legacy files, never a blind unpickle."""
+
 import argparse
 import os
 import pickle
@@ -18,7 +19,9 @@ _UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported cla
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
-_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how the legacy format (the original release's) begins
+_LEGACY_MAGIC = pickle.dumps(
+    torch.serialization.MAGIC_NUMBER, protocol=2
+)  # how the legacy format (the original release's) begins
 
 
 def _refused_global(message):
@@ -75,16 +78,29 @@ def safe_torch_load(path, map_location="cpu", kind="VSRN checkpoint", safe_globa
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
-            IndexError) as e:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+    ) as e:
         problem = _file_problem(path, e)
         if problem:
             raise CheckpointError(f"{path}: {problem}") from None
         refused = _refused_global(str(e))
         if refused:
-            raise CheckpointError(f"{path}: refusing to load: it needs the global {refused}, which a {kind} never holds") from None
+            raise CheckpointError(
+                f"{path}: refusing to load: it needs the global {refused}, which a {kind} never holds"
+            ) from None
         if isinstance(e, pickle.UnpicklingError):
-            raise CheckpointError(f"{path}: refusing to load: it holds what a {kind} never does ({_reason(e)})") from None
+            raise CheckpointError(
+                f"{path}: refusing to load: it holds what a {kind} never does ({_reason(e)})"
+            ) from None
         raise CheckpointError(f"{path}: damaged PyTorch checkpoint ({_reason(e)})") from None
 
 

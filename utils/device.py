@@ -1,4 +1,5 @@
 """Which device a job runs on, and the float32 settings every CUDA job keeps unless told otherwise."""
+
 import torch
 
 from utils.errors import OptionError
@@ -24,7 +25,9 @@ def check_device(device, flag="--device"):
         if not torch.cuda.is_available():
             raise OptionError(f"{flag} {device}: this torch build or machine has no CUDA device; use --device cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise OptionError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
+            raise OptionError(
+                f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 and up"
+            )
     return resolved
 
 

@@ -11,6 +11,7 @@ The semantics are one process's: `--batch_size` is the global batch, each proces
 a contiguous share of it (data.GlobalBatchShareSampler), and the embeddings are gathered
 so that the hinge loss sees every negative of the global batch.
 """
+
 import contextlib
 import ctypes
 import datetime
@@ -184,7 +185,9 @@ class DistributedWorld(SingleProcess):
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         else:
             module = convert_gloo_sync_batchnorm(module)
-        return nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     @contextlib.contextmanager
     def local_main_first(self):
@@ -275,7 +278,9 @@ def convert_gloo_sync_batchnorm(module):
     """`module` with each BatchNorm layer replaced by a GlooSyncBatchNorm sharing its parameters
     and buffers (nn.SyncBatchNorm.convert_sync_batchnorm for the CPU)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        synced = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        synced = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         synced.weight, synced.bias = module.weight, module.bias
         synced.running_mean, synced.running_var = module.running_mean, module.running_var
         synced.num_batches_tracked = module.num_batches_tracked
@@ -306,7 +311,9 @@ def _launch_variable(name):
     try:
         number = int(value)
     except ValueError:
-        raise DistributedError(f"environment variable {name}={value!r}: expected an integer (set by torchrun)") from None
+        raise DistributedError(
+            f"environment variable {name}={value!r}: expected an integer (set by torchrun)"
+        ) from None
     return number
 
 
@@ -330,7 +337,9 @@ def _device(requested, local_rank):
     if device_type != "cuda":
         return torch.device("cpu")
     if requested and torch.device(requested).index is not None:
-        raise OptionError(f"--device {requested}: under torchrun each process uses the GPU of its LOCAL_RANK; pass --device cuda")
+        raise OptionError(
+            f"--device {requested}: under torchrun each process uses the GPU of its LOCAL_RANK; pass --device cuda"
+        )
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise OptionError(
@@ -374,5 +383,7 @@ def join_world(device=None, dist_timeout=10.0):
         control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     except (RuntimeError, ValueError) as e:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise DistributedError(f"cannot join the {backend} process group at {where} as rank {rank} of {size}: {first_line(e)}") from None
+        raise DistributedError(
+            f"cannot join the {backend} process group at {where} as rank {rank} of {size}: {first_line(e)}"
+        ) from None
     return DistributedWorld(rank, size, local_rank, device, control)

@@ -1,4 +1,5 @@
 """User-facing errors: each carries one line that names the file or flag and what was expected."""
+
 import re
 import sys
 

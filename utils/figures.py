@@ -2,6 +2,7 @@
 labels keep clear of each other, tiles with captions under a wrapped title and over a brightness
 scale, saved as PNG with the title in the file's text chunks. Drawn with Pillow (imported lazily).
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,9 @@ def place_labels(boxes, label_sizes, width, height, gap=1):
         blocked = np.zeros((free_h + 1, free_w + 1), dtype=bool)
         for x1, y1, x2, y2 in placed:
             blocked[max(0, y1 - h - gap + 1) : max(0, y2 + gap), max(0, x1 - w - gap + 1) : max(0, x2 + gap)] = True
-        by_corner = [(min(max(0, round(x)), free_w), min(max(0, round(y)), free_h)) for x, y in _spots_next_to(box, w, h)]
+        by_corner = [
+            (min(max(0, round(x)), free_w), min(max(0, round(y)), free_h)) for x, y in _spots_next_to(box, w, h)
+        ]
         spot = next((s for s in by_corner if not blocked[s[1], s[0]]), None)
         if spot is None:
             rows, columns = np.nonzero(~blocked)
@@ -115,7 +118,9 @@ def outline_boxes(image, boxes, texts):
     for x1, y1, x2, y2 in boxes[::-1]:
         corners = (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1))
         pen.rectangle(corners, outline=(0, 0, 0), width=4)
-        pen.rectangle((corners[0] + 1, corners[1] + 1, corners[2] - 1, corners[3] - 1), outline=(255, 255, 255), width=2)
+        pen.rectangle(
+            (corners[0] + 1, corners[1] + 1, corners[2] - 1, corners[3] - 1), outline=(255, 255, 255), width=2
+        )
     labels = place_labels(boxes, [label_size(text, face) for text in texts], image.width, image.height)
     for text, (x1, y1, x2, y2) in zip(texts, labels):
         pen.rectangle((x1, y1, x2 - 1, y2 - 1), fill=(0, 0, 0))

@@ -1,5 +1,6 @@
 """Model names that may come from the Hugging Face hub: a local folder first, the hub only when it
 answers within seconds, its cache otherwise. Never a wait on an unreachable hub."""
+
 import os
 import socket
 import urllib.parse
@@ -32,7 +33,9 @@ def is_hub_name(value):
     try:
         from huggingface_hub.utils import HFValidationError, validate_repo_id  # transformers' dependency
     except ImportError:
-        raise OptionError("models from the hub need the transformers package: python3 -m pip install transformers") from None
+        raise OptionError(
+            "models from the hub need the transformers package: python3 -m pip install transformers"
+        ) from None
 
     try:
         validate_repo_id(value)
@@ -44,11 +47,15 @@ def is_hub_name(value):
 
 def hub_offline():
     """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE forbids the model hub."""
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout=HUB_TIMEOUT):
-    """Whether the model hub (HF_ENDPOINT, through the HTTPS proxy if one is set) takes a connection within `timeout` s."""
+    """Whether the model hub (HF_ENDPOINT, through the HTTPS proxy if one is set) takes a connection
+    within `timeout` s."""
     if hub_offline():
         return False
     endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -60,4 +67,3 @@ def hub_reachable(timeout=HUB_TIMEOUT):
             return True
     except (OSError, ValueError):
         return False
-

@@ -12,6 +12,7 @@
   decompression-bomb guard) are refused, as are unreadable, truncated and non-image files:
   each with an ImageError, one line naming the file.
 """
+
 import os
 import struct
 import warnings
@@ -79,12 +80,23 @@ def read_image(path):
         raise ImageError(f"{path}: a folder, not a picture") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageError(
-            f"{path}: more than {Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)"
+            f"{path}: more than {Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit "
+            "(PIL.Image.MAX_IMAGE_PIXELS)"
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not a picture file Pillow can read") from None
     # Besides OSError, what Pillow can raise on damaged files.
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error, MemoryError) as e:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        IndexError,
+        KeyError,
+        TypeError,
+        struct.error,
+        MemoryError,
+    ) as e:
         raise ImageError(f"{path}: unreadable or truncated picture ({first_line(e)})") from None
     return np.ascontiguousarray(array)
 
@@ -96,7 +108,9 @@ def list_images(sources, flag="--images"):
     items = []
     for source in sources:
         if os.path.isdir(source):
-            names = sorted(e.name for e in os.scandir(source) if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+            names = sorted(
+                e.name for e in os.scandir(source) if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()
+            )
             items.extend((os.path.splitext(name)[0], os.path.join(source, name)) for name in names)
         elif os.path.exists(source):
             items.append((os.path.splitext(os.path.basename(source))[0], source))
@@ -113,7 +127,13 @@ def check_ids(items, flag="--images"):
     seen = {}
     for image_id, path in items:
         if any(c in image_id for c in "\t\r\n") or image_id.encode("utf-8", "replace").decode("utf-8") != image_id:
-            raise OptionError(f"{flag}: {path!r}: a file name with a tab, a newline or bytes that are not UTF-8 cannot be a TSV image id; rename it")
+            raise OptionError(
+                f"{flag}: {path!r}: a file name with a tab, a newline or bytes that are not UTF-8 "
+                "cannot be a TSV image id; rename it"
+            )
         if image_id in seen:
-            raise OptionError(f"{flag}: {seen[image_id]} and {path} have the same image id {image_id!r} (the file name without its extension)")
+            raise OptionError(
+                f"{flag}: {seen[image_id]} and {path} have the same image id {image_id!r} "
+                "(the file name without its extension)"
+            )
         seen[image_id] = path

@@ -6,14 +6,18 @@ captions names the three concepts in a different sentence. Deterministic for a s
 
     python3 -m utils.make_toy_data --data_path data [--img_dim 128]
 """
+
 import argparse
 import os
 import sys
 
 import numpy as np
 
-if not __package__:  # run as a file, the project's modules cannot be imported: only as a module from the project's folder
-    raise SystemExit(f"error: run it from the project's folder as: python3 -m utils.make_toy_data {' '.join(sys.argv[1:])}".rstrip())
+if not __package__:
+    # run as a file, the project's modules cannot be imported: only as a module from the project's folder
+    raise SystemExit(
+        f"error: run it from the project's folder as: python3 -m utils.make_toy_data {' '.join(sys.argv[1:])}".rstrip()
+    )
 
 from utils.atomic import atomic_write
 from utils.errors import report

@@ -9,6 +9,7 @@ Region features, captions and concepts are make_toy_data's, so a model learns it
 writes OUT/images/<id>.png, OUT/{train,dev,test}_obj36.tsv (LXMERT's 10-field layout) and
 OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils/tsv_to_precomp.py.
 """
+
 import argparse
 import colorsys
 import os
@@ -16,8 +17,13 @@ import sys
 
 import numpy as np
 
-if not __package__:  # run as a file, the project's modules cannot be imported: only as a module from the project's folder
-    raise SystemExit(f"error: run it from the project's folder as: python3 -m utils.make_toy_images {' '.join(sys.argv[1:])}".rstrip())
+if not __package__:
+    # run as a file, the project's modules cannot be imported: only as a module from the project's folder
+    raise SystemExit(
+        (
+            f"error: run it from the project's folder as: python3 -m utils.make_toy_images {' '.join(sys.argv[1:])}"
+        ).rstrip()
+    )
 
 from utils.atomic import atomic_write
 from utils.errors import OptionError, VSRNError, report
@@ -71,8 +77,16 @@ def draw(rectangles):
 
 
 def obj36_line(image_id, boxes, features, owners):
-    regions = {"img_h": HEIGHT, "img_w": WIDTH, "objects_id": np.maximum(owners, 0), "objects_conf": np.where(owners >= 0, 0.9, 0.2),
-               "attrs_id": np.zeros(REGIONS), "attrs_conf": np.zeros(REGIONS), "boxes": boxes, "features": features}
+    regions = {
+        "img_h": HEIGHT,
+        "img_w": WIDTH,
+        "objects_id": np.maximum(owners, 0),
+        "objects_conf": np.where(owners >= 0, 0.9, 0.2),
+        "attrs_id": np.zeros(REGIONS),
+        "attrs_conf": np.zeros(REGIONS),
+        "boxes": boxes,
+        "features": features,
+    }
     return format_obj36_line(image_id, regions)
 
 
@@ -102,7 +116,9 @@ def make_toy_images(out, img_dim=128, seed=0, sizes=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
-    parser.add_argument("--out", default="data/toy_images", help="folder for the pictures, the TSV and the caption files")
+    parser.add_argument(
+        "--out", default="data/toy_images", help="folder for the pictures, the TSV and the caption files"
+    )
     parser.add_argument("--img_dim", default=128, type=int, help="dimensionality of the generated region features")
     parser.add_argument("--seed", default=0, type=int, help="random seed (the same seed writes the same files)")
     args = parser.parse_args(argv)

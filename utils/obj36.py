@@ -9,6 +9,7 @@ A row is parsed into a regions dict (`parse_row`), the layout detection.extract 
 `format_obj36_line` writes. Files written row by row (extract_regions.py, the region cache) are
 resumable: `read_written` finds the whole rows and cuts off a last one a crash left unfinished.
 """
+
 import base64
 import binascii
 import os
@@ -18,10 +19,26 @@ import numpy as np
 
 from utils.errors import DataError, OptionError
 
-LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes", "features")
+LXMERT_FIELDS = (
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+)
 BOTTOM_UP_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 # Per-box arrays of the LXMERT layout besides boxes and features.
-LXMERT_ARRAYS = (("objects_id", np.int64), ("objects_conf", np.float32), ("attrs_id", np.int64), ("attrs_conf", np.float32))
+LXMERT_ARRAYS = (
+    ("objects_id", np.int64),
+    ("objects_conf", np.float32),
+    ("attrs_id", np.int64),
+    ("attrs_conf", np.float32),
+)
 
 
 def _integer(where, name, text):
@@ -47,7 +64,10 @@ def _reshape(where, name, raw, dtype, shape):
     if len(raw) != expected:
         dims = " x ".join(str(d) for d in shape)
         hint = " (--num_boxes x --feature_dim)" if name == "features" else ""
-        raise DataError(f"{where}: field {name} holds {len(raw)} bytes; expected {dims} {np.dtype(dtype).name} ({expected} bytes){hint}")
+        raise DataError(
+            f"{where}: field {name} holds {len(raw)} bytes; expected {dims} {np.dtype(dtype).name} "
+            f"({expected} bytes){hint}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
@@ -62,10 +82,14 @@ def _features(where, image_id, text, count, feature_dim):
         feature_dim = len(raw) // box_bytes if len(raw) % box_bytes == 0 else -1
     elif raw and box_bytes and len(raw) % box_bytes == 0 and len(raw) != box_bytes * feature_dim:
         dim = len(raw) // box_bytes
-        raise DataError(f"{where}: image {image_id} has {dim}-dimensional region features, not {feature_dim} (--feature_dim): "
-                        f"pass --feature_dim {dim}")
+        raise DataError(
+            f"{where}: image {image_id} has {dim}-dimensional region features, not {feature_dim} (--feature_dim): "
+            f"pass --feature_dim {dim}"
+        )
     if feature_dim < 0:
-        raise DataError(f"{where}: field features holds {len(raw)} bytes, not a whole number of float32 features per box")
+        raise DataError(
+            f"{where}: field features holds {len(raw)} bytes, not a whole number of float32 features per box"
+        )
     return _reshape(where, "features", raw, np.float32, (count, feature_dim))
 
 
@@ -100,8 +124,9 @@ def parse_row(line, where, num_boxes=None, feature_dim=None):
     count = _integer(where, "num_boxes", named["num_boxes"])
     if num_boxes is not None and count != num_boxes:
         raise DataError(
-            f"{where}: image {image_id} has {count} boxes; VSRN needs a fixed count of {num_boxes} per image (--num_boxes): "
-            "variable-box (10-100) features do not fit, extract a fixed number of boxes (e.g. LXMERT's obj36)"
+            f"{where}: image {image_id} has {count} boxes; VSRN needs a fixed count of {num_boxes} per image "
+            "(--num_boxes): variable-box (10-100) features do not fit, extract a fixed number of boxes "
+            "(e.g. LXMERT's obj36)"
         )
     height, width = _integer(where, "image height", named["img_h"]), _integer(where, "image width", named["img_w"])
     if height <= 0 or width <= 0:
@@ -138,8 +163,15 @@ def format_obj36_line(image_id, regions):
     if not image_id or any(c in image_id for c in "\t\r\n"):
         raise ValueError(f"image id {image_id!r}: must be non-empty without tabs or newlines")
     arrays = [encode_array(regions[name], dtype) for name, dtype in LXMERT_ARRAYS]
-    fields = [image_id, str(int(regions["img_h"])), str(int(regions["img_w"])), *arrays, str(len(regions["boxes"])),
-              encode_array(regions["boxes"], np.float32), encode_array(regions["features"], np.float32)]
+    fields = [
+        image_id,
+        str(int(regions["img_h"])),
+        str(int(regions["img_w"])),
+        *arrays,
+        str(len(regions["boxes"])),
+        encode_array(regions["boxes"], np.float32),
+        encode_array(regions["features"], np.float32),
+    ]
     return "\t".join(fields) + "\n"
 
 
@@ -187,7 +219,9 @@ def check_resumable(path, last_row, num_boxes):
     fields = last_row.split(b"\t")
     held = int(fields[LXMERT_FIELDS.index("num_boxes")])
     if held != num_boxes:
-        raise OptionError(f"--out {path} holds rows of {held} boxes; this run extracts {num_boxes}: choose another --out")
+        raise OptionError(
+            f"--out {path} holds rows of {held} boxes; this run extracts {num_boxes}: choose another --out"
+        )
 
 
 def append_rows(f, rows):

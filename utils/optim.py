@@ -1,4 +1,5 @@
 """The optimizer of training: Adam, with the original's repeated updates of the caption branch."""
+
 import torch
 
 

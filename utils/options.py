@@ -1,4 +1,5 @@
 """Command-line options of train.py: every flag of the original VSRN with its default, plus ours."""
+
 import argparse
 
 
@@ -38,12 +39,22 @@ def build_parser():
     add("--num_layers", default=1, type=int, help="number of GRU layers of the text encoder")
     add("--learning_rate", default=0.0002, type=float, help="initial learning rate")
     add("--lr_update", default=15, type=int, help="divide the learning rate by 10 every this many epochs")
-    add("--workers", default=10, type=int, help="number of data loader worker processes (capped at this machine's cores)")
+    add(
+        "--workers",
+        default=10,
+        type=int,
+        help="number of data loader worker processes (capped at this machine's cores)",
+    )
     add("--log_step", default=10, type=int, help="print and record the log every this many steps")
     add("--val_step", default=500, type=int, help="validate every this many steps")
     add("--logger_name", default="runs/runX", help="folder for checkpoints and TensorBoard logs")
-    add("--resume", default="", type=str, metavar="PATH",
-        help="checkpoint to continue training from; the run's options come from it (see docs/training.md, Resuming)")
+    add(
+        "--resume",
+        default="",
+        type=str,
+        metavar="PATH",
+        help="checkpoint to continue training from; the run's options come from it (see docs/training.md, Resuming)",
+    )
     add("--max_violation", action="store_true", help="use the hardest negative instead of the sum in the rank loss")
     add("--img_dim", default=2048, type=int, help="dimensionality of the region features")
     add("--finetune", action="store_true", help="unused: fine-tuned the CNN on raw images in the original")
@@ -58,30 +69,74 @@ def build_parser():
     add("--dim_hidden", default=512, type=int, help="hidden size of the caption encoder and decoder")
     add("--bidirectional", default=0, type=int, help="1 for a bidirectional caption encoder")
     add("--input_dropout_p", default=0.2, type=float, help="dropout on the caption branch inputs")
-    add("--rnn_type", default="gru", choices=("gru",), help="caption RNN cell (the original decoder works with gru only)")
-    add("--rnn_dropout_p", default=0.5, type=float, help="dropout between caption RNN layers (no effect with one layer, as in the original)")
+    add(
+        "--rnn_type",
+        default="gru",
+        choices=("gru",),
+        help="caption RNN cell (the original decoder works with gru only)",
+    )
+    add(
+        "--rnn_dropout_p",
+        default=0.5,
+        type=float,
+        help="dropout between caption RNN layers (no effect with one layer, as in the original)",
+    )
     add("--dim_word", default=300, type=int, help="word embedding size of the caption decoder")
     add("--max_len", default=60, type=int, help="caption-branch length, <start> and <end> included")
-    add("--caption_updates", default=2, type=int, choices=(1, 2),
+    add(
+        "--caption_updates",
+        default=2,
+        type=int,
+        choices=(1, 2),
         help="Adam updates per step of the caption branch's parameters: 2 as the original (which listed them "
-        "twice: two updates from one gradient, counted twice by the gradient clipping), 1 for one update")
+        "twice: two updates from one gradient, counted twice by the gradient clipping), 1 for one update",
+    )
     # Ours.
     add("--seed", default=None, type=int, help="seed for weights, dropout and batch order (CPU runs repeat exactly)")
-    add("--demo", action="store_true", help="train and evaluate on a generated toy dataset: about 80 s on an idle 2-core CPU, longer when other jobs share the cores (a preset: see docs/training.md, The demo; explicit flags override it)")
+    add(
+        "--demo",
+        action="store_true",
+        help="train and evaluate on a generated toy dataset: about 80 s on an idle 2-core CPU, "
+        "longer when other jobs share the cores (a preset: see docs/training.md, The demo; explicit flags override it)",
+    )
     add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
-    add("--compile", action="store_true", help="torch.compile the image and text encoders (CUDA); under torchrun the image encoder, which then holds SyncBatchNorm, stays uncompiled")
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the image and text encoders (CUDA); "
+        "under torchrun the image encoder, which then holds SyncBatchNorm, stays uncompiled",
+    )
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add("--dist_timeout", default=10.0, type=float, help="minutes a torchrun process waits for the others before failing")
+    add(
+        "--dist_timeout",
+        default=10.0,
+        type=float,
+        help="minutes a torchrun process waits for the others before failing",
+    )
     return p
 
 
 # What a resumed run may change: none of these alters the model or the batches already seen.
 # (A mid-epoch checkpoint also pins --batch_size; train.py checks that.)
-RESUME_OVERRIDABLE = frozenset({
-    "num_epochs", "workers", "log_step", "val_step", "learning_rate", "lr_update", "batch_size",
-    "data_path", "vocab_path", "logger_name", "device", "amp", "tf32", "compile",
-})
+RESUME_OVERRIDABLE = frozenset(
+    {
+        "num_epochs",
+        "workers",
+        "log_step",
+        "val_step",
+        "learning_rate",
+        "lr_update",
+        "batch_size",
+        "data_path",
+        "vocab_path",
+        "logger_name",
+        "device",
+        "amp",
+        "tf32",
+        "compile",
+    }
+)
 
 
 def explicit_options(argv):

@@ -12,6 +12,7 @@ jobs need them; runtimes other than libgomp, which ignore GOMP_SPINCOUNT, wait p
 The runtime reads these variables once, when torch first loads it, so this module must be
 imported before torch; a setting the user gives is kept.
 """
+
 import os
 
 # Any of these says how OpenMP threads wait (OpenMP's own, libgomp's, and Intel/LLVM libomp's).

@@ -18,6 +18,7 @@ Each image keeps its first five captions, in the file's order.
 Writes DATA/NAME_precomp/SPLIT_{ims.npy, caps.txt, boxes.npy, image_sizes.npy, image_ids.txt};
 each file appears only once the whole conversion succeeded.
 """
+
 import argparse
 import contextlib
 import json
@@ -27,8 +28,11 @@ import sys
 
 import numpy as np
 
-if not __package__:  # run as a file, the project's modules cannot be imported: only as a module from the project's folder
-    raise SystemExit(f"error: run it from the project's folder as: python3 -m utils.tsv_to_precomp {' '.join(sys.argv[1:])}".rstrip())
+if not __package__:
+    # run as a file, the project's modules cannot be imported: only as a module from the project's folder
+    raise SystemExit(
+        f"error: run it from the project's folder as: python3 -m utils.tsv_to_precomp {' '.join(sys.argv[1:])}".rstrip()
+    )
 
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, VSRNError, report
@@ -81,7 +85,9 @@ class CaptionTable:
     def check_counts(self):
         short = [self.names[p] for p, caps in enumerate(self.captions) if len(caps) < CAPTIONS_PER_IMAGE]
         if short:
-            raise DataError(f"{self.path}: {len(short)} image(s) with fewer than {CAPTIONS_PER_IMAGE} captions: {name_ids(short)}")
+            raise DataError(
+                f"{self.path}: {len(short)} image(s) with fewer than {CAPTIONS_PER_IMAGE} captions: {name_ids(short)}"
+            )
 
     def lookup(self, image_id):
         """Position of an image's captions, None for an image of another Karpathy split."""
@@ -112,7 +118,9 @@ def read_caption_text(path):
 
 def read_karpathy(path, document, splits):
     if not splits:
-        raise OptionError(f"{path} is a Karpathy split file: choose its images with --karpathy_split {{{','.join(KARPATHY_SPLITS)}}}")
+        raise OptionError(
+            f"{path} is a Karpathy split file: choose its images with --karpathy_split {{{','.join(KARPATHY_SPLITS)}}}"
+        )
     table = CaptionTable(path)
     for number, image in enumerate(document["images"]):
         try:
@@ -125,7 +133,9 @@ def read_karpathy(path, document, splits):
             for sentence in image["sentences"]:
                 table.add(ids, sentence["raw"])
         except (KeyError, TypeError) as e:
-            raise DataError(f"{path}: image {number} lacks {e} (expected Karpathy's filename, split, sentences[].raw)") from None
+            raise DataError(
+                f"{path}: image {number} lacks {e} (expected Karpathy's filename, split, sentences[].raw)"
+            ) from None
     return table
 
 
@@ -133,7 +143,9 @@ def read_coco_annotations(path, document):
     try:
         from pycocotools.coco import COCO
     except ImportError:
-        raise OptionError(f"{path}: reading COCO caption annotations needs pycocotools (pip install pycocotools)") from None
+        raise OptionError(
+            f"{path}: reading COCO caption annotations needs pycocotools (pip install pycocotools)"
+        ) from None
     coco = COCO()
     coco.dataset = document
     try:
@@ -147,7 +159,9 @@ def read_coco_annotations(path, document):
         table.add(ids, None)
         for annotation in coco.imgToAnns.get(image_id, []):
             if "caption" not in annotation:
-                raise DataError(f"{path}: annotation {annotation.get('id')} has no caption; expected a COCO captions_*.json file")
+                raise DataError(
+                    f"{path}: annotation {annotation.get('id')} has no caption; expected a COCO captions_*.json file"
+                )
             table.add(ids, annotation["caption"])
     return table
 
@@ -170,12 +184,22 @@ def read_caption_source(path, karpathy_splits=None):
             raise DataError(f"{path}: not a readable JSON file ({e})") from None
         if isinstance(document, dict) and isinstance(document.get("images"), list) and "annotations" in document:
             if karpathy_splits:
-                raise OptionError(f"--karpathy_split applies to Karpathy's dataset_*.json; {path} is a COCO annotation file")
+                raise OptionError(
+                    f"--karpathy_split applies to Karpathy's dataset_*.json; {path} is a COCO annotation file"
+                )
             table = read_coco_annotations(path, document)
-        elif isinstance(document, dict) and isinstance(document.get("images"), list) and document["images"] and "sentences" in document["images"][0]:
+        elif (
+            isinstance(document, dict)
+            and isinstance(document.get("images"), list)
+            and document["images"]
+            and "sentences" in document["images"][0]
+        ):
             table = read_karpathy(path, document, karpathy_splits)
         else:
-            raise DataError(f"{path}: JSON that is neither Karpathy's dataset_*.json (images[].sentences) nor a COCO captions file (images, annotations)")
+            raise DataError(
+                f"{path}: JSON that is neither Karpathy's dataset_*.json (images[].sentences) "
+                "nor a COCO captions file (images, annotations)"
+            )
     if not table.captions and not table.skipped:
         empty = os.path.getsize(path) == 0
         raise DataError(f"{path}: the caption file holds no captions" + (" (it is empty)" if empty else ""))
@@ -185,7 +209,9 @@ def read_caption_source(path, karpathy_splits=None):
 
 def npy_header(dtype, shape):
     """A version 1.0 .npy header of exactly NPY_HEADER_BYTES bytes."""
-    description = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    description = repr(
+        {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
     length = NPY_HEADER_BYTES - len(np.lib.format.MAGIC_PREFIX) - 4
     text = description.ljust(length - 1) + "\n"
     if len(text) != length:
@@ -210,7 +236,9 @@ class ArrayAppender:
         self.f.seek(0, os.SEEK_END)
 
 
-def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=2048, karpathy_splits=None, progress=None):
+def convert(
+    tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=2048, karpathy_splits=None, progress=None
+):
     """Write folder/SPLIT_* from the TSV files and captions; returns (images written, images skipped)."""
     first_named = {}  # (device, inode) -> the path that named the file first
     for path in tsv_paths:
@@ -225,10 +253,16 @@ def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=20
     table = read_caption_source(caption_path, karpathy_splits)
     used = {}  # caption position -> where its image's line is
     skipped = 0
-    outputs = {name: os.path.join(folder, f"{split}_{name}") for name in ("ims.npy", "caps.txt", "boxes.npy", "image_sizes.npy", "image_ids.txt")}
+    outputs = {
+        name: os.path.join(folder, f"{split}_{name}")
+        for name in ("ims.npy", "caps.txt", "boxes.npy", "image_sizes.npy", "image_ids.txt")
+    }
     sizes = []
     with contextlib.ExitStack() as files:
-        opened = {name: files.enter_context(atomic_write(path, "w" if name.endswith(".txt") else "wb")) for name, path in outputs.items()}
+        opened = {
+            name: files.enter_context(atomic_write(path, "w" if name.endswith(".txt") else "wb"))
+            for name, path in outputs.items()
+        }
         features = ArrayAppender(opened["ims.npy"], np.float32, (num_boxes, feature_dim))
         boxes = ArrayAppender(opened["boxes.npy"], np.float32, (num_boxes, 4))
         for row, where in read_rows(tsv_paths, num_boxes, feature_dim):
@@ -251,10 +285,16 @@ def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=20
             if progress:
                 progress(features.count)
         if not used:
-            raise DataError(f"{', '.join(tsv_paths)}: no image of {caption_path}{' (split ' + ','.join(karpathy_splits) + ')' if karpathy_splits else ''}")
+            raise DataError(
+                f"{', '.join(tsv_paths)}: no image of "
+                f"{caption_path}{' (split ' + ','.join(karpathy_splits) + ')' if karpathy_splits else ''}"
+            )
         unused = [table.names[p] for p in range(len(table.captions)) if p not in used]
         if unused:
-            raise DataError(f"{caption_path}: captions of {len(unused)} image(s) that have no features in the TSV files: {name_ids(unused)}")
+            raise DataError(
+                f"{caption_path}: captions of {len(unused)} image(s) that have no features in the TSV files: "
+                f"{name_ids(unused)}"
+            )
         features.finish()
         boxes.finish()
         np.save(opened["image_sizes.npy"], np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
@@ -263,11 +303,17 @@ def convert(tsv_paths, caption_path, folder, split, num_boxes=36, feature_dim=20
 
 def add_split_arguments(p, required=True):
     """The flags that name a split's captions and where it goes (shared with extract_regions.py --precomp)."""
-    p.add_argument("--captions", required=required, help="image_id<TAB>caption text, Karpathy's dataset_*.json or COCO captions_*.json")
+    p.add_argument(
+        "--captions",
+        required=required,
+        help="image_id<TAB>caption text, Karpathy's dataset_*.json or COCO captions_*.json",
+    )
     p.add_argument("--data_path", required=required, help="folder that holds NAME_precomp/")
     p.add_argument("--data_name", required=required, help="NAME_precomp")
     p.add_argument("--split", required=required, help="train, dev, test, testall or another split name")
-    p.add_argument("--karpathy_split", nargs="+", choices=KARPATHY_SPLITS, help="the Karpathy splits to take (e.g. train restval)")
+    p.add_argument(
+        "--karpathy_split", nargs="+", choices=KARPATHY_SPLITS, help="the Karpathy splits to take (e.g. train restval)"
+    )
 
 
 def split_folder(data_path, data_name):
@@ -290,11 +336,22 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         folder = split_folder(args.data_path, args.data_name)
-        written, skipped = convert(args.tsv, args.captions, folder, args.split, args.num_boxes, args.feature_dim,
-                                   args.karpathy_split, progress=_progress)
+        written, skipped = convert(
+            args.tsv,
+            args.captions,
+            folder,
+            args.split,
+            args.num_boxes,
+            args.feature_dim,
+            args.karpathy_split,
+            progress=_progress,
+        )
     except (VSRNError, OSError) as e:
         return report(e)
-    print(f"{written} images written to {folder}/{args.split}_*" + (f" ({skipped} of other Karpathy splits skipped)" if skipped else ""))
+    print(
+        f"{written} images written to {folder}/{args.split}_*"
+        + (f" ({skipped} of other Karpathy splits skipped)" if skipped else "")
+    )
     return 0
 
 
