@@ -60,13 +60,17 @@ def vocabulary_folder(opt, checkpoint_path):
     return next((path for path in candidates if vocab_files(path, opt.data_name)), None)
 
 
-def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branch=False, need_data=True, device=None):
+def load_models(
+    model_paths, data_path=None, vocab_path=None, need_caption_branch=False, need_data=True, device=None, vocab=None
+):
     """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode, float32, on `device`]).
 
     vocab_path: the vocabulary's folder (None: the one the checkpoint records, found as
     `vocabulary_folder` says). need_caption_branch: refuse checkpoints without caption-branch
     weights (the original release saved only the two encoders). need_data: refuse a missing data
     folder (False for callers that read no split). device: None for CUDA when available.
+    vocab: the vocabulary itself, when the caller keeps a copy (the photo library): no file is read,
+    and it must be the one the checkpoints were trained with.
     """
     checkpoints = [load_checkpoint(path) for path in model_paths]
     for path, checkpoint in zip(model_paths, checkpoints):
@@ -84,7 +88,9 @@ def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branc
             opt.data_name,
             "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')",
         )
-    if vocab_path is None:
+    if vocab is not None:
+        vocab_path = vocab.path
+    elif vocab_path is None:
         vocab_path = vocabulary_folder(opt, model_paths[0])
         if vocab_path is None:
             raise VocabularyError(
@@ -92,7 +98,8 @@ def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branc
                 "from here nor from the checkpoint's folder; "
                 f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
             )
-    vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
+    if vocab is None:
+        vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
     models = []
     for path, checkpoint in zip(model_paths, checkpoints):
         model_opt = checkpoint["opt"]

@@ -2,7 +2,10 @@
 
 Each image draws its three toy concepts (see utils/make_toy_data.py) as labelled shapes; the
 boxes of the regions that show a concept lie on its shape, background regions anywhere.
-Region features, captions and concepts are make_toy_data's, so a model learns it the same way.
+Region features, captions and concepts are make_toy_data's, so a model learns it the same way. A
+region's object id is the Visual Genome id of its concept's name, as the detector would name it
+(-1 for the one concept Visual Genome's 1600 objects lack, "guitar"); background regions are
+"background".
 
     python3 -m utils.make_toy_images --out data/toy_images [--img_dim 128]
 
@@ -27,6 +30,7 @@ if not __package__:
 
 from utils.atomic import atomic_write
 from utils.errors import OptionError, VSRNError, report
+from utils.genome import object_id
 from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split
 from utils.options import ScriptHelpFormatter
 from utils.obj36 import format_obj36_line
@@ -80,7 +84,9 @@ def obj36_line(image_id, boxes, features, owners):
     regions = {
         "img_h": HEIGHT,
         "img_w": WIDTH,
-        "objects_id": np.maximum(owners, 0),
+        "objects_id": np.array(
+            [object_id(CONCEPTS[owner]) if owner >= 0 else object_id("background") for owner in owners]
+        ),
         "objects_conf": np.where(owners >= 0, 0.9, 0.2),
         "attrs_id": np.zeros(REGIONS),
         "attrs_conf": np.zeros(REGIONS),
