@@ -19,6 +19,7 @@ history) or whose file is damaged is rebuilt from the records.
 """
 
 import json
+import logging
 import math
 import struct
 
@@ -37,6 +38,8 @@ RECALL_QUERIES = 200
 
 
 def import_faiss():
+    # FAISS says at INFO level which of its builds it loads; the jobs' logs need not.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:
