@@ -39,9 +39,7 @@ def checkpoint(folder, vocab, img_dim, seed, **options):
         vocab_path=os.path.join(folder, "..", "vocab"),
         vocab_size=len(vocab),
         img_dim=img_dim,
-        embed_size=16,
-        dim_vid=16,
-        **options,
+        **{"embed_size": 16, "dim_vid": 16, **options},
     )
     state = {"model": VSRN(opt, training=False).state_dict(), "opt": opt, "vocab_digest": vocab_digest(vocab)}
     return save_checkpoint(state, False, folder)

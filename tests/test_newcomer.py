@@ -192,3 +192,35 @@ def test_lxmert_says_it_cached_regions_only_once_they_are(own, tmp_path, capsys)
     assert lxmert_match.main(args) == 2
     out, err = capsys.readouterr()
     assert "Regions of" not in out and "a VSRN checkpoint" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "script, target, args, kept",
+    [
+        ("evaluate_models", "evalrank", ["m.pth.tar"], "nothing was written"),
+        ("caption", "caption_split", ["--checkpoint", "m.pth.tar"], "no captions were written"),
+        ("vocab", "build_dataset_vocab", [], "no vocabulary was written"),
+        (
+            "utils.tsv_to_precomp",
+            "convert",
+            ["--tsv", "a.tsv", "--captions", "c", "--data_path", "d", "--data_name", "x_precomp", "--split", "test"],
+            "no split was written",
+        ),
+        ("utils.make_toy_data", "make_toy_data", [], "the files written so far are whole"),
+        ("utils.make_toy_images", "make_toy_images", [], "the files written so far are whole"),
+        ("index", "Indexer", ["--library", "lib"], "lib keeps the photos committed so far"),
+        ("search", "run", ["--library", "lib", "a dog"], "searches change nothing"),
+    ],
+)
+def test_every_script_stops_on_ctrl_c_with_one_line(script, target, args, kept, monkeypatch, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, target, interrupted)
+    assert module.main(args) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: interrupted; {kept}"), err

@@ -1,6 +1,6 @@
 """Generate the toy dataset as a user's own images would arrive: pictures, an obj36 TSV, captions.
 
-Each image draws its three toy concepts (see utils/make_toy_data.py) as labelled shapes; the
+Each image draws its three toy concepts (see utils.make_toy_data) as labelled shapes; the
 boxes of the regions that show a concept lie on its shape, background regions anywhere.
 Region features, captions and concepts are make_toy_data's, so a model learns it the same way. A
 region's object id is the Visual Genome id of its concept's name, as the detector would name it
@@ -10,7 +10,7 @@ region's object id is the Visual Genome id of its concept's name, as the detecto
     python3 -m utils.make_toy_images --out data/toy_images [--img_dim 128]
 
 writes OUT/images/<id>.png, OUT/{train,dev,test}_obj36.tsv (LXMERT's 10-field layout) and
-OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils/tsv_to_precomp.py.
+OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils.tsv_to_precomp.
 """
 
 import argparse
@@ -29,7 +29,7 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import OptionError, VSRNError, report
+from utils.errors import OptionError, VSRNError, report, report_interrupt
 from utils.genome import object_id
 from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split
 from utils.options import ScriptHelpFormatter
@@ -101,7 +101,7 @@ def make_toy_images(out, img_dim=128, seed=0, sizes=None):
     try:
         import PIL  # noqa: F401
     except ImportError:
-        raise OptionError("utils/make_toy_images.py draws with Pillow: pip install pillow") from None
+        raise OptionError("utils.make_toy_images draws with Pillow: pip install pillow") from None
     rng = np.random.RandomState(seed)
     prototypes = make_prototypes(rng, img_dim)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -132,6 +132,8 @@ def main(argv=None):
         out = make_toy_images(args.out, args.img_dim, args.seed)
     except (VSRNError, OSError) as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt("the files written so far are whole; rerun the same command to write them all")
     print(f"Toy images, TSV features and captions written to {out}")
     return 0
 
