@@ -2,7 +2,7 @@
 encoded, and scored as the model scores them.
 
     opt, vocab, models = load_models(["runs/f30k/model_best.pth.tar"], need_data=False)
-    query = encode_query(models[0], vocab, "a dog on a bench")   # unknown words named, all-unknown refused
+    query, embeddings = encode_query(models, vocab, "a dog on a bench")  # unknown words named, all-unknown refused
     images, region_scores = encode_regions(models[0], features)  # features (B, regions, img_dim)
 """
 
@@ -165,25 +165,28 @@ def encode_images(model, features, batch_size=ENCODE_BATCH):
 @torch.no_grad()
 def encode_text(model, vocab, text):
     """The caption embedding (1, D), on the CPU, of `text` tokenized as the training captions were."""
-    return encode_tokens(model, vocab, tokenize(text))
+    return encode_token_lists(model, vocab, [tokenize(text)])
 
 
 @torch.no_grad()
-def encode_tokens(model, vocab, tokens):
-    words = [vocab(START)] + [vocab(w) for w in tokens] + [vocab(END)]
-    caption = torch.tensor([words], dtype=torch.int64, device=model.device)
+def encode_token_lists(model, vocab, token_lists):
+    """The caption embeddings (B, D), on the CPU, of tokenized sentences, encoded as one batch."""
+    ids = [[vocab(START)] + [vocab(w) for w in tokens] + [vocab(END)] for tokens in token_lists]
+    lengths = [len(words) for words in ids]
+    captions = torch.zeros(len(ids), max(lengths), dtype=torch.int64)
+    for row, words in enumerate(ids):
+        captions[row, : len(words)] = torch.tensor(words)
     model.val_start()
-    return model.txt_enc(caption, [len(words)]).float().cpu()
+    return model.txt_enc(captions.to(model.device), lengths).float().cpu()
 
 
 @dataclass
 class Query:
-    """A typed query: its tokens, those outside the vocabulary (read as <unk>), and its embedding (1, D) per model."""
+    """A typed query: its tokens, and those outside the vocabulary (read as <unk>)."""
 
     text: str
     tokens: list
     unknown: list
-    embeddings: list
 
     def notice(self):
         """The line that names the unknown words, or None."""
@@ -193,9 +196,9 @@ class Query:
         return f"{names} {'is' if len(self.unknown) == 1 else 'are'} not in the vocabulary: read as <unk>"
 
 
-def encode_query(models, vocab, text):
-    """A Query of `text` through each model's text encoder. A query with no word of the vocabulary
-    (or no word at all) is an OptionError: it would rank the pictures by <unk> alone."""
+def read_query(vocab, text):
+    """The Query of `text`. A query with no word of the vocabulary (or no word at all) is an
+    OptionError: it would rank the pictures by <unk> alone."""
     tokens = tokenize(text)
     unknown = list(dict.fromkeys(token for token in tokens if token not in vocab.word2idx))
     if not tokens:
@@ -203,7 +206,13 @@ def encode_query(models, vocab, text):
     if len(unknown) == len(set(tokens)):
         names = ", ".join(repr(word) for word in unknown)
         raise OptionError(f"the query {text!r}: none of its words is in the model's vocabulary ({names}); rephrase it")
-    return Query(text, tokens, unknown, [encode_tokens(model, vocab, tokens) for model in models])
+    return Query(text, tokens, unknown)
+
+
+def encode_query(models, vocab, text):
+    """(the Query of `text`, its embedding (1, D) by each model's text encoder)."""
+    query = read_query(vocab, text)
+    return query, [encode_token_lists(model, vocab, [query.tokens]) for model in models]
 
 
 def scores_against(images, captions, measure):

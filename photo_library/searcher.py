@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.genome import object_name
+from inference import read_query
 from photo_library import recipe
-from photo_library.embedding import image_vectors, text_vector
+from photo_library.embedding import QueryBatcher, image_vectors, text_vectors
 from photo_library.store import Library
 from photo_library.vectors import VectorIndex
 from utils.errors import DataError, OptionError
+from utils.genome import object_name
 from vocab import vocabulary_from_words
 
 INDEX_FILE = "index.faiss"
@@ -64,6 +65,14 @@ class Searcher:
         self.checked_at = 0.0
         self.index = self.load_index()
         self.reranking = None
+        self.encode_tokens = self.encode_alone
+
+    def encode_alone(self, tokens):
+        return text_vectors(self.models, self.vocab, [tokens])[0]
+
+    def batch_queries(self):
+        """Encode the sentences of concurrent queries together (a server's many clients)."""
+        self.encode_tokens = QueryBatcher(lambda token_lists: text_vectors(self.models, self.vocab, token_lists))
 
     @property
     def library(self):
@@ -103,7 +112,8 @@ class Searcher:
 
     def text(self, text, k=10, rerank=False):
         """(hits, the Query: its unknown words) of a sentence. rerank: LXMERT rescores the top candidates."""
-        vector, query = text_vector(self.models, self.vocab, text)
+        query = read_query(self.vocab, text)
+        vector = self.encode_tokens(query.tokens)
         wanted = max(k, self.reranking.candidates) if rerank and self.reranking else k
         hits = self.nearest(vector, wanted)
         if rerank:

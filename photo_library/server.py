@@ -53,6 +53,7 @@ def create_app(searcher):
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
 
+    searcher.batch_queries()
     app = fastapi.FastAPI(
         title="VSRN photo library",
         description="Search your photos by text with VSRN's embeddings; the paper's attention maps show what "

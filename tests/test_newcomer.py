@@ -125,10 +125,10 @@ def test_the_region_cache_leaves_no_lock_files_nor_empty_tables(own, tmp_path, c
 def test_a_query_names_its_unknown_words_and_one_of_only_unknown_words_is_refused(own):
     _, _, checkpoint, _ = own
     _, vocab, models = load_models([checkpoint], vocab_path=str(own[3] / "project" / "vocab"), need_data=False)
-    query = encode_query(models, vocab, "a kayak on a bench")
+    query, _ = encode_query(models, vocab, "a kayak on a bench")
     assert query.unknown == ["kayak"] and query.notice() == "'kayak' is not in the vocabulary: read as <unk>"
-    assert encode_query(models, vocab, "a dog . ").notice() is None
-    assert "'kayaks', 'paddles' are not" in encode_query(models, vocab, "a dog kayaks paddles").notice()
+    assert encode_query(models, vocab, "a dog . ")[0].notice() is None
+    assert "'kayaks', 'paddles' are not" in encode_query(models, vocab, "a dog kayaks paddles")[0].notice()
     with pytest.raises(OptionError, match=r"none of its words is in the model's vocabulary \('kayak', 'paddle'\)"):
         encode_query(models, vocab, "Kayak paddle")
     with pytest.raises(OptionError, match="has no words"):

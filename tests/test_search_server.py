@@ -4,7 +4,9 @@ bad queries), read-only records, and a server that picks up index.py's updates w
 import os
 import sqlite3
 import threading
+import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -204,3 +206,33 @@ def test_exposed_servers_warn(client, monkeypatch, capsys):
     server.serve(client[1], "0.0.0.0", 8123)
     assert capsys.readouterr().err.startswith("warning: --host 0.0.0.0: the library is served to other machines too;")
     assert server.loopback("::1") and server.loopback("localhost") and not server.loopback("192.168.1.20")
+
+
+def test_concurrent_queries_are_encoded_together_as_each_alone(client):
+    from photo_library.embedding import QueryBatcher, text_vectors
+
+    searcher = client[1]
+    things = ("bench", "kite", "tree", "bus", "cat", "boat", "clock", "tent")
+    sentences = [f"a dog next to a {thing}" for thing in things]
+    alone = {text: searcher.encode_alone(text.split()) for text in sentences}
+    batches = []
+
+    def encode(token_lists):
+        batches.append(len(token_lists))
+        while len(batches) == 1 and batcher.waiting.qsize() < 31:  # the first batch is slow: the others queue
+            time.sleep(0.01)
+        return text_vectors(searcher.models, searcher.vocab, token_lists)
+
+    batcher, answers = QueryBatcher(encode), {}
+
+    def ask(text):
+        answers[text] = batcher(text.split())
+
+    threads = [threading.Thread(target=ask, args=(text,)) for text in sentences * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert batches == [1, 31]  # those that waited went together
+    for text, vector in answers.items():
+        np.testing.assert_allclose(vector, alone[text], atol=1e-6)
