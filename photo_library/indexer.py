@@ -23,7 +23,7 @@ from photo_library import recipe
 from photo_library.embedding import check_models, image_vectors
 from photo_library.scan import scan
 from photo_library.store import DATABASE, Library
-from photo_library.vectors import VectorIndex, choose_kind
+from photo_library.vectors import INDEX_FILE, VectorIndex, choose_kind
 from utils.distributed import SINGLE_PROCESS
 from utils.errors import DataError, OptionError, first_line
 from utils.images import ImageError, pillow, read_image
@@ -32,7 +32,7 @@ from utils.text import plural
 from utils.tsv_to_precomp import canonical_id
 from vocab import vocab_digest, vocabulary_from_words
 
-INDEX_FILE, LOCK_FILE = "index.faiss", "index.lock"
+LOCK_FILE = "index.lock"
 THUMBNAIL_SIDE = 256
 COMMIT_EVERY = 64  # photos per transaction on the fast (--regions) path; the detector's path commits every batch
 HNSW_REBUILD_SHARE = 0.1  # rebuild an HNSW index once this share of its nodes are deleted photos

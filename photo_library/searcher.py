@@ -19,12 +19,11 @@ from inference import read_query
 from photo_library import recipe
 from photo_library.embedding import QueryBatcher, image_vectors, text_vectors
 from photo_library.store import Library
-from photo_library.vectors import VectorIndex
+from photo_library.vectors import INDEX_FILE, VectorIndex
 from utils.errors import DataError, OptionError
 from utils.genome import object_name
 from vocab import vocabulary_from_words
 
-INDEX_FILE = "index.faiss"
 REFRESH_EVERY_S = 1.0
 
 

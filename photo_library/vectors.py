@@ -28,11 +28,13 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, first_line
 
+INDEX_FILE = "index.faiss"  # in the library's folder
 KINDS = ("flat", "hnsw", "ivfpq")
 FLAT_UP_TO = 50_000
 HNSW_NEIGHBOURS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 64, 128
 IVF_PROBES = 32
 MAX_CODE_BYTES = 256  # 8 dimensions per sub-quantiser for 2048-d vectors: the exact re-scoring does the rest
+TRAINING_POINTS = 160_000  # ivfpq's k-means trains on at most this many vectors, drawn at random
 REFINE = 10  # ivfpq: candidates re-scored exactly per result wanted
 MAGIC = b"VSRN-LIBRARY-INDEX-1\n"
 RECALL_QUERIES = 200
@@ -62,7 +64,7 @@ def ivfpq_settings(count, dim, memory_bytes):
     """(lists, code bytes per vector, bits per sub-quantiser) for `count` vectors within `memory_bytes`:
     about 4 sqrt(count) lists, the most code bytes (a divisor of dim, at most 256 and dim / 2) that fit, and
     as many bits (8 at most) as the vectors can train (FAISS wants 39 training points per centroid)."""
-    lists = max(1, min(int(4 * math.sqrt(count)), count // 39))
+    lists = max(1, min(int(4 * math.sqrt(count)), min(count, TRAINING_POINTS) // 39))
     per_vector = max(1, memory_bytes // max(count, 1) - 16)  # the id and the list entry
     code_bytes = max(m for m in range(1, min(MAX_CODE_BYTES, dim // 2) + 1) if dim % m == 0 and m <= per_vector)
     bits = max(1, min(8, int(math.log2(max(2, count // 39)))))
@@ -112,7 +114,8 @@ class VectorIndex:
             index = faiss.IndexIVFPQ(quantizer, dim, lists, code_bytes, bits, faiss.METRIC_INNER_PRODUCT)
             quantizer.this.disown()
             index.own_fields = True
-            index.train(vectors)
+            sample = np.random.default_rng(0).choice(count, min(count, TRAINING_POINTS), replace=False)
+            index.train(vectors[np.sort(sample)])
         else:
             raise OptionError(f"--index {kind}: expected auto or one of {', '.join(KINDS)}")
         if count:
