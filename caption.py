@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from captioning import caption_split
-from utils.errors import VSRNError, report, report_interrupt
+from utils.errors import run_job
 from utils.options import ScriptHelpFormatter
 
 
@@ -31,15 +31,18 @@ def main(argv=None):
     parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path")
     parser.add_argument("--batch_size", default=128, type=int, help="images decoded at once")
     args = parser.parse_args(argv)
-    try:
-        caption_split(
-            args.checkpoint, args.data_path, args.split, args.beam_size, args.out, args.vocab_path, args.batch_size
-        )
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return report_interrupt("no captions were written (the file is written whole at the end): rerun the command")
-    return 0
+    return run_job(
+        lambda: caption_split(
+            args.checkpoint,
+            args.data_path,
+            args.split,
+            beam_size=args.beam_size,
+            out=args.out,
+            vocab_path=args.vocab_path,
+            batch_size=args.batch_size,
+        ),
+        "no captions were written (the file is written whole at the end): rerun the command",
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 
 from evaluation import evalrank
-from utils.errors import CheckpointError, OptionError, VSRNError, report, report_interrupt
+from utils.errors import CheckpointError, OptionError, run_job
 from utils.options import ScriptHelpFormatter
 
 # MS-COCO: 1K test (5 folds of the 5000-image `testall` split) with the two-model ensemble.
@@ -68,22 +68,23 @@ def main(argv=None):
         if args.model_paths
         else RUN
     )
-    try:
-        runs = [block_arguments(block, args.vocab_path) for block in blocks]
-        if not args.model_paths:
-            missing = [path for model_paths, _ in runs for path in model_paths if not os.path.isfile(path)]
-            if missing:
-                raise CheckpointError(
-                    f"{missing[0]}: checkpoint not found; edit the blocks at the top of evaluate_models.py, or pass "
-                    "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
-                )
-        for model_paths, keywords in runs:
-            evalrank(*model_paths, **keywords, eccv=args.eccv)
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return report_interrupt("nothing was written: rerun the command (its ranks file is written only at the end)")
-    return 0
+    return run_job(
+        lambda: evaluate(blocks, args),
+        "nothing was written: rerun the command (its ranks file is written only at the end)",
+    )
+
+
+def evaluate(blocks, args):
+    runs = [block_arguments(block, args.vocab_path) for block in blocks]
+    if not args.model_paths:
+        missing = [path for model_paths, _ in runs for path in model_paths if not os.path.isfile(path)]
+        if missing:
+            raise CheckpointError(
+                f"{missing[0]}: checkpoint not found; edit the blocks at the top of evaluate_models.py, or pass "
+                "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
+            )
+    for model_paths, keywords in runs:
+        evalrank(*model_paths, **keywords, eccv=args.eccv)
 
 
 if __name__ == "__main__":

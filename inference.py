@@ -127,11 +127,12 @@ def load_models(
     return opt, vocab, models
 
 
-def split_loader(opt, vocab, split):
-    """The checkpoint options' split of its dataset, in order, for evaluation."""
+def split_loader(opt, vocab, split, data_name=None):
+    """A split of the checkpoint options' dataset (or of `data_name` under their data_path), in order,
+    for evaluation."""
     return get_test_loader(
         opt.data_path,
-        opt.data_name,
+        data_name or opt.data_name,
         split,
         vocab,
         batch_size=opt.batch_size,

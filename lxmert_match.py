@@ -37,7 +37,7 @@ from lxmert.loading import DEFAULT_MODEL, MODES
 from lxmert.pictures import DEFAULT_SCORES, match_pictures
 from lxmert.splits import evaluate
 from utils.device import check_device
-from utils.errors import Interrupted, OptionError, VSRNError, report, report_interrupt
+from utils.errors import OptionError, run_job
 from utils.options import ScriptHelpFormatter
 
 
@@ -115,60 +115,57 @@ def main(argv=None):
         "--top", type=int, default=5, help="pictures printed per caption and captions per picture (0: all)"
     )
     args = parser.parse_args(argv)
-    try:
-        check_device(args.device)
-        if args.images is not None:
-            check_pictures_arguments(args, parser)
-            match_pictures(
-                args.images,
-                args.captions,
-                args.detector,
-                model_path=args.model,
-                mode=args.mode,
-                detector_config=args.detector_config,
-                policy=args.policy,
-                batch_size=args.batch_size,
-                device=args.device,
-                amp=args.amp,
-                tokenizer_path=args.tokenizer,
-                save_scores=args.save_scores or [DEFAULT_SCORES],
-                top=args.top,
-            )
-        else:
-            if args.data_path is None or args.data_name is None:
-                raise OptionError(
-                    "--data_path and --data_name name the split to evaluate; or match your own pictures with "
-                    "--images DIR --captions FILE --detector WEIGHTS"
-                )
-            save_scores = args.save_scores or [None]
-            if len(save_scores) > 1 or (save_scores[0] and not save_scores[0].endswith(".npy")):
-                raise OptionError(f"--save_scores {' '.join(save_scores)}: a split's scores are saved as one PATH.npy")
-            evaluate(
-                args.model,
-                args.data_path,
-                args.data_name,
-                args.split,
-                mode=args.mode,
-                vsrn=args.vsrn,
-                topk=args.topk,
-                alpha=args.alpha,
-                batch_size=args.batch_size,
-                device=args.device,
-                amp=args.amp,
-                tokenizer_path=args.tokenizer,
-                vocab_path=args.vocab_path,
-                save_scores=save_scores[0],
-            )
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except Interrupted as e:
-        return report_interrupt(str(e))
-    except KeyboardInterrupt:
-        return report_interrupt(
-            "no scores were saved (each file is written whole at the end); the regions of your pictures "
-            "extracted so far stay in the region cache, so the same command goes on from there"
+    return run_job(
+        lambda: run(args, parser),
+        "no scores were saved (each file is written whole at the end); the regions of your pictures "
+        "extracted so far stay in the region cache, so the same command goes on from there",
+    )
+
+
+def run(args, parser):
+    check_device(args.device)
+    if args.images is not None:
+        check_pictures_arguments(args, parser)
+        match_pictures(
+            args.images,
+            args.captions,
+            args.detector,
+            model_path=args.model,
+            mode=args.mode,
+            detector_config=args.detector_config,
+            policy=args.policy,
+            batch_size=args.batch_size,
+            device=args.device,
+            amp=args.amp,
+            tokenizer_path=args.tokenizer,
+            save_scores=args.save_scores or [DEFAULT_SCORES],
+            top=args.top,
         )
-    return 0
+    else:
+        if args.data_path is None or args.data_name is None:
+            raise OptionError(
+                "--data_path and --data_name name the split to evaluate; or match your own pictures with "
+                "--images DIR --captions FILE --detector WEIGHTS"
+            )
+        save_scores = args.save_scores or [None]
+        if len(save_scores) > 1 or (save_scores[0] and not save_scores[0].endswith(".npy")):
+            raise OptionError(f"--save_scores {' '.join(save_scores)}: a split's scores are saved as one PATH.npy")
+        evaluate(
+            args.model,
+            args.data_path,
+            args.data_name,
+            args.split,
+            mode=args.mode,
+            vsrn=args.vsrn,
+            topk=args.topk,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            device=args.device,
+            amp=args.amp,
+            tokenizer_path=args.tokenizer,
+            vocab_path=args.vocab_path,
+            save_scores=save_scores[0],
+        )
 
 
 def check_pictures_arguments(args, parser):

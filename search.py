@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from utils.errors import Interrupted, OptionError, VSRNError, report, report_interrupt
+from utils.errors import OptionError, run_job
 from utils.options import ScriptHelpFormatter
 
 
@@ -119,17 +119,9 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except Interrupted as e:
-        return report_interrupt(str(e))
-    except KeyboardInterrupt:
-        return report_interrupt(
-            "searches change nothing; --demo keeps what it made and the same command goes on from there"
-        )
-    return 0
+    return run_job(
+        lambda: run(args), "searches change nothing; --demo keeps what it made and the same command goes on from there"
+    )
 
 
 if __name__ == "__main__":

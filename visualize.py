@@ -30,7 +30,7 @@ from data import open_features, read_image_ids
 from inference import encode_images, encode_query, encode_text, load_models, scores_against, split_loader
 from utils.captions import read_captions
 from utils.device import check_device
-from utils.errors import Interrupted, OptionError, VSRNError, report, report_interrupt
+from utils.errors import OptionError, run_job
 from utils.figures import compose, save_png
 from utils.options import ScriptHelpFormatter
 
@@ -213,18 +213,11 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except Interrupted as e:
-        return report_interrupt(str(e))
-    except KeyboardInterrupt:
-        return report_interrupt(
-            "nothing was drawn; the regions of your pictures extracted so far stay in the region cache, so the "
-            "same command goes on from there"
-        )
-    return 0
+    return run_job(
+        lambda: run(args),
+        "nothing was drawn; the regions of your pictures extracted so far stay in the region cache, so the "
+        "same command goes on from there",
+    )
 
 
 if __name__ == "__main__":

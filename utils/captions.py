@@ -21,6 +21,17 @@ def read_caption_bytes(path):
         return f.read()
 
 
+def numbered_lines(path):
+    """(number, text) of each line of a UTF-8 text file, its line end left out, read one at a time; a
+    line that is not UTF-8 is a DataError naming `path` and its number."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def decode_captions(raw, path):
     """Lines of `raw` as stripped str; a line that is not UTF-8 is one error naming `path` and its number."""
     lines = raw.split(b"\n")

@@ -70,3 +70,18 @@ def report_interrupt(kept):
     (an Interrupted's message, or the script's); return 130 (128 + SIGINT)."""
     print(f"error: interrupted; {kept}", file=sys.stderr)
     return 130
+
+
+def run_job(work, interrupted):
+    """A script's exit code for running `work()`: 0 when it ends; 2 or 1 with one line for a VSRNError or
+    an OSError; 130 with one line for Ctrl-C: an Interrupted's own message, else `interrupted` (what
+    was kept, and how to go on)."""
+    try:
+        work()
+    except (VSRNError, OSError) as e:
+        return report(e)
+    except Interrupted as e:
+        return report_interrupt(str(e))
+    except KeyboardInterrupt:
+        return report_interrupt(interrupted)
+    return 0

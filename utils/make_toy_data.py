@@ -20,7 +20,7 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import report, report_interrupt
+from utils.errors import run_job
 from utils.options import ScriptHelpFormatter
 
 CONCEPTS = (
@@ -89,14 +89,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        folder = make_toy_data(args.data_path, args.data_name, args.img_dim, args.seed)
-    except OSError as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return report_interrupt("the files written so far are whole; rerun the same command to write them all")
-    print(f"Toy dataset written to {folder}")
-    return 0
+
+    def write():
+        print(f"Toy dataset written to {make_toy_data(args.data_path, args.data_name, args.img_dim, args.seed)}")
+
+    return run_job(write, "the files written so far are whole; rerun the same command to write them all")
 
 
 if __name__ == "__main__":

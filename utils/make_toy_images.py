@@ -29,7 +29,7 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import OptionError, VSRNError, report, report_interrupt
+from utils.errors import OptionError, run_job
 from utils.genome import object_id
 from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split
 from utils.options import ScriptHelpFormatter
@@ -128,14 +128,11 @@ def main(argv=None):
     parser.add_argument("--img_dim", default=128, type=int, help="dimensionality of the generated region features")
     parser.add_argument("--seed", default=0, type=int, help="random seed (the same seed writes the same files)")
     args = parser.parse_args(argv)
-    try:
-        out = make_toy_images(args.out, args.img_dim, args.seed)
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return report_interrupt("the files written so far are whole; rerun the same command to write them all")
-    print(f"Toy images, TSV features and captions written to {out}")
-    return 0
+
+    def write():
+        print(f"Toy images, TSV features and captions written to {make_toy_images(args.out, args.img_dim, args.seed)}")
+
+    return run_job(write, "the files written so far are whole; rerun the same command to write them all")
 
 
 if __name__ == "__main__":

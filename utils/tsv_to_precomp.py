@@ -35,7 +35,8 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import DataError, OptionError, VSRNError, report, report_interrupt
+from utils.errors import DataError, OptionError, run_job
+from utils.captions import numbered_lines
 from utils.obj36 import read_rows
 from utils.options import ScriptHelpFormatter
 
@@ -101,18 +102,13 @@ class CaptionTable:
 
 def read_caption_text(path):
     table = CaptionTable(path)
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            image_id, tab, caption = line.partition("\t")
-            if not tab or not image_id.strip():
-                raise DataError(f"{path}: line {number} is not 'image_id<TAB>caption'")
-            table.add([image_id], caption)
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        image_id, tab, caption = line.partition("\t")
+        if not tab or not image_id.strip():
+            raise DataError(f"{path}: line {number} is not 'image_id<TAB>caption'")
+        table.add([image_id], caption)
     return table
 
 
@@ -334,29 +330,28 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        folder = split_folder(args.data_path, args.data_name)
-        written, skipped = convert(
-            args.tsv,
-            args.captions,
-            folder,
-            args.split,
-            args.num_boxes,
-            args.feature_dim,
-            args.karpathy_split,
-            progress=_progress,
-        )
-    except (VSRNError, OSError) as e:
-        return report(e)
-    except KeyboardInterrupt:
-        return report_interrupt(
-            "no split was written (its files appear only when the whole conversion succeeded): rerun the command"
-        )
+    return run_job(
+        lambda: write_split(args),
+        "no split was written (its files appear only when the whole conversion succeeded): rerun the command",
+    )
+
+
+def write_split(args):
+    folder = split_folder(args.data_path, args.data_name)
+    written, skipped = convert(
+        args.tsv,
+        args.captions,
+        folder,
+        args.split,
+        args.num_boxes,
+        args.feature_dim,
+        args.karpathy_split,
+        progress=_progress,
+    )
     print(
         f"{written} images written to {folder}/{args.split}_*"
         + (f" ({skipped} of other Karpathy splits skipped)" if skipped else "")
     )
-    return 0
 
 
 def _progress(count):
