@@ -224,3 +224,32 @@ def test_every_script_stops_on_ctrl_c_with_one_line(script, target, args, kept, 
     assert module.main(args) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: interrupted; {kept}"), err
+
+
+def test_lxmert_extracts_one_picture_per_detector_pass_whatever_its_batch_size(own, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import lxmert_match
+
+    photos, weights, _, _ = own
+    passes = []
+
+    def extract_rows(detector, items, pictures, settings):
+        passes.append(len(items))
+        raise KeyboardInterrupt  # enough: the pass was seen
+
+    monkeypatch.setattr(pipeline, "extract_rows", extract_rows)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog\n")
+    (tmp_path / "lxmert").mkdir()
+    args = [
+        "--images",
+        str(photos),
+        "--captions",
+        str(captions),
+        "--detector",
+        weights,
+        "--model",
+        str(tmp_path / "lxmert"),
+    ]
+    assert lxmert_match.main([*args, "--batch_size", "64"]) == 130
+    assert passes == [1]  # 0.5 GB a picture on the CPU: LXMERT's batch of pairs is no detector batch
