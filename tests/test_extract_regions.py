@@ -377,3 +377,22 @@ def test_cached_regions_extracts_each_picture_once(detector, tmp_path, monkeypat
     edited = cache.cached_regions(paths, weights, num_boxes=10)
     assert len(extracted) == 6
     assert (edited["pic02"]["img_h"], edited["pic02"]["img_w"]) == (60, 90)
+
+
+def test_each_policy_reads_the_pictures_as_its_original_did(detector, tmp_path):
+    """caffe: as cv2.imread (a transparent picture's stored colours), hf: over white."""
+    weights, _ = detector
+    rgba = np.random.RandomState(3).randint(0, 256, (60, 80, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rgba[..., 3] > 128, 255, 0)
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "pics" / "alpha.png")
+    over_white = np.where(rgba[..., 3:] > 0, rgba[..., :3], 255).astype(np.uint8)
+    net = load_detector(weights)
+    for policy, seen in (("caffe", rgba[..., :3]), ("hf", over_white)):
+        out = tmp_path / f"{policy}.tsv"
+        args = ["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), "--policy", policy]
+        assert extract_regions.main([*args, *FAST]) == 0
+        row = obj36.parse_row(rows(out)[0].rstrip(b"\n"), "row")
+        expected = extract.extract_regions(net, seen, policy=policy, num_boxes=10, min_size=128, max_size=200)
+        np.testing.assert_array_equal(row["features"], expected["features"])
+
