@@ -3,6 +3,11 @@
 import datetime
 import os
 import platform
+import statistics
+import time
+
+# The side of the square float32 matrices whose product measures a machine's GEMM rate.
+GEMM_SIZE = 2048
 
 
 def cpu_model():
@@ -37,3 +42,32 @@ def print_table(rows, title=None):
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
+
+
+def gemm_product(torch, device, rows=GEMM_SIZE, wait=True):
+    """A float32 (rows x 2048) @ (2048 x 2048) product as a function, and its floating-point
+    operations: the benchmarks' measure of the machine, timed in turn with what they time, so that
+    a shared machine's changing load slows both alike. wait: the function waits for the device
+    (False: the caller synchronises around it)."""
+    device = torch.device(device)
+    a = torch.rand(rows, GEMM_SIZE, device=device)
+    b = torch.rand(GEMM_SIZE, GEMM_SIZE, device=device)
+
+    def product():
+        torch.mm(a, b)
+        if wait and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return product, 2 * rows * GEMM_SIZE * GEMM_SIZE
+
+
+def gemm_rate(torch, device, repeats=5):
+    """FLOP/s of float32 GEMM on `device`: `repeats` 2048 x 2048 products after one warm-up, the median."""
+    product, flops = gemm_product(torch, device)
+    product()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        seconds.append(time.perf_counter() - start)
+    return flops / statistics.median(seconds)
