@@ -16,9 +16,11 @@ counts its convolutions and matrix products (FLOPs per photo), then `--images` p
 seconds and CPU seconds (all threads) per photo, per-stage times with the device synchronised
   preprocess, backbone (stem to res4), rpn (head and proposals), roi_pool, res5 (+ mean pool),
   heads (object and attribute logits), selection (the policy's choice of regions),
-and efficiency = FLOPs per photo / seconds per photo / float32 GEMM rate (bench/machine.py,
-measured right before and after the timing). An efficiency near 1 says the photo's arithmetic
-runs at the machine's matrix-multiply speed already: the machine is the limit, not the code.
+and efficiency = FLOPs per photo / seconds per photo / float32 GEMM rate, the rate of a 2048^3
+product run as a 1 x 1 convolution (bench/machine.py; the detector's work is convolutions, which
+torch runs with oneDNN or cuDNN; torch.mm's rate, through its BLAS, is shown too), measured right
+before and after the timing. An efficiency near 1 says the photo's arithmetic runs at the
+machine's matrix-multiply speed already: the machine is the limit, not the code.
 `--sweep-proposals` times the first policy at batch size 1 with each number of RPN proposals:
 what fewer proposals save. What they change in the regions kept depends on trained weights
 (random ones would say nothing true): extract_regions.py --check_against reports it.
@@ -36,13 +38,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import utils.threads  # noqa: F401  (before torch: its threads wait as in extract_regions.py)
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 from detection.extract import extract_regions, extract_regions_batch, score_regions  # noqa: E402
 from detection.network import PUBLISHED_ARCH, BottomUpDetector  # noqa: E402
 from detection.policies import POLICIES, make_policy  # noqa: E402
@@ -112,7 +115,8 @@ class Measured:
     cpu_seconds: float  # per photo, all threads: the work done, also on a busy shared machine
     stages: dict  # seconds per photo by stage
     flops: float  # per photo
-    gemm_rate: float  # FLOP/s
+    gemm_rate: float  # FLOP/s, as a convolution
+    blas_rate: float  # FLOP/s, torch.mm's
 
     @property
     def efficiency(self):
@@ -121,7 +125,8 @@ class Measured:
     def summary(self):
         return (
             f"{self.seconds:.2f} s per photo (CPU {self.cpu_seconds:.2f} s), {self.flops / 1e9:,.1f} GFLOP, "
-            f"GEMM {self.gemm_rate / 1e9:.1f} GFLOP/s, efficiency {self.efficiency:.2f}"
+            f"GEMM {self.gemm_rate / 1e9:.1f} GFLOP/s (torch.mm {self.blas_rate / 1e9:.1f}), "
+            f"efficiency {self.efficiency:.2f}"
         )
 
 
@@ -132,16 +137,17 @@ def measure(detector, images, batch_size, settings, bf16=False):
     with autocast(device, bf16), FlopCounterMode(display=False) as counter:
         extract_regions_batch(detector, images[:batch_size], **settings)
     flops = counter.get_total_flops() / batch_size
-    gemm_before = gemm_rate(torch, device)
+    gemm_before, blas_before = gemm_rate(torch, device, convolution=True), gemm_rate(torch, device)
     timer = StageTimer(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     with autocast(device, bf16):
         for i in range(0, len(images), batch_size):
             extract_regions_batch(detector, images[i : i + batch_size], timer=timer, **settings)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    gemm = (gemm_before + gemm_rate(torch, device)) / 2
+    gemm = (gemm_before + gemm_rate(torch, device, convolution=True)) / 2
+    blas = (blas_before + gemm_rate(torch, device)) / 2
     stages = {stage: timer.seconds[stage] / len(images) for stage in STAGES}
-    return Measured(total / len(images), cpu / len(images), stages, flops, gemm)
+    return Measured(total / len(images), cpu / len(images), stages, flops, gemm, blas)
 
 
 def bf16_deviation(detector, image, settings):
