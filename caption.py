@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from captioning import caption_split
-from utils.errors import VSRNError, report
+from utils.errors import VSRNError, report, report_interrupt
 from utils.options import ScriptHelpFormatter
 
 
@@ -37,6 +37,8 @@ def main(argv=None):
         )
     except (VSRNError, OSError) as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt("no captions were written (the file is written whole at the end): rerun the command")
     return 0
 
 

@@ -3,7 +3,7 @@
     DATA/NAME/{split}_ims.npy   (num_images, regions, img_dim) float32
     DATA/NAME/{split}_caps.txt  one UTF-8 caption per line, 5 per image (or 1 per image)
 
-and, optionally (utils/tsv_to_precomp.py writes them; SCAN's release has none):
+and, optionally (utils.tsv_to_precomp writes them; SCAN's release has none):
 
     DATA/NAME/{split}_boxes.npy        (num_images, regions, 4) float32 x1 y1 x2 y2 in pixels
     DATA/NAME/{split}_image_sizes.npy  (num_images, 2) int (height, width)
@@ -225,7 +225,7 @@ def read_region_boxes(folder, split, needed_by):
         if not os.path.isfile(path):
             raise DataError(
                 f"{path}: not found; {needed_by} needs the region boxes and image sizes that "
-                "utils/tsv_to_precomp.py writes (SCAN's precomputed features have none)"
+                "utils.tsv_to_precomp writes (SCAN's precomputed features have none)"
             )
     boxes = _load_array(boxes_path).astype(np.float32)
     sizes = _load_array(sizes_path).astype(np.int64)

@@ -13,7 +13,7 @@ import os
 import sys
 
 from evaluation import evalrank
-from utils.errors import CheckpointError, OptionError, VSRNError, report
+from utils.errors import CheckpointError, OptionError, VSRNError, report, report_interrupt
 from utils.options import ScriptHelpFormatter
 
 # MS-COCO: 1K test (5 folds of the 5000-image `testall` split) with the two-model ensemble.
@@ -81,6 +81,8 @@ def main(argv=None):
             evalrank(*model_paths, **keywords, eccv=args.eccv)
     except (VSRNError, OSError) as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt("nothing was written: rerun the command (its ranks file is written only at the end)")
     return 0
 
 

@@ -14,7 +14,7 @@
 Pictures: the files given, and in each folder given its files with a picture extension, by
 name; the image id is the file name without its extension. One TSV line per picture, in that
 order: img_id img_h img_w objects_id objects_conf attrs_id attrs_conf num_boxes boxes features
-(arrays base64 of raw int64 / float32), as utils/tsv_to_precomp.py and LXMERT's loader read.
+(arrays base64 of raw int64 / float32), as utils.tsv_to_precomp and LXMERT's loader read.
 
 A rerun with the same --out extracts only the pictures not yet in it (a torn last line, left by
 a crash, is dropped and redone). A picture that cannot be read is one line on stderr, skipped
@@ -45,7 +45,7 @@ DEFAULT_MIN_BOXES, DEFAULT_MAX_BOXES = 10, 100
 
 
 def detector_settings(args):
-    """The selection keywords of detector.extract_regions from the flags."""
+    """The selection keywords of detection.extract.extract_regions from the flags."""
     variable = args.min_boxes is not None or args.max_boxes is not None
     if variable and args.boxes is not None:
         raise OptionError(
@@ -106,7 +106,7 @@ def check_arguments(args):
 
 
 def write_split(args, num_boxes):
-    """The VSRN split of the TSV and its captions, by utils/tsv_to_precomp.py's conversion."""
+    """The VSRN split of the TSV and its captions, by utils.tsv_to_precomp's conversion."""
     with open(args.out, "rb") as f:
         first = f.readline().rstrip(b"\n")
     if not first:
@@ -260,7 +260,7 @@ def build_parser():
     p.add_argument(
         "--precomp",
         action="store_true",
-        help="then write a VSRN split from the TSV and --captions (utils/tsv_to_precomp.py's conversion)",
+        help="then write a VSRN split from the TSV and --captions (utils.tsv_to_precomp's conversion)",
     )
     tsv_to_precomp.add_split_arguments(p, required=False)
     return p

@@ -2,7 +2,7 @@
 encoded, and scored as the model scores them.
 
     opt, vocab, models = load_models(["runs/f30k/model_best.pth.tar"], need_data=False)
-    query = encode_query(models[0], vocab, "a dog on a bench")   # unknown words named, all-unknown refused
+    query, embeddings = encode_query(models, vocab, "a dog on a bench")  # unknown words named, all-unknown refused
     images, region_scores = encode_regions(models[0], features)  # features (B, regions, img_dim)
 """
 
@@ -60,13 +60,17 @@ def vocabulary_folder(opt, checkpoint_path):
     return next((path for path in candidates if vocab_files(path, opt.data_name)), None)
 
 
-def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branch=False, need_data=True, device=None):
+def load_models(
+    model_paths, data_path=None, vocab_path=None, need_caption_branch=False, need_data=True, device=None, vocab=None
+):
     """Checkpoints -> (opt of the first, vocabulary, [VSRN in eval mode, float32, on `device`]).
 
     vocab_path: the vocabulary's folder (None: the one the checkpoint records, found as
     `vocabulary_folder` says). need_caption_branch: refuse checkpoints without caption-branch
     weights (the original release saved only the two encoders). need_data: refuse a missing data
     folder (False for callers that read no split). device: None for CUDA when available.
+    vocab: the vocabulary itself, when the caller keeps a copy (the photo library): no file is read,
+    and it must be the one the checkpoints were trained with.
     """
     checkpoints = [load_checkpoint(path) for path in model_paths]
     for path, checkpoint in zip(model_paths, checkpoints):
@@ -84,7 +88,9 @@ def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branc
             opt.data_name,
             "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')",
         )
-    if vocab_path is None:
+    if vocab is not None:
+        vocab_path = vocab.path
+    elif vocab_path is None:
         vocab_path = vocabulary_folder(opt, model_paths[0])
         if vocab_path is None:
             raise VocabularyError(
@@ -92,7 +98,8 @@ def load_models(model_paths, data_path=None, vocab_path=None, need_caption_branc
                 "from here nor from the checkpoint's folder; "
                 f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
             )
-    vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
+    if vocab is None:
+        vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
     models = []
     for path, checkpoint in zip(model_paths, checkpoints):
         model_opt = checkpoint["opt"]
@@ -158,25 +165,28 @@ def encode_images(model, features, batch_size=ENCODE_BATCH):
 @torch.no_grad()
 def encode_text(model, vocab, text):
     """The caption embedding (1, D), on the CPU, of `text` tokenized as the training captions were."""
-    return encode_tokens(model, vocab, tokenize(text))
+    return encode_token_lists(model, vocab, [tokenize(text)])
 
 
 @torch.no_grad()
-def encode_tokens(model, vocab, tokens):
-    words = [vocab(START)] + [vocab(w) for w in tokens] + [vocab(END)]
-    caption = torch.tensor([words], dtype=torch.int64, device=model.device)
+def encode_token_lists(model, vocab, token_lists):
+    """The caption embeddings (B, D), on the CPU, of tokenized sentences, encoded as one batch."""
+    ids = [[vocab(START)] + [vocab(w) for w in tokens] + [vocab(END)] for tokens in token_lists]
+    lengths = [len(words) for words in ids]
+    captions = torch.zeros(len(ids), max(lengths), dtype=torch.int64)
+    for row, words in enumerate(ids):
+        captions[row, : len(words)] = torch.tensor(words)
     model.val_start()
-    return model.txt_enc(caption, [len(words)]).float().cpu()
+    return model.txt_enc(captions.to(model.device), lengths).float().cpu()
 
 
 @dataclass
 class Query:
-    """A typed query: its tokens, those outside the vocabulary (read as <unk>), and its embedding (1, D) per model."""
+    """A typed query: its tokens, and those outside the vocabulary (read as <unk>)."""
 
     text: str
     tokens: list
     unknown: list
-    embeddings: list
 
     def notice(self):
         """The line that names the unknown words, or None."""
@@ -186,9 +196,9 @@ class Query:
         return f"{names} {'is' if len(self.unknown) == 1 else 'are'} not in the vocabulary: read as <unk>"
 
 
-def encode_query(models, vocab, text):
-    """A Query of `text` through each model's text encoder. A query with no word of the vocabulary
-    (or no word at all) is an OptionError: it would rank the pictures by <unk> alone."""
+def read_query(vocab, text):
+    """The Query of `text`. A query with no word of the vocabulary (or no word at all) is an
+    OptionError: it would rank the pictures by <unk> alone."""
     tokens = tokenize(text)
     unknown = list(dict.fromkeys(token for token in tokens if token not in vocab.word2idx))
     if not tokens:
@@ -196,7 +206,13 @@ def encode_query(models, vocab, text):
     if len(unknown) == len(set(tokens)):
         names = ", ".join(repr(word) for word in unknown)
         raise OptionError(f"the query {text!r}: none of its words is in the model's vocabulary ({names}); rephrase it")
-    return Query(text, tokens, unknown, [encode_tokens(model, vocab, tokens) for model in models])
+    return Query(text, tokens, unknown)
+
+
+def encode_query(models, vocab, text):
+    """(the Query of `text`, its embedding (1, D) by each model's text encoder)."""
+    query = read_query(vocab, text)
+    return query, [encode_token_lists(model, vocab, [query.tokens]) for model in models]
 
 
 def scores_against(images, captions, measure):

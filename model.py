@@ -441,6 +441,7 @@ class VSRN:
             module.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        self.measure = opt.measure
         self.criterion = ContrastiveLoss(opt.margin, opt.measure, opt.max_violation)
         self.optimizer = None
         if training:

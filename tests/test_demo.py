@@ -1,7 +1,13 @@
-"""The README's demo as shipped: `python3 train.py --demo` learns to retrieve and to caption."""
+"""The README's demos as shipped: `python3 train.py --demo` learns to retrieve and to caption, and
+`python3 search.py --demo` searches the toy world's pictures with what it learnt."""
 
+import contextlib
+import io
 import json
+import os
 import re
+
+import pytest
 
 import caption
 import captioning
@@ -22,10 +28,22 @@ def concept_precision_recall(generated, references):
     return right / sum(map(len, named)), right / sum(map(len, shown))
 
 
-def test_the_demo_learns_to_retrieve_and_to_caption(tmp_path, monkeypatch, capsys, no_java):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(the folder the demo ran in, what it printed): `python3 train.py --demo`, run once for the tests below."""
+    folder, printed, start = tmp_path_factory.mktemp("demo"), io.StringIO(), os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert train.main(["--demo"]) == 0
+    finally:
+        os.chdir(start)
+    return folder, printed.getvalue()
+
+
+def test_the_demo_learns_to_retrieve_and_to_caption(demo, monkeypatch, no_java):
+    tmp_path, printed = demo
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--demo"]) == 0
-    printed = capsys.readouterr().out
     for direction in ("Image to text", "Text to image"):
         r1 = float(re.search(rf"^{direction}: ([\d.]+)", printed, re.M).group(1))
         assert r1 > 90, (direction, r1)  # chance: 1
@@ -46,3 +64,38 @@ def test_the_demo_learns_to_retrieve_and_to_caption(tmp_path, monkeypatch, capsy
     assert precision > 0.9 and recall > 0.5, (precision, recall)
     # Three of 24 concepts per image: another image's caption names few of them.
     assert max(concept_precision_recall(shuffled, references)) < 0.3
+
+
+def test_the_search_demo_answers_queries_about_the_toy_objects(demo, monkeypatch, capsys):
+    """`python3 search.py --demo` on the demo's trained checkpoint: the toy world's 1,200 pictures indexed
+    from their rows, and the example queries' best photos show the objects they name."""
+    import search
+    from photo_library import server
+
+    monkeypatch.chdir(demo[0])
+    served = []
+    monkeypatch.setattr(
+        server, "serve", lambda searcher, host, port: served.append((searcher.library.count(), host, port))
+    )
+    assert search.main(["--demo"]) == 0
+    assert served == [(1200, "127.0.0.1", 8000)]
+    out = capsys.readouterr().out
+    assert "runs/demo_library: 1200 photos added; it holds 1200 photos (flat index)" in out
+    shown = {}
+    for split in ("train", "dev", "test"):
+        with open(f"data/toy_images/{split}_captions.txt") as f:
+            for line in f:
+                image_id, text = line.rstrip("\n").split("\t")
+                shown.setdefault(image_id, set()).update(concepts_named(text))
+    from photo_library.demo import QUERIES
+
+    for query in QUERIES:
+        line = next(line for line in out.splitlines() if line.startswith(f"  {query!r}: "))
+        names = re.findall(r"(toy_\w+)\.png", line)
+        assert len(names) == 3
+        wanted = concepts_named(query)
+        # The best photo shows every object the query names, the next ones at least one (chance: about 3 in 24).
+        assert wanted <= shown[names[0]] and all(wanted & shown[name] for name in names), (
+            query,
+            [shown[n] for n in names],
+        )

@@ -2,6 +2,7 @@
 folders that already hold a run, file modes, and one-line errors for bad output paths."""
 
 import contextlib
+import glob
 import os
 import re
 import runpy
@@ -294,10 +295,13 @@ def test_readme_commands_never_write_over_files_of_the_repository():
     if listed.returncode != 0:
         pytest.skip(f"{ROOT} is not a git checkout: its shipped files are unknown")
     shipped = set(listed.stdout.split())
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    commands = " ".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S)).replace("\\\n", " ")
-    outputs = re.findall(r"--(?:out|save_scores|logger_name) (\S+)", commands)
-    assert "map.png" in outputs  # the search finds the visualize.py commands
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    text = "".join(open(page, encoding="utf-8").read() for page in pages)
+    commands = " ".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
+    outputs = re.findall(r"--(?:out|save_scores|logger_name) (\S+(?: [^-#\s]\S*)*)", commands)
+    outputs = [path for paths in outputs for path in paths.split()]
+    assert "map.png" in outputs  # the search finds the visualize.py commands of docs/visualize.md
+    assert "scores.json" in outputs  # and every path of a flag that takes several
     for path in outputs:
         assert os.path.normpath(path) not in shipped, path
 

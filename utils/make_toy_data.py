@@ -20,7 +20,7 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import report
+from utils.errors import report, report_interrupt
 from utils.options import ScriptHelpFormatter
 
 CONCEPTS = (
@@ -93,6 +93,8 @@ def main(argv=None):
         folder = make_toy_data(args.data_path, args.data_name, args.img_dim, args.seed)
     except OSError as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt("the files written so far are whole; rerun the same command to write them all")
     print(f"Toy dataset written to {folder}")
     return 0
 

@@ -1,13 +1,16 @@
 """Generate the toy dataset as a user's own images would arrive: pictures, an obj36 TSV, captions.
 
-Each image draws its three toy concepts (see utils/make_toy_data.py) as labelled shapes; the
+Each image draws its three toy concepts (see utils.make_toy_data) as labelled shapes; the
 boxes of the regions that show a concept lie on its shape, background regions anywhere.
-Region features, captions and concepts are make_toy_data's, so a model learns it the same way.
+Region features, captions and concepts are make_toy_data's, so a model learns it the same way. A
+region's object id is the Visual Genome id of its concept's name, as the detector would name it
+(-1 for the one concept Visual Genome's 1600 objects lack, "guitar"); background regions are
+"background".
 
     python3 -m utils.make_toy_images --out data/toy_images [--img_dim 128]
 
 writes OUT/images/<id>.png, OUT/{train,dev,test}_obj36.tsv (LXMERT's 10-field layout) and
-OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils/tsv_to_precomp.py.
+OUT/{train,dev,test}_captions.txt (image_id<TAB>caption), ready for utils.tsv_to_precomp.
 """
 
 import argparse
@@ -26,7 +29,8 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import OptionError, VSRNError, report
+from utils.errors import OptionError, VSRNError, report, report_interrupt
+from utils.genome import object_id
 from utils.make_toy_data import CONCEPTS, REGIONS, SPLITS, make_prototypes, make_split
 from utils.options import ScriptHelpFormatter
 from utils.obj36 import format_obj36_line
@@ -80,7 +84,9 @@ def obj36_line(image_id, boxes, features, owners):
     regions = {
         "img_h": HEIGHT,
         "img_w": WIDTH,
-        "objects_id": np.maximum(owners, 0),
+        "objects_id": np.array(
+            [object_id(CONCEPTS[owner]) if owner >= 0 else object_id("background") for owner in owners]
+        ),
         "objects_conf": np.where(owners >= 0, 0.9, 0.2),
         "attrs_id": np.zeros(REGIONS),
         "attrs_conf": np.zeros(REGIONS),
@@ -95,7 +101,7 @@ def make_toy_images(out, img_dim=128, seed=0, sizes=None):
     try:
         import PIL  # noqa: F401
     except ImportError:
-        raise OptionError("utils/make_toy_images.py draws with Pillow: pip install pillow") from None
+        raise OptionError("utils.make_toy_images draws with Pillow: pip install pillow") from None
     rng = np.random.RandomState(seed)
     prototypes = make_prototypes(rng, img_dim)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -126,6 +132,8 @@ def main(argv=None):
         out = make_toy_images(args.out, args.img_dim, args.seed)
     except (VSRNError, OSError) as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt("the files written so far are whole; rerun the same command to write them all")
     print(f"Toy images, TSV features and captions written to {out}")
     return 0
 

@@ -35,7 +35,7 @@ if not __package__:
     )
 
 from utils.atomic import atomic_write
-from utils.errors import DataError, OptionError, VSRNError, report
+from utils.errors import DataError, OptionError, VSRNError, report, report_interrupt
 from utils.obj36 import read_rows
 from utils.options import ScriptHelpFormatter
 
@@ -348,6 +348,10 @@ def main(argv=None):
         )
     except (VSRNError, OSError) as e:
         return report(e)
+    except KeyboardInterrupt:
+        return report_interrupt(
+            "no split was written (its files appear only when the whole conversion succeeded): rerun the command"
+        )
     print(
         f"{written} images written to {folder}/{args.split}_*"
         + (f" ({skipped} of other Karpathy splits skipped)" if skipped else "")

@@ -1,0 +1,442 @@
+"""The photo library's speed and size: queries, index builds, serving, reruns and indexing.
+
+    python3 bench/search.py --part vectors [--sizes 10000,100000,1000000] [--queries 200]
+    python3 bench/search.py --part library [--photos 10000] [--clients 16] [--seconds 20]
+    python3 bench/search.py --part disk
+    python3 bench/search.py --part extract [--device cuda] [--photos 3]
+    python3 bench/search.py --smoke      # every part at toy sizes, in seconds
+
+vectors: synthetic 2048-d unit vectors around 2,000 random centres (photo embeddings cluster by
+  content; uniform random vectors, which have no neighbours worth the name, would be the worst case
+  of every approximate index), queries drawn the same way. Per size and index kind: build time,
+  bytes per photo, query latency p50/p99 (a query sentence through a VSRN text encoder of the
+  released models' size, random weights, plus the search), and recall@10 against exact search.
+  The memory bandwidth measured here explains exact search's cost: it reads every vector per query.
+library: a library of toy pictures with 2048-d embeddings (a 128-d toy feature checkpoint of
+  embedding size 2048, random weights) made by index.py; a rerun of index.py over it unchanged
+  (wall time, a fresh process); search.py --serve under N concurrent clients for a while: queries/s,
+  p50/p99, errors, and the server's memory before and after.
+disk: the bytes per photo of a library of 2048-d regions (the detector's), float32 and float16
+  region features, and the largest score difference float16's rounding makes.
+extract: photos/s of index.py's detector path with the published detector's architecture (random
+  weights from ../shared/frcnn_reference/weights_recipe.py), the caffe policy, 480x640 photos.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import utils.threads  # noqa: E402,F401  (before torch, as the scripts)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from machine import describe, print_table  # noqa: E402
+
+DIM = 2048
+CENTRES = 2000
+QUERY_WORDS = "a dog running on the beach next to a red umbrella".split()
+
+
+def percentile(values, share):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(math.ceil(share * len(values))) - 1)]
+
+
+def memory_bandwidth(gigabytes=1.0):
+    """GB/s of reading a float32 array (a sum), best of three: what an exact search's scan is bound by."""
+    array = np.ones(int(gigabytes * 2**30 / 4), dtype=np.float32)
+    best = min(timed(lambda: array.sum()) for _ in range(3))
+    return array.nbytes / best / 1e9
+
+
+def timed(run):
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def clustered(count, seed, centres):
+    """`count` unit vectors near random centres (noise of a third of a centre's norm), float32."""
+    rng = np.random.default_rng(seed)
+    vectors = centres[rng.integers(0, len(centres), count)] + rng.normal(0, 0.35 / math.sqrt(DIM), (count, DIM)).astype(
+        np.float32
+    )
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32)
+
+
+def text_encoder():
+    """A VSRN text encoder of the released models' size (300-d words, 2048-d GRU, 8,481 words), random weights."""
+    from model import EncoderText
+
+    encoder = EncoderText(8481, 300, DIM, 1).eval()
+    ids = torch.randint(4, 8481, (1, len(QUERY_WORDS) + 2))
+    return lambda: encoder(ids, [ids.shape[1]])
+
+
+def bench_vectors(sizes, queries, memory_gb):
+    from photo_library.vectors import VectorIndex
+
+    encode = text_encoder()
+    with torch.no_grad():
+        encode_s = statistics.median(timed(encode) for _ in range(50))
+    bandwidth = memory_bandwidth()
+    print_table(
+        [
+            ("text encoding", f"{encode_s * 1e3:.2f} ms per query (median of 50)"),
+            ("memory bandwidth", f"{bandwidth:.1f} GB/s (reading a 1 GB float32 array)"),
+        ],
+        "per query, before any search",
+    )
+    centres = np.random.default_rng(0).normal(0, 1, (CENTRES, DIM)).astype(np.float32) / math.sqrt(DIM)
+    rows = []
+    for count in sizes:
+        vectors = clustered(count, 1, centres)
+        ids = np.arange(1, count + 1, dtype=np.int64)
+        probes = clustered(queries, 2, centres)
+        exact = {}
+        kinds = ["flat", "hnsw", "ivfpq"]
+        for kind in kinds:
+            start = time.perf_counter()
+            index = VectorIndex.build(kind, ids, vectors, 1, 0, memory_bytes=int(memory_gb * 2**30))
+            built = time.perf_counter() - start
+
+            def lookup(wanted, vectors=vectors):  # the records' exact vectors
+                return {i: vectors[i - 1] for i in wanted}
+
+            index.search(probes[:2], 10, lookup)
+            latencies, found = [], []
+            for probe in probes[: queries if kind != "flat" or count <= 100_000 else max(20, queries // 10)]:
+                start = time.perf_counter()
+                _, result = index.search(probe, 10, lookup)
+                latencies.append(time.perf_counter() - start + encode_s)
+                found.append(result[0])
+            if kind == "flat":
+                exact = {n: set(r.tolist()) for n, r in enumerate(found)}
+            recall = np.mean([len(exact[n] & set(r.tolist())) / 10 for n, r in enumerate(found) if n in exact])
+            size = len(__import__("faiss").serialize_index(index.index))
+            rows.append(
+                (
+                    f"{count:>9,} {kind:<5}",
+                    f"build {built:7.1f} s, {size / count:8.0f} B/photo, p50 "
+                    f"{percentile(latencies, 0.5) * 1e3:8.2f} ms, p99 {percentile(latencies, 0.99) * 1e3:8.2f} ms, "
+                    f"recall@10 {recall:.3f} ({len(latencies)} queries)",
+                )
+            )
+            print(rows[-1][0], rows[-1][1], flush=True)
+            del index
+        del vectors
+    print_table(
+        rows, "query latency (text encoding + search), build time, index bytes per photo, recall@10 against exact"
+    )
+    print(
+        f"exact search reads {DIM * 4} bytes per photo per query: at {bandwidth:.1f} GB/s, "
+        + ", ".join(f"{count:,} photos take at least {count * DIM * 4 / bandwidth / 1e6:.1f} ms" for count in sizes)
+    )
+
+
+def make_toy_library(folder, photos):
+    """A library of `photos` toy pictures, 128-d regions, a checkpoint of embedding size 2048 (random weights)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from photo_world import checkpoint
+    from utils.captions import read_captions
+    from utils.make_toy_images import make_toy_images
+    from vocab import build_vocab, save_vocab
+
+    toy = make_toy_images(os.path.join(folder, "toy"), img_dim=128, sizes={"train": photos})
+    vocab = build_vocab([line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "train_captions.txt"))], 1)
+    save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
+    model = checkpoint(os.path.join(folder, "run"), vocab, 128, 0, embed_size=DIM, dim_vid=DIM)
+    library = os.path.join(folder, "library")
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "index.py"),
+        "--images",
+        os.path.join(toy, "images"),
+        "--checkpoint",
+        model,
+        "--regions",
+        os.path.join(toy, "train_obj36.tsv"),
+        "--library",
+        library,
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return library, time.perf_counter() - start
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bench_library(photos, clients, seconds):
+    folder = tempfile.mkdtemp(prefix="vsrn-library-bench-")
+    try:
+        library, made = make_toy_library(folder, photos)
+        rerun = [
+            timed(
+                lambda: subprocess.run(
+                    [sys.executable, os.path.join(ROOT, "index.py"), "--library", library],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            for _ in range(3)
+        ]
+        port = 8765
+        server = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "search.py"), "--library", library, "--serve", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": " ".join(QUERY_WORDS), "k": 20})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        for _ in range(20):
+            urllib.request.urlopen(url).read()
+        before = rss_mb(server.pid)
+        latencies, errors, stop = [], [], time.time() + seconds
+
+        def client():
+            while time.time() < stop:
+                start = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(url, timeout=30) as answer:
+                        ok = answer.status == 200 and bool(json.loads(answer.read())["results"])
+                except OSError as e:
+                    errors.append(e)
+                    continue
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors.append("an answer without results")
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - began
+        after = rss_mb(server.pid)
+        server.terminate()
+        server.wait()
+        print_table(
+            [
+                (
+                    "library",
+                    f"{photos:,} photos made by index.py in {made:.1f} s "
+                    f"({photos / made:.0f} photos/s: rows, thumbnails, embedding)",
+                ),
+                (
+                    "unchanged rerun",
+                    f"median {statistics.median(rerun):.2f} s of 3 (index.py --library, a fresh process each)",
+                ),
+                (
+                    "serving",
+                    f"{clients} clients for {elapsed:.0f} s: {len(latencies) / elapsed:.1f} queries/s, p50 "
+                    f"{percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms, "
+                    f"{len(errors)} errors",
+                ),
+                ("server memory", f"{before:.0f} MB before, {after:.0f} MB after"),
+            ],
+            "library",
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_disk(photos):
+    """Bytes per photo of 2048-d regions (36 per photo), float32 and float16, and float16's effect on scores."""
+    from photo_library.searcher import Searcher
+    from utils.obj36 import format_obj36_line
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from photo_world import checkpoint
+    from utils.make_toy_images import make_toy_images
+    from vocab import build_vocab, save_vocab
+    from utils.captions import read_captions
+
+    folder = tempfile.mkdtemp(prefix="vsrn-disk-bench-")
+    try:
+        toy = make_toy_images(os.path.join(folder, "toy"), img_dim=8, sizes={"test": photos})
+        rng = np.random.default_rng(0)
+        with (
+            open(os.path.join(folder, "rows.tsv"), "w") as out,
+            open(os.path.join(toy, "test_obj36.tsv"), "rb") as rows,
+        ):
+            for line in rows:  # the toy rows with 2048-d features of a detector's range (ReLU outputs)
+                image_id = line.split(b"\t")[0].decode()
+                regions = {
+                    "img_h": 160,
+                    "img_w": 240,
+                    "objects_id": np.zeros(36),
+                    "objects_conf": np.zeros(36),
+                    "attrs_id": np.zeros(36),
+                    "attrs_conf": np.zeros(36),
+                    "boxes": np.tile([10, 10, 100, 100], (36, 1)),
+                    "features": np.maximum(rng.normal(0, 1, (36, DIM)), 0) * 3,
+                }
+                out.write(format_obj36_line(image_id, regions))
+        vocab = build_vocab(
+            [line.split("\t", 1)[1] for line in read_captions(os.path.join(toy, "test_captions.txt"))], 1
+        )
+        save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
+        model = checkpoint(os.path.join(folder, "run"), vocab, DIM, 0, embed_size=DIM, dim_vid=DIM, word_dim=300)
+        sizes, scores = {}, {}
+        for dtype in ("float32", "float16"):
+            library = os.path.join(folder, dtype)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "index.py"),
+                    "--images",
+                    os.path.join(toy, "images"),
+                    "--checkpoint",
+                    model,
+                    "--regions",
+                    os.path.join(folder, "rows.tsv"),
+                    "--library",
+                    library,
+                    "--features_dtype",
+                    dtype,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            sizes[dtype] = {name: os.path.getsize(os.path.join(library, name)) for name in os.listdir(library)}
+            searcher = Searcher(library)
+            scores[dtype] = {
+                hit["name"]: hit["score"]
+                for text in ("a dog on a bench", "a red kite near a tree")
+                for hit in searcher.text(text, k=photos)[0]
+            }
+        difference = max(abs(scores["float32"][name] - scores["float16"][name]) for name in scores["float32"])
+        spread = np.std(list(scores["float32"].values()))
+        print_table(
+            [
+                (
+                    dtype,
+                    ", ".join(f"{name} {size / photos / 1024:.1f} KB" for name, size in sorted(found.items()))
+                    + " per photo",
+                )
+                for dtype, found in sizes.items()
+            ]
+            + [("float16's effect", f"largest score change {difference:.2e} (the scores' spread: {spread:.2e})")],
+            f"disk per photo: 36 regions of {DIM} dims, {photos} photos "
+            "(library.sqlite3 holds regions, vectors, thumbnails)",
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_extract(photos, device, recipe_path):
+    """photos/s of the detector path: the published architecture with the recipe's random weights."""
+    import importlib.util
+
+    from detection.network import PUBLISHED_ARCH, BottomUpDetector
+    from PIL import Image
+
+    folder = tempfile.mkdtemp(prefix="vsrn-extract-bench-")
+    try:
+        spec = importlib.util.spec_from_file_location("weights_recipe", recipe_path)
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+        template = {k: tuple(v.shape) for k, v in BottomUpDetector(PUBLISHED_ARCH).state_dict().items()}
+        weights = os.path.join(folder, "detector.bin")
+        torch.save(recipe.make_state_dict(template, seed=0), weights)
+        rng = np.random.default_rng(0)
+        os.makedirs(os.path.join(folder, "photos"))
+        for n in range(photos):
+            Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(
+                os.path.join(folder, "photos", f"p{n}.jpg")
+            )
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from photo_world import checkpoint
+        from vocab import save_vocab, vocabulary_from_words
+
+        vocab = vocabulary_from_words(["<pad>", "<start>", "<end>", "<unk>", "a", "dog"])
+        save_vocab(vocab, os.path.join(folder, "vocab", "toyimg_precomp_vocab.json"))
+        model = checkpoint(os.path.join(folder, "run"), vocab, DIM, 0, embed_size=DIM, dim_vid=DIM, word_dim=300)
+        command = [
+            sys.executable,
+            os.path.join(ROOT, "index.py"),
+            "--images",
+            os.path.join(folder, "photos"),
+            "--checkpoint",
+            model,
+            "--detector",
+            weights,
+            "--library",
+            os.path.join(folder, "library"),
+        ] + (["--device", device] if device else [])
+        seconds = timed(lambda: subprocess.run(command, check=True, stdout=subprocess.DEVNULL))
+        print_table(
+            [
+                (
+                    "indexing",
+                    f"{photos} photos of 480x640 in {seconds:.1f} s: {seconds / photos:.1f} s per photo "
+                    f"(process start and model loading included)",
+                )
+            ],
+            f"index.py with the detector ({device or 'default device'})",
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("vectors", "library", "disk", "extract"), action="append")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--index-memory", type=float, default=4.0, help="GB the approximate indexes may take")
+    parser.add_argument("--photos", type=int, default=10000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--recipe", default=os.path.join(os.path.dirname(ROOT), "shared", "frcnn_reference", "weights_recipe.py")
+    )
+    parser.add_argument("--smoke", action="store_true", help="every part at toy sizes")
+    args = parser.parse_args()
+    parts = args.part or ["vectors", "library", "disk", "extract"]
+    print_table(describe(torch), "machine")
+    if args.smoke:
+        args.sizes, args.queries, args.photos, args.seconds = "2000", 20, 200, 3.0
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    if "vectors" in parts:
+        bench_vectors([int(n) for n in args.sizes.split(",")], args.queries, args.index_memory)
+    if "library" in parts:
+        bench_library(args.photos, args.clients, args.seconds)
+    if "disk" in parts:
+        bench_disk(min(args.photos, 200))
+    if "extract" in parts:
+        if os.path.isfile(args.recipe):
+            bench_extract(3 if not args.smoke else 1, args.device, args.recipe)
+        else:
+            print(f"extract: skipped, {args.recipe} (the detector's weights recipe) is absent")
+
+
+if __name__ == "__main__":
+    main()

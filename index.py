@@ -1,0 +1,133 @@
+"""Index your photos for search: a library that is made once and kept current (see docs/search.md).
+
+    python3 index.py --images DIR [DIR ...] --checkpoint M [M ...] --detector W --library LIB
+    python3 index.py --images DIR --checkpoint M --regions FILE.tsv [...] --library LIB   # published rows first
+    python3 index.py --library LIB                        # the same folders again: only what changed is done
+    python3 index.py --library LIB --checkpoint NEW --rebuild   # re-embed the kept regions with new checkpoints
+    torchrun --nproc_per_node N index.py ...              # the detector's work over N processes (GPUs)
+
+Pictures are found recursively (jpg, jpeg, png, webp, bmp, tif, tiff). A photo is known by its
+content: new ones are extracted and embedded, changed ones redone, removed ones dropped, moved or
+renamed ones only change their path; unchanged files are not even read. Several checkpoints are
+an ensemble, scored as evaluate_models.py scores it. Stopped at any moment (Ctrl-C, kill -9), the
+library keeps what was committed and the same command finishes the rest.
+"""
+
+import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
+import argparse
+import os
+import sys
+
+from photo_library.indexer import IndexRequest, Indexer
+from photo_library.vectors import KINDS
+from utils.device import check_device
+from utils.distributed import SINGLE_PROCESS, join_world
+from utils.errors import OptionError, VSRNError, report, report_interrupt
+from utils.options import ScriptHelpFormatter
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
+    p.add_argument("--library", required=True, metavar="LIB", help="the library's folder (made when it does not exist)")
+    p.add_argument(
+        "--images", nargs="+", metavar="DIR", help="folders of photos, searched recursively (default: the library's)"
+    )
+    p.add_argument(
+        "--checkpoint", nargs="+", metavar="M", help="VSRN checkpoint(s) (default: the library's); several: an ensemble"
+    )
+    p.add_argument(
+        "--vocab_path", help="the checkpoint's vocabulary folder, when it cannot be found from the checkpoint"
+    )
+    p.add_argument("--detector", metavar="W", help="the detector's weights (pytorch_model.bin, see docs/detector.md)")
+    p.add_argument(
+        "--detector_config", metavar="YAML", help="the detector's config.yaml (default: its published values)"
+    )
+    p.add_argument(
+        "--regions",
+        nargs="+",
+        default=[],
+        metavar="FILE.tsv",
+        help="obj36 or generate_tsv.py rows of the photos, matched by file stem; the detector does the rest",
+    )
+    p.add_argument(
+        "--policy", choices=("caffe", "hf"), help="the detector's region selection (default: caffe, VSRN's input)"
+    )
+    p.add_argument("--boxes", type=int, help="regions per photo (default: 36, VSRN's input)")
+    p.add_argument("--min_size", type=int, help="shortest side of the detector's input (default: the policy's)")
+    p.add_argument("--max_size", type=int, help="longest side of the detector's input (default: the policy's)")
+    p.add_argument("--proposals", type=int, help="RPN proposals kept (default: the policy's, 300)")
+    p.add_argument(
+        "--index",
+        choices=("auto", *KINDS),
+        help="the vector index: auto (default) takes flat up to 50,000 photos, then hnsw within --index_memory, "
+        "then ivfpq",
+    )
+    p.add_argument("--index_memory", type=float, default=4.0, metavar="GB", help="memory the vector index may take")
+    p.add_argument(
+        "--features_dtype",
+        choices=("float32", "float16"),
+        help="how the kept region features are stored (default float32; float16 halves their disk)",
+    )
+    p.add_argument(
+        "--rebuild", action="store_true", help="re-embed every photo from its kept regions with --checkpoint"
+    )
+    p.add_argument(
+        "--device", help="cuda or cpu (default: cuda when available; under torchrun each process takes its GPU)"
+    )
+    p.add_argument("--batch_size", type=int, default=1, help="photos per detector pass of each process")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode photos ahead")
+    p.add_argument("--dist_timeout", type=float, default=10.0, help="minutes a torchrun process waits for the others")
+    return p
+
+
+def request_of(args):
+    if args.batch_size < 1 or args.workers < 1:
+        raise OptionError("--batch_size and --workers: expected at least 1")
+    if args.boxes is not None and args.boxes < 1:
+        raise OptionError(f"--boxes {args.boxes}: expected at least 1")
+    if args.index_memory <= 0:
+        raise OptionError(f"--index_memory {args.index_memory}: expected a positive number of GB")
+    return IndexRequest(
+        library=args.library,
+        images=args.images,
+        checkpoints=args.checkpoint,
+        detector=args.detector,
+        detector_config=args.detector_config,
+        policy=args.policy,
+        boxes=args.boxes,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        proposals=args.proposals,
+        regions=args.regions,
+        index=args.index,
+        index_memory_gb=args.index_memory,
+        features_dtype=args.features_dtype,
+        rebuild=args.rebuild,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        vocab_path=args.vocab_path,
+    )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    world = SINGLE_PROCESS
+    try:
+        request = request_of(args)
+        check_device(args.device)
+        world = join_world(args.device, args.dist_timeout)
+        summary = Indexer(request, world).run()
+        if world.is_main:
+            print(summary)
+        world.close()
+        code = 0
+    except (VSRNError, OSError) as e:
+        code = report(e)
+    except KeyboardInterrupt:
+        code = report_interrupt(f"{args.library} keeps the photos committed so far: rerun the same command to finish")
+    return world.exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""A library's vectors: VSRN's image and text embeddings of one checkpoint, or of several as evaluation
+averages them.
+
+evaluation.evalrank scores an ensemble of n models by the average of their similarity matrices.
+Each model's embedding scaled by 1/sqrt(n) and the n of them concatenated give that average as
+one inner product: sum_m (i_m / sqrt(n)) . (c_m / sqrt(n)) = (1/n) sum_m i_m . c_m. So one vector
+index over the concatenated image vectors ranks photos exactly as the ensemble does.
+"""
+
+import concurrent.futures
+import math
+import queue
+import threading
+
+import torch
+
+from inference import encode_regions, encode_token_lists
+from utils.errors import OptionError
+
+
+def check_models(models, paths):
+    """The library scores by inner products: models of order embeddings (`--measure order`) cannot be indexed."""
+    for model, path in zip(models, paths):
+        if model.measure != "cosine":
+            raise OptionError(
+                f"--checkpoint {path}: scores with order embeddings (--measure order), which a vector index cannot rank"
+            )
+
+
+def image_vectors(models, features):
+    """(vectors (B, sum of D) float32, each model's region scores (B, models, regions) float32) of region
+    features (B, regions, F): the rows of the library's index and the attention maps' rankings."""
+    scale = 1.0 / math.sqrt(len(models))
+    embeddings, scores = [], []
+    for model in models:
+        embedding, region_scores = encode_regions(model, features)
+        embeddings.append(embedding.cpu() * scale)
+        scores.append(region_scores.cpu())
+    return torch.cat(embeddings, dim=1).numpy(), torch.stack(scores, dim=1).numpy()
+
+
+def text_vectors(models, vocab, token_lists):
+    """The vectors (B, sum of D) float32 of tokenized sentences, encoded as one batch by each model."""
+    scale = 1.0 / math.sqrt(len(models))
+    return torch.cat([encode_token_lists(model, vocab, token_lists) * scale for model in models], dim=1).numpy()
+
+
+class QueryBatcher:
+    """Sentences that arrive while the text encoder is busy are encoded together, in one batch.
+
+    A query's cost is its text encoder's recurrent weights, read once per word (50 MB for the
+    released models: memory bandwidth, not arithmetic, is the limit), so a batch of queries costs
+    about what one does. A lone query waits for nothing: it is encoded at once.
+    """
+
+    def __init__(self, encode, most=32):
+        self.encode, self.most = encode, most
+        self.waiting = queue.Queue()
+        threading.Thread(target=self.work, daemon=True, name="query-batcher").start()
+
+    def __call__(self, tokens):
+        answer = concurrent.futures.Future()
+        self.waiting.put((tokens, answer))
+        return answer.result()
+
+    def work(self):
+        while True:
+            batch = [self.waiting.get()]
+            while len(batch) < self.most:
+                try:
+                    batch.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                vectors = self.encode([tokens for tokens, _ in batch])
+            except Exception as e:  # noqa: BLE001  (each waiting query gets the failure)
+                for _, answer in batch:
+                    answer.set_exception(e)
+                continue
+            for (_, answer), vector in zip(batch, vectors):
+                answer.set_result(vector)

@@ -1,0 +1,259 @@
+"""Queries of a library: a sentence through VSRN's text encoder, or a photo through its image encoder,
+against the library's vector index; optionally the top candidates rescored by LXMERT.
+
+A Searcher reads the records read-only and stays current: before a query it looks at the records'
+generation (one small read) and, when index.py has committed since, catches its index up (or
+reloads it) under a lock that queries share, so a query in flight finishes on the index it began on.
+"""
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inference import read_query
+from photo_library import recipe
+from photo_library.embedding import QueryBatcher, image_vectors, text_vectors
+from photo_library.store import Library
+from photo_library.vectors import VectorIndex
+from utils.errors import DataError, OptionError
+from utils.genome import object_name
+from vocab import vocabulary_from_words
+
+INDEX_FILE = "index.faiss"
+REFRESH_EVERY_S = 1.0
+
+
+@dataclass
+class Reranking:
+    """LXMERT's second stage: its model and tokenizer, how many candidates it rescores, the fusion weight."""
+
+    model: object
+    tokenizer: object
+    scorer: object
+    candidates: int = 50
+    alpha: float = 1.0
+    model_path: str = None
+
+
+class Searcher:
+    """Searches of the library in `folder` with the checkpoints that made it (`checkpoints`: the same
+    files elsewhere, checked by their digest)."""
+
+    def __init__(self, folder, checkpoints=None, device=None, vocab_path=None):
+        from inference import load_models
+        from utils.device import check_device
+
+        self.folder = folder
+        self.device = check_device(device)
+        self._local = threading.local()
+        library = self.library
+        recorded = library.meta("checkpoints")
+        if not recorded:
+            raise OptionError(f"--library {folder}: holds no photos yet; index some with index.py")
+        records = recipe.checkpoint_records(checkpoints, recorded, folder)
+        vocab = vocabulary_from_words(library.meta("vocab_words"))
+        vocab.path = f"the vocabulary kept in {folder}"
+        _, self.vocab, self.models = load_models(
+            [record["path"] for record in records], need_data=False, device=self.device, vocab=vocab
+        )
+        self.lock = threading.Lock()
+        self.checked_at = 0.0
+        self.index = self.load_index()
+        self.reranking = None
+        self.encode_tokens = self.encode_alone
+
+    def encode_alone(self, tokens):
+        return text_vectors(self.models, self.vocab, [tokens])[0]
+
+    def batch_queries(self):
+        """Encode the sentences of concurrent queries together (a server's many clients)."""
+        self.encode_tokens = QueryBatcher(lambda token_lists: text_vectors(self.models, self.vocab, token_lists))
+
+    @property
+    def library(self):
+        """This thread's read-only connection to the records (SQLite connections stay in their thread)."""
+        if getattr(self._local, "library", None) is None:
+            self._local.library = Library.open(self.folder)
+        return self._local.library
+
+    def load_index(self):
+        """index.faiss caught up with the records; rebuilt in memory from them when it is missing or damaged."""
+        library = self.library
+        try:
+            index = VectorIndex.load(os.path.join(self.folder, INDEX_FILE))
+            if index.catch_up(library):
+                return index
+        except DataError as e:
+            print(f"{e}: rebuilt from the records for this search (index.py writes it again)", file=sys.stderr)
+        ids, vectors = library.embeddings()
+        return VectorIndex.build(
+            "flat", ids, vectors, library.meta("generation"), library.meta("epoch"), memory_bytes=0
+        )
+
+    def refresh(self):
+        """Catch up with what index.py committed since the last look (at most once a second)."""
+        now = time.monotonic()
+        if now - self.checked_at < REFRESH_EVERY_S:
+            return
+        self.checked_at = now
+        library = self.library
+        if library.meta("generation") == self.index.generation and library.meta("epoch") == self.index.header["epoch"]:
+            return
+        with self.lock:
+            if not self.index.catch_up(library):
+                self.index = self.load_index()
+
+    # ---- queries
+
+    def text(self, text, k=10, rerank=False):
+        """(hits, the Query: its unknown words) of a sentence. rerank: LXMERT rescores the top candidates."""
+        query = read_query(self.vocab, text)
+        vector = self.encode_tokens(query.tokens)
+        wanted = max(k, self.reranking.candidates) if rerank and self.reranking else k
+        hits = self.nearest(vector, wanted)
+        if rerank:
+            if self.reranking is None:
+                raise OptionError("--rerank lxmert needs LXMERT's weights: --model DIR")
+            hits = self.rerank(text, hits)
+        return hits[:k], query
+
+    def like(self, path, k=10):
+        """Hits of the photos most like the photo at `path` (VSRN's image embedding; the photo itself left
+        out). A photo outside the library is extracted first, with the library's detector and settings."""
+        vector, own = self.photo_vector(path)
+        hits = [hit for hit in self.nearest(vector, k + 1) if hit["id"] != own][:k]
+        return [{**hit, "rank": rank} for rank, hit in enumerate(hits, start=1)]
+
+    def photo_vector(self, path):
+        """(the library's vector of the photo at `path`, its id or None)."""
+        from photo_library.scan import content_digest
+
+        if not os.path.isfile(path):
+            raise OptionError(f"--like {path}: file not found")
+        library = self.library
+        photo = library.photo_of_path(os.path.abspath(path)) or library.photo_of_digest(content_digest(path))
+        if photo is not None:
+            return library.embedding_of([photo])[photo], photo
+        return self.extracted_vector(path), None
+
+    def extracted_vector(self, path):
+        from detection.cache import cached_regions
+
+        library = self.library
+        detector, settings = library.meta("detector"), library.meta("settings")
+        if detector is None or not os.path.isfile(detector["path"]):
+            raise OptionError(
+                f"--like {path}: not in the library, and the library's detector weights are not there to extract it"
+            )
+        sizes = {key: settings[key] for key in ("min_size", "max_size", "proposals")}
+        regions = cached_regions(
+            [path],
+            detector["path"],
+            library.meta("detector_config"),
+            settings["policy"],
+            settings["boxes"],
+            device=str(self.device),
+            sizes=sizes,
+        )
+        if not regions:
+            raise DataError(f"--like {path}: its regions could not be extracted (see the line above)")
+        features = next(iter(regions.values()))["features"]
+        return image_vectors(self.models, features[None])[0][0]
+
+    def nearest(self, vector, k):
+        """The k photos of highest inner product with `vector`, as hits (dicts) best first. Photos removed
+        since the index last caught up are skipped, and more are fetched in their place."""
+        self.refresh()
+        library = self.library
+        wanted = k
+        while True:
+            with self.lock:
+                scores, ids = self.index.search(vector, wanted, library.embedding_of)
+                total = self.index.index.ntotal
+            hits = []
+            for score, photo in zip(scores[0], ids[0]):
+                record = library.photo(int(photo)) if photo >= 0 else None
+                if record is not None:
+                    hits.append(hit(record, float(score), len(hits) + 1))
+            if len(hits) >= k or wanted >= total:
+                return hits[:k]
+            wanted *= 2
+
+    # ---- LXMERT
+
+    def enable_rerank(self, model_path, candidates=50, alpha=1.0, mode="matched", tokenizer_path=None):
+        """Load LXMERT's model to rescore the top `candidates` of each text query (alpha: its weight against VSRN's)."""
+        from lxmert.loading import load_lxmert
+        from lxmert.scoring import PairScorer
+
+        feature_dim = self.library.meta("feature_dim")
+        model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
+        if model.config.visual_feat_dim != feature_dim:
+            raise OptionError(
+                f"--model {model_path}: LXMERT reads {model.config.visual_feat_dim}-d regions; "
+                f"the library keeps {feature_dim}-d ones"
+            )
+        scorer = PairScorer(model, mode, self.device)
+        self.reranking = Reranking(model, tokenizer, scorer, candidates, alpha, model_path)
+
+    def rerank(self, text, hits):
+        """The hits reordered by LXMERT's score of (photo, text), fused with VSRN's by alpha."""
+        from lxmert.rerank import rerank
+        from lxmert.scoring import caption_tokens, normalised_boxes
+
+        if not hits:
+            return hits
+        library, reranking = self.library, self.reranking
+        records = [library.photo(h["id"]) for h in hits]
+        features = torch.from_numpy(np.stack([library.features(h["id"]) for h in hits]))
+        boxes = normalised_boxes(
+            np.stack([r["boxes"] for r in records]),
+            [(r["height"], r["width"]) for r in records],
+            [r["path"] for r in records],
+        )
+        input_ids, mask = caption_tokens(reranking.tokenizer, [text])
+        scorer = reranking.scorer
+        with torch.inference_mode():
+            language = scorer.encode_captions(input_ids, mask)
+            vision = scorer.encode_images(features, torch.from_numpy(boxes))
+            lxmert = scorer.score(
+                language.expand(len(hits), -1, -1), mask.to(scorer.device).expand(len(hits), -1), vision
+            ).cpu()
+        vsrn = torch.tensor([[h["score"] for h in hits]], dtype=torch.float64)
+        fused = rerank(vsrn, lxmert[None], torch.ones_like(vsrn, dtype=torch.bool), reranking.alpha)[0]
+        order = torch.argsort(fused, descending=True, stable=True).tolist()
+        reranked = []
+        for place, position in enumerate(order, start=1):
+            reranked.append(
+                {
+                    **hits[position],
+                    "rank": place,
+                    "vsrn": hits[position]["score"],
+                    "lxmert": float(lxmert[position]),
+                    "score": float(fused[position]),
+                }
+            )
+        return reranked
+
+
+def hit(record, score, rank):
+    """A search result as the command line and the page show it (no path in any URL: photos go by id)."""
+    return {
+        "id": record["id"],
+        "rank": rank,
+        "score": score,
+        "path": record["path"],
+        "name": os.path.basename(record["path"]) if record["path"] else None,
+        "width": record["width"],
+        "height": record["height"],
+    }
+
+
+def region_names(record):
+    """The Visual Genome name of each of a photo's regions (None where its regions came without object ids)."""
+    return [object_name(int(i)) for i in record["objects"]]

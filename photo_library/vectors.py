@@ -1,0 +1,205 @@
+"""The library's vector index (FAISS, faiss-cpu, imported only by the photo library).
+
+Three kinds (`index.py --index`):
+- flat:  exact inner products against every vector. Memory 4 x dim bytes per photo; a query reads
+         them all, so its time grows with the library (memory bandwidth, not arithmetic, is the limit).
+- hnsw:  a graph over the full vectors (HNSW, 32 neighbours): a query visits a few thousand of them.
+         Memory: the vectors plus the graph (about 256 bytes per photo).
+- ivfpq: vectors in inverted lists by their nearest of about 4 sqrt(n) centroids, compressed to m
+         bytes each by product quantisation, for libraries whose vectors do not fit in memory. A
+         query scans the 32 lists nearest to it, and its 10 k best candidates are re-scored from the
+         vectors the records keep.
+Every score a search returns is the exact inner product of the query and the photo's vector.
+`auto` takes flat up to 50,000 photos, then hnsw while it fits `--index_memory`, then ivfpq.
+
+The index file (index.faiss) carries a header: the generation and embedding epoch of the records it
+holds, and the photos it hides (HNSW cannot delete). An index at generation G catches up with the
+records from the photos written and removed after G; one that cannot (another epoch, pruned
+history) or whose file is damaged is rebuilt from the records.
+"""
+
+import json
+import logging
+import math
+import struct
+
+import numpy as np
+
+from utils.atomic import atomic_write
+from utils.errors import DataError, OptionError, first_line
+
+KINDS = ("flat", "hnsw", "ivfpq")
+FLAT_UP_TO = 50_000
+HNSW_NEIGHBOURS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 64, 128
+IVF_PROBES = 32
+MAX_CODE_BYTES = 256  # 8 dimensions per sub-quantiser for 2048-d vectors: the exact re-scoring does the rest
+REFINE = 10  # ivfpq: candidates re-scored exactly per result wanted
+MAGIC = b"VSRN-LIBRARY-INDEX-1\n"
+RECALL_QUERIES = 200
+
+
+def import_faiss():
+    # FAISS says at INFO level which of its builds it loads; the jobs' logs need not.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        import faiss
+    except ImportError:
+        raise OptionError("the photo library's vector index needs FAISS: python3 -m pip install faiss-cpu") from None
+    return faiss
+
+
+def choose_kind(count, dim, memory_bytes):
+    """auto's choice for `count` vectors of `dim` floats within `memory_bytes`."""
+    flat = count * dim * 4
+    if count <= FLAT_UP_TO and flat <= memory_bytes:
+        return "flat"
+    if flat + count * HNSW_NEIGHBOURS * 8 <= memory_bytes:
+        return "hnsw"
+    return "ivfpq"
+
+
+def ivfpq_settings(count, dim, memory_bytes):
+    """(lists, code bytes per vector, bits per sub-quantiser) for `count` vectors within `memory_bytes`:
+    about 4 sqrt(count) lists, the most code bytes (a divisor of dim, at most 256 and dim / 2) that fit, and
+    as many bits (8 at most) as the vectors can train (FAISS wants 39 training points per centroid)."""
+    lists = max(1, min(int(4 * math.sqrt(count)), count // 39))
+    per_vector = max(1, memory_bytes // max(count, 1) - 16)  # the id and the list entry
+    code_bytes = max(m for m in range(1, min(MAX_CODE_BYTES, dim // 2) + 1) if dim % m == 0 and m <= per_vector)
+    bits = max(1, min(8, int(math.log2(max(2, count // 39)))))
+    return lists, code_bytes, bits
+
+
+class VectorIndex:
+    """A FAISS index of photo ids, with its header: kind, generation, epoch, hidden ids."""
+
+    def __init__(self, index, header):
+        self.index, self.header = index, header
+        self.hidden = set(header.get("hidden", ()))
+        faiss = import_faiss()
+        if self.kind == "hnsw":
+            # Keep the graph's Python object alive with the index that holds it.
+            self.graph = faiss.downcast_index(index.index)
+            self.graph.hnsw.efSearch = HNSW_EF_SEARCH
+        elif self.kind == "ivfpq":
+            index.nprobe = min(IVF_PROBES, index.nlist)
+
+    @property
+    def kind(self):
+        return self.header["kind"]
+
+    @property
+    def generation(self):
+        return self.header["generation"]
+
+    @classmethod
+    def build(cls, kind, ids, vectors, generation, epoch, memory_bytes):
+        """A new index of `kind` over the vectors (n, dim) float32 with their photo ids."""
+        faiss = import_faiss()
+        count, dim = vectors.shape
+        if kind == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        elif kind == "hnsw":
+            graph = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            index = faiss.IndexIDMap2(graph)
+            graph.this.disown()
+            index.own_fields = True
+        elif kind == "ivfpq":
+            lists, code_bytes, bits = ivfpq_settings(count, dim, memory_bytes)
+            if count < 39 * 2:
+                raise OptionError(f"--index ivfpq: {count} photos are too few to train it; use --index flat or hnsw")
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, lists, code_bytes, bits, faiss.METRIC_INNER_PRODUCT)
+            quantizer.this.disown()
+            index.own_fields = True
+            index.train(vectors)
+        else:
+            raise OptionError(f"--index {kind}: expected auto or one of {', '.join(KINDS)}")
+        if count:
+            index.add_with_ids(vectors, ids)
+        return cls(index, {"kind": kind, "generation": generation, "epoch": epoch, "dim": dim, "hidden": []})
+
+    def add(self, ids, vectors):
+        """Add photos (ids are never reused: a photo's vector changes only with a new epoch, a new index)."""
+        if len(ids):
+            self.index.add_with_ids(vectors, ids)
+
+    def remove(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        if self.kind == "hnsw":  # a graph keeps its nodes: searches skip them
+            self.hidden.update(int(i) for i in ids)
+        else:
+            self.index.remove_ids(ids)
+
+    def catch_up(self, library):
+        """Bring the index to the records' generation from the photos written and removed since its own;
+        False when that history is gone (the caller rebuilds)."""
+        generation = library.meta("generation")
+        if library.meta("epoch") != self.header["epoch"] or self.generation < library.meta("history_since", 0):
+            return False
+        if generation > self.generation:
+            self.remove(library.removed_since(self.generation))
+            self.add(*library.embeddings(since=self.generation))
+            self.header["generation"] = generation
+        return True
+
+    def search(self, vectors, k, exact_vectors=None):
+        """(scores, ids) (queries, k) of the best photos for each query vector; -1 ids pad short lists.
+        `exact_vectors(ids)` -> {id: vector} re-scores an ivfpq index's candidates exactly."""
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        wanted = k * REFINE if self.kind == "ivfpq" else k + len(self.hidden)
+        scores, ids = self.index.search(vectors, max(1, min(wanted, self.index.ntotal)))
+        out_scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(vectors), k), -1, dtype=np.int64)
+        for row, (query, found, found_scores) in enumerate(zip(vectors, ids, scores)):
+            keep = [(float(s), int(i)) for s, i in zip(found_scores, found) if i >= 0 and int(i) not in self.hidden]
+            if self.kind == "ivfpq" and keep:
+                exact = exact_vectors([i for _, i in keep])
+                keep = [(float(exact[i] @ query), i) for _, i in keep if i in exact]
+            keep = sorted(keep, key=lambda pair: (-pair[0], pair[1]))[:k]
+            for column, (score, photo) in enumerate(keep):
+                out_scores[row, column], out_ids[row, column] = score, photo
+        return out_scores, out_ids
+
+    def recall_at_10(self, ids, vectors, seed=0):
+        """Recall@10 against exact search, over up to RECALL_QUERIES of the library's own vectors as
+        queries: the share of each exact top 10 that this index returns in its top 10."""
+        if len(vectors) <= 10:
+            return 1.0
+        queries = vectors[
+            np.random.default_rng(seed).choice(len(vectors), min(RECALL_QUERIES, len(vectors)), replace=False)
+        ]
+        exact = ids[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]
+        rows = {int(photo): row for row, photo in enumerate(ids)}
+        _, found = self.search(queries, 10, lambda wanted: {i: vectors[rows[i]] for i in wanted if i in rows})
+        return float(np.mean([len(set(e.tolist()) & set(f.tolist())) / 10 for e, f in zip(exact, found)]))
+
+    def save(self, path):
+        """index.faiss: MAGIC, the header's length and JSON, then FAISS's bytes; written whole or not at all."""
+        faiss = import_faiss()
+        header = {**self.header, "hidden": sorted(self.hidden), "count": int(self.index.ntotal)}
+        text = json.dumps(header).encode("utf-8")
+        with atomic_write(path, "wb") as f:
+            f.write(MAGIC + struct.pack("<Q", len(text)) + text)
+            f.write(memoryview(faiss.serialize_index(self.index)))
+
+    @classmethod
+    def load(cls, path):
+        """The index of index.faiss; DataError when the file is missing or damaged (the caller rebuilds it)."""
+        faiss = import_faiss()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if not data.startswith(MAGIC):
+                raise ValueError("it does not begin as a library's vector index")
+            start = len(MAGIC) + 8
+            (length,) = struct.unpack("<Q", data[len(MAGIC) : start])
+            header = json.loads(data[start : start + length].decode("utf-8"))
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=start + length))
+        except (OSError, ValueError, RuntimeError, struct.error, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: missing or damaged vector index ({first_line(e, 120)})") from None
+        if index.ntotal != header.get("count") or header.get("kind") not in KINDS:
+            raise DataError(f"{path}: damaged vector index (its header does not describe it)")
+        return cls(index, header)
