@@ -18,8 +18,8 @@ seconds and CPU seconds (all threads) per photo, per-stage times with the device
   heads (object and attribute logits), selection (the policy's choice of regions),
 and efficiency = FLOPs per photo / seconds per photo / float32 GEMM rate, the rate of a 2048^3
 product run as a 1 x 1 convolution (bench/machine.py; the detector's work is convolutions, which
-torch runs with oneDNN or cuDNN; torch.mm's rate, through its BLAS, is shown too), measured right
-before and after the timing. An efficiency near 1 says the photo's arithmetic runs at the
+torch runs with oneDNN or cuDNN; torch.mm's rate, through its BLAS, is shown too), timed before
+each batch, in turn with them (the median). An efficiency near 1 says the photo's arithmetic runs at the
 machine's matrix-multiply speed already: the machine is the limit, not the code.
 `--sweep-proposals` times the first policy at batch size 1 with each number of RPN proposals:
 what fewer proposals save. What they change in the regions kept depends on trained weights
@@ -31,6 +31,7 @@ fp32: the region features of the same proposals, and how many kept boxes and obj
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -132,22 +133,26 @@ class Measured:
 
 def measure(detector, images, batch_size, settings, bf16=False):
     """The Measured of extracting `images` in batches of `batch_size`, after one warm-up batch
-    whose FLOPs are counted."""
+    whose FLOPs are counted; the GEMM rates are timed before each batch, in turn with them, so
+    that a shared machine's changing load weighs on both alike (their medians)."""
     device = detector.device
     with autocast(device, bf16), FlopCounterMode(display=False) as counter:
         extract_regions_batch(detector, images[:batch_size], **settings)
     flops = counter.get_total_flops() / batch_size
-    gemm_before, blas_before = gemm_rate(torch, device, convolution=True), gemm_rate(torch, device)
     timer = StageTimer(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with autocast(device, bf16):
-        for i in range(0, len(images), batch_size):
+    seconds, cpu_seconds, gemm, blas = 0.0, 0.0, [], []
+    for i in range(0, len(images), batch_size):
+        gemm.append(gemm_rate(torch, device, repeats=3, convolution=True))
+        blas.append(gemm_rate(torch, device, repeats=3))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with autocast(device, bf16):
             extract_regions_batch(detector, images[i : i + batch_size], timer=timer, **settings)
-    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    gemm = (gemm_before + gemm_rate(torch, device, convolution=True)) / 2
-    blas = (blas_before + gemm_rate(torch, device)) / 2
-    stages = {stage: timer.seconds[stage] / len(images) for stage in STAGES}
-    return Measured(total / len(images), cpu / len(images), stages, flops, gemm, blas)
+        seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - cpu_start
+    count = len(images)
+    stages = {stage: timer.seconds[stage] / count for stage in STAGES}
+    rates = statistics.median(gemm), statistics.median(blas)
+    return Measured(seconds / count, cpu_seconds / count, stages, flops, *rates)
 
 
 def bf16_deviation(detector, image, settings):
