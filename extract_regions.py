@@ -8,6 +8,8 @@
         --precomp --captions CAPS --data_path DATA --data_name NAME_precomp --split SPLIT
     # several GPUs, one TSV:
     torchrun --standalone --nproc_per_node=N extract_regions.py --images DIR --weights W --out regions.tsv --device cuda
+    # the self-check: our caffe-policy regions against published rows of the same pictures
+    python3 extract_regions.py --check_against val2014_obj36.tsv --images DIR --weights W [--proposals N]
 
 Pictures: the files given, and in each folder given its files with a picture extension, by
 name; the image id is the file name without its extension. One TSV line per picture, in that
@@ -17,6 +19,9 @@ order: img_id img_h img_w objects_id objects_conf attrs_id attrs_conf num_boxes 
 A rerun with the same --out extracts only the pictures not yet in it (a torn last line, left by
 a crash, is dropped and redone). A picture that cannot be read is one line on stderr, skipped
 and counted in the summary. The work is detection.pipeline's; this script reads the flags.
+
+--check_against (detection.check) writes nothing: it prints one line per picture (named after
+its row's image id), a summary and a verdict, and exits 0 when every picture agrees, 1 otherwise.
 """
 
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
@@ -25,6 +30,7 @@ import os
 import sys
 
 from detection.cache import FIXED_BOXES
+from detection.check import check_against
 from detection.pipeline import Counts, extract_to_tsv
 from detection.weights import load_detector
 from utils import tsv_to_precomp
@@ -116,7 +122,37 @@ def write_split(args, num_boxes):
     )
 
 
+def check_self_check_arguments(args, world):
+    conflicting = [
+        (args.out is not None, "--out: it writes nothing"),
+        (args.policy != "caffe", f"--policy {args.policy}: it compares the caffe policy's regions"),
+        (
+            any(getattr(args, name) is not None for name in ("boxes", "min_boxes", "max_boxes")),
+            "--boxes/--min_boxes/--max_boxes: it takes each row's box count",
+        ),
+        (args.precomp, "--precomp: it writes no split"),
+        (world is not SINGLE_PROCESS, "torchrun: it runs in one process"),
+    ]
+    for conflict, why in conflicting:
+        if conflict:
+            raise OptionError(f"--check_against: drop {why}")
+    if not os.path.isfile(args.weights):
+        raise OptionError(f"--weights {args.weights}: file not found (the detector whose regions are checked)")
+
+
+def run_self_check(args, world):
+    check_self_check_arguments(args, world)
+    items = list_images(args.images)
+    detector = load_detector(args.weights, args.config, check_device(args.device))
+    agree = check_against(detector, items, args.check_against, args.min_size, args.max_size, args.proposals)
+    return 0 if agree else 1
+
+
 def run(args, world):
+    if args.check_against:
+        return run_self_check(args, world)
+    if args.out is None:
+        raise OptionError("--out: give the obj36 TSV to write (or --check_against ROWS.tsv to compare with rows)")
     settings = detector_settings(args)
     check_arguments(args)
     if world.is_main:
@@ -154,7 +190,15 @@ def build_parser():
         help="the detector: pytorch_model.bin (unc-nlp/frcnn-vg-finetuned) or faster_rcnn_from_caffe_attr.pkl",
     )
     p.add_argument("--config", default=None, help="the detector's config.yaml (None: the published values)")
-    p.add_argument("--out", required=True, help="the obj36 TSV to write, or to complete when it exists")
+    p.add_argument("--out", default=None, help="the obj36 TSV to write, or to complete when it exists")
+    p.add_argument(
+        "--check_against",
+        default=None,
+        metavar="ROWS.tsv",
+        help="instead of writing, compare the caffe policy's regions of --images with published rows of the same "
+        "pictures (obj36 or generate_tsv.py TSV; a picture's id is its file name without extension): one line per "
+        "picture and a verdict; exit code 1 when some picture differs",
+    )
     p.add_argument(
         "--policy",
         default="caffe",
@@ -232,7 +276,11 @@ def main(argv=None):
     except (VSRNError, OSError) as e:
         code = report(e)
     except KeyboardInterrupt:
-        code = report_interrupt(f"the rows in {args.out} are whole: rerun the same command to continue")
+        code = report_interrupt(
+            "the check wrote nothing: rerun the same command to check again"
+            if args.check_against
+            else f"the rows in {args.out} are whole: rerun the same command to continue"
+        )
     return world.exit(code)
 
 

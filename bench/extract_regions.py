@@ -1,17 +1,29 @@
-"""Region extraction speed: images/s and per-stage times of the bottom-up-attention detector.
+"""Region extraction speed: seconds per photo, the work a photo is, and how close to the
+machine's limit it runs.
 
-    python3 bench/extract_regions.py [--device cpu|cuda] [--policy hf|caffe] [--batch-sizes 1,4,8]
-        [--bf16] [--image-size 480x640] [--min_size N --max_size N --proposals N] [--smoke]
+    python3 bench/extract_regions.py [--device cpu|cuda] [--policies caffe,hf] [--batch-sizes 1,4,8]
+        [--images N] [--image-size 480x640] [--min_size N --max_size N --proposals N]
+        [--sweep-proposals 100,150,200,300] [--bf16] [--smoke]
 
 The published architecture (ResNet-101 C4, 1600 classes, 400 attributes) with the deterministic
 random weights of ../shared/frcnn_reference/weights_recipe.py (`--recipe`), so nothing is
 downloaded; speed does not depend on the weights. Pictures are random, `--image-size` pixels
-(COCO's usual 480x640 by default), resized as the policy does: hf (the default) at the published
-800 / 1333 with 300 proposals, caffe at 600 / 1000 with 300. Each batch size runs the same number
-of images (`--images`, default 8) after one warm-up batch; stages are timed with the device
-synchronised (per image: the batch's time over its images):
-  preprocess, backbone (stem to res4), rpn (head, anchors, NMS), roi_pool, res5 (+ mean pool),
-  heads (object and attribute logits), selection (box regression, NMS, the policy's choice).
+(COCO's usual 480x640 by default), resized as each policy does: caffe at 600 / 1000 with 300
+proposals, hf at the published 800 / 1333 with 300.
+
+For each policy and batch size, one warm-up batch runs under torch.utils.flop_counter, which
+counts its convolutions and matrix products (FLOPs per photo), then `--images` photos are timed:
+seconds and CPU seconds (all threads) per photo, per-stage times with the device synchronised
+  preprocess, backbone (stem to res4), rpn (head and proposals), roi_pool, res5 (+ mean pool),
+  heads (object and attribute logits), selection (the policy's choice of regions),
+and efficiency = FLOPs per photo / seconds per photo / float32 GEMM rate, the rate of a 2048^3
+product run as a 1 x 1 convolution (bench/machine.py; the detector's work is convolutions, which
+torch runs with oneDNN or cuDNN; torch.mm's rate, through its BLAS, is shown too), timed before
+each batch, in turn with them (the median). An efficiency near 1 says the photo's arithmetic runs at the
+machine's matrix-multiply speed already: the machine is the limit, not the code.
+`--sweep-proposals` times the first policy at batch size 1 with each number of RPN proposals:
+what fewer proposals save. What they change in the regions kept depends on trained weights
+(random ones would say nothing true): extract_regions.py --check_against reports it.
 `--bf16` runs everything again under torch.autocast(bfloat16) and reports its deviation from
 fp32: the region features of the same proposals, and how many kept boxes and object ids agree.
 `--smoke` checks the script on a small detector and small pictures in seconds.
@@ -19,23 +31,27 @@ fp32: the region features of the same proposals, and how many kept boxes and obj
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import utils.threads  # noqa: F401  (before torch: its threads wait as in extract_regions.py)
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from detection.extract import extract_regions, extract_regions_batch, score_regions  # noqa: E402
 from detection.network import PUBLISHED_ARCH, BottomUpDetector  # noqa: E402
 from detection.policies import POLICIES, make_policy  # noqa: E402
 from detection.weights import load_detector  # noqa: E402
-from machine import describe, print_table  # noqa: E402
+from machine import describe, gemm_rate, print_table  # noqa: E402
 
 STAGES = ("preprocess", "backbone", "rpn", "roi_pool", "res5", "heads", "selection")
 SMOKE_ARCH = dict(
@@ -94,19 +110,49 @@ def autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+@dataclass
+class Measured:
+    seconds: float  # per photo
+    cpu_seconds: float  # per photo, all threads: the work done, also on a busy shared machine
+    stages: dict  # seconds per photo by stage
+    flops: float  # per photo
+    gemm_rate: float  # FLOP/s, as a convolution
+    blas_rate: float  # FLOP/s, torch.mm's
+
+    @property
+    def efficiency(self):
+        return self.flops / self.seconds / self.gemm_rate
+
+    def summary(self):
+        return (
+            f"{self.seconds:.2f} s per photo (CPU {self.cpu_seconds:.2f} s), {self.flops / 1e9:,.1f} GFLOP, "
+            f"GEMM {self.gemm_rate / 1e9:.1f} GFLOP/s (torch.mm {self.blas_rate / 1e9:.1f}), "
+            f"efficiency {self.efficiency:.2f}"
+        )
+
+
 def measure(detector, images, batch_size, settings, bf16=False):
-    """(images/s, CPU seconds per image, seconds per image by stage) over `images`, after one
-    warm-up batch. CPU time (all threads) shows the work done also on a busy shared machine."""
+    """The Measured of extracting `images` in batches of `batch_size`, after one warm-up batch
+    whose FLOPs are counted; the GEMM rates are timed before each batch, in turn with them, so
+    that a shared machine's changing load weighs on both alike (their medians)."""
     device = detector.device
-    with autocast(device, bf16):
+    with autocast(device, bf16), FlopCounterMode(display=False) as counter:
         extract_regions_batch(detector, images[:batch_size], **settings)
+    flops = counter.get_total_flops() / batch_size
     timer = StageTimer(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with autocast(device, bf16):
-        for i in range(0, len(images), batch_size):
+    seconds, cpu_seconds, gemm, blas = 0.0, 0.0, [], []
+    for i in range(0, len(images), batch_size):
+        gemm.append(gemm_rate(torch, device, repeats=3, convolution=True))
+        blas.append(gemm_rate(torch, device, repeats=3))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with autocast(device, bf16):
             extract_regions_batch(detector, images[i : i + batch_size], timer=timer, **settings)
-    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return len(images) / total, cpu / len(images), {stage: timer.seconds[stage] / len(images) for stage in STAGES}
+        seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - cpu_start
+    count = len(images)
+    stages = {stage: timer.seconds[stage] / count for stage in STAGES}
+    rates = statistics.median(gemm), statistics.median(blas)
+    return Measured(seconds / count, cpu_seconds / count, stages, flops, *rates)
 
 
 def bf16_deviation(detector, image, settings):
@@ -143,13 +189,18 @@ def bf16_deviation(detector, image, settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--policy", default="hf", choices=tuple(POLICIES))
+    parser.add_argument("--policies", default="caffe,hf", help=f"comma-separated, of {', '.join(POLICIES)}")
     parser.add_argument("--batch-sizes", default="1,4,8")
     parser.add_argument("--images", type=int, default=8, help="pictures timed per batch size")
     parser.add_argument("--image-size", default="480x640", help="HEIGHTxWIDTH of the random pictures")
     parser.add_argument("--min_size", type=int, default=None)
     parser.add_argument("--max_size", type=int, default=None)
     parser.add_argument("--proposals", type=int, default=None)
+    parser.add_argument(
+        "--sweep-proposals",
+        default="100,150,200,300",
+        help="numbers of proposals to time the first policy with at batch size 1 ('' for none)",
+    )
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast and measure its deviation")
     parser.add_argument("--recipe", default=str(ROOT.parent / "shared" / "frcnn_reference" / "weights_recipe.py"))
     parser.add_argument(
@@ -159,6 +210,11 @@ def main(argv=None):
     device = torch.device(args.device)
     height, width = (int(x) for x in args.image_size.lower().split("x"))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    policies = args.policies.split(",")
+    unknown = [policy for policy in policies if policy not in POLICIES]
+    if unknown:
+        parser.error(f"--policies: {', '.join(unknown)}: expected some of {', '.join(POLICIES)}")
+    sweep = [int(p) for p in args.sweep_proposals.split(",") if p]
     if args.smoke:
         height, width = min(height, 120), min(width, 160)
         args.images, args.min_size, args.max_size, args.proposals = (
@@ -167,47 +223,62 @@ def main(argv=None):
             args.max_size or 160,
             args.proposals or 50,
         )
-    settings = {
-        "policy": args.policy,
-        "num_boxes": 36,
-        "min_size": args.min_size,
-        "max_size": args.max_size,
-        "proposals": args.proposals,
-    }
+        sweep = [p for p in sweep if p <= 50][:2] or [25, 50]
+    sizes = {"num_boxes": 36, "min_size": args.min_size, "max_size": args.max_size}
 
     torch.manual_seed(0)
     start = time.perf_counter()
     detector = random_detector(SMOKE_ARCH if args.smoke else PUBLISHED_ARCH, load_recipe(args.recipe), device)
+    print(f"command: python3 {' '.join(sys.argv)}")
     print_table(describe(torch, device), "machine")
-    plan = make_policy(
-        detector, args.policy, num_boxes=36, min_size=args.min_size, max_size=args.max_size, proposals=args.proposals
-    )
+    plans = {policy: make_policy(detector, policy, proposals=args.proposals, **sizes) for policy in policies}
     print_table(
         [
             (
                 "detector",
                 "smoke-test size" if args.smoke else "ResNet-101 C4, 1600 classes, 400 attributes (random weights)",
             ),
-            (
-                "policy",
-                f"{args.policy}: shortest side {plan.min_size}, longest <= {plan.max_size}, {plan.post_nms} "
-                "proposals, 36 regions",
+            *(
+                (
+                    f"policy {policy}",
+                    f"shortest side {plan.min_size}, longest <= {plan.max_size}, {plan.post_nms} proposals, 36 regions",
+                )
+                for policy, plan in plans.items()
             ),
             ("pictures", f"{args.images} per batch size, {height}x{width}"),
             ("weights", f"made in {time.perf_counter() - start:.1f} s"),
         ],
         "settings",
     )
-    images = pictures(max(args.images, max(batch_sizes)), height, width)[: max(args.images, max(batch_sizes))]
+    images = pictures(max(args.images, max(batch_sizes)), height, width)
     precisions = [("fp32", False)] + ([("bf16 autocast", True)] if args.bf16 else [])
     for name, bf16 in precisions:
-        for batch_size in batch_sizes:
-            rate, cpu, stages = measure(detector, images[: max(args.images, batch_size)], batch_size, settings, bf16)
-            rows = [("images/s", f"{rate:.3f} ({1 / rate:.2f} s per image; CPU time {cpu:.2f} s per image)")]
-            rows += [(stage, f"{seconds:.3f} s per image") for stage, seconds in stages.items()]
-            print_table(rows, f"{args.device}, {name}, batch size {batch_size}")
+        for policy in policies:
+            settings = dict(sizes, policy=policy, proposals=args.proposals)
+            for batch_size in batch_sizes:
+                measured = measure(detector, images[: max(args.images, batch_size)], batch_size, settings, bf16)
+                rows = [("photo", measured.summary())]
+                rows += [(stage, f"{seconds:.3f} s per photo") for stage, seconds in measured.stages.items()]
+                print_table(rows, f"{args.device}, {name}, policy {policy}, batch size {batch_size}")
+    if sweep:
+        policy, timed = policies[0], {}
+        for proposals in sweep:
+            settings = dict(sizes, policy=policy, proposals=proposals)
+            timed[proposals] = measure(detector, images[: args.images], 1, settings)
+        slowest = timed[max(sweep)]
+        print_table(
+            [
+                (
+                    f"{proposals} proposals",
+                    f"{m.summary()}; {m.seconds / slowest.seconds:.2f}x the time of {max(sweep)}",
+                )
+                for proposals, m in timed.items()
+            ],
+            f"{args.device}, fp32, policy {policy}, batch size 1: fewer proposals",
+        )
     if args.bf16:
-        print_table(bf16_deviation(detector, images[0], settings), "bf16 autocast against fp32")
+        settings = dict(sizes, policy=policies[0], proposals=args.proposals)
+        print_table(bf16_deviation(detector, images[0], settings), f"bf16 autocast against fp32, policy {policies[0]}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import describe, print_table  # noqa: E402
+from machine import describe, gemm_product, print_table  # noqa: E402
 from lxmert.scoring import PairScorer  # noqa: E402
 from utils.device import check_device  # noqa: E402
 from utils.text import format_duration  # noqa: E402
@@ -41,20 +41,6 @@ def cross_flops(tokens, regions, config):
     vision = 2 * r * h * h + 2 * t * h * h + 2 * r * t * h + 4 * r * h * h + 2 * r * r * h + 2 * r * h * inner
     last = 2 * t * h * h + 2 * r * h * h + 2 * t * r * h + 2 * t * h * h + 2 * h * h + 2 * t * h + 2 * h * inner + h * h
     return 2 * ((config.x_layers - 1) * (language + vision) + last)
-
-
-GEMM_SIZE = 2048
-
-
-def gemm_run(device):
-    """A float32 (2048 x 2048) product: the machine's matrix-multiply rate, timed with the pairs."""
-    a, b = torch.rand(GEMM_SIZE, GEMM_SIZE, device=device), torch.rand(GEMM_SIZE, GEMM_SIZE, device=device)
-
-    def product():
-        torch.mm(a, b)
-        synchronise(device)
-
-    return product
 
 
 def median_seconds(run, repeats):
@@ -105,7 +91,7 @@ def main():
 
     regions, tokens = 36, args.tokens
     flops = cross_flops(tokens, regions, config)
-    gemm = gemm_run(device)
+    gemm, gemm_flops = gemm_product(torch, device)
     rows, rate_of = [("cross layers + head per pair", f"{flops / 1e9:.2f} GFLOP")], {}
     with torch.inference_mode():
         for number, batch in enumerate(int(b) for b in args.batch_sizes.split(",")):
@@ -144,7 +130,7 @@ def main():
                     synchronise(device)
 
             seconds = interleaved_medians([cross, gemm] + ([direct] if direct else []), args.repeats)
-            pair_rate, gemm_rate = batch / seconds[0], 2 * GEMM_SIZE**3 / seconds[1]
+            pair_rate, gemm_rate = batch / seconds[0], gemm_flops / seconds[1]
             caption_rate = batch / median_seconds(captions, args.repeats)
             image_rate = batch / median_seconds(images, args.repeats)
             rate_of[batch] = (pair_rate, caption_rate, image_rate)

@@ -22,7 +22,7 @@ from utils.obj36 import parse_row, read_written
 from utils.text import plural
 
 # Bump when what a cached row holds for the same settings changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FIXED_BOXES = 36  # regions per picture: VSRN's and LXMERT's obj36 input
 
 

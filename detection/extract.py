@@ -14,16 +14,15 @@ import numpy as np
 import torch
 from torchvision.ops import roi_pool
 
-from detection.boxes import grid_anchors
 from detection.network import FEATURE_STRIDE
 from detection.policies import make_policy
-from utils.images import read_image
 
 
-def as_rgb_array(image):
-    """An RGB uint8 (H, W, 3) array of a picture given as a path (utils.images.read_image) or an array."""
+def as_rgb_array(image, read_picture):
+    """An RGB uint8 (H, W, 3) array of a picture given as a path (read with `read_picture`, a
+    policy's) or an array."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image)
+        return read_picture(image)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"expected an RGB uint8 image array (H, W, 3), got {image.dtype} {image.shape}")
@@ -61,9 +60,7 @@ def _score(detector, images, policy, timer=None):
     with _timed(timer, "rpn"):
         for x, features, (_, _, scale) in zip(inputs, res4, prepared):
             logits, deltas = rpn_head(features)
-            anchors = grid_anchors(policy.cell_anchors, features.shape[2], features.shape[3])
-            height, width = x.shape[1:]
-            proposals.append(policy.propose(logits[0], deltas[0], anchors, height, width, scale))
+            proposals.append(policy.propose(logits[0], deltas[0], features.shape[2:], x.shape[1:], scale))
     with _timed(timer, "roi_pool"):
         pooled = torch.cat(
             [
@@ -97,9 +94,9 @@ def score_regions(detector, images, policy="caffe", min_size=None, max_size=None
     with `proposals` (P, 4) in network-input pixels, `features` (P, D), `obj_logits` (P, C + 1,
     background last), `attr_logits` (P, A + 1, "no attribute" last), `input` (3, h, w) and
     `scale_yx` (image pixels per network-input pixel; caffe: also `scale`, py-faster-rcnn's
-    im_scale, network-input pixels per image pixel)."""
+    im_scale, network-input pixels per image pixel). Paths are read as the policy reads pictures."""
     chosen = make_policy(detector, policy, min_size=min_size, max_size=max_size, proposals=proposals)
-    arrays = [as_rgb_array(image) for image in images]
+    arrays = [as_rgb_array(image, chosen.read_picture) for image in images]
     with torch.inference_mode():
         return _score(detector, arrays, chosen) if arrays else []
 
@@ -131,13 +128,14 @@ def extract_regions_batch(
         max_size=max_size,
         proposals=proposals,
     )
-    arrays = [as_rgb_array(image) for image in images]
+    arrays = [as_rgb_array(image, chosen.read_picture) for image in images]
     if not arrays:
         return []
     with torch.inference_mode():
         scored = _score(detector, arrays, chosen, timer)
         with _timed(timer, "selection"):
-            # Caffe's class c (1..1600) is column c - 1 here: its background, column 0, is our last.
+            # Caffe's class c (1..1600) is column c - 1 here: its background, column 0, is assumed
+            # our last (detection.network).
             probs = [s["obj_logits"].float().softmax(dim=1)[:, :-1] for s in scored]
             return chosen.select(scored, probs, arrays, detector.roi_heads.box_predictor)
 
@@ -154,7 +152,7 @@ def extract_regions(
     max_size=None,
     proposals=None,
 ):
-    """The regions of one image (a path, read with utils.images.read_image, or an RGB uint8 array).
+    """The regions of one image (a path, read as the policy reads pictures, or an RGB uint8 array).
 
     Returns a dict: boxes (N, 4) float32 x1 y1 x2 y2 in the image's pixels, features (N, D)
     float32, objects_id / attrs_id (N,) int64 (no background / "no attribute"), objects_conf /

@@ -2,12 +2,26 @@
 
 ResNet-101 C4 with frozen batch norm, an RPN on res4 (12 anchors), RoI pooling 14x14 at 1/16,
 res5 on each region (stride 1, dilation 2, as the Visual Genome model has it) mean-pooled to the
-region feature, heads for 1600 objects + background (LAST, as in the published PyTorch
-conversion), class-specific boxes and 400 attributes + "no attribute" (last).
+region feature, heads for 1600 objects + background (last), class-specific boxes and 400
+attributes + "no attribute" (last).
 
 Module and parameter names are those of the published checkpoint (`unc-nlp/frcnn-vg-finetuned`,
 `pytorch_model.bin`), and every width and depth is read off its shapes (detection.weights), so a
 small state dict gives a small detector.
+
+The checkpoint is a conversion of bottom-up-attention's Caffe model to detectron2's layout, and
+how it was converted was never published. Three things are assumed, the only reading under which
+the pipelines that load these weights, the LXMERT demo's and airsplay's detectron2 port (both
+with detectron2's size-major anchors, a sigmoid objectness and the background last), find objects:
+- the RPN's 12 anchor channels are size-major (detectron2's order), where Caffe's were
+  ratio-major (py-faster-rcnn's generate_anchors); the caffe policy reorders them;
+- the objectness is one logit per anchor, Caffe's foreground score minus its background score,
+  so Caffe's two-way softmax is recovered from it (detection.caffe_ops.foreground_probability);
+- the background is the last of the 1601 classes (Caffe's first), the rows of the class embedding
+  that the attribute head looks up by the best class, background included, were permuted alike,
+  and "no attribute" is the last of the 401 attribute outputs (Caffe's first).
+`python3 extract_regions.py --check_against ROWS.tsv` (detection.check) tests them against rows
+the Caffe pipeline published, for a user who holds the weights.
 """
 
 import torch
@@ -139,7 +153,8 @@ class BoxPredictor(nn.Module):
     def forward(self, features):
         """(R, D) -> object logits (R, C+1, background last), attribute logits (R, A+1, none last)."""
         obj_logits = self.cls_score(features)
-        # The class embedding of the best class, background included, as the Caffe net's ArgMax.
+        # The class embedding of the best class, background included, as the Caffe net's ArgMax
+        # (its rows assumed permuted with the classes: see above).
         embedded = self.cls_embedding(obj_logits.argmax(dim=1))
         attr_logits = self.attr_score(F.relu(self.fc_attr(torch.cat([features, embedded], dim=1))))
         return obj_logits, attr_logits

@@ -12,27 +12,29 @@ import torch
 from tqdm import tqdm
 
 from detection.extract import extract_regions_batch
+from detection.policies import policy_class
 from utils.distributed import SINGLE_PROCESS
 from utils.errors import VSRNError, first_line
-from utils.images import ImageError, read_image
+from utils.images import ImageError
 from utils.obj36 import append_rows, format_obj36_line
 
 
-def read_ahead(paths, workers):
-    """(array or ImageError) of each path in order, decoded by `workers` threads a few pictures ahead."""
+def read_ahead(paths, workers, read_picture):
+    """(array or ImageError) of each path in order, read with `read_picture` (a policy's) by
+    `workers` threads a few pictures ahead."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         pending = []
         for path in paths:
-            pending.append(pool.submit(_read_or_error, path))
+            pending.append(pool.submit(_read_or_error, read_picture, path))
             if len(pending) > 2 * workers:
                 yield pending.pop(0).result()
         for future in pending:
             yield future.result()
 
 
-def _read_or_error(path):
+def _read_or_error(read_picture, path):
     try:
-        return read_image(path)
+        return read_picture(path)
     except ImageError as e:
         return e
 
@@ -126,7 +128,7 @@ def extract_to_tsv(
     process stopped at any moment leaves whole rows (and at most a torn last line, which
     utils.obj36.read_written cuts off)."""
     mine = [position for share in shares(len(todo), batch_size, world) for position in share]
-    pictures = read_ahead([todo[p][1] for p in mine], workers)
+    pictures = read_ahead([todo[p][1] for p in mine], workers, policy_class(settings["policy"]).read_picture)
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(open(out, "ab")) if world.is_main else None
         progress = stack.enter_context(

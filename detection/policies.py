@@ -5,13 +5,16 @@
 - `HFPolicy` ('hf'): the LXMERT demo's pipeline (its `modeling_frcnn.py` with the published
   `config.yaml`), its bugs fixed.
 
-A policy prepares the network input of a picture, turns the RPN's outputs into proposals and
-chooses the regions among the scored proposals; detection.extract runs the network around it.
+A policy reads a picture file, prepares the network input of a picture, turns the RPN's outputs
+into proposals and chooses the regions among the scored proposals; detection.extract runs the
+network around it.
 """
 
 import numpy as np
+import torch
 
-from detection.boxes import caffe_cell_anchors, clip_boxes, decode_boxes, hf_cell_anchors
+from detection import caffe_ops
+from detection.boxes import clip_boxes, decode_boxes, grid_anchors, hf_cell_anchors
 from detection.preprocess import (
     CAFFE_MAX_SIZE,
     CAFFE_SCALE,
@@ -21,15 +24,17 @@ from detection.preprocess import (
     hf_input,
     hf_resize_shape,
 )
-from detection.proposals import CAFFE_POST_NMS, caffe_proposals, hf_proposals
-from detection.selection import per_class_max_conf_batch, select_caffe, select_hf
+from detection.proposals import CAFFE_POST_NMS, caffe_proposals, checkpoint_anchor_order, hf_proposals
+from detection.selection import per_class_max_conf, select_caffe, select_hf
 from utils.errors import DataError, OptionError
+from utils.images import read_image
 
 
 class Policy:
     """One policy's settings: input sizes, proposals kept, (fewest, most) regions per picture.
 
-    Subclasses give the defaults and the three steps: `network_input`, `propose`, `select`.
+    Subclasses give the defaults, the anchors and the four steps: `read_picture`, `network_input`,
+    `propose`, `select`.
     """
 
     name = None
@@ -38,9 +43,8 @@ class Policy:
         self.config = detector.config
         self.min_size, self.max_size, self.post_nms = int(min_size), int(max_size), int(proposals)
         self.boxes, self.conf_thresh = boxes, conf_thresh
-        sizes = self.config["anchor_generator"]["sizes"][0]
-        ratios = self.config["anchor_generator"]["aspect_ratios"][0]
-        self.cell_anchors = self.cell_anchors_of(sizes, ratios).to(detector.device)
+        self.anchor_sizes = self.config["anchor_generator"]["sizes"][0]
+        self.anchor_ratios = self.config["anchor_generator"]["aspect_ratios"][0]
 
     def prepare(self, image):
         """-> network input (3, h, w), the factors (y, x) from its pixels to the image's, and
@@ -53,6 +57,11 @@ class Policy:
                 f"(longest side {self.max_size}), it is under {MIN_INPUT_SIDE} pixels across"
             )
         return self.network_input(image)
+
+    def propose(self, logits, deltas, feature_hw, input_hw, scale):
+        """The proposals (P, 4), in network-input pixels, of the RPN head's outputs for one picture:
+        logits (H*W*A,) and deltas (H*W*A, 4) at the res4 positions (feature_hw)."""
+        raise NotImplementedError
 
     def select(self, scored, probs, images, predictor):
         """The regions kept of each picture (detection.extract's scored proposals, their object
@@ -75,11 +84,16 @@ def regions_dict(boxes, features, objects_conf, objects_id, attrs_conf, attrs_id
 
 
 class CaffePolicy(Policy):
-    """generate_tsv.py on py-faster-rcnn: 600 / 1000 input, 300 proposals, per-class NMS and the
-    confidence rule (min_boxes..max_boxes regions, or exactly num_boxes)."""
+    """generate_tsv.py on py-faster-rcnn: pictures as cv2.imread reads them, 600 / 1000 input, 300
+    proposals, per-class NMS and the confidence rule (min_boxes..max_boxes regions, or exactly
+    num_boxes); its decisions as it took them (detection.caffe_ops)."""
 
     name = "caffe"
-    cell_anchors_of = staticmethod(caffe_cell_anchors)
+
+    @staticmethod
+    def read_picture(path):
+        """As generate_tsv.py's cv2.imread read it: transparent pictures' stored colours, OpenCV's CMYK."""
+        return read_image(path, like_opencv=True)
 
     def __init__(
         self,
@@ -101,6 +115,8 @@ class CaffePolicy(Policy):
             boxes,
             conf_thresh,
         )
+        self.cell_anchors = caffe_ops.cell_anchors(self.anchor_sizes, self.anchor_ratios)
+        self.anchor_order = checkpoint_anchor_order(self.anchor_sizes, self.anchor_ratios)
 
     def input_shape(self, height, width):
         return caffe_scale(height, width, self.min_size, self.max_size)[1:]
@@ -109,33 +125,48 @@ class CaffePolicy(Policy):
         x, scale = caffe_input(image, self.min_size, self.max_size)
         return x, (1.0 / scale, 1.0 / scale), scale
 
-    def propose(self, logits, deltas, anchors, height, width, scale):
-        return caffe_proposals(logits, deltas, anchors, height, width, scale, self.post_nms)[0]
+    def propose(self, logits, deltas, feature_hw, input_hw, scale):
+        return caffe_proposals(
+            logits, deltas, self.cell_anchors, self.anchor_order, feature_hw, input_hw, scale, self.post_nms
+        )[0]
 
     def select(self, scored, probs, images, predictor):
-        # Boxes are the proposals in the picture's pixels; the per-class NMS of all pictures runs together.
-        boxes = [s["proposals"] / s["scale"] for s in scored]
-        max_conf = per_class_max_conf_batch(boxes, probs)
         kept = []
-        for s, p, conf, picture_boxes, image in zip(scored, probs, max_conf, boxes, images):
-            keep = select_caffe(conf, self.boxes[0], self.boxes[1], self.conf_thresh)
+        for s, p, image in zip(scored, probs, images):
+            # generate_tsv.py's boxes: the proposals over im_scale, in float32 (numpy 1.x divided
+            # a float32 array by a float64 scalar in float32).
+            picture_boxes = s["proposals"].cpu().numpy() / np.float32(s["scale"])
+            max_conf = per_class_max_conf(picture_boxes, p.cpu().numpy())
+            chosen = select_caffe(max_conf, self.boxes[0], self.boxes[1], self.conf_thresh)
+            keep = torch.from_numpy(chosen).to(p.device)
             objects_conf, objects_id = p[keep].max(dim=1)
             # Caffe's attribute softmax covers all 401 outputs; ids and scores leave "no attribute" out.
             attrs_conf, attrs_id = s["attr_logits"][keep].float().softmax(dim=1)[:, :-1].max(dim=1)
             kept.append(
                 regions_dict(
-                    picture_boxes[keep], s["features"][keep], objects_conf, objects_id, attrs_conf, attrs_id, image
+                    torch.from_numpy(picture_boxes[chosen]),
+                    s["features"][keep],
+                    objects_conf,
+                    objects_id,
+                    attrs_conf,
+                    attrs_id,
+                    image,
                 )
             )
         return kept
 
 
 class HFPolicy(Policy):
-    """The LXMERT demo's pipeline: the config's 800 / 1333 input and 300 proposals, boxes regressed
-    for each region's best class, NMS at its thresholds in turn until min_detections survive."""
+    """The LXMERT demo's pipeline: pictures read with utils.images.read_image, the config's 800 /
+    1333 input and 300 proposals, boxes regressed for each region's best class, NMS at its
+    thresholds in turn until min_detections survive."""
 
     name = "hf"
-    cell_anchors_of = staticmethod(hf_cell_anchors)
+
+    @staticmethod
+    def read_picture(path):
+        """As utils.images.read_image reads it: transparent pictures over white."""
+        return read_image(path)
 
     def __init__(
         self,
@@ -162,6 +193,7 @@ class HFPolicy(Policy):
             boxes,
             conf_thresh,
         )
+        self.cell_anchors = hf_cell_anchors(self.anchor_sizes, self.anchor_ratios).to(detector.device)
 
     def input_shape(self, height, width):
         return hf_resize_shape(height, width, self.min_size, self.max_size)
@@ -170,8 +202,9 @@ class HFPolicy(Policy):
         x, scales_yx = hf_input(image, self.config, self.min_size, self.max_size)
         return x, (float(scales_yx[0]), float(scales_yx[1])), None
 
-    def propose(self, logits, deltas, anchors, height, width, scale):
-        return hf_proposals(logits, deltas, anchors, height, width, self.config, self.post_nms)[0]
+    def propose(self, logits, deltas, feature_hw, input_hw, scale):
+        anchors = grid_anchors(self.cell_anchors, *feature_hw)
+        return hf_proposals(logits, deltas, anchors, *input_hw, self.config, self.post_nms)[0]
 
     def select(self, scored, probs, images, predictor):
         thresholds = self.config["roi_heads"]["nms_thresh_test"]
@@ -200,9 +233,14 @@ class HFPolicy(Policy):
 POLICIES = {policy.name: policy for policy in (CaffePolicy, HFPolicy)}
 
 
+def policy_class(policy):
+    """The class of the policy named `policy` ('caffe' or 'hf'); another name is an OptionError."""
+    if policy not in POLICIES:
+        raise OptionError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+    return POLICIES[policy]
+
+
 def make_policy(detector, policy="caffe", **settings):
     """The policy named `policy` ('caffe' or 'hf') for `detector`, with the caller's settings
     (num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size, proposals)."""
-    if policy not in POLICIES:
-        raise OptionError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
-    return POLICIES[policy](detector, **settings)
+    return policy_class(policy)(detector, **settings)

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from detection.pipeline import detect, read_ahead, region_count_problem, shares
+from detection.policies import policy_class
 from photo_library import recipe
 from photo_library.embedding import check_models, image_vectors
 from photo_library.scan import scan
@@ -456,7 +457,9 @@ class Indexer:
         settings = {key: self.settings[key] for key in ("policy", "min_size", "max_size", "proposals")}
         settings["num_boxes"] = self.settings["boxes"]
         mine = [position for share in shares(len(items), request.batch_size, world) for position in share]
-        pictures = read_ahead([items[p][1][0][0] for p in mine], request.workers)
+        # Read as the policy's original read them (caffe: as cv2.imread), for the detector and the thumbnails alike.
+        read_picture = policy_class(settings["policy"]).read_picture
+        pictures = read_ahead([items[p][1][0][0] for p in mine], request.workers, read_picture)
         progress = tqdm(
             total=len(items), desc="photos", unit="photo", dynamic_ncols=True, disable=None if world.is_main else True
         )

@@ -377,3 +377,96 @@ def test_cached_regions_extracts_each_picture_once(detector, tmp_path, monkeypat
     edited = cache.cached_regions(paths, weights, num_boxes=10)
     assert len(extracted) == 6
     assert (edited["pic02"]["img_h"], edited["pic02"]["img_w"]) == (60, 90)
+
+
+def test_each_policy_reads_the_pictures_as_its_original_did(detector, tmp_path):
+    """caffe: as cv2.imread (a transparent picture's stored colours), hf: over white."""
+    weights, _ = detector
+    rgba = np.random.RandomState(3).randint(0, 256, (60, 80, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rgba[..., 3] > 128, 255, 0)
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "pics" / "alpha.png")
+    over_white = np.where(rgba[..., 3:] > 0, rgba[..., :3], 255).astype(np.uint8)
+    net = load_detector(weights)
+    for policy, seen in (("caffe", rgba[..., :3]), ("hf", over_white)):
+        out = tmp_path / f"{policy}.tsv"
+        args = ["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), "--policy", policy]
+        assert extract_regions.main([*args, *FAST]) == 0
+        row = obj36.parse_row(rows(out)[0].rstrip(b"\n"), "row")
+        expected = extract.extract_regions(net, seen, policy=policy, num_boxes=10, min_size=128, max_size=200)
+        np.testing.assert_array_equal(row["features"], expected["features"])
+
+
+def write_rows(path, regions_by_id):
+    path.write_text("".join(obj36.format_obj36_line(image_id, r) for image_id, r in regions_by_id.items()))
+
+
+def test_check_against_passes_its_own_rows_and_fails_perturbed_ones(detector, tmp_path, capsys):
+    weights, _ = detector
+    make_pictures(tmp_path / "pics", count=3)
+    sizes = ["--min_size", "128", "--max_size", "200"]
+    published = tmp_path / "published.tsv"
+    assert (
+        extract_regions.main(["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(published), *FAST])
+        == 0
+    )
+    check = ["--check_against", str(published), "--images", str(tmp_path / "pics"), "--weights", weights, *sizes]
+    capsys.readouterr()
+    assert extract_regions.main(check) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"the caffe policy's regions (300 proposals) against {published}, 3 pictures"
+    assert lines[1:4] == [
+        f"pic0{i}: 10/10 boxes within 1 px (feature cosine min 1.0000), object ids 10/10 the same; "
+        "10/10 at IoU >= 0.9 (cosine mean 1.0000): agrees"
+        for i in range(3)
+    ]
+    assert (
+        lines[4]
+        == "overall: 30/30 published regions matched within 1 px, 30/30 at IoU >= 0.9 (feature cosine mean 1.0000)"
+    )
+    assert lines[5].startswith(f"verdict: all 3 pictures agree with {published}: these weights") and len(lines) == 6
+
+    # Boxes 3 pixels off, features of another network, other object ids: each picture differs.
+    regions = {r["img_id"]: r for r, _ in obj36.read_rows([published])}
+    regions["pic00"]["boxes"] += 3
+    features = regions["pic01"]["features"]
+    regions["pic01"]["features"] = np.random.RandomState(0).uniform(0, 1, features.shape).astype(np.float32)
+    regions["pic02"]["objects_id"] = (regions["pic02"]["objects_id"] + 1) % 1600
+    perturbed = tmp_path / "perturbed.tsv"
+    write_rows(perturbed, regions)
+    assert extract_regions.main([*check[:1], str(perturbed), *check[2:]]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("pic00: 0/10 boxes within 1 px (feature cosine min -)") and lines[1].endswith("DIFFERS")
+    assert lines[2].startswith("pic01: 10/10 boxes within 1 px (feature cosine min 0.") and lines[2].endswith("DIFFERS")
+    assert "object ids 0/10 the same" in lines[3] and lines[3].endswith("DIFFERS")
+    assert lines[5].startswith(f"verdict: 3 of 3 pictures differ from {perturbed}: these weights")
+
+    # Fewer proposals than the rows were made with: what that changes to the regions kept.
+    assert extract_regions.main([*check, "--proposals", "5"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"the caffe policy's regions (5 proposals) against {published}, 3 pictures"
+    assert all(line.startswith(f"pic0{i}: ") and "/10 boxes within 1 px" in line for i, line in enumerate(lines[1:4]))
+    assert lines[5].startswith("verdict: with 5 proposals (the rows were made with 300), 0 of 3 pictures agree; ")
+
+
+@pytest.mark.parametrize("case", ["hf policy", "out", "boxes", "missing rows", "no row"])
+def test_check_against_refusals_are_one_line(detector, tmp_path, capsys, case):
+    weights, _ = detector
+    make_pictures(tmp_path / "pics", count=2)
+    published = tmp_path / "published.tsv"
+    if case != "missing rows":  # a row of another picture
+        other = make_pictures(tmp_path / "other", count=1)[0]
+        regions = extract.extract_regions(load_detector(weights), other, num_boxes=10, min_size=128, max_size=200)
+        write_rows(published, {"other": regions})
+    args = ["--check_against", str(published), "--images", str(tmp_path / "pics"), "--weights", weights]
+    extra, expected = {
+        "hf policy": (["--policy", "hf"], "--check_against: drop --policy hf: it compares the caffe policy's regions"),
+        "out": (["--out", "x.tsv"], "--check_against: drop --out: it writes nothing"),
+        "boxes": (["--boxes", "36"], "--check_against: drop --boxes/--min_boxes/--max_boxes: it takes each row's"),
+        "missing rows": ([], f"--check_against {published}: no such file (the published rows to compare with)"),
+        "no row": ([], f"--check_against {published}: none of the 2 pictures' ids (file names without extension, "),
+    }[case]
+    capsys.readouterr()
+    assert extract_regions.main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and expected in err

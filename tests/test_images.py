@@ -75,6 +75,44 @@ def test_alpha_is_composited_on_white(tmp_path):
     assert read_image(tmp_path / "gray_alpha.png").tolist() == [[list(WHITE)]]
 
 
+def test_like_opencv_keeps_the_stored_colours_of_transparent_pictures(tmp_path):
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [10, 20, 30, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    assert read_image(tmp_path / "alpha.png", like_opencv=True).tolist() == [[list(RED), list(BLUE), [10, 20, 30]]]
+
+    Image.fromarray(np.array([[[10, 0]]], dtype=np.uint8), mode="LA").save(tmp_path / "gray_alpha.png")
+    assert read_image(tmp_path / "gray_alpha.png", like_opencv=True).tolist() == [[[10, 10, 10]]]
+
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putdata([0, 1, 0])
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert read_image(tmp_path / "palette.png", like_opencv=True)[0].tolist() == [list(RED), list(BLUE), list(RED)]
+
+    # What does not involve transparency or CMYK reads the same either way.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves(20, 10, RED, BLUE).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    Image.fromarray(np.array([[0, 40000, 65535]], dtype=np.uint16)).save(tmp_path / "16bit.png")
+    Image.fromarray(np.full((4, 6), 77, dtype=np.uint8), mode="L").save(tmp_path / "gray.png")
+    for name in ("rotated.jpg", "16bit.png", "gray.png"):
+        np.testing.assert_array_equal(read_image(tmp_path / name, like_opencv=True), read_image(tmp_path / name))
+    assert read_image(tmp_path / "palette.png")[0].tolist() == [list(WHITE), list(BLUE), list(WHITE)]
+
+
+def test_like_opencv_converts_cmyk_as_its_jpeg_decoder(tmp_path):
+    rng = np.random.RandomState(0)
+    cmyk = rng.randint(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    with Image.open(tmp_path / "cmyk.jpg") as picture:
+        c, m, y, k = (255 - np.asarray(picture, dtype=np.int64)).transpose(2, 0, 1)  # as stored: inverted
+    # OpenCV's icvCvt_CMYK2BGR_8u_C4C3R on the stored values.
+    expected = np.stack([k - ((255 - c) * k >> 8), k - ((255 - m) * k >> 8), k - ((255 - y) * k >> 8)], axis=2)
+    ours = read_image(tmp_path / "cmyk.jpg", like_opencv=True)
+    np.testing.assert_array_equal(ours, expected)
+    assert 0 < np.abs(ours.astype(int) - read_image(tmp_path / "cmyk.jpg")).max() <= 3  # Pillow's differs a little
+
+
 def test_a_one_pixel_picture_is_read(tmp_path):
     Image.new("RGB", (1, 1), (1, 2, 3)).save(tmp_path / "dot.png")
     assert read_image(tmp_path / "dot.png").tolist() == [[[1, 2, 3]]]

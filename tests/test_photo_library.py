@@ -20,7 +20,7 @@ import torch
 import index
 import search
 from conftest import ROOT
-from detection import pipeline
+from detection import pipeline, policies
 from evaluation import average_similarity
 from inference import encode_images, encode_text, load_models
 from photo_library import scan as scan_module
@@ -409,7 +409,7 @@ def test_bad_photos_are_named_recorded_and_not_retried_until_they_change(world, 
     reasons = {os.path.basename(path): row[4] for path, row in Library.open(lib).files().items() if row[3] is None}
     assert sorted(reasons) == ["cut.png", "huge.png", "text.jpg"]
 
-    monkeypatch.setattr(pipeline, "read_image", lambda path: pytest.fail(f"{path} was read again"))
+    monkeypatch.setattr(policies, "read_image", lambda path, **how: pytest.fail(f"{path} was read again"))
     assert index.main(["--library", lib, *FAST]) == 0
     assert out_line(capsys) == f"{lib}: 0 photos added, 6 unchanged (not read); it holds 3 photos (flat index)"
     monkeypatch.undo()

@@ -1,11 +1,14 @@
 """Pictures as the detector reads them: RGB uint8 arrays, upright, whatever the file's format.
 
-- EXIF orientation is applied (as OpenCV's imread, the bottom-up-attention reader, does).
+- EXIF orientation is applied (as OpenCV's imread, the bottom-up-attention reader, has done for
+  JPEGs since OpenCV 3.1; 2.4 ignored it, and which other formats get it varies across OpenCV 4).
 - Grayscale, bilevel, palette and CMYK pictures are converted to RGB (CMYK with Pillow's
-  conversion; ICC profiles are not applied).
+  conversion; ICC profiles are not applied, as by OpenCV).
 - 16-bit pictures keep their 8 high bits (OpenCV's imread does the same).
 - Transparent pictures (RGBA, LA, palette with transparency) are composited on white, as
   viewers show them: the colour stored under transparent pixels is arbitrary (often black).
+  `like_opencv=True` reads them as OpenCV's `cv2.imread` (bottom-up-attention's reader) does
+  instead: the stored colours, the alpha dropped; and CMYK JPEGs with its conversion.
 - Animated and multi-page files give their first frame.
 - Tiny pictures (down to 1 x 1) are read as they are; the detector resizes them to its input size.
 - Pictures of more than Pillow's `Image.MAX_IMAGE_PIXELS` (about 89 megapixels; its
@@ -47,12 +50,14 @@ def pillow():
     return PIL
 
 
-def _to_rgb(picture):
-    """An RGB picture of any Pillow mode; transparent ones over white."""
+def _to_rgb(picture, like_opencv):
+    """An RGB picture of any Pillow mode; transparent ones over white, or as OpenCV reads them."""
     Image = pillow().Image
-    if picture.mode == "P" and "transparency" in picture.info:
+    if like_opencv and picture.mode == "CMYK":
+        return _opencv_cmyk(picture)
+    if not like_opencv and picture.mode == "P" and "transparency" in picture.info:
         picture = picture.convert("RGBA")
-    if picture.mode in _TRANSPARENT_MODES:
+    if not like_opencv and picture.mode in _TRANSPARENT_MODES:
         picture = picture.convert("RGBA")
         canvas = Image.new("RGBA", picture.size, BACKGROUND + (255,))
         return Image.alpha_composite(canvas, picture).convert("RGB")
@@ -60,11 +65,25 @@ def _to_rgb(picture):
         # Pillow's own conversion of 16-bit gray clips at 255, turning most pictures white.
         gray = (np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
+    # Pillow drops the alpha of RGBA and LA, and gives a palette's colours whatever their transparency.
     return picture.convert("RGB")
 
 
-def read_image(path):
-    """The picture at `path` as an upright (H, W, 3) uint8 RGB array; ImageError when it cannot be read."""
+def _opencv_cmyk(picture):
+    """RGB as OpenCV's JPEG decoder makes it of CMYK: from the stored, inverted values (Adobe's
+    convention, which Pillow undoes), each channel k - ((255 - c) * k >> 8) (Pillow divides by 255)."""
+    stored = 255 - np.asarray(picture, dtype=np.int32)
+    k = stored[..., 3:]
+    rgb = k - (((255 - stored[..., :3]) * k) >> 8)
+    return pillow().Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+
+
+def read_image(path, like_opencv=False):
+    """The picture at `path` as an upright (H, W, 3) uint8 RGB array; ImageError when it cannot be read.
+
+    like_opencv: the pixels `cv2.imread(path)` gives (in RGB order): transparent pictures keep their
+    stored colours, CMYK JPEGs get OpenCV's conversion; grayscale, palette and 16-bit pictures and
+    EXIF orientation are read the same either way."""
     PIL = pillow()
     Image, ImageOps = PIL.Image, PIL.ImageOps
     try:
@@ -73,7 +92,7 @@ def read_image(path):
             with Image.open(path) as picture:
                 picture.load()
                 upright = ImageOps.exif_transpose(picture)
-                array = np.asarray(_to_rgb(upright), dtype=np.uint8)
+                array = np.asarray(_to_rgb(upright, like_opencv), dtype=np.uint8)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except IsADirectoryError:
