@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 
+from detection.extract import REGIONS_VERSION
 from detection.pipeline import Counts, extract_to_tsv
 from detection.weights import load_detector
 from utils.cache import cache_dir as default_cache_dir
@@ -21,8 +22,6 @@ from utils.images import check_ids, list_images
 from utils.obj36 import parse_row, read_written
 from utils.text import plural
 
-# Bump when what a cached row holds for the same settings changes.
-CACHE_VERSION = 2
 FIXED_BOXES = 36  # regions per picture: VSRN's and LXMERT's obj36 input
 
 
@@ -43,7 +42,7 @@ def regions_cache_path(weights, config=None, policy="caffe", num_boxes=FIXED_BOX
         "config": _file_identity(config) if isinstance(config, str) else config,
         "policy": policy,
         "num_boxes": num_boxes,
-        "version": CACHE_VERSION,
+        "version": REGIONS_VERSION,
     }
     key = json.dumps({**settings, **{k: v for k, v in (sizes or {}).items() if v is not None}}, sort_keys=True)
     return os.path.join(cache_dir or default_cache_dir(), "regions", f"{policy}_{num_boxes}_{_digest(key)}.tsv")

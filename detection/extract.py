@@ -17,6 +17,10 @@ from torchvision.ops import roi_pool
 from detection.network import FEATURE_STRIDE
 from detection.policies import make_policy
 
+# Bump when a change makes the same settings give other regions: rows the region cache holds and
+# photo libraries made before are then not mixed with the new ones.
+REGIONS_VERSION = 2
+
 
 def as_rgb_array(image, read_picture):
     """An RGB uint8 (H, W, 3) array of a picture given as a path (read with `read_picture`, a

@@ -33,18 +33,33 @@ from utils.images import read_image
 class Policy:
     """One policy's settings: input sizes, proposals kept, (fewest, most) regions per picture.
 
-    Subclasses give the defaults, the anchors and the four steps: `read_picture`, `network_input`,
-    `propose`, `select`.
+    Subclasses give the defaults (`default_sizes`, `default_boxes`), the anchors (`make_anchors`)
+    and the four steps: `read_picture`, `network_input`, `propose`, `select`. Settings left None
+    take the policy's defaults; num_boxes, when given, is the exact count of regions per picture.
     """
 
     name = None
 
-    def __init__(self, detector, min_size, max_size, proposals, boxes, conf_thresh):
+    def __init__(
+        self,
+        detector,
+        num_boxes=None,
+        min_boxes=10,
+        max_boxes=100,
+        conf_thresh=0.2,
+        min_size=None,
+        max_size=None,
+        proposals=None,
+    ):
         self.config = detector.config
-        self.min_size, self.max_size, self.post_nms = int(min_size), int(max_size), int(proposals)
-        self.boxes, self.conf_thresh = boxes, conf_thresh
+        sizes = self.default_sizes()
+        self.min_size, self.max_size = int(min_size or sizes[0]), int(max_size or sizes[1])
+        self.post_nms = int(proposals or sizes[2])
+        self.boxes = (num_boxes, num_boxes) if num_boxes is not None else self.default_boxes(min_boxes, max_boxes)
+        self.conf_thresh = conf_thresh
         self.anchor_sizes = self.config["anchor_generator"]["sizes"][0]
         self.anchor_ratios = self.config["anchor_generator"]["aspect_ratios"][0]
+        self.make_anchors(detector.device)
 
     def prepare(self, image):
         """-> network input (3, h, w), the factors (y, x) from its pixels to the image's, and
@@ -95,26 +110,13 @@ class CaffePolicy(Policy):
         """As generate_tsv.py's cv2.imread read it: transparent pictures' stored colours, OpenCV's CMYK."""
         return read_image(path, like_opencv=True)
 
-    def __init__(
-        self,
-        detector,
-        num_boxes=None,
-        min_boxes=10,
-        max_boxes=100,
-        conf_thresh=0.2,
-        min_size=None,
-        max_size=None,
-        proposals=None,
-    ):
-        boxes = (num_boxes, num_boxes) if num_boxes is not None else (min_boxes, max_boxes)
-        super().__init__(
-            detector,
-            min_size or CAFFE_SCALE,
-            max_size or CAFFE_MAX_SIZE,
-            proposals or CAFFE_POST_NMS,
-            boxes,
-            conf_thresh,
-        )
+    def default_sizes(self):
+        return CAFFE_SCALE, CAFFE_MAX_SIZE, CAFFE_POST_NMS
+
+    def default_boxes(self, min_boxes, max_boxes):
+        return min_boxes, max_boxes
+
+    def make_anchors(self, device):
         self.cell_anchors = caffe_ops.cell_anchors(self.anchor_sizes, self.anchor_ratios)
         self.anchor_order = checkpoint_anchor_order(self.anchor_sizes, self.anchor_ratios)
 
@@ -168,32 +170,15 @@ class HFPolicy(Policy):
         """As utils.images.read_image reads it: transparent pictures over white."""
         return read_image(path)
 
-    def __init__(
-        self,
-        detector,
-        num_boxes=None,
-        min_boxes=10,
-        max_boxes=100,
-        conf_thresh=0.2,
-        min_size=None,
-        max_size=None,
-        proposals=None,
-    ):
-        config = detector.config
-        boxes = (
-            (num_boxes, num_boxes)
-            if num_boxes is not None
-            else (int(config["min_detections"]), int(config["max_detections"]))
-        )
-        super().__init__(
-            detector,
-            min_size or config["input"]["min_size_test"],
-            max_size or config["input"]["max_size_test"],
-            proposals or config["rpn"]["post_nms_topk_test"],
-            boxes,
-            conf_thresh,
-        )
-        self.cell_anchors = hf_cell_anchors(self.anchor_sizes, self.anchor_ratios).to(detector.device)
+    def default_sizes(self):
+        config = self.config
+        return config["input"]["min_size_test"], config["input"]["max_size_test"], config["rpn"]["post_nms_topk_test"]
+
+    def default_boxes(self, min_boxes, max_boxes):
+        return int(self.config["min_detections"]), int(self.config["max_detections"])
+
+    def make_anchors(self, device):
+        self.cell_anchors = hf_cell_anchors(self.anchor_sizes, self.anchor_ratios).to(device)
 
     def input_shape(self, height, width):
         return hf_resize_shape(height, width, self.min_size, self.max_size)

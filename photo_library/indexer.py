@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from detection.extract import REGIONS_VERSION
 from detection.pipeline import detect, read_ahead, region_count_problem, shares
 from detection.policies import policy_class
 from photo_library import recipe
@@ -189,6 +190,7 @@ class Indexer:
         given = {key: getattr(request, key) for key in DEFAULT_SETTINGS}
         settings = {key: made[key] if value is None else value for key, value in given.items()}
         settings["config"] = config["digest"] if config else made["config"]
+        settings["regions_version"] = REGIONS_VERSION  # the detector's implementation of these settings
         self.config_path = request.detector_config or recorded("detector_config")
         self.features_dtype = request.features_dtype or recorded("features_dtype") or "float32"
         if exists:
