@@ -19,6 +19,7 @@ import os
 import sys
 
 from photo_library.indexer import IndexRequest, Indexer
+from photo_library.store import database_errors
 from photo_library.vectors import KINDS
 from utils.device import check_device
 from utils.distributed import SINGLE_PROCESS, join_world
@@ -117,7 +118,8 @@ def main(argv=None):
         request = request_of(args)
         check_device(args.device)
         world = join_world(args.device, args.dist_timeout)
-        summary = Indexer(request, world).run()
+        with database_errors(args.library):
+            summary = Indexer(request, world).run()
         if world.is_main:
             print(summary)
         world.close()

@@ -13,6 +13,7 @@ ensemble's average); `--rerank lxmert` rescores the top candidates with LXMERT's
 
 import utils.threads  # noqa: F401  (first: how torch's CPU threads wait is read when torch loads)
 import argparse
+import contextlib
 import json
 import sys
 
@@ -82,17 +83,26 @@ def print_hits(hits, args, searcher, heading, query=None):
 
 
 def run(args):
-    from photo_library.searcher import Searcher
+    from photo_library.store import database_errors
 
     check(args)
     if args.demo:
-        from photo_library.demo import demo_library, show_examples
+        from photo_library.demo import demo_library
 
         args.library = demo_library()
+    with database_errors(args.library):
+        return search(args)
+
+
+def search(args):
+    from photo_library.searcher import Searcher
+
     searcher = Searcher(args.library, args.checkpoint, args.device)
     if args.rerank:
         searcher.enable_rerank(args.model, args.rerank_k, args.alpha)
     if args.demo:
+        from photo_library.demo import show_examples
+
         show_examples(searcher)
     if args.serve:
         from photo_library.server import serve
@@ -113,7 +123,10 @@ def run(args):
     if args.maps:
         from photo_library.maps import write_maps
 
-        write_maps(args.maps, hits, [searcher.library.photo(hit["id"]) for hit in hits], args.query or args.like)
+        records = [searcher.library.photo(hit["id"]) for hit in hits]
+        # Under --json, stdout holds the JSON alone: the files written are said on stderr.
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            write_maps(args.maps, hits, records, args.query or args.like)
     return hits
 
 

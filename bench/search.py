@@ -3,7 +3,7 @@
     python3 bench/search.py --part vectors [--sizes 10000,100000,1000000] [--queries 200]
     python3 bench/search.py --part library [--photos 10000] [--clients 16] [--seconds 20]
     python3 bench/search.py --part disk
-    python3 bench/search.py --part extract [--device cuda] [--photos 3]
+    python3 bench/search.py --part extract [--device cuda] [--extract-photos 3]
     python3 bench/search.py --smoke      # every part at toy sizes, in seconds
 
 vectors: synthetic 2048-d unit vectors around 2,000 random centres (photo embeddings cluster by
@@ -45,7 +45,7 @@ import utils.threads  # noqa: E402,F401  (before torch, as the scripts)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from machine import describe, print_table  # noqa: E402
+from machine import describe, gemm_rate, print_table  # noqa: E402
 from photo_library.vectors import REFINE  # noqa: E402
 
 DIM = 2048
@@ -210,7 +210,7 @@ def rss_mb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def record_reads(library, photos, repeats=50):
+def record_reads(library, repeats=50):
     """Median seconds to read the embeddings an ivfpq query re-scores (k = 10) from the library's records."""
     from photo_library.store import Library
 
@@ -231,7 +231,7 @@ def bench_library(photos, clients, seconds):
     try:
         library, made = make_toy_library(folder, photos)
         rerun = [run_index("--library", library) for _ in range(3)]
-        reads = record_reads(library, photos)
+        reads = record_reads(library)
         port = 8765
         server = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "search.py"), "--library", library, "--serve", "--port", str(port)],
@@ -426,6 +426,7 @@ def main():
     parser.add_argument("--photos", type=int, default=10000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--extract-photos", type=int, default=3, help="photos the extract part indexes")
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--recipe", default=os.path.join(os.path.dirname(ROOT), "shared", "frcnn_reference", "weights_recipe.py")
@@ -433,7 +434,9 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="every part at toy sizes")
     args = parser.parse_args()
     parts = args.part or ["vectors", "library", "disk", "extract"]
-    print_table(describe(torch), "machine")
+    # The machine's float32 GEMM rate places it among others (the detector's and encoders' work scales with it).
+    gemm = gemm_rate(torch, "cpu")
+    print_table(describe(torch) + [("float32 GEMM", f"{gemm / 1e9:.0f} GFLOP/s (torch.mm, 2048^3)")], "machine")
     if args.smoke:
         args.sizes, args.queries, args.photos, args.seconds = "2000", 20, 200, 3.0
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -445,7 +448,7 @@ def main():
         bench_disk(min(args.photos, 200))
     if "extract" in parts:
         if os.path.isfile(args.recipe):
-            bench_extract(3 if not args.smoke else 1, args.device, args.recipe)
+            bench_extract(args.extract_photos if not args.smoke else 1, args.device, args.recipe)
         else:
             print(f"extract: skipped, {args.recipe} (the detector's weights recipe) is absent")
 

@@ -51,6 +51,8 @@ class QueryBatcher:
     A query's cost is its text encoder's recurrent weights, read once per word (50 MB for the
     released models: memory bandwidth, not arithmetic, is the limit), so a batch of queries costs
     about what one does. A lone query waits for nothing: it is encoded at once.
+    `encode(encoders, token_lists)`: the vectors of sentences by one set of encoders (queries begun
+    before and after a library's new checkpoints are encoded each by their own).
     """
 
     def __init__(self, encode, most=32):
@@ -58,9 +60,9 @@ class QueryBatcher:
         self.waiting = queue.Queue()
         threading.Thread(target=self.work, daemon=True, name="query-batcher").start()
 
-    def __call__(self, tokens):
+    def __call__(self, encoders, tokens):
         answer = concurrent.futures.Future()
-        self.waiting.put((tokens, answer))
+        self.waiting.put((encoders, tokens, answer))
         return answer.result()
 
     def work(self):
@@ -71,11 +73,15 @@ class QueryBatcher:
                     batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                vectors = self.encode([tokens for tokens, _ in batch])
-            except Exception as e:  # noqa: BLE001  (each waiting query gets the failure)
-                for _, answer in batch:
-                    answer.set_exception(e)
-                continue
-            for (_, answer), vector in zip(batch, vectors):
-                answer.set_result(vector)
+            groups = {}
+            for encoders, tokens, answer in batch:
+                groups.setdefault(id(encoders), (encoders, []))[1].append((tokens, answer))
+            for encoders, queries in groups.values():
+                try:
+                    vectors = self.encode(encoders, [tokens for tokens, _ in queries])
+                except Exception as e:  # noqa: BLE001  (each waiting query gets the failure)
+                    for _, answer in queries:
+                        answer.set_exception(e)
+                    continue
+                for (_, answer), vector in zip(queries, vectors):
+                    answer.set_result(vector)

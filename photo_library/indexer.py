@@ -27,7 +27,7 @@ from photo_library.scan import scan
 from photo_library.store import DATABASE, Library
 from photo_library.vectors import INDEX_FILE, VectorIndex, choose_kind
 from utils.distributed import SINGLE_PROCESS
-from utils.errors import DataError, OptionError, first_line
+from utils.errors import DataError, OptionError, first_line, without_path
 from utils.images import ImageError, pillow, read_image
 from utils.obj36 import parse_row
 from utils.text import plural
@@ -76,7 +76,7 @@ class Summary:
     removed: int = 0
     failed: int = 0
     unchanged: int = 0
-    waiting: int = 0  # new photos with no row and no detector: left for a later run
+    waiting: int = 0  # new photos with no row that fits and no detector: left for a later run
     reembedded: int = 0
 
     def line(self, library, photos, kind):
@@ -86,7 +86,7 @@ class Summary:
             (self.relinked, "moved, renamed or copied (their path updated)"),
             (self.removed, "removed"),
             (self.failed, "failed (each named above)"),
-            (self.waiting, "without regions: no row in --regions and no --detector (left for a later run)"),
+            (self.waiting, "without regions: no row in --regions that fits and no --detector (left for a later run)"),
             (self.unchanged, "unchanged (not read)"),
         ):
             if count:
@@ -146,23 +146,22 @@ class Indexer:
 
     def open(self):
         """The library's records, under its lock; a new library is made only once this run's checkpoints,
-        detector and folders are known to be there. Whether it existed."""
+        detector and folders are known to be there."""
         request = self.request
-        exists = os.path.isfile(os.path.join(self.folder, DATABASE))
-        if exists:
-            self.lock = LibraryLock(self.folder)
-            self.library = Library.open(self.folder, writable=True)
-            self.check_recipe(exists)
-            return exists
-        if not (request.images and request.checkpoints):
-            raise OptionError(
-                f"--library {self.folder}: not a library yet; make it with --images DIR and --checkpoint M"
-            )
-        self.check_recipe(exists)
-        self.roots()
+        if not os.path.isfile(os.path.join(self.folder, DATABASE)):
+            if not (request.images and request.checkpoints):
+                raise OptionError(
+                    f"--library {self.folder}: not a library yet; make it with --images DIR and --checkpoint M"
+                )
+            self.check_recipe(exists=False)
+            self.roots()
         self.lock = LibraryLock(self.folder)
-        self.library = Library.create(self.folder)
-        return exists
+        # Looked at again under the lock: another index.py may have made the library meanwhile.
+        if os.path.isfile(os.path.join(self.folder, DATABASE)):
+            self.library = Library.open(self.folder, writable=True)
+            self.check_recipe(exists=True)
+        else:
+            self.library = Library.create(self.folder)
 
     def recorded(self, key, default=None):
         return self.library.meta(key, default) if self.library is not None else default
@@ -195,7 +194,7 @@ class Indexer:
         self.features_dtype = request.features_dtype or recorded("features_dtype") or "float32"
         if exists:
             hint = "regions of other settings cannot share this library; make a new one"
-            if request.detector and recorded_detector:
+            if request.detector and recorded_detector:  # the same weights elsewhere are the same detector
                 recipe.check_same(self.folder, "the detector", recorded_detector, self.detector, hint)
             recipe.check_same(self.folder, "the region settings", recorded("settings"), settings, hint)
             if recorded("features_dtype") not in (None, self.features_dtype):
@@ -272,12 +271,13 @@ class Indexer:
             with self.library.transaction():
                 self.library.add_roots(roots)
                 self.apply_file_changes(changes)
-            if self.request.rebuild or changes.new:
+            if self.request.rebuild:
+                self.load_models()
+                self.reembed()
+            elif self.has_work(changes.new) or not self.library.meta("checkpoints"):  # a new library records its recipe
                 self.load_models()
                 with self.library.transaction():
                     self.record_recipe()
-            if self.request.rebuild:
-                self.reembed()
             left = self.add_photos(changes.new) if changes.new else []
             if self.world.size > 1:
                 shared = (
@@ -291,6 +291,7 @@ class Indexer:
                 self.world.broadcast((left, shared))
             if left:
                 self.extract_with_detector(left)
+            self.world.close()  # the other processes are done: they need not wait while the index is built
             kind = self.update_vector_index()
             return self.summary.line(self.folder, self.library.count(), kind)
         finally:
@@ -298,6 +299,11 @@ class Indexer:
                 self.library.close()
             if self.lock is not None:
                 self.lock.release()
+
+    def has_work(self, new):
+        """Whether new photos need the models: the detector can extract them, or some may have rows
+        (without either they only wait, and the models are not loaded)."""
+        return bool(new) and (self.detector is not None or bool(self.request.regions))
 
     def serve_main(self):
         """A process other than the first: extract and embed its shares of the detector's photos."""
@@ -345,12 +351,12 @@ class Indexer:
             if digest in rows:
                 batch.append((digest, files, rows[digest]))
                 if len(batch) >= COMMIT_EVERY:
-                    self.commit_rows(batch, progress)
+                    left += self.commit_rows(batch, progress)
                     batch = []
             else:
                 left.append((digest, files))
         if batch:
-            self.commit_rows(batch, progress)
+            left += self.commit_rows(batch, progress)
         progress.close()
         if left and self.detector is None:
             self.summary.waiting = sum(len(files) for _, files in left)
@@ -387,14 +393,16 @@ class Indexer:
         return None
 
     def commit_rows(self, batch, progress):
-        """Read, check and embed photos whose regions come from TSV rows, then commit them."""
-        done = []
+        """Read, check and embed photos whose regions come from TSV rows, then commit them. A row that does
+        not fit its photo (another box count or picture size) is said, and the photo is left to the
+        detector, as one without a row (a fault of the rows, not of the photo: not recorded as failed)."""
+        done, unfit = [], []
         for digest, files, (line, where) in batch:
             path = files[0][0]
             try:
                 picture = read_image(path)
             except ImageError as e:
-                self.fail(files, digest, str(e).split(": ", 1)[-1], progress)
+                self.fail(files, digest, without_path(str(e), path), progress)
                 continue
             regions = parse_row(line, where)
             problem = self.regions_problem(regions, where)
@@ -404,10 +412,13 @@ class Indexer:
                     f"{picture.shape[1]} x {picture.shape[0]}"
                 )
             if problem:
-                self.fail(files, digest, problem, progress)
+                note(f"{path}: {problem}; left to the detector")
+                unfit.append((digest, files))
+                progress.update(1)
                 continue
             done.append((digest, files, regions, thumbnail(picture)))
         self.commit(self.embedded(done), progress)
+        return unfit
 
     def embedded(self, photos):
         """(digest, files, regions, thumbnail, vector, region scores) of photos, embedded in one batch
@@ -485,7 +496,7 @@ class Indexer:
         results, good = [None] * len(batch), []
         for position, ((digest, files), array) in enumerate(zip(batch, arrays)):
             if isinstance(array, ImageError):
-                results[position] = (digest, files, str(array).split(": ", 1)[-1])
+                results[position] = (digest, files, without_path(str(array), files[0][0]))
             else:
                 good.append(position)
         found = detect(detector, [arrays[p] for p in good], settings) if good else []
@@ -502,7 +513,7 @@ class Indexer:
                 continue
             problem = region_count_problem(path, regions, settings["num_boxes"]) or self.regions_problem(regions, path)
             if problem:
-                results[position] = (digest, files, problem.split(": ", 1)[-1])
+                results[position] = (digest, files, without_path(problem, path))
                 continue
             photos.append((position, (digest, files, regions, thumbnail(arrays[position]))))
         for (position, _), embedded in zip(photos, self.embedded([photo for _, photo in photos])):
@@ -512,14 +523,23 @@ class Indexer:
     # ---- --rebuild and the vector index
 
     def reembed(self):
-        """Every photo's vector and attention scores again, from its kept regions, with this run's checkpoints."""
+        """Every photo's vector and attention scores again, from its kept regions, with this run's checkpoints,
+        recorded with them in one transaction: stopped, the library stays as it was, made by the old ones."""
         library = self.library
-        ids, _ = library.embeddings(dim=library.meta("embedding_dim"))
+        kept = library.meta("feature_dim")
+        if kept is not None and kept != self.feature_dim:
+            paths = " ".join(record["path"] for record in self.checkpoints)
+            raise OptionError(
+                f"--checkpoint {paths}: its image encoder takes {self.feature_dim}-d regions; {self.folder} keeps "
+                f"{kept}-d ones: these checkpoints need a new library"
+            )
+        ids = [row[0] for row in library.db.execute("SELECT id FROM photos ORDER BY id")]
         generation, epoch = self.generation(), library.meta("epoch") + 1
         progress = tqdm(total=len(ids), desc="re-embedding", unit="photo", dynamic_ncols=True, disable=None)
         with library.transaction():
+            self.record_recipe()
             for start in range(0, len(ids), COMMIT_EVERY):
-                chunk = [int(i) for i in ids[start : start + COMMIT_EVERY]]
+                chunk = ids[start : start + COMMIT_EVERY]
                 vectors, scores = image_vectors(self.models, np.stack([library.features(photo) for photo in chunk]))
                 for photo, vector, score in zip(chunk, vectors, scores):
                     library.db.execute(

@@ -60,8 +60,13 @@ def checkpoint_records(paths, recorded, library, rebuild=False):
 
 
 def check_same(library, what, recorded, given, hint):
-    """Refuse `given` (settings or a file record) when the library recorded other ones."""
-    if recorded is not None and given is not None and recorded != given:
+    """Refuse `given` (settings, or a file record: compared by its digest, wherever the file lies) when the
+    library recorded other ones."""
+    if recorded is None or given is None:
+        return
+    if ("digest" in recorded and recorded["digest"] != given["digest"]) or (
+        "digest" not in recorded and recorded != given
+    ):
         raise OptionError(
             f"{library} was made with {what} {describe(recorded)}; this run's is {describe(given)}: {hint}"
         )

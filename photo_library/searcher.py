@@ -4,6 +4,8 @@ against the library's vector index; optionally the top candidates rescored by LX
 A Searcher reads the records read-only and stays current: before a query it looks at the records'
 generation (one small read) and, when index.py has committed since, catches its index up (or
 reloads it) under a lock that queries share, so a query in flight finishes on the index it began on.
+After `index.py --rebuild` (a new epoch) it loads the library's new checkpoints with the new index:
+a query takes the models and the index of one epoch together.
 """
 
 import os
@@ -29,49 +31,66 @@ REFRESH_EVERY_S = 1.0
 
 @dataclass
 class Reranking:
-    """LXMERT's second stage: its model and tokenizer, how many candidates it rescores, the fusion weight."""
+    """LXMERT's second stage: its tokenizer and pair scorer, how many candidates it rescores, the fusion weight."""
 
-    model: object
     tokenizer: object
     scorer: object
     candidates: int = 50
     alpha: float = 1.0
-    model_path: str = None
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """What a query uses, from one epoch of the library: the VSRN models (their checkpoints' digests) and
+    vocabulary that embedded its photos, and the vector index of their vectors."""
+
+    digests: tuple
+    vocab: object
+    models: list
+    index: VectorIndex
 
 
 class Searcher:
     """Searches of the library in `folder` with the checkpoints that made it (`checkpoints`: the same
     files elsewhere, checked by their digest)."""
 
-    def __init__(self, folder, checkpoints=None, device=None, vocab_path=None):
-        from inference import load_models
+    def __init__(self, folder, checkpoints=None, device=None):
         from utils.device import check_device
 
         self.folder = folder
         self.device = check_device(device)
         self._local = threading.local()
-        library = self.library
-        recorded = library.meta("checkpoints")
+        recorded = self.library.meta("checkpoints")
         if not recorded:
             raise OptionError(f"--library {folder}: holds no photos yet; index some with index.py")
-        records = recipe.checkpoint_records(checkpoints, recorded, folder)
-        vocab = vocabulary_from_words(library.meta("vocab_words"))
-        vocab.path = f"the vocabulary kept in {folder}"
-        _, self.vocab, self.models = load_models(
-            [record["path"] for record in records], need_data=False, device=self.device, vocab=vocab
-        )
         self.lock = threading.Lock()
+        self.reloading = threading.Lock()
         self.checked_at = 0.0
-        self.index = self.load_index()
+        self.epoch = self.load_epoch(recipe.checkpoint_records(checkpoints, recorded, folder))
         self.reranking = None
-        self.encode_tokens = self.encode_alone
+        self.encode_tokens = encode_alone
 
-    def encode_alone(self, tokens):
-        return text_vectors(self.models, self.vocab, [tokens])[0]
+    def load_epoch(self, records, previous=None):
+        """The Epoch of the records now: the checkpoints of `records` loaded (kept from the `previous` Epoch
+        when they are its checkpoints), with the index."""
+        from inference import load_models
+
+        digests = tuple(record["digest"] for record in records)
+        if previous is None or previous.digests != digests:
+            vocab = vocabulary_from_words(self.library.meta("vocab_words"))
+            vocab.path = f"the vocabulary kept in {self.folder}"
+            _, vocab, loaded = load_models(
+                [record["path"] for record in records], need_data=False, device=self.device, vocab=vocab
+            )
+        else:
+            vocab, loaded = previous.vocab, previous.models
+        return Epoch(digests, vocab, loaded, self.load_index())
 
     def batch_queries(self):
         """Encode the sentences of concurrent queries together (a server's many clients)."""
-        self.encode_tokens = QueryBatcher(lambda token_lists: text_vectors(self.models, self.vocab, token_lists))
+        self.encode_tokens = QueryBatcher(
+            lambda epoch, token_lists: text_vectors(epoch.models, epoch.vocab, token_lists)
+        )
 
     @property
     def library(self):
@@ -89,32 +108,37 @@ class Searcher:
                 return index
         except DataError as e:
             print(f"{e}: rebuilt from the records for this search (index.py writes it again)", file=sys.stderr)
-        ids, vectors = library.embeddings()
-        return VectorIndex.build(
-            "flat", ids, vectors, library.meta("generation"), library.meta("epoch"), memory_bytes=0
-        )
+        with library.snapshot():
+            ids, vectors = library.embeddings()
+            generation, epoch = library.meta("generation"), library.meta("epoch")
+        return VectorIndex.build("flat", ids, vectors, generation, epoch, memory_bytes=0)
 
-    def refresh(self):
-        """Catch up with what index.py committed since the last look (at most once a second)."""
+    def current(self):
+        """The Epoch to query, caught up with what index.py committed since the last look (looked at most
+        once a second); after a --rebuild, the new checkpoints and index, loaded while queries go on."""
         now = time.monotonic()
-        if now - self.checked_at < REFRESH_EVERY_S:
-            return
-        self.checked_at = now
-        library = self.library
-        if library.meta("generation") == self.index.generation and library.meta("epoch") == self.index.header["epoch"]:
-            return
-        with self.lock:
-            if not self.index.catch_up(library):
-                self.index = self.load_index()
+        if now - self.checked_at >= REFRESH_EVERY_S:
+            self.checked_at = now
+            epoch, library = self.epoch, self.library
+            if library.meta("epoch") != epoch.index.header["epoch"]:
+                with self.reloading:
+                    if library.meta("epoch") != self.epoch.index.header["epoch"]:
+                        self.epoch = self.load_epoch(library.meta("checkpoints"), previous=self.epoch)
+            elif library.meta("generation") != epoch.index.generation:
+                with self.lock:
+                    if not epoch.index.catch_up(library):
+                        self.epoch = self.load_epoch(library.meta("checkpoints"), previous=epoch)
+        return self.epoch
 
     # ---- queries
 
     def text(self, text, k=10, rerank=False):
         """(hits, the Query: its unknown words) of a sentence. rerank: LXMERT rescores the top candidates."""
-        query = read_query(self.vocab, text)
-        vector = self.encode_tokens(query.tokens)
+        epoch = self.current()
+        query = read_query(epoch.vocab, text)
+        vector = self.encode_tokens(epoch, query.tokens)
         wanted = max(k, self.reranking.candidates) if rerank and self.reranking else k
-        hits = self.nearest(vector, wanted)
+        hits = self.nearest(epoch, vector, wanted)
         if rerank:
             if self.reranking is None:
                 raise OptionError("--rerank lxmert needs LXMERT's weights: --model DIR")
@@ -124,11 +148,12 @@ class Searcher:
     def like(self, path, k=10):
         """Hits of the photos most like the photo at `path` (VSRN's image embedding; the photo itself left
         out). A photo outside the library is extracted first, with the library's detector and settings."""
-        vector, own = self.photo_vector(path)
-        hits = [hit for hit in self.nearest(vector, k + 1) if hit["id"] != own][:k]
+        epoch = self.current()
+        vector, own = self.photo_vector(epoch, path)
+        hits = [hit for hit in self.nearest(epoch, vector, k + 1) if hit["id"] != own][:k]
         return [{**hit, "rank": rank} for rank, hit in enumerate(hits, start=1)]
 
-    def photo_vector(self, path):
+    def photo_vector(self, epoch, path):
         """(the library's vector of the photo at `path`, its id or None)."""
         from photo_library.scan import content_digest
 
@@ -138,9 +163,9 @@ class Searcher:
         photo = library.photo_of_path(os.path.abspath(path)) or library.photo_of_digest(content_digest(path))
         if photo is not None:
             return library.embedding_of([photo])[photo], photo
-        return self.extracted_vector(path), None
+        return self.extracted_vector(epoch, path), None
 
-    def extracted_vector(self, path):
+    def extracted_vector(self, epoch, path):
         from detection.cache import cached_regions
 
         library = self.library
@@ -162,18 +187,17 @@ class Searcher:
         if not regions:
             raise DataError(f"--like {path}: its regions could not be extracted (see the line above)")
         features = next(iter(regions.values()))["features"]
-        return image_vectors(self.models, features[None])[0][0]
+        return image_vectors(epoch.models, features[None])[0][0]
 
-    def nearest(self, vector, k):
-        """The k photos of highest inner product with `vector`, as hits (dicts) best first. Photos removed
-        since the index last caught up are skipped, and more are fetched in their place."""
-        self.refresh()
+    def nearest(self, epoch, vector, k):
+        """The k photos of highest inner product with `vector` in the index of `epoch`, as hits (dicts) best
+        first. Photos removed since the index last caught up are skipped, and more are fetched in their place."""
         library = self.library
         wanted = k
         while True:
             with self.lock:
-                scores, ids = self.index.search(vector, wanted, library.embedding_of)
-                total = self.index.index.ntotal
+                scores, ids = epoch.index.search(vector, wanted, library.embedding_of)
+                total = epoch.index.index.ntotal
             hits = []
             for score, photo in zip(scores[0], ids[0]):
                 record = library.photo(int(photo)) if photo >= 0 else None
@@ -198,7 +222,7 @@ class Searcher:
                 f"the library keeps {feature_dim}-d ones"
             )
         scorer = PairScorer(model, mode, self.device)
-        self.reranking = Reranking(model, tokenizer, scorer, candidates, alpha, model_path)
+        self.reranking = Reranking(tokenizer, scorer, candidates, alpha)
 
     def rerank(self, text, hits):
         """The hits reordered by LXMERT's score of (photo, text), fused with VSRN's by alpha."""
@@ -238,6 +262,10 @@ class Searcher:
                 }
             )
         return reranked
+
+
+def encode_alone(epoch, tokens):
+    return text_vectors(epoch.models, epoch.vocab, [tokens])[0]
 
 
 def hit(record, score, rank):

@@ -17,12 +17,14 @@ import ipaddress
 import os
 import sys
 import traceback
+from typing import Annotated
 
 from photo_library.maps import photo_view, thumbnail_map
 from photo_library.searcher import region_names
-from utils.errors import DataError, OptionError
+from utils.errors import DataError, OptionError, without_path
 
 MAX_QUERY, MAX_K = 300, 100
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id names no photo
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 MEDIA_TYPES = {
     ".jpg": "image/jpeg",
@@ -48,7 +50,7 @@ def import_fastapi():
 def create_app(searcher):
     """The FastAPI application serving `searcher`'s library."""
     fastapi = import_fastapi()
-    from fastapi import Query
+    from fastapi import Path, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
@@ -60,6 +62,8 @@ def create_app(searcher):
         "each photo's representation attends to.",
         version="1",
     )
+
+    PhotoId = Annotated[int, Path(ge=1, le=MAX_ID, description="a photo's id, as a search answers it")]
 
     def error(status, message):
         return JSONResponse({"error": message}, status_code=status)
@@ -88,6 +92,13 @@ def create_app(searcher):
             raise HTTPException(404, f"no photo {photo_id} in this library")
         return found
 
+    def readable_path(photo_id):
+        """The photo's file, when it is still there and lies under the library's folders (links resolved)."""
+        path = record(photo_id)["path"]
+        if not (path and inside(path, searcher.library.roots()) and os.path.isfile(path)):
+            raise HTTPException(404, f"photo {photo_id}'s file is not there any more")
+        return path
+
     @functools.lru_cache(maxsize=512)
     def cached_map(photo_id, epoch):
         thumbnail = searcher.library.thumbnail(photo_id)
@@ -97,7 +108,7 @@ def create_app(searcher):
     def page():
         with open(PAGE, encoding="utf-8") as f:
             text = f.read()
-        return text.replace("{{MAX_K}}", str(MAX_K)).replace("{{RERANK}}", "true" if searcher.reranking else "false")
+        return text.replace("{{RERANK}}", "true" if searcher.reranking else "false")
 
     @app.get("/api/search")
     def search(
@@ -122,7 +133,7 @@ def create_app(searcher):
         }
 
     @app.get("/api/photos/{photo_id}")
-    def photo(photo_id: int):
+    def photo(photo_id: PhotoId):
         found = record(photo_id)
         names = region_names(found)
         return {
@@ -135,32 +146,31 @@ def create_app(searcher):
         }
 
     @app.get("/api/photos/{photo_id}/thumbnail")
-    def thumbnail(photo_id: int):
+    def thumbnail(photo_id: PhotoId):
         data = searcher.library.thumbnail(photo_id)
         if data is None:
             raise HTTPException(404, f"no photo {photo_id} in this library")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/photos/{photo_id}/map")
-    def thumbnail_with_map(photo_id: int):
+    def thumbnail_with_map(photo_id: PhotoId):
         record(photo_id)
         return Response(cached_map(photo_id, searcher.library.meta("epoch")), media_type="image/jpeg")
 
     @app.get("/api/photos/{photo_id}/view")
-    def view(photo_id: int):
+    def view(photo_id: PhotoId):
+        readable_path(photo_id)
         found = record(photo_id)
         try:
             return Response(photo_view(found), media_type="image/jpeg")
         except DataError as e:
             raise HTTPException(
-                404, f"photo {photo_id}'s file cannot be read now ({str(e).split(': ', 1)[-1]})"
+                404, f"photo {photo_id}'s file cannot be read now ({without_path(str(e), found['path'])})"
             ) from None
 
     @app.get("/api/photos/{photo_id}/file")
-    def original(photo_id: int):
-        path = record(photo_id)["path"]
-        if not (path and inside(path, searcher.library.roots()) and os.path.isfile(path)):
-            raise HTTPException(404, f"photo {photo_id}'s file is not there any more")
+    def original(photo_id: PhotoId):
+        path = readable_path(photo_id)
         return FileResponse(
             path, media_type=MEDIA_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
         )

@@ -19,7 +19,7 @@ import sqlite3
 
 import numpy as np
 
-from utils.errors import DataError, OptionError
+from utils.errors import DataError, OptionError, first_line
 
 DATABASE = "library.sqlite3"
 FORMAT = 1
@@ -55,6 +55,15 @@ CREATE TABLE IF NOT EXISTS removed (photo INTEGER PRIMARY KEY, generation INTEGE
 """
 
 
+@contextlib.contextmanager
+def database_errors(folder):
+    """SQLite's failures (a full disk, an I/O error, a damaged page) as one line naming the library's records."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise DataError(f"{os.path.join(folder, DATABASE)}: {first_line(e)}") from None
+
+
 def blob(array, dtype):
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
@@ -67,15 +76,24 @@ class Library:
 
     @classmethod
     def create(cls, folder):
+        """A new, empty library: its records made under a temporary name and renamed into place, so that a
+        process killed meanwhile leaves no database without its tables."""
         os.makedirs(folder, exist_ok=True)
-        connection = sqlite3.connect(os.path.join(folder, DATABASE), isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
+        path = os.path.join(folder, DATABASE)
+        making = path + ".new"
+        if os.path.exists(making):
+            os.remove(making)
+        connection = sqlite3.connect(making, isolation_level=None)
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
         library = cls(folder, connection)
         with library.transaction():
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
             library.set_meta(format=FORMAT, generation=0, epoch=0, history_since=0)
+        connection.close()
+        os.replace(making, path)
+        library = cls.open(folder, writable=True)
+        library.db.execute("PRAGMA journal_mode=WAL")
         return library
 
     @classmethod
@@ -109,6 +127,16 @@ class Library:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Reads that all see one state of the records, whatever index.py commits meanwhile (WAL readers
+        keep the snapshot of their transaction's first read)."""
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("COMMIT")
 
     # ---- what made the library
 
@@ -198,9 +226,6 @@ class Library:
     def count(self):
         return self.db.execute("SELECT COUNT(*) FROM photos").fetchone()[0]
 
-    def failures(self):
-        return self.db.execute("SELECT COUNT(*) FROM files WHERE photo IS NULL").fetchone()[0]
-
     # ---- vectors
 
     def embeddings(self, since=None, dim=None):
@@ -268,5 +293,10 @@ class Library:
         return row[0] if row else None
 
     def photo_of_path(self, path):
-        row = self.db.execute("SELECT photo FROM files WHERE path = ?", (path,)).fetchone()
-        return row[0] if row else None
+        """The photo the file at `path` shows, when the records hold it as it is now (same size and
+        modification time); None otherwise."""
+        row = self.db.execute("SELECT size, mtime_ns, photo FROM files WHERE path = ?", (path,)).fetchone()
+        if row is None or row[2] is None:
+            return None
+        status = os.stat(path)
+        return row[2] if (row[0], row[1]) == (status.st_size, status.st_mtime_ns) else None

@@ -7,8 +7,8 @@ Three kinds (`index.py --index`):
          Memory: the vectors plus the graph (about 256 bytes per photo).
 - ivfpq: vectors in inverted lists by their nearest of about 4 sqrt(n) centroids, compressed to m
          bytes each by product quantisation, for libraries whose vectors do not fit in memory. A
-         query scans the 32 lists nearest to it, and its 50 k best candidates are re-scored from the
-         vectors the records keep.
+         query scans the 32 lists nearest to it, and its 50 x k best candidates are re-scored from
+         the vectors the records keep.
 Every score a search returns is the exact inner product of the query and the photo's vector.
 `auto` takes flat up to 50,000 photos, then hnsw while it fits `--index_memory`, then ivfpq.
 
@@ -139,13 +139,14 @@ class VectorIndex:
     def catch_up(self, library):
         """Bring the index to the records' generation from the photos written and removed since its own;
         False when that history is gone (the caller rebuilds)."""
-        generation = library.meta("generation")
-        if library.meta("epoch") != self.header["epoch"] or self.generation < library.meta("history_since", 0):
-            return False
-        if generation > self.generation:
-            self.remove(library.removed_since(self.generation))
-            self.add(*library.embeddings(since=self.generation))
-            self.header["generation"] = generation
+        with library.snapshot():  # the generation and the photos of one state of the records
+            generation = library.meta("generation")
+            if library.meta("epoch") != self.header["epoch"] or self.generation < library.meta("history_since", 0):
+                return False
+            if generation > self.generation:
+                self.remove(library.removed_since(self.generation))
+                self.add(*library.embeddings(since=self.generation))
+                self.header["generation"] = generation
         return True
 
     def search(self, vectors, k, exact_vectors=None):

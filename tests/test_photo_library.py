@@ -23,14 +23,15 @@ from conftest import ROOT
 from detection import pipeline, policies
 from evaluation import average_similarity
 from inference import encode_images, encode_text, load_models
+from photo_library import indexer as indexer_module
 from photo_library import scan as scan_module
 from photo_library.indexer import LibraryLock
 from photo_library.searcher import Searcher
 from photo_library.store import Library
 from photo_library.vectors import VectorIndex
-from photo_world import DETECTOR_DIM, make_world, photo_folder, random_photo
+from photo_world import DETECTOR_DIM, TOY_DIM, checkpoint, make_world, photo_folder, random_photo
 from utils.errors import DataError, OptionError
-from utils.obj36 import read_rows
+from utils.obj36 import format_obj36_line, read_rows
 
 QUERY = "a dog next to a bench and a kite"
 FAST = ["--min_size", "128", "--max_size", "200", "--boxes", "10"]  # the tiny detector on small inputs
@@ -99,8 +100,8 @@ def test_an_ensemble_scores_as_evaluation_averages_its_models(world, tmp_path):
     hits, _ = Searcher(lib).text(QUERY, k=18)
     names = [hit["name"] for hit in hits]
     embeddings = []
-    for checkpoint in world.checkpoints:
-        _, images, caption = own_scores(world, checkpoint, QUERY, names)
+    for model in world.checkpoints:
+        _, images, caption = own_scores(world, model, QUERY, names)
         # evaluation's layout: one image row per caption, five captions per image.
         embeddings.append((np.repeat(images.numpy(), 5, axis=0), np.repeat(caption.numpy(), 5 * len(names), axis=0)))
     averaged = average_similarity(embeddings)[:, 0].numpy()
@@ -122,14 +123,15 @@ def test_unknown_words_are_named_and_a_query_of_only_unknown_words_is_refused(li
 
 def test_json_and_maps(world, library, tmp_path, capsys):
     assert search.main(["--library", library, QUERY, "-k", "3", "--json", "--maps", str(tmp_path / "maps")]) == 0
-    out = capsys.readouterr().out
-    answer = json.loads(out[: out.rindex("}") + 1])
+    out, err = capsys.readouterr()
+    answer = json.loads(out)  # stdout holds the JSON alone; the maps written are said on stderr
     assert answer["query"] == QUERY and answer["photos"] == 18 and answer["unknown_words"] == []
     assert [hit["rank"] for hit in answer["results"]] == [1, 2, 3]
     assert all(os.path.isfile(hit["path"]) and hit["path"].startswith(world.images) for hit in answer["results"])
     drawn = sorted(os.listdir(tmp_path / "maps"))
     expected = [f"{hit['rank']:02d}_{os.path.splitext(hit['name'])[0]}.png" for hit in answer["results"]]
     assert drawn == expected
+    assert err.splitlines() == [f"written: {tmp_path / 'maps' / name}" for name in expected]
     from PIL import Image
 
     with Image.open(tmp_path / "maps" / drawn[0]) as png:
@@ -157,11 +159,12 @@ def test_like_a_photo_in_and_outside_the_library(world, tmp_path, capsys):
     held = records.embedding_of([records.photo_of_path(paths[4])])[records.photo_of_path(paths[4])]
     random_photo(paths[4], seed=3)
     os.utime(paths[4], ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert records.photo_of_path(paths[4]) is None  # the file is no longer the photo recorded for its path
     assert index.main(["--library", lib, *FAST]) == 0  # the library's own copy of that content is gone
     searcher = Searcher(lib)
     hits = searcher.like(new, k=6)
     assert len(hits) == 6 and hits[0]["score"] >= hits[-1]["score"]
-    vector, photo = searcher.photo_vector(new)  # extracted as the library extracted that content
+    vector, photo = searcher.photo_vector(searcher.current(), new)  # extracted as the library extracted that content
     assert photo is None
     np.testing.assert_allclose(vector, held, atol=1e-6)
     capsys.readouterr()
@@ -340,7 +343,7 @@ def test_a_damaged_index_file_is_rebuilt_from_the_records(world, tmp_path, capsy
     assert VectorIndex.load(path).index.ntotal == 18
 
 
-def test_other_models_are_refused_and_rebuild_re_embeds_the_kept_regions(world, tmp_path, capsys):
+def test_other_models_are_refused_and_rebuild_re_embeds_the_kept_regions(world, tmp_path, monkeypatch, capsys):
     lib = str(tmp_path / "lib")
     first, second = world.checkpoints
     assert (
@@ -363,6 +366,23 @@ def test_other_models_are_refused_and_rebuild_re_embeds_the_kept_regions(world, 
     assert search.main(["--library", lib, "--checkpoint", second, QUERY]) == 2
     assert index.main(["--library", lib, "--detector", world.detector, "--policy", "hf"]) == 2
     assert "was made with the region settings" in capsys.readouterr().err
+    other_regions = checkpoint(os.path.join(world.root, "run_other_regions"), world.vocab, DETECTOR_DIM, 3)
+    assert index.main(["--library", lib, "--checkpoint", other_regions, "--rebuild"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --checkpoint {os.path.abspath(other_regions)}: its image encoder takes {DETECTOR_DIM}-d regions; "
+        f"{lib} keeps {TOY_DIM}-d ones: these checkpoints need a new library\n"
+    )
+    before = {hit["name"]: hit["score"] for hit in Searcher(lib).text(QUERY, k=18)[0]}
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(indexer_module, "image_vectors", stopped)  # Ctrl-C in the middle of a rebuild
+    assert index.main(["--library", lib, "--checkpoint", second, "--rebuild"]) == 130
+    monkeypatch.undo()
+    assert Library.open(lib).meta("checkpoints")[0]["digest"] == made["digest"]  # still the first model's library
+    assert {hit["name"]: hit["score"] for hit in Searcher(lib).text(QUERY, k=18)[0]} == before
+    capsys.readouterr()
     assert index.main(["--library", lib, "--checkpoint", second, "--rebuild"]) == 0
     assert "18 re-embedded" in out_line(capsys)
     hits, _ = Searcher(lib).text(QUERY, k=18)
@@ -414,8 +434,12 @@ def test_bad_photos_are_named_recorded_and_not_retried_until_they_change(world, 
     assert out_line(capsys) == f"{lib}: 0 photos added, 6 unchanged (not read); it holds 3 photos (flat index)"
     monkeypatch.undo()
     random_photo(str(folder / "cut.png"), seed=5)  # mended: read again, and indexed
-    assert index.main(["--library", lib, *FAST]) == 0
+    moved = str(tmp_path / "elsewhere" / "detector.bin")  # the same weights at another path are the same detector
+    os.makedirs(os.path.dirname(moved))
+    shutil.copy(world.detector, moved)
+    assert index.main(["--library", lib, "--detector", moved, *FAST]) == 0
     assert out_line(capsys) == f"{lib}: 1 photo added, 5 unchanged (not read); it holds 4 photos (flat index)"
+    assert Library.open(lib).meta("detector")["path"] == moved
 
 
 def test_float16_regions_halve_the_disk_and_re_embed_alike(world, library, tmp_path, capsys):
@@ -491,9 +515,19 @@ def test_photos_without_regions_wait_for_a_detector(world, tmp_path, capsys):
         == 0
     )
     assert out_line(capsys) == (
-        f"{lib}: 12 photos added, 6 without regions: no row in --regions and no --detector (left for a later run); "
+        f"{lib}: 12 photos added, 6 without regions: no row in --regions that fits and no --detector "
+        "(left for a later run); "
         "it holds 12 photos (flat index)"
     )
+    unfit = str(tmp_path / "unfit_obj36.tsv")  # rows of other picture sizes: said, and the photos still wait
+    with open(unfit, "w") as out:
+        for row, _ in read_rows([path for path in world.rows if path.endswith("dev_obj36.tsv")]):
+            out.write(format_obj36_line(row["img_id"], {**row, "img_w": row["img_w"] + 1}))
+    assert index.main(["--library", lib, "--regions", unfit]) == 0
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 6 and all(line.endswith("; left to the detector") for line in err.splitlines())
+    assert "picture, the file is" in err
+    assert out.strip().splitlines()[-1].startswith(f"{lib}: 0 photos added, 6 without regions:")
     assert index.main(["--library", lib, "--regions", *world.rows]) == 0
     assert out_line(capsys) == f"{lib}: 6 photos added, 12 unchanged (not read); it holds 18 photos (flat index)"
 
@@ -529,6 +563,18 @@ def test_a_library_that_is_not_one_and_bad_flags_are_one_line(world, tmp_path, c
         capsys.readouterr().err
         == f"error: --library {lib}: not a photo library (no library.sqlite3); make one with index.py\n"
     )
+
+
+def test_a_failing_database_is_one_line_naming_it(library, monkeypatch, capsys):
+    def full(*_):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Library, "add_roots", full)
+    assert index.main(["--library", library]) == 2
+    assert capsys.readouterr().err == f"error: {library}/library.sqlite3: database or disk is full\n"
+    monkeypatch.setattr(Library, "photo", full)
+    assert search.main(["--library", library, QUERY]) == 2
+    assert capsys.readouterr().err == f"error: {library}/library.sqlite3: database or disk is full\n"
 
 
 def test_torchrun_shards_the_detector_and_writes_the_single_process_library(world, tmp_path):

@@ -66,7 +66,7 @@ def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signu
     data_path, vocab_path = toy_data
     run = tmp_path / "run"
     process, log = start_training(
-        train_args(data_path, vocab_path, run, "--num_epochs", "3", "--workers", "1"), tmp_path
+        train_args(data_path, vocab_path, run, "--num_epochs", "2", "--workers", "1"), tmp_path
     )
     wait_for(log, "Epoch: [0][9/25]", process)
     process.send_signal(signum)
@@ -79,7 +79,7 @@ def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signu
     stopped = final_state(str(run))
     assert stopped["Eiters"] >= 10 and (stopped["next_epoch"], stopped["next_batch"]) != (0, 0)
     assert train.main(hint.split()[2:]) == 0
-    assert final_state(str(run))["Eiters"] == 75
+    assert final_state(str(run))["Eiters"] == 50
 
 
 def test_kill_9_then_resume_reaches_the_uninterrupted_result(toy_data, tmp_path):

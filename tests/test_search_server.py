@@ -17,8 +17,9 @@ import index  # noqa: E402
 from photo_library import searcher as searcher_module  # noqa: E402
 from photo_library import server  # noqa: E402
 from photo_library.searcher import Searcher  # noqa: E402
+from photo_library.searcher import encode_alone  # noqa: E402
 from photo_library.store import Library  # noqa: E402
-from photo_world import make_world  # noqa: E402
+from photo_world import TOY_DIM, checkpoint, make_world  # noqa: E402
 
 QUERY = "a dog next to a bench and a kite"
 
@@ -126,8 +127,10 @@ def test_photos_and_their_pictures(client, world):
         ),
         ("/api/photos/999", 404, "no photo 999 in this library"),
         ("/api/photos/999/thumbnail", 404, "no photo 999 in this library"),
-        ("/api/photos/-1/file", 404, "no photo -1 in this library"),
+        ("/api/photos/-1/file", 422, "photo_id: Input should be greater than or equal to 1"),
         ("/api/photos/abc", 422, "photo_id: Input should be a valid integer, unable to parse string as an integer"),
+        (f"/api/photos/{2**63}", 422, "photo_id: Input should be less than or equal to 9223372036854775807"),
+        (f"/api/photos/{2**64}/view", 422, "photo_id: Input should be less than or equal to 9223372036854775807"),
         ("/api/photos/..%2F..%2Fetc%2Fpasswd/file", 404, "Not Found"),
         ("/api/photos/1/../../../../etc/passwd", 404, "Not Found"),
         ("/../../etc/passwd", 404, "Not Found"),
@@ -140,21 +143,27 @@ def test_bad_requests_are_json_errors_with_their_status(client, url, status, err
     assert answer.json() == {"error": error}
 
 
-def test_only_files_under_the_librarys_folders_are_served(client, tmp_path):
+def test_only_files_under_the_librarys_folders_are_served(client, world, tmp_path):
     api, searcher = client
     outside = tmp_path / "secret.png"
     outside.write_bytes(b"not to be served")
     # Records tampered with: a photo's file outside the library's folders is still refused.
     original = searcher.library.photo(2)["path"]
+    link = os.path.join(world.images, "a_link.png")  # a link under the library's folders to a file outside
+    os.symlink(outside, link)
     writable = sqlite3.connect(os.path.join(searcher.folder, "library.sqlite3"))
-    with writable:
-        writable.execute("UPDATE files SET path = ? WHERE photo = 2", (str(outside),))
     try:
-        answer = api.get("/api/photos/2/file")
-        assert answer.status_code == 404 and answer.json() == {"error": "photo 2's file is not there any more"}
+        for tampered in (str(outside), link):
+            with writable:
+                writable.execute("UPDATE files SET path = ? WHERE photo = 2", (tampered,))
+            for part in ("file", "view"):
+                answer = api.get(f"/api/photos/2/{part}")
+                assert answer.status_code == 404, (tampered, part)
+                assert answer.json() == {"error": "photo 2's file is not there any more"}
     finally:
+        os.remove(link)
         with writable:
-            writable.execute("UPDATE files SET path = ? WHERE path = ?", (original, str(outside)))
+            writable.execute("UPDATE files SET path = ? WHERE photo = 2", (original,))
         writable.close()
 
 
@@ -197,6 +206,27 @@ def test_an_update_is_picked_up_without_a_restart_and_without_failing_a_query(wo
     assert Library.open(lib).count() == 18
 
 
+def test_a_rebuild_with_other_checkpoints_is_picked_up_with_their_models(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(searcher_module, "REFRESH_EVERY_S", 0.0)
+    lib = str(tmp_path / "lib")
+    first = world.checkpoints[0]
+    assert (
+        index.main(["--images", world.images, "--checkpoint", first, "--regions", *world.rows, "--library", lib]) == 0
+    )
+    api = TestClient(server.create_app(Searcher(lib)), raise_server_exceptions=False)
+    assert api.get("/api/search", params={"q": QUERY, "k": 18}).status_code == 200
+    # An ensemble of the first model and a wider one: vectors of 16 + 24 dims, a new text encoder.
+    wide = checkpoint(os.path.join(world.root, "run_wide"), world.vocab, TOY_DIM, 5, embed_size=24, dim_vid=24)
+    assert index.main(["--library", lib, "--checkpoint", first, wide, "--rebuild"]) == 0
+    answer = api.get("/api/search", params={"q": QUERY, "k": 18})
+    assert answer.status_code == 200
+    expected = Searcher(lib).text(QUERY, k=18)[0]
+    assert [hit["id"] for hit in answer.json()["results"]] == [hit["id"] for hit in expected]
+    np.testing.assert_allclose(
+        [hit["score"] for hit in answer.json()["results"]], [hit["score"] for hit in expected], atol=1e-6
+    )
+
+
 def test_exposed_servers_warn(client, monkeypatch, capsys):
     import uvicorn
 
@@ -214,19 +244,20 @@ def test_concurrent_queries_are_encoded_together_as_each_alone(client):
     searcher = client[1]
     things = ("bench", "kite", "tree", "bus", "cat", "boat", "clock", "tent")
     sentences = [f"a dog next to a {thing}" for thing in things]
-    alone = {text: searcher.encode_alone(text.split()) for text in sentences}
+    epoch = searcher.current()
+    alone = {text: encode_alone(epoch, text.split()) for text in sentences}
     batches = []
 
-    def encode(token_lists):
+    def encode(encoders, token_lists):
         batches.append(len(token_lists))
         while len(batches) == 1 and batcher.waiting.qsize() < 31:  # the first batch is slow: the others queue
             time.sleep(0.01)
-        return text_vectors(searcher.models, searcher.vocab, token_lists)
+        return text_vectors(encoders.models, encoders.vocab, token_lists)
 
     batcher, answers = QueryBatcher(encode), {}
 
     def ask(text):
-        answers[text] = batcher(text.split())
+        answers[text] = batcher(epoch, text.split())
 
     threads = [threading.Thread(target=ask, args=(text,)) for text in sentences * 4]
     for thread in threads:

@@ -47,6 +47,12 @@ def first_line(error, limit=None):
     return line[:limit] if limit else line
 
 
+def without_path(message, path):
+    """An error's message about the file at `path` without the path it begins with (where the path is said apart)."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
 def report(error):
     """Print a VSRNError (exit code 2) or an OSError (exit code 1) as one line; return the code."""
     if isinstance(error, VSRNError):
