@@ -441,7 +441,8 @@ class Indexer:
                 for path, size, mtime_ns in files:
                     library.set_file(path, size, mtime_ns, digest, photo)
             library.set_meta(generation=generation)
-        self.summary.added += sum(len(files) for _, files, *_ in photos)
+        self.summary.added += len(photos)
+        self.summary.relinked += sum(len(files) - 1 for _, files, *_ in photos)  # copies of a new photo
         progress.update(len(photos))
 
     def fail(self, files, digest, reason, progress):

@@ -243,9 +243,10 @@ def test_new_changed_moved_copied_and_removed_photos(world, tmp_path, monkeypatc
     os.remove(paths[2])  # removed
     random_photo(paths[3], seed=11)  # changed: new content at the same path
     random_photo(str(folder / "new.png"), seed=12)  # new
+    shutil.copy(folder / "new.png", folder / "new copy.png")  # and a copy of it: one photo more, not two
     assert index.main(["--library", lib, *FAST]) == 0
     assert out_line(capsys) == (
-        f"{lib}: 2 photos added, 2 moved, renamed or copied (their path updated), 2 removed, 2 unchanged (not read); "
+        f"{lib}: 2 photos added, 3 moved, renamed or copied (their path updated), 2 removed, 2 unchanged (not read); "
         "it holds 5 photos (flat index)"
     )
     assert len(seen) == 7  # only the two new contents went through the detector
@@ -254,7 +255,8 @@ def test_new_changed_moved_copied_and_removed_photos(world, tmp_path, monkeypatc
     assert records.photo_of_path(str(folder / "copy.png")) == records.photo_of_path(paths[1])
     assert records.photo(removed_photo) is None and records.photo(changed_photo) is None
     assert records.photo_of_path(paths[3]) not in (None, changed_photo)
-    assert records.count() == 5 and len(records.files()) == 6
+    assert records.count() == 5 and len(records.files()) == 7
+    assert records.photo_of_path(str(folder / "new copy.png")) == records.photo_of_path(str(folder / "new.png"))
     index_file = VectorIndex.load(os.path.join(lib, "index.faiss"))
     assert index_file.index.ntotal == 5 and index_file.generation == records.meta("generation")
     found = {hit["id"] for hit in Searcher(lib).text(QUERY, k=10)[0]}
