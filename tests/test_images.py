@@ -1,5 +1,6 @@
 """utils/images.read_image on every kind of picture a photo folder holds, and the ones it refuses."""
 
+import concurrent.futures
 import struct
 import zlib
 
@@ -152,3 +153,22 @@ def test_pictures_above_the_decompression_bomb_limit_are_refused(tmp_path, monke
     assert "more than 9999 pixels" in refused(tmp_path / "large.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)
     assert read_image(tmp_path / "large.png").shape == (100, 100, 3)
+
+
+def test_the_pixel_limit_holds_in_every_thread(tmp_path, monkeypatch):
+    # Between the limit and twice it Pillow only warns: pictures read at once by a pool of threads
+    # (the photo library's read-ahead) are refused all the same.
+    Image.new("RGB", (400, 400)).save(tmp_path / "big.png")
+    Image.new("RGB", (100, 100)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+
+    def outcome(name):
+        try:
+            read_image(tmp_path / name)
+        except ImageError:
+            return "refused"
+        return "read"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(outcome, ["big.png", "small.png"] * 300))
+    assert outcomes == ["refused", "read"] * 300

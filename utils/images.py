@@ -86,18 +86,22 @@ def read_image(path, like_opencv=False):
     EXIF orientation are read the same either way."""
     PIL = pillow()
     Image, ImageOps = PIL.Image, PIL.ImageOps
+    # Pillow only warns of pictures between its limit and twice it (above, it refuses them): the limit
+    # is checked here instead, alike in every thread (warning filters are the process's, and
+    # catch_warnings around a read races with another thread's), and its warning kept quiet.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as picture:
-                picture.load()
-                upright = ImageOps.exif_transpose(picture)
-                array = np.asarray(_to_rgb(upright, like_opencv), dtype=np.uint8)
+        with Image.open(path) as picture:
+            if Image.MAX_IMAGE_PIXELS and picture.width * picture.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{picture.width * picture.height} pixels")
+            picture.load()
+            upright = ImageOps.exif_transpose(picture)
+            array = np.asarray(_to_rgb(upright, like_opencv), dtype=np.uint8)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: a folder, not a picture") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
         raise ImageError(
             f"{path}: more than {Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit "
             "(PIL.Image.MAX_IMAGE_PIXELS)"
