@@ -105,33 +105,13 @@ def score_regions(detector, images, policy="caffe", min_size=None, max_size=None
         return _score(detector, arrays, chosen) if arrays else []
 
 
-def extract_regions_batch(
-    detector,
-    images,
-    policy="caffe",
-    num_boxes=None,
-    min_boxes=10,
-    max_boxes=100,
-    conf_thresh=0.2,
-    min_size=None,
-    max_size=None,
-    proposals=None,
-    timer=None,
-):
+def extract_regions_batch(detector, images, policy="caffe", timer=None, **settings):
     """`extract_regions` for a list of images (paths or RGB uint8 arrays), run together: images of
     equal network-input size share the backbone, all regions share res5. Same results as one at a
-    time. `timer(stage)`, if given, returns a context manager wrapped around each stage."""
-    chosen = make_policy(
-        detector,
-        policy,
-        num_boxes=num_boxes,
-        min_boxes=min_boxes,
-        max_boxes=max_boxes,
-        conf_thresh=conf_thresh,
-        min_size=min_size,
-        max_size=max_size,
-        proposals=proposals,
-    )
+    time. `settings`: extract_regions's (num_boxes, min_boxes, max_boxes, conf_thresh, min_size,
+    max_size, proposals), the policy's defaults where absent. `timer(stage)`, if given, returns a
+    context manager wrapped around each stage."""
+    chosen = make_policy(detector, policy, **settings)
     arrays = [as_rgb_array(image, chosen.read_picture) for image in images]
     if not arrays:
         return []
@@ -165,5 +145,14 @@ def extract_regions(
     min_boxes..max_boxes regions; hf: the config's 800 / 1333 / 300 and 36 regions).
     """
     return extract_regions_batch(
-        detector, [image], policy, num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size, proposals
+        detector,
+        [image],
+        policy,
+        num_boxes=num_boxes,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        conf_thresh=conf_thresh,
+        min_size=min_size,
+        max_size=max_size,
+        proposals=proposals,
     )[0]
