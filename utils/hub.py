@@ -11,8 +11,9 @@ from utils.errors import CheckpointError, OptionError
 HUB_TIMEOUT = 3  # seconds the check that the model hub is reachable waits for a connection
 
 
-def hub_unavailable(value, flag, what="LXMERT's weights"):
-    """Whether `value` of `flag` must load without the model hub (a folder, or the hub out of reach).
+def hub_unavailable(value, field, what="LXMERT's weights"):
+    """Whether `value` (of the request's `field`) must load without the model hub (a folder, or the hub out
+    of reach).
 
     A folder loads as it is. A value that is not a folder but names one (an absolute or
     relative path, a path below a folder that exists) is refused at once, as is a file. What
@@ -22,9 +23,13 @@ def hub_unavailable(value, flag, what="LXMERT's weights"):
     if os.path.isdir(value):
         return True
     if os.path.exists(value):
-        raise CheckpointError(f"{flag} {value}: a file, not a folder; {what} are a folder (see docs/lxmert.md)")
+        raise CheckpointError.naming(
+            f"{{{field}}} {{value}}: a file, not a folder; {{what}} are a folder (see docs/lxmert.md)",
+            value=value,
+            what=what,
+        )
     if not is_hub_name(value):
-        raise CheckpointError(f"{flag} {value}: folder not found")
+        raise CheckpointError.naming(f"{{{field}}} {{value}}: folder not found", value=value)
     return not hub_reachable()
 
 
