@@ -29,9 +29,9 @@ import argparse
 import os
 import sys
 
-from detection.cache import FIXED_BOXES
 from detection.check import check_against
 from detection.pipeline import Counts, extract_to_tsv
+from detection.settings import CAFFE_BOXES, FIXED_BOXES, RegionSettings
 from detection.weights import load_detector
 from utils import tsv_to_precomp
 from utils.device import check_device
@@ -41,43 +41,20 @@ from utils.images import list_images
 from utils.obj36 import check_resumable, parse_row, read_written
 from utils.options import ScriptHelpFormatter
 
-DEFAULT_MIN_BOXES, DEFAULT_MAX_BOXES = 10, 100
 
-
-def detector_settings(args):
-    """The selection keywords of detection.extract.extract_regions from the flags."""
+def region_settings(args):
+    """The RegionSettings of the flags: --boxes N (36 by default), or a variable --min_boxes..--max_boxes."""
     variable = args.min_boxes is not None or args.max_boxes is not None
-    if variable and args.boxes is not None:
-        raise OptionError(
-            "--boxes N takes exactly N boxes per image; "
-            "--min_boxes/--max_boxes take a variable number: give one or the other"
-        )
-    if variable and args.policy != "caffe":
-        raise OptionError(
-            f"--min_boxes/--max_boxes select with the caffe policy; --policy {args.policy} takes --boxes N"
-        )
-    settings = dict(
+    return RegionSettings(
         policy=args.policy,
+        boxes=FIXED_BOXES if args.boxes is None and not variable else args.boxes,
+        min_boxes=args.min_boxes,
+        max_boxes=args.max_boxes,
         conf_thresh=args.conf_thresh,
         min_size=args.min_size,
         max_size=args.max_size,
         proposals=args.proposals,
     )
-    if variable:
-        settings.update(
-            num_boxes=None,
-            min_boxes=DEFAULT_MIN_BOXES if args.min_boxes is None else args.min_boxes,
-            max_boxes=DEFAULT_MAX_BOXES if args.max_boxes is None else args.max_boxes,
-        )
-        if not 1 <= settings["min_boxes"] <= settings["max_boxes"]:
-            raise OptionError(
-                f"--min_boxes {settings['min_boxes']} --max_boxes {settings['max_boxes']}: expected 1 <= min <= max"
-            )
-    else:
-        settings.update(num_boxes=FIXED_BOXES if args.boxes is None else args.boxes)
-        if settings["num_boxes"] < 1:
-            raise OptionError(f"--boxes {settings['num_boxes']}: expected at least 1")
-    return settings
 
 
 def check_arguments(args):
@@ -144,7 +121,8 @@ def run_self_check(args, world):
     check_self_check_arguments(args, world)
     items = list_images(args.images)
     detector = load_detector(args.weights, args.config, check_device(args.device))
-    agree = check_against(detector, items, args.check_against, args.min_size, args.max_size, args.proposals)
+    settings = RegionSettings(min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
+    agree = check_against(detector, items, args.check_against, settings)
     return 0 if agree else 1
 
 
@@ -153,13 +131,13 @@ def run(args, world):
         return run_self_check(args, world)
     if args.out is None:
         raise OptionError("--out: give the obj36 TSV to write (or --check_against ROWS.tsv to compare with rows)")
-    settings = detector_settings(args)
+    settings = region_settings(args)
     check_arguments(args)
     if world.is_main:
         items = list_images(args.images)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         done, last_row = read_written(args.out)
-        check_resumable(args.out, last_row, settings["num_boxes"])
+        check_resumable(args.out, last_row, settings.boxes)
         todo = [item for item in items if item[0] not in done]
         counts = Counts(len(items) - len(todo))
     else:
@@ -175,7 +153,7 @@ def run(args, world):
         print(counts.summary(args.out))
     world.close()  # before the conversion: the other processes need not wait for it
     if world.is_main and args.precomp:
-        write_split(args, settings["num_boxes"])
+        write_split(args, settings.boxes)
     return 0
 
 
@@ -217,14 +195,14 @@ def build_parser():
         type=int,
         default=None,
         help="variable count, caffe policy: at least this many boxes "
-        f"(None: {DEFAULT_MIN_BOXES} when --max_boxes is given)",
+        f"(None: {CAFFE_BOXES[0]} when --max_boxes is given)",
     )
     p.add_argument(
         "--max_boxes",
         type=int,
         default=None,
         help="variable count, caffe policy: at most this many boxes "
-        f"(None: {DEFAULT_MAX_BOXES} when --min_boxes is given)",
+        f"(None: {CAFFE_BOXES[1]} when --min_boxes is given)",
     )
     p.add_argument(
         "--conf_thresh", type=float, default=0.2, help="with a variable count: keep regions of at least this confidence"

@@ -188,9 +188,11 @@ def run(args):
         if not os.path.isfile(args.checkpoint):
             raise OptionError(f"--checkpoint {args.checkpoint}: checkpoint not found")
         from detection.cache import photo_regions  # the detector needs torchvision
+        from detection.settings import RegionSettings
 
         # The detector is done with (and its memory free) before the model is loaded.
-        photos = OwnPhotos(*photo_regions(args.images, args.detector, args.detector_config, args.policy, device=device))
+        settings = RegionSettings(policy=args.policy)
+        photos = OwnPhotos(*photo_regions(args.images, args.detector, args.detector_config, settings, device=device))
         opt, vocab, (model,) = load_models(
             [args.checkpoint], args.data_path, args.vocab_path, need_data=False, device=device
         )

@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from detection.extract import extract_regions, extract_regions_batch, score_regions  # noqa: E402
 from detection.network import PUBLISHED_ARCH, BottomUpDetector  # noqa: E402
 from detection.policies import POLICIES, make_policy  # noqa: E402
+from detection.settings import RegionSettings  # noqa: E402
 from detection.weights import load_detector  # noqa: E402
 from machine import describe, gemm_rate, print_table  # noqa: E402
 
@@ -137,7 +138,7 @@ def measure(detector, images, batch_size, settings, bf16=False):
     that a shared machine's changing load weighs on both alike (their medians)."""
     device = detector.device
     with autocast(device, bf16), FlopCounterMode(display=False) as counter:
-        extract_regions_batch(detector, images[:batch_size], **settings)
+        extract_regions_batch(detector, images[:batch_size], settings)
     flops = counter.get_total_flops() / batch_size
     timer = StageTimer(device)
     seconds, cpu_seconds, gemm, blas = 0.0, 0.0, [], []
@@ -146,7 +147,7 @@ def measure(detector, images, batch_size, settings, bf16=False):
         blas.append(gemm_rate(torch, device, repeats=3))
         start, cpu_start = time.perf_counter(), time.process_time()
         with autocast(device, bf16):
-            extract_regions_batch(detector, images[i : i + batch_size], timer=timer, **settings)
+            extract_regions_batch(detector, images[i : i + batch_size], settings, timer=timer)
         seconds += time.perf_counter() - start
         cpu_seconds += time.process_time() - cpu_start
     count = len(images)
@@ -157,18 +158,16 @@ def measure(detector, images, batch_size, settings, bf16=False):
 
 def bf16_deviation(detector, image, settings):
     """bf16 against fp32 on one picture: features of the same proposals, kept boxes and ids."""
-    scored = score_regions(
-        detector, [image], settings["policy"], settings["min_size"], settings["max_size"], settings["proposals"]
-    )[0]
+    scored = score_regions(detector, [image], settings)[0]
     with torch.inference_mode(), autocast(detector.device, True):
         res4 = detector.backbone(scored["input"].unsqueeze(0))
         rois = torch.cat([torch.zeros(len(scored["proposals"]), 1, device=res4.device), scored["proposals"]], dim=1)
         features = detector.region_features(res4, rois).float()
     reference = scored["features"]
     relative = ((features - reference).abs().max() / reference.abs().max()).item()
-    fp32 = extract_regions(detector, image, **settings)
+    fp32 = extract_regions(detector, image, settings)
     with autocast(detector.device, True):
-        bf16 = extract_regions(detector, image, **settings)
+        bf16 = extract_regions(detector, image, settings)
     same_box = np.abs(fp32["boxes"][:, None] - bf16["boxes"][None]).max(axis=2) < 1.0
     matched = same_box.any(axis=1).mean()
     ids = np.mean(
@@ -224,14 +223,17 @@ def main(argv=None):
             args.proposals or 50,
         )
         sweep = [p for p in sweep if p <= 50][:2] or [25, 50]
-    sizes = {"num_boxes": 36, "min_size": args.min_size, "max_size": args.max_size}
+    sizes = {"boxes": 36, "min_size": args.min_size, "max_size": args.max_size}
 
     torch.manual_seed(0)
     start = time.perf_counter()
     detector = random_detector(SMOKE_ARCH if args.smoke else PUBLISHED_ARCH, load_recipe(args.recipe), device)
     print(f"command: python3 {' '.join(sys.argv)}")
     print_table(describe(torch, device), "machine")
-    plans = {policy: make_policy(detector, policy, proposals=args.proposals, **sizes) for policy in policies}
+    plans = {
+        policy: make_policy(detector, RegionSettings(policy=policy, proposals=args.proposals, **sizes))
+        for policy in policies
+    }
     print_table(
         [
             (
@@ -254,7 +256,7 @@ def main(argv=None):
     precisions = [("fp32", False)] + ([("bf16 autocast", True)] if args.bf16 else [])
     for name, bf16 in precisions:
         for policy in policies:
-            settings = dict(sizes, policy=policy, proposals=args.proposals)
+            settings = RegionSettings(**sizes, policy=policy, proposals=args.proposals)
             for batch_size in batch_sizes:
                 measured = measure(detector, images[: max(args.images, batch_size)], batch_size, settings, bf16)
                 rows = [("photo", measured.summary())]
@@ -263,7 +265,7 @@ def main(argv=None):
     if sweep:
         policy, timed = policies[0], {}
         for proposals in sweep:
-            settings = dict(sizes, policy=policy, proposals=proposals)
+            settings = RegionSettings(**sizes, policy=policy, proposals=proposals)
             timed[proposals] = measure(detector, images[: args.images], 1, settings)
         slowest = timed[max(sweep)]
         print_table(
@@ -277,7 +279,7 @@ def main(argv=None):
             f"{args.device}, fp32, policy {policy}, batch size 1: fewer proposals",
         )
     if args.bf16:
-        settings = dict(sizes, policy=policies[0], proposals=args.proposals)
+        settings = RegionSettings(**sizes, policy=policies[0], proposals=args.proposals)
         print_table(bf16_deviation(detector, images[0], settings), f"bf16 autocast against fp32, policy {policies[0]}")
 
 

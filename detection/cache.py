@@ -1,8 +1,8 @@
 """The one-step jobs' region cache: each picture's regions extracted once, then read back.
 
 `$VSRN_CACHE/regions/POLICY_BOXES_KEY.tsv` (VSRN_CACHE defaults to ~/.cache/vsrn) holds one obj36
-row per picture file for one detector file (path, size, modification time) and one set of
-settings; a row is found again by the picture's path, size and modification time, so an edited
+row per picture file for one detector file (path, size, modification time) and one RegionSettings
+(by its record); a row is found again by the picture's path, size and modification time, so an edited
 picture is extracted again. Used by visualize.py --images, lxmert_match.py --images and
 search.py --like; delete the folder to clear it.
 """
@@ -13,16 +13,14 @@ import hashlib
 import json
 import os
 
-from detection.extract import REGIONS_VERSION
 from detection.pipeline import Counts, extract_to_tsv
+from detection.settings import RegionSettings
 from detection.weights import load_detector
 from utils.cache import cache_dir as default_cache_dir
 from utils.errors import DataError, Interrupted, OptionError
 from utils.images import check_ids, list_images
 from utils.obj36 import parse_row, read_written
 from utils.text import plural
-
-FIXED_BOXES = 36  # regions per picture: VSRN's and LXMERT's obj36 input
 
 
 def _file_identity(path):
@@ -34,18 +32,15 @@ def _digest(text, length=20):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
-def regions_cache_path(weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, cache_dir=None, sizes=None):
-    """The cache TSV of one detector file (by path, size and modification time) and one set of settings
-    (`sizes`: min_size, max_size and proposals other than the policy's)."""
-    settings = {
+def regions_cache_path(weights, config=None, settings=RegionSettings(), cache_dir=None):
+    """The cache TSV of one detector file (by path, size and modification time) and one RegionSettings."""
+    key = {
         "weights": _file_identity(weights),
         "config": _file_identity(config) if isinstance(config, str) else config,
-        "policy": policy,
-        "num_boxes": num_boxes,
-        "version": REGIONS_VERSION,
+        "settings": settings.record(),
     }
-    key = json.dumps({**settings, **{k: v for k, v in (sizes or {}).items() if v is not None}}, sort_keys=True)
-    return os.path.join(cache_dir or default_cache_dir(), "regions", f"{policy}_{num_boxes}_{_digest(key)}.tsv")
+    name = f"{settings.policy}_{settings.boxes}_{_digest(json.dumps(key, sort_keys=True))}.tsv"
+    return os.path.join(cache_dir or default_cache_dir(), "regions", name)
 
 
 @contextlib.contextmanager
@@ -62,15 +57,7 @@ def _locked(folder):
 
 
 def cached_regions(
-    image_paths,
-    weights,
-    config=None,
-    policy="caffe",
-    num_boxes=FIXED_BOXES,
-    device="cpu",
-    cache_dir=None,
-    batch_size=1,
-    sizes=None,
+    image_paths, weights, config=None, settings=RegionSettings(), device="cpu", cache_dir=None, batch_size=1
 ):
     """{image id: regions dict (detection.extract's)} of the pictures, extracting only those not
     yet in the cache, then saying where they are. Pictures that cannot be used are reported on
@@ -81,7 +68,7 @@ def cached_regions(
     items = [(_digest(_file_identity(path) if os.path.exists(path) else path), path) for path in image_paths]
     names = [(os.path.splitext(os.path.basename(path))[0], path) for path in image_paths]
     check_ids(names)
-    cache = regions_cache_path(weights, config, policy, num_boxes, cache_dir, sizes)
+    cache = regions_cache_path(weights, config, settings, cache_dir)
     with _locked(os.path.dirname(cache)):
         done, _ = read_written(cache)
         todo = [item for item in items if item[0] not in done]
@@ -90,13 +77,7 @@ def cached_regions(
             detector = load_detector(weights, config, device)
             try:
                 extract_to_tsv(
-                    detector,
-                    todo,
-                    cache,
-                    dict(policy=policy, num_boxes=num_boxes, **(sizes or {})),
-                    counts,
-                    batch_size=batch_size,
-                    workers=min(4, os.cpu_count() or 1),
+                    detector, todo, cache, settings, counts, batch_size=batch_size, workers=min(4, os.cpu_count() or 1)
                 )
             except KeyboardInterrupt:
                 raise Interrupted(
@@ -105,8 +86,9 @@ def cached_regions(
                 ) from None
             del detector  # the pictures' scoring that follows needs its memory
             print(
-                f"Regions of {plural(counts.written, 'picture')} extracted ({policy} policy, {num_boxes} boxes) "
-                f"and cached in {cache}" + (f"; {counts.already} were cached already" if counts.already else "")
+                f"Regions of {plural(counts.written, 'picture')} extracted ({settings.policy} policy, "
+                f"{settings.boxes} boxes) and cached in {cache}"
+                + (f"; {counts.already} were cached already" if counts.already else "")
             )
     wanted = {key: name for (key, _), (name, _) in zip(items, names)}
     found = {}
@@ -119,15 +101,13 @@ def cached_regions(
 
 
 def photo_regions(
-    sources, weights, config=None, policy="caffe", num_boxes=FIXED_BOXES, device="cpu", batch_size=1, flag="--images"
+    sources, weights, config=None, settings=RegionSettings(), device="cpu", batch_size=1, flag="--images"
 ):
     """(image ids, paths, regions dicts) of the usable pictures of `sources` (files and folders, as
-    utils.images.list_images takes them), through the cache. None usable is a DataError; the
-    others are named on stderr by cached_regions and left out, which is said here."""
+    utils.images.list_images takes them, `flag` naming them), through the cache. None usable is a
+    DataError; the others are named on stderr by cached_regions and left out, which is said here."""
     items = list_images(sources, flag)
-    regions = cached_regions(
-        [path for _, path in items], weights, config, policy, num_boxes, device, batch_size=batch_size
-    )
+    regions = cached_regions([path for _, path in items], weights, config, settings, device, batch_size=batch_size)
     kept = [(image_id, path) for image_id, path in items if image_id in regions]
     if not kept:
         raise DataError(

@@ -14,6 +14,7 @@ object id. What fewer `--proposals` change shows in the regions matched at IoU >
 features' cosine (the rows were made with 300 proposals).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from detection.extract import extract_regions
 from detection.policies import CaffePolicy
 from detection.proposals import CAFFE_POST_NMS
+from detection.settings import RegionSettings
 from utils.errors import DataError, OptionError
 from utils.images import ImageError
 from utils.obj36 import parse_row
@@ -126,18 +128,22 @@ def _named(ids):
     return ", ".join(ids[:NAMED]) + (f" and {len(ids) - NAMED} more" if len(ids) > NAMED else "")
 
 
-def check_against(detector, items, rows_path, min_size=None, max_size=None, proposals=None, say=print):
+def check_against(detector, items, rows_path, settings=RegionSettings(), say=print):
     """Compare our caffe-policy regions of the pictures `items` ((image id, path)) with the rows of
     `rows_path` of the same ids, saying one line per picture, a summary and a verdict; True when
-    every picture agrees. Pictures without a row are named; none with one is a DataError."""
+    every picture agrees. Of `settings`, the sizes and proposals count: each picture is extracted with
+    its row's box count. Pictures without a row are named; none with one is a DataError."""
     rows = published_rows(rows_path, [image_id for image_id, _ in items])
     missing = [image_id for image_id, _ in items if image_id not in rows]
     if not rows:
-        raise DataError(
-            f"--check_against {rows_path}: none of the {len(items)} pictures' ids (file names without extension, "
-            f"e.g. {items[0][0]}) has a row there: name each picture after its row's image id"
+        raise DataError.naming(
+            "{check_against} {path}: none of the {count} pictures' ids (file names without extension, e.g. {name}) "
+            "has a row there: name each picture after its row's image id",
+            path=rows_path,
+            count=len(items),
+            name=items[0][0],
         )
-    proposals = proposals or CAFFE_POST_NMS
+    proposals = settings.proposals or CAFFE_POST_NMS
     say(
         f"the caffe policy's regions ({proposals} proposals) against {rows_path}, "
         f"{len(rows)} picture{'s' if len(rows) != 1 else ''}"
@@ -154,20 +160,14 @@ def check_against(detector, items, rows_path, min_size=None, max_size=None, prop
             say(f"{image_id}: not compared: {error}")
             continue
         published = rows[image_id]
-        ours = extract_regions(
-            detector,
-            picture,
-            policy="caffe",
-            num_boxes=len(published["boxes"]),
-            min_size=min_size,
-            max_size=max_size,
-            proposals=proposals,
-        )
+        ours = extract_regions(detector, picture, dataclasses.replace(settings, boxes=len(published["boxes"])))
         agreement = compare(ours, published)
         agreements.append(agreement)
         say(agreement.line(image_id))
     if not agreements:
-        raise DataError(f"--check_against {rows_path}: none of the pictures with a row could be read (see above)")
+        raise DataError.naming(
+            "{check_against} {path}: none of the pictures with a row could be read (see above)", path=rows_path
+        )
     return _verdict(agreements, rows_path, proposals, say)
 
 

@@ -2,9 +2,12 @@
 
 from detection.weights import load_detector
 from detection.extract import extract_regions, extract_regions_batch
+from detection.settings import RegionSettings
 det = load_detector("frcnn/pytorch_model.bin", config="frcnn/config.yaml", device="cuda")
-r = extract_regions(det, "photo.jpg", num_boxes=36)     # or an RGB uint8 array (H, W, 3)
-rs = extract_regions_batch(det, [img1, img2], num_boxes=36)  # same results as one at a time
+r = extract_regions(det, "photo.jpg")                   # or an RGB uint8 array (H, W, 3); caffe, 36 regions
+rs = extract_regions_batch(det, [img1, img2], RegionSettings(policy="hf"))  # same results as one at a time
+
+Many pictures (folders, torchrun shares) go through detection.pipeline.detect_pictures, which calls these.
 """
 
 import os
@@ -16,10 +19,7 @@ from torchvision.ops import roi_pool
 
 from detection.network import FEATURE_STRIDE
 from detection.policies import make_policy
-
-# Bump when a change makes the same settings give other regions: rows the region cache holds and
-# photo libraries made before are then not mixed with the new ones.
-REGIONS_VERSION = 2
+from detection.settings import RegionSettings
 
 
 def as_rgb_array(image, read_picture):
@@ -93,25 +93,24 @@ def _score(detector, images, policy, timer=None):
     ]
 
 
-def score_regions(detector, images, policy="caffe", min_size=None, max_size=None, proposals=None):
+def score_regions(detector, images, settings=RegionSettings()):
     """Every proposal before selection, per image (list of RGB uint8 arrays or paths): a dict
     with `proposals` (P, 4) in network-input pixels, `features` (P, D), `obj_logits` (P, C + 1,
     background last), `attr_logits` (P, A + 1, "no attribute" last), `input` (3, h, w) and
     `scale_yx` (image pixels per network-input pixel; caffe: also `scale`, py-faster-rcnn's
-    im_scale, network-input pixels per image pixel). Paths are read as the policy reads pictures."""
-    chosen = make_policy(detector, policy, min_size=min_size, max_size=max_size, proposals=proposals)
+    im_scale, network-input pixels per image pixel). Paths are read as the policy reads pictures;
+    of the settings, the policy, sizes and proposals count."""
+    chosen = make_policy(detector, settings)
     arrays = [as_rgb_array(image, chosen.read_picture) for image in images]
     with torch.inference_mode():
         return _score(detector, arrays, chosen) if arrays else []
 
 
-def extract_regions_batch(detector, images, policy="caffe", timer=None, **settings):
+def extract_regions_batch(detector, images, settings=RegionSettings(), timer=None):
     """`extract_regions` for a list of images (paths or RGB uint8 arrays), run together: images of
     equal network-input size share the backbone, all regions share res5. Same results as one at a
-    time. `settings`: extract_regions's (num_boxes, min_boxes, max_boxes, conf_thresh, min_size,
-    max_size, proposals), the policy's defaults where absent. `timer(stage)`, if given, returns a
-    context manager wrapped around each stage."""
-    chosen = make_policy(detector, policy, **settings)
+    time. `timer(stage)`, if given, returns a context manager wrapped around each stage."""
+    chosen = make_policy(detector, settings)
     arrays = [as_rgb_array(image, chosen.read_picture) for image in images]
     if not arrays:
         return []
@@ -124,35 +123,12 @@ def extract_regions_batch(detector, images, policy="caffe", timer=None, **settin
             return chosen.select(scored, probs, arrays, detector.roi_heads.box_predictor)
 
 
-def extract_regions(
-    detector,
-    image,
-    policy="caffe",
-    num_boxes=None,
-    min_boxes=10,
-    max_boxes=100,
-    conf_thresh=0.2,
-    min_size=None,
-    max_size=None,
-    proposals=None,
-):
-    """The regions of one image (a path, read as the policy reads pictures, or an RGB uint8 array).
+def extract_regions(detector, image, settings=RegionSettings()):
+    """The regions of one image (a path, read as the policy reads pictures, or an RGB uint8 array),
+    chosen as `settings` (a detection.settings.RegionSettings; by default the caffe policy's 36) say.
 
     Returns a dict: boxes (N, 4) float32 x1 y1 x2 y2 in the image's pixels, features (N, D)
     float32, objects_id / attrs_id (N,) int64 (no background / "no attribute"), objects_conf /
     attrs_conf (N,) float32, img_h, img_w. Regions come in the order the policy keeps them.
-    None sizes, proposals or num_boxes take the policy's own values (caffe: 600 / 1000 / 300,
-    min_boxes..max_boxes regions; hf: the config's 800 / 1333 / 300 and 36 regions).
     """
-    return extract_regions_batch(
-        detector,
-        [image],
-        policy,
-        num_boxes=num_boxes,
-        min_boxes=min_boxes,
-        max_boxes=max_boxes,
-        conf_thresh=conf_thresh,
-        min_size=min_size,
-        max_size=max_size,
-        proposals=proposals,
-    )[0]
+    return extract_regions_batch(detector, [image], settings)[0]

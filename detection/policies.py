@@ -26,40 +26,35 @@ from detection.preprocess import (
 )
 from detection.proposals import CAFFE_POST_NMS, caffe_proposals, checkpoint_anchor_order, hf_proposals
 from detection.selection import per_class_max_conf, select_caffe, select_hf
-from utils.errors import DataError, OptionError
+from detection.settings import POLICY_NAMES
+from utils.errors import DataError
 from utils.images import read_image
 
 
 class Policy:
-    """One policy's settings: input sizes, proposals kept, (fewest, most) regions per picture.
+    """One policy run with one RegionSettings: input sizes, proposals kept, (fewest, most) regions per picture.
 
     Subclasses give the defaults (`default_sizes`, `default_boxes`), the anchors (`make_anchors`)
     and the four steps: `read_picture`, `network_input`, `propose`, `select`. Settings left None
-    take the policy's defaults; num_boxes, when given, is the exact count of regions per picture.
+    take the policy's defaults.
     """
 
     name = None
 
-    def __init__(
-        self,
-        detector,
-        num_boxes=None,
-        min_boxes=10,
-        max_boxes=100,
-        conf_thresh=0.2,
-        min_size=None,
-        max_size=None,
-        proposals=None,
-    ):
+    def __init__(self, detector, settings):
         self.config = detector.config
         sizes = self.default_sizes()
-        self.min_size, self.max_size = int(min_size or sizes[0]), int(max_size or sizes[1])
-        self.post_nms = int(proposals or sizes[2])
-        self.boxes = (num_boxes, num_boxes) if num_boxes is not None else self.default_boxes(min_boxes, max_boxes)
-        self.conf_thresh = conf_thresh
+        self.min_size, self.max_size = int(settings.min_size or sizes[0]), int(settings.max_size or sizes[1])
+        self.post_nms = int(settings.proposals or sizes[2])
+        self.boxes = settings.box_range(self.default_boxes())
+        self.conf_thresh = settings.conf_thresh
         self.anchor_sizes = self.config["anchor_generator"]["sizes"][0]
         self.anchor_ratios = self.config["anchor_generator"]["aspect_ratios"][0]
         self.make_anchors(detector.device)
+
+    def default_boxes(self):
+        """The policy's own (fewest, most) regions for a variable count; None where the settings say it."""
+        return None
 
     def prepare(self, image):
         """-> network input (3, h, w), the factors (y, x) from its pixels to the image's, and
@@ -112,9 +107,6 @@ class CaffePolicy(Policy):
 
     def default_sizes(self):
         return CAFFE_SCALE, CAFFE_MAX_SIZE, CAFFE_POST_NMS
-
-    def default_boxes(self, min_boxes, max_boxes):
-        return min_boxes, max_boxes
 
     def make_anchors(self, device):
         self.cell_anchors = caffe_ops.cell_anchors(self.anchor_sizes, self.anchor_ratios)
@@ -174,7 +166,8 @@ class HFPolicy(Policy):
         config = self.config
         return config["input"]["min_size_test"], config["input"]["max_size_test"], config["rpn"]["post_nms_topk_test"]
 
-    def default_boxes(self, min_boxes, max_boxes):
+    def default_boxes(self):
+        """The config's range, for a variable count."""
         return int(self.config["min_detections"]), int(self.config["max_detections"])
 
     def make_anchors(self, device):
@@ -216,16 +209,9 @@ class HFPolicy(Policy):
 
 
 POLICIES = {policy.name: policy for policy in (CaffePolicy, HFPolicy)}
+assert tuple(POLICIES) == POLICY_NAMES
 
 
-def policy_class(policy):
-    """The class of the policy named `policy` ('caffe' or 'hf'); another name is an OptionError."""
-    if policy not in POLICIES:
-        raise OptionError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
-    return POLICIES[policy]
-
-
-def make_policy(detector, policy="caffe", **settings):
-    """The policy named `policy` ('caffe' or 'hf') for `detector`, with the caller's settings
-    (num_boxes, min_boxes, max_boxes, conf_thresh, min_size, max_size, proposals)."""
-    return policy_class(policy)(detector, **settings)
+def make_policy(detector, settings):
+    """The policy of `settings` (a RegionSettings) for `detector`."""
+    return POLICIES[settings.policy](detector, settings)

@@ -23,6 +23,7 @@ from detection import (
     proposals,
     selection,
 )
+from detection.settings import RegionSettings
 from detection.weights import load_detector
 from conftest import CreatesFile, shared_file
 from tiny_detector import tiny_detector_state_dict
@@ -62,7 +63,7 @@ def rgb_image(inputs, i):
 @pytest.mark.parametrize("i", [0, 1])
 def test_reference_network_input(reference, i):
     ref, inputs, detector = reference
-    plan = policies.make_policy(detector, "hf")
+    plan = policies.make_policy(detector, RegionSettings(policy="hf"))
     x, scale_yx, _ = plan.prepare(rgb_image(inputs, i))
     assert tuple(x.shape[1:]) == tuple(ref[f"img{i}_input_hw"][0])
     assert relative_error(x.numpy(), inputs[f"img{i}_net_input"][0]) < 1e-6
@@ -81,7 +82,7 @@ def test_reference_backbone(reference, i):
 def test_reference_proposals_as_a_set(reference, i):
     ref, _, detector = reference
     res4 = torch.from_numpy(ref[f"img{i}_res4"])
-    plan = policies.make_policy(detector, "hf")
+    plan = policies.make_policy(detector, RegionSettings(policy="hf"))
     height, width = ref[f"img{i}_input_hw"][0]
     with torch.inference_mode():
         logits, deltas = detector.proposal_generator.rpn_head(res4)
@@ -129,7 +130,7 @@ def test_reference_end_to_end_in_one_batch(reference):
     """Both images through extract_regions_batch: the regions the demo keeps, in its order."""
     ref, inputs, detector = reference
     results = extract.extract_regions_batch(
-        detector, [rgb_image(inputs, 0), rgb_image(inputs, 1)], policy="hf", num_boxes=10
+        detector, [rgb_image(inputs, 0), rgb_image(inputs, 1)], RegionSettings(policy="hf", boxes=10)
     )
     for i, regions in enumerate(results):
         assert (regions["img_h"], regions["img_w"]) == tuple(ref[f"img{i}_raw_hw"])
@@ -530,7 +531,7 @@ def photo(seed, height=120, width=160):
 @pytest.mark.parametrize(
     "selection",
     [
-        {"num_boxes": 36},
+        {"boxes": 36},
         {"min_boxes": 10, "max_boxes": 100, "conf_thresh": "within"},
         {"min_boxes": 10, "max_boxes": 100, "conf_thresh": 0.99},
         {"min_boxes": 10, "max_boxes": 30, "conf_thresh": 0.0},
@@ -539,7 +540,7 @@ def photo(seed, height=120, width=160):
 def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detector, selection):
     """extract_regions(policy='caffe') against the transcription run on the same proposals' outputs."""
     image = photo(3)
-    scored = extract.score_regions(small_vocabulary_detector, [image], policy="caffe", proposals=120)[0]
+    scored = extract.score_regions(small_vocabulary_detector, [image], RegionSettings(proposals=120))[0]
     cls_boxes = scored["proposals"].numpy() / np.float32(scored["scale"])
     cls_prob = background_first(scored["obj_logits"].softmax(dim=1).numpy())
     attr_prob = background_first(scored["attr_logits"].softmax(dim=1).numpy())
@@ -547,12 +548,13 @@ def test_caffe_policy_matches_generate_tsv_transcription(small_vocabulary_detect
     selection = dict(selection)
     if selection.get("conf_thresh") == "within":
         selection["conf_thresh"] = thresh_for(transcribed_max_conf(cls_boxes, cls_prob), 50)
-    low = selection.get("num_boxes", selection.get("min_boxes"))
-    high = selection.get("num_boxes", selection.get("max_boxes"))
+    low = selection.get("boxes", selection.get("min_boxes"))
+    high = selection.get("boxes", selection.get("max_boxes"))
     expected = transcribed_generate_tsv(
         cls_boxes, cls_prob, attr_prob, pool5, selection.get("conf_thresh", 0.2), low, high
     )
-    regions = extract.extract_regions(small_vocabulary_detector, image, policy="caffe", proposals=120, **selection)
+    settings = RegionSettings(proposals=120, **{"boxes": None, **selection})
+    regions = extract.extract_regions(small_vocabulary_detector, image, settings)
     assert (regions["img_h"], regions["img_w"]) == image.shape[:2]
     for key, value in expected.items():
         np.testing.assert_allclose(regions[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
@@ -644,23 +646,27 @@ def tiny():
 QUICK = {"min_size": 200, "max_size": 320, "proposals": 100}
 
 
+def settings(policy="caffe", boxes=36, **values):
+    return RegionSettings(policy=policy, boxes=boxes, **values)
+
+
 def test_fewer_proposals_than_num_boxes_gives_all_of_them(tiny):
     for policy in policies.POLICIES:
-        regions = extract.extract_regions(tiny, photo(0), policy=policy, num_boxes=36, proposals=20)
+        regions = extract.extract_regions(tiny, photo(0), settings(policy, proposals=20))
         assert len(regions["boxes"]) == len(regions["features"]) == 20
 
 
 def test_tiny_and_elongated_pictures(tiny):
     # py-faster-rcnn drops proposals under 16 pixels of the picture: a smaller picture has none.
-    assert len(extract.extract_regions(tiny, photo(0, 12, 12), num_boxes=36, proposals=100)["boxes"]) == 0
-    assert len(extract.extract_regions(tiny, photo(0, 12, 12), policy="hf", num_boxes=36, proposals=100)["boxes"]) == 36
+    assert len(extract.extract_regions(tiny, photo(0, 12, 12), settings(proposals=100))["boxes"]) == 0
+    assert len(extract.extract_regions(tiny, photo(0, 12, 12), settings("hf", proposals=100))["boxes"]) == 36
     for policy in policies.POLICIES:
         with pytest.raises(DataError, match=r"a 3x2000 picture is too elongated for the detector: resized to 2x1\d+ "):
-            extract.extract_regions(tiny, photo(0, 3, 2000), policy=policy)
+            extract.extract_regions(tiny, photo(0, 3, 2000), settings(policy))
 
 
 def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
-    regions = extract.extract_regions(tiny, photo(1), policy="hf")
+    regions = extract.extract_regions(tiny, photo(1), settings("hf", boxes=None))
     assert regions["boxes"].shape == (36, 4) and regions["features"].shape == (36, 64)
     assert (regions["boxes"][:, 2] <= regions["img_w"] + 1e-3).all() and (
         regions["boxes"][:, 3] <= regions["img_h"] + 1e-3
@@ -675,9 +681,9 @@ def test_hf_policy_defaults_to_the_configs_36_regions(tiny):
 def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
     # Two images of one size (they share a backbone pass) and one of another.
     images = [photo(0), photo(1, 90, 200), photo(2)]
-    together = extract.extract_regions_batch(tiny, images, policy=policy, num_boxes=36, **QUICK)
+    together = extract.extract_regions_batch(tiny, images, settings(policy, **QUICK))
     for image, batched in zip(images, together):
-        alone = extract.extract_regions(tiny, image, policy=policy, num_boxes=36, **QUICK)
+        alone = extract.extract_regions(tiny, image, settings(policy, **QUICK))
         assert batched.keys() == alone.keys()
         for key in alone:
             np.testing.assert_allclose(batched[key], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -685,9 +691,9 @@ def test_batch_gives_the_results_of_one_at_a_time(tiny, policy):
 
 def test_policies_and_colour_order_matter(tiny):
     image = photo(4)
-    caffe = extract.extract_regions(tiny, image, num_boxes=10, **QUICK)
-    hf = extract.extract_regions(tiny, image, policy="hf", num_boxes=10, **QUICK)
-    swapped = extract.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), num_boxes=10, **QUICK)
+    caffe = extract.extract_regions(tiny, image, settings(boxes=10, **QUICK))
+    hf = extract.extract_regions(tiny, image, settings("hf", boxes=10, **QUICK))
+    swapped = extract.extract_regions(tiny, np.ascontiguousarray(image[..., ::-1]), settings(boxes=10, **QUICK))
     assert not np.allclose(caffe["features"], hf["features"])
     assert not np.allclose(caffe["features"], swapped["features"])
 
@@ -702,14 +708,14 @@ def test_each_policy_reads_a_path_as_its_original_did(tiny, tmp_path):
     over_white = np.where(alpha > 0, image, 255).astype(np.uint8)
     assert 0.2 < (alpha == 0).mean() < 0.8
     for policy, seen in (("caffe", image), ("hf", over_white)):
-        from_path = extract.extract_regions(tiny, str(path), policy=policy, num_boxes=10, **QUICK)
-        from_array = extract.extract_regions(tiny, seen, policy=policy, num_boxes=10, **QUICK)
+        from_path = extract.extract_regions(tiny, str(path), settings(policy, boxes=10, **QUICK))
+        from_array = extract.extract_regions(tiny, seen, settings(policy, boxes=10, **QUICK))
         np.testing.assert_array_equal(from_path["features"], from_array["features"])
 
 
 def test_unknown_policy_and_bad_arrays_are_refused(tiny):
-    with pytest.raises(OptionError, match="policy: expected one of caffe, hf, got 'detectron'"):
-        extract.extract_regions(tiny, photo(0), policy="detectron")
+    with pytest.raises(OptionError, match="policy 'detectron': expected one of caffe, hf"):
+        extract.extract_regions(tiny, photo(0), settings("detectron"))
     with pytest.raises(ValueError, match="RGB uint8"):
         extract.extract_regions(tiny, photo(0).astype(np.float32))
     with pytest.raises(ValueError, match="RGB uint8"):
@@ -757,7 +763,7 @@ def test_config_yaml_in_any_case(tmp_path):
         tiny_detector_state_dict(),
         config={"roi_heads": {"nms_thresh_test": 0.5}, "min_detections": 5, "max_detections": 5},
     )
-    assert len(extract.extract_regions(scalar, photo(0), policy="hf", **QUICK)["boxes"]) == 5
+    assert len(extract.extract_regions(scalar, photo(0), settings("hf", boxes=None, **QUICK))["boxes"]) == 5
 
 
 def refusal(weights):

@@ -1,6 +1,8 @@
 """extract_regions.py: the obj36 TSV, its round trip through tsv_to_precomp, resume after a kill,
 torchrun sharding, bad pictures, and cached_regions."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -14,19 +16,22 @@ from PIL import Image
 
 import extract_regions
 from detection import cache, extract, pipeline
+from detection.settings import REGIONS_VERSION, RegionSettings
 from detection.weights import load_detector
 from conftest import ROOT
 from utils import obj36, tsv_to_precomp
 from utils.distributed import SINGLE_PROCESS
 from tiny_detector import tiny_detector_state_dict
+from utils.errors import OptionError, as_flag
 from utils.images import read_image
 
 # Small network inputs and 10 boxes: a fraction of a second per picture with the tiny detector.
 FAST = ["--boxes", "10", "--min_size", "128", "--max_size", "200"]
+FAST_SETTINGS = RegionSettings(boxes=10, min_size=128, max_size=200)
 SLOWED = (
     "import sys, time; sys.path.insert(0, sys.argv.pop(1)); "
     "from detection import pipeline; batch = pipeline.extract_regions_batch; "
-    "pipeline.extract_regions_batch = lambda *a, **k: (time.sleep(0.3), batch(*a, **k))[1]; "
+    "pipeline.extract_regions_batch = lambda *a: (time.sleep(0.3), batch(*a))[1]; "
     "import extract_regions; sys.exit(extract_regions.main(sys.argv[1:]))"
 )
 
@@ -77,7 +82,7 @@ def test_the_tsv_round_trips_through_tsv_to_precomp(detector, tmp_path, capsys):
     assert f"6 images written to {out}" in capsys.readouterr().out
 
     net = load_detector(weights)
-    expected = [extract.extract_regions(net, read_image(p), num_boxes=10, min_size=128, max_size=200) for p in paths]
+    expected = [extract.extract_regions(net, read_image(p), FAST_SETTINGS) for p in paths]
     ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     for line, image_id, regions in zip(rows(out), ids, expected):
         parsed = obj36.parse_row(line.rstrip(b"\n"), "row")
@@ -350,31 +355,32 @@ def test_cached_regions_extracts_each_picture_once(detector, tmp_path, monkeypat
     monkeypatch.setattr(
         pipeline,
         "extract_regions_batch",
-        lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1],
+        lambda net, images, settings: (extracted.extend(images), batch(net, images, settings))[1],
     )
 
-    first = cache.cached_regions(paths[:3], weights, num_boxes=10)
+    ten = RegionSettings(boxes=10)
+    first = cache.cached_regions(paths[:3], weights, settings=ten)
     assert list(first) == ["pic00", "pic01", "pic02"] and len(extracted) == 3
-    expected = batch(load_detector(weights), [read_image(p) for p in paths[:3]], num_boxes=10)
+    expected = batch(load_detector(weights), [read_image(p) for p in paths[:3]], ten)
     for regions, reference in zip(first.values(), expected):
         for key in reference:
             np.testing.assert_array_equal(regions[key], reference[key])
 
-    again = cache.cached_regions(paths, weights, num_boxes=10)
+    again = cache.cached_regions(paths, weights, settings=ten)
     assert len(extracted) == 4  # only the new picture
     assert list(again) == ["pic00", "pic01", "pic02", "pic03"]
     np.testing.assert_array_equal(again["pic01"]["features"], first["pic01"]["features"])
-    assert cache.cached_regions(paths, weights, num_boxes=10).keys() == again.keys() and len(extracted) == 4
+    assert cache.cached_regions(paths, weights, settings=ten).keys() == again.keys() and len(extracted) == 4
 
     cache_files = os.listdir(os.path.join(os.environ["VSRN_CACHE"], "regions"))
     assert len([f for f in cache_files if f.endswith(".tsv")]) == 1
 
     # Other settings, and an edited picture, are extracted again.
-    cache.cached_regions(paths[:1], weights, num_boxes=12)
+    cache.cached_regions(paths[:1], weights, settings=RegionSettings(boxes=12))
     assert len(extracted) == 5
     Image.fromarray(np.random.RandomState(5).randint(0, 256, (60, 90, 3), dtype=np.uint8)).save(paths[2])
     os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))
-    edited = cache.cached_regions(paths, weights, num_boxes=10)
+    edited = cache.cached_regions(paths, weights, settings=ten)
     assert len(extracted) == 6
     assert (edited["pic02"]["img_h"], edited["pic02"]["img_w"]) == (60, 90)
 
@@ -393,7 +399,7 @@ def test_each_policy_reads_the_pictures_as_its_original_did(detector, tmp_path):
         args = ["--images", str(tmp_path / "pics"), "--weights", weights, "--out", str(out), "--policy", policy]
         assert extract_regions.main([*args, *FAST]) == 0
         row = obj36.parse_row(rows(out)[0].rstrip(b"\n"), "row")
-        expected = extract.extract_regions(net, seen, policy=policy, num_boxes=10, min_size=128, max_size=200)
+        expected = extract.extract_regions(net, seen, dataclasses.replace(FAST_SETTINGS, policy=policy))
         np.testing.assert_array_equal(row["features"], expected["features"])
 
 
@@ -456,7 +462,7 @@ def test_check_against_refusals_are_one_line(detector, tmp_path, capsys, case):
     published = tmp_path / "published.tsv"
     if case != "missing rows":  # a row of another picture
         other = make_pictures(tmp_path / "other", count=1)[0]
-        regions = extract.extract_regions(load_detector(weights), other, num_boxes=10, min_size=128, max_size=200)
+        regions = extract.extract_regions(load_detector(weights), other, FAST_SETTINGS)
         write_rows(published, {"other": regions})
     args = ["--check_against", str(published), "--images", str(tmp_path / "pics"), "--weights", weights]
     extra, expected = {
@@ -470,3 +476,98 @@ def test_check_against_refusals_are_one_line(detector, tmp_path, capsys, case):
     assert extract_regions.main([*args, *extra]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and expected in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The front door: RegionSettings and detect_pictures
+
+
+@pytest.mark.parametrize(
+    "values, message, flags",
+    [
+        ({"boxes": 0}, "boxes 0: expected at least 1", "--boxes 0: expected at least 1"),
+        ({"policy": "detectron"}, "policy 'detectron': expected one of caffe, hf", None),
+        (
+            {"min_boxes": 5},
+            "boxes N takes exactly N regions per picture; min_boxes/max_boxes take a variable number",
+            "--boxes N takes exactly N regions per picture; --min_boxes/--max_boxes take a variable number",
+        ),
+        (
+            {"boxes": None, "policy": "hf", "max_boxes": 20},
+            "min_boxes/max_boxes select with the caffe policy; policy hf takes boxes N",
+            "--min_boxes/--max_boxes select with the caffe policy; --policy hf takes --boxes N",
+        ),
+        (
+            {"boxes": None, "min_boxes": 150},
+            "min_boxes 150 max_boxes 100: expected 1 <= min <= max",
+            "--min_boxes 150 --max_boxes 100: expected 1 <= min <= max",
+        ),
+        ({"proposals": 2.5}, "proposals 2.5: expected at least 1", None),
+    ],
+)
+def test_region_settings_refuse_what_the_detector_cannot_run_in_the_library_words(values, message, flags):
+    with pytest.raises(OptionError) as refused:
+        RegionSettings(**values)
+    assert str(refused.value).startswith(message)
+    if flags:
+        assert refused.value.worded(as_flag).startswith(flags)
+
+
+def test_region_settings_record_what_libraries_and_the_cache_keep():
+    fixed = RegionSettings()
+    assert fixed.record() == {
+        "policy": "caffe",
+        "boxes": 36,
+        "min_size": None,
+        "max_size": None,
+        "proposals": None,
+        "regions_version": REGIONS_VERSION,
+    }
+    variable = RegionSettings(boxes=None, max_boxes=50, conf_thresh=0.3, proposals=np.int64(120))
+    record = variable.record()
+    assert record["max_boxes"] == 50 and record["conf_thresh"] == 0.3 and "min_boxes" not in record
+    assert json.loads(json.dumps(record)) == record and RegionSettings.from_record(record) == variable
+    # A photo library's record carries its detector config's digest beside the settings.
+    assert RegionSettings.from_record({**fixed.record(), "config": "ab12"}) == fixed
+    assert variable.box_range(None) == (10, 50) and fixed.box_range(None) == (36, 36)
+    assert RegionSettings(policy="hf", boxes=None).box_range((20, 40)) == (20, 40)
+
+
+def test_detect_pictures_yields_each_pictures_regions_or_problem_in_order(detector, tmp_path):
+    weights, _ = detector
+    paths = make_pictures(tmp_path / "pics", count=3)
+    paths.insert(1, str(tmp_path / "pics" / "missing.png"))
+    tiny = tmp_path / "pics" / "tiny.png"  # under 16 pixels: no proposal under the caffe policy
+    Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8)).save(tiny)
+    paths.append(str(tiny))
+    net = load_detector(weights)
+    steps = list(pipeline.detect_pictures(net, paths, FAST_SETTINGS, batch_size=2, workers=2))
+    assert [len(step) for step in steps] == [2, 2, 1]
+    found = [d for step in steps for d in step]
+    assert [d.index for d in found] == [0, 1, 2, 3, 4]
+    assert found[1].regions is None and found[1].problem == "file not found"
+    assert found[4].regions is None and found[4].problem.startswith("the detector kept 0 regions, 10 needed")
+    for d in (found[0], found[2], found[3]):
+        expected = extract.extract_regions(net, read_image(paths[d.index]), FAST_SETTINGS)
+        assert d.problem is None and np.array_equal(d.regions["features"], expected["features"])
+
+
+def test_detect_pictures_finishes_each_share_with_its_pictures(detector, tmp_path):
+    """`finish` sees each share's Detected with the pictures read for them; what it makes is what is yielded
+    (under torchrun, what each process sends to the first)."""
+    weights, _ = detector
+    paths = make_pictures(tmp_path / "pics", count=5)
+    finished = []
+
+    def finish(found, pictures):
+        finished.append([d.index for d in found])
+        return [
+            (d.index, picture.shape[:2], d.regions["img_h"], d.regions["img_w"]) for d, picture in zip(found, pictures)
+        ]
+
+    net = load_detector(weights)
+    steps = list(pipeline.detect_pictures(net, paths, FAST_SETTINGS, batch_size=2, finish=finish))
+    assert finished == [[0, 1], [2, 3], [4]]
+    made = [item for step in steps for item in step]
+    assert [index for index, *_ in made] == [0, 1, 2, 3, 4]
+    assert all(shape == (height, width) for _, shape, height, width in made)

@@ -13,6 +13,7 @@ import extract_regions
 import visualize
 from conftest import make_opt
 from detection import cache, pipeline
+from detection.settings import RegionSettings
 from inference import encode_query, load_models, vocabulary_folder
 from model import VSRN
 from tiny_detector import TINY_ARCH, tiny_detector_state_dict
@@ -89,23 +90,23 @@ def test_every_device_flag_answers_in_one_line(own, tmp_path, capsys):
 
 def test_ctrl_c_during_the_extraction_says_what_the_cache_kept(own, monkeypatch, capsys):
     photos, weights, checkpoint, _ = own
-    extract_rows, calls = pipeline.extract_rows, []
+    detect_share, calls = pipeline.detect_share, []
 
     def stopped_at_the_second(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return extract_rows(*args)
+        return detect_share(*args)
 
-    monkeypatch.setattr(pipeline, "extract_rows", stopped_at_the_second)
+    monkeypatch.setattr(pipeline, "detect_share", stopped_at_the_second)
     args = ["--checkpoint", checkpoint, "--images", str(photos), "--detector", weights, "--query", "a dog"]
     assert visualize.main(args) == 130
-    path = cache.regions_cache_path(weights, None, "caffe", 36)
+    path = cache.regions_cache_path(weights)
     assert one_line(capsys) == (
         f"error: interrupted; the regions of the 1 picture extracted before the stop are kept in {path}; "
         "rerun the same command to continue"
     )
-    monkeypatch.setattr(pipeline, "extract_rows", extract_rows)
+    monkeypatch.setattr(pipeline, "detect_share", detect_share)
     calls.clear()
     assert visualize.main([*args, "--out", str(photos.parent / "g.png")]) == 0
     assert "Regions of 2 pictures extracted (caffe policy, 36 boxes) and cached in" in capsys.readouterr().out
@@ -116,10 +117,11 @@ def test_the_region_cache_leaves_no_lock_files_nor_empty_tables(own, tmp_path, c
     not_a_detector = tmp_path / "vsrn.bin"
     torch.save({"model": [{}], "opt": make_opt()}, not_a_detector)
     with pytest.raises(Exception, match="not the detector's weights"):
-        cache.cached_regions([str(photos / "p0.png")], str(not_a_detector), num_boxes=10)
-    cache.cached_regions([str(photos / "p0.png")], weights, num_boxes=10)
+        cache.cached_regions([str(photos / "p0.png")], str(not_a_detector), settings=RegionSettings(boxes=10))
+    cache.cached_regions([str(photos / "p0.png")], weights, settings=RegionSettings(boxes=10))
     folder = os.path.join(os.environ["VSRN_CACHE"], "regions")
-    assert [name for name in os.listdir(folder)] == [os.path.basename(cache.regions_cache_path(weights, num_boxes=10))]
+    expected = os.path.basename(cache.regions_cache_path(weights, settings=RegionSettings(boxes=10)))
+    assert [name for name in os.listdir(folder)] == [expected]
 
 
 def test_a_query_names_its_unknown_words_and_one_of_only_unknown_words_is_refused(own):
@@ -233,11 +235,11 @@ def test_lxmert_extracts_one_picture_per_detector_pass_whatever_its_batch_size(o
     photos, weights, _, _ = own
     passes = []
 
-    def extract_rows(detector, items, pictures, settings):
-        passes.append(len(items))
+    def detect_share(detector, share, paths, pictures, settings):
+        passes.append(len(share))
         raise KeyboardInterrupt  # enough: the pass was seen
 
-    monkeypatch.setattr(pipeline, "extract_rows", extract_rows)
+    monkeypatch.setattr(pipeline, "detect_share", detect_share)
     captions = tmp_path / "captions.txt"
     captions.write_text("a dog\n")
     (tmp_path / "lxmert").mkdir()
