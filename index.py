@@ -18,12 +18,11 @@ import argparse
 import os
 import sys
 
-from photo_library.indexer import IndexRequest, Indexer
+from photo_library.indexer import INDEX_CHOICES, IndexRequest, Indexer
 from photo_library.store import database_errors
-from photo_library.vectors import KINDS
 from utils.device import check_device
 from utils.distributed import SINGLE_PROCESS, join_world
-from utils.errors import OptionError, VSRNError, report, report_interrupt
+from utils.errors import VSRNError, report, report_interrupt
 from utils.options import ScriptHelpFormatter
 
 
@@ -59,7 +58,7 @@ def build_parser():
     p.add_argument("--proposals", type=int, help="RPN proposals kept (default: the policy's, 300)")
     p.add_argument(
         "--index",
-        choices=("auto", *KINDS),
+        choices=INDEX_CHOICES,
         help="the vector index: auto (default) takes flat up to 50,000 photos, then hnsw within --index_memory, "
         "then ivfpq",
     )
@@ -82,12 +81,6 @@ def build_parser():
 
 
 def request_of(args):
-    if args.batch_size < 1 or args.workers < 1:
-        raise OptionError("--batch_size and --workers: expected at least 1")
-    if args.boxes is not None and args.boxes < 1:
-        raise OptionError(f"--boxes {args.boxes}: expected at least 1")
-    if args.index_memory <= 0:
-        raise OptionError(f"--index_memory {args.index_memory}: expected a positive number of GB")
     return IndexRequest(
         library=args.library,
         images=args.images,

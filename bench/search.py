@@ -217,7 +217,7 @@ def record_reads(library, repeats=50):
     rng = np.random.default_rng(0)
     records = Library.open(library)
     try:
-        ids = [row[0] for row in records.db.execute("SELECT id FROM photos")]
+        ids = records.photo_ids()
         wanted = min(REFINE * 10, len(ids))
         return statistics.median(
             timed(lambda: records.embedding_of(rng.choice(ids, wanted, replace=False).tolist())) for _ in range(repeats)

@@ -11,19 +11,48 @@ import concurrent.futures
 import math
 import queue
 import threading
+from dataclasses import dataclass
 
 import torch
 
-from inference import encode_regions, encode_token_lists
+from inference import encode_regions, encode_token_lists, load_models
 from utils.errors import OptionError
+from vocab import vocabulary_from_words
+
+
+@dataclass
+class LibraryModels:
+    """The checkpoints that embed a library's photos and queries, with their vocabulary."""
+
+    vocab: object
+    models: list
+    feature_dim: int  # the region features their image encoder takes
+
+    @property
+    def embedding_dim(self):
+        """The size of the library's vectors: the models' embeddings side by side."""
+        return sum(model.img_enc.embed_size for model in self.models)
+
+
+def load_library_models(paths, words=None, folder=None, vocab_path=None, device=None):
+    """The LibraryModels of the checkpoints at `paths`, with the vocabulary a library keeps (`words`, of the
+    library in `folder`), else their own vocabulary file (found as inference.load_models finds it)."""
+    vocab = None
+    if words is not None:
+        vocab = vocabulary_from_words(words)
+        vocab.path = f"the vocabulary kept in {folder}"
+    opt, vocab, models = load_models(paths, vocab_path=vocab_path, need_data=False, device=device, vocab=vocab)
+    check_models(models, paths)
+    return LibraryModels(vocab, models, opt.img_dim)
 
 
 def check_models(models, paths):
     """The library scores by inner products: models of order embeddings (`--measure order`) cannot be indexed."""
     for model, path in zip(models, paths):
         if model.measure != "cosine":
-            raise OptionError(
-                f"--checkpoint {path}: scores with order embeddings (--measure order), which a vector index cannot rank"
+            raise OptionError.naming(
+                "{checkpoint} {path}: scores with order embeddings (measure order), which a vector index cannot rank",
+                path=path,
             )
 
 

@@ -5,7 +5,8 @@ skipped). A file whose size and modification time are those recorded is unchange
 read. Any other file is read once for its content digest: content the library holds already (a
 moved, renamed or copied photo) only gains a path; content that failed before fails again
 without being retried; the rest is new work. Recorded files under the scanned folders that are
-gone are dropped.
+gone are dropped. `apply_changes` records all but the new work, whose files are recorded with their
+photos when those are committed.
 """
 
 import hashlib
@@ -87,3 +88,23 @@ def scan(library, roots):
     prefixes = tuple(os.path.join(root, "") for root in roots)
     changes.gone = sorted(path for path in recorded if path.startswith(prefixes) and path not in seen)
     return changes
+
+
+def apply_changes(library, changes, note):
+    """Record moved, copied, failed, changed and gone files (in the caller's transaction): photos no file shows
+    any more go. Failures are said with `note`. The number of photos removed."""
+    generation = library.meta("generation") + 1
+    for path, size, mtime_ns, digest, photo in changes.relinked:
+        library.set_file(path, size, mtime_ns, digest, photo)
+    for path, size, mtime_ns, digest, reason in changes.failed:
+        note(f"{path}: {reason}")
+        library.set_file(path, size, mtime_ns, digest, reason=reason)
+    # A changed file with new content has no row until that content is committed: a stopped run redoes it.
+    for path, *_ in changes.new:
+        if path in changes.changed:
+            library.forget_file(path)
+    removed = library.forget_files(changes.gone, generation)
+    removed += library.drop_unshown({photo for photo in changes.changed.values() if photo is not None}, generation)
+    if removed:
+        library.set_meta(generation=generation)
+    return removed

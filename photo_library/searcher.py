@@ -19,12 +19,11 @@ import torch
 
 from inference import read_query
 from photo_library import recipe
-from photo_library.embedding import QueryBatcher, image_vectors, text_vectors
+from photo_library.embedding import QueryBatcher, image_vectors, load_library_models, text_vectors
 from photo_library.store import Library
 from photo_library.vectors import INDEX_FILE, VectorIndex
 from utils.errors import DataError, OptionError
 from utils.genome import object_name
-from vocab import vocabulary_from_words
 
 REFRESH_EVERY_S = 1.0
 
@@ -62,7 +61,7 @@ class Searcher:
         self._local = threading.local()
         recorded = self.library.meta("checkpoints")
         if not recorded:
-            raise OptionError(f"--library {folder}: holds no photos yet; index some with index.py")
+            raise OptionError.naming("{library} {folder}: holds no photos yet; index some with index.py", folder=folder)
         self.lock = threading.Lock()
         self.reloading = threading.Lock()
         self.checked_at = 0.0
@@ -73,18 +72,14 @@ class Searcher:
     def load_epoch(self, records, previous=None):
         """The Epoch of the records now: the checkpoints of `records` loaded (kept from the `previous` Epoch
         when they are its checkpoints), with the index."""
-        from inference import load_models
-
         digests = tuple(record["digest"] for record in records)
         if previous is None or previous.digests != digests:
-            vocab = vocabulary_from_words(self.library.meta("vocab_words"))
-            vocab.path = f"the vocabulary kept in {self.folder}"
-            _, vocab, loaded = load_models(
-                [record["path"] for record in records], need_data=False, device=self.device, vocab=vocab
-            )
+            paths = [record["path"] for record in records]
+            loaded = load_library_models(paths, self.library.meta("vocab_words"), self.folder, device=self.device)
+            vocab, models = loaded.vocab, loaded.models
         else:
-            vocab, loaded = previous.vocab, previous.models
-        return Epoch(digests, vocab, loaded, self.load_index())
+            vocab, models = previous.vocab, previous.models
+        return Epoch(digests, vocab, models, self.load_index())
 
     def batch_queries(self):
         """Encode the sentences of concurrent queries together (a server's many clients)."""
@@ -141,7 +136,7 @@ class Searcher:
         hits = self.nearest(epoch, vector, wanted)
         if rerank:
             if self.reranking is None:
-                raise OptionError("--rerank lxmert needs LXMERT's weights: --model DIR")
+                raise OptionError.naming("{rerank} needs LXMERT: this searcher has no reranker")
             hits = self.rerank(text, hits)
         return hits[:k], query
 
@@ -158,7 +153,7 @@ class Searcher:
         from photo_library.scan import content_digest
 
         if not os.path.isfile(path):
-            raise OptionError(f"--like {path}: file not found")
+            raise OptionError.naming("{like} {path}: file not found", path=path)
         library = self.library
         photo = library.photo_of_path(os.path.abspath(path)) or library.photo_of_digest(content_digest(path))
         if photo is not None:
@@ -167,25 +162,20 @@ class Searcher:
 
     def extracted_vector(self, epoch, path):
         from detection.cache import cached_regions
+        from detection.settings import RegionSettings
 
         library = self.library
-        detector, settings = library.meta("detector"), library.meta("settings")
+        detector = library.meta("detector")
         if detector is None or not os.path.isfile(detector["path"]):
-            raise OptionError(
-                f"--like {path}: not in the library, and the library's detector weights are not there to extract it"
+            raise OptionError.naming(
+                "{like} {path}: not in the library, and the library's detector weights are not there to extract it",
+                path=path,
             )
-        sizes = {key: settings[key] for key in ("min_size", "max_size", "proposals")}
-        regions = cached_regions(
-            [path],
-            detector["path"],
-            library.meta("detector_config"),
-            settings["policy"],
-            settings["boxes"],
-            device=str(self.device),
-            sizes=sizes,
-        )
+        settings = RegionSettings.from_record(library.meta("settings"))
+        config = library.meta("detector_config")
+        regions = cached_regions([path], detector["path"], config, settings, device=str(self.device))
         if not regions:
-            raise DataError(f"--like {path}: its regions could not be extracted (see the line above)")
+            raise DataError.naming("{like} {path}: its regions could not be extracted (see the line above)", path=path)
         features = next(iter(regions.values()))["features"]
         return image_vectors(epoch.models, features[None])[0][0]
 
@@ -217,9 +207,11 @@ class Searcher:
         feature_dim = self.library.meta("feature_dim")
         model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
         if model.config.visual_feat_dim != feature_dim:
-            raise OptionError(
-                f"--model {model_path}: LXMERT reads {model.config.visual_feat_dim}-d regions; "
-                f"the library keeps {feature_dim}-d ones"
+            raise OptionError.naming(
+                "{model} {path}: LXMERT reads {dim}-d regions; the library keeps {kept}-d ones",
+                path=model_path,
+                dim=model.config.visual_feat_dim,
+                kept=feature_dim,
             )
         scorer = PairScorer(model, mode, self.device)
         self.reranking = Reranking(tokenizer, scorer, candidates, alpha)

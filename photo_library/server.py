@@ -50,11 +50,6 @@ def import_fastapi():
 def create_app(searcher):
     """The FastAPI application serving `searcher`'s library."""
     fastapi = import_fastapi()
-    from fastapi import Path, Query
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-    from starlette.exceptions import HTTPException
-
     searcher.batch_queries()
     app = fastapi.FastAPI(
         title="VSRN photo library",
@@ -62,11 +57,22 @@ def create_app(searcher):
         "each photo's representation attends to.",
         version="1",
     )
+    add_error_handlers(app)
+    add_search(app, searcher)
+    add_photos(app, searcher)
+    return app
 
-    PhotoId = Annotated[int, Path(ge=1, le=MAX_ID, description="a photo's id, as a search answers it")]
 
-    def error(status, message):
-        return JSONResponse({"error": message}, status_code=status)
+def error(status, message):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def add_error_handlers(app):
+    """Every error as JSON {"error": ...} with its status; no traceback leaves the server."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     def http_error(request, exc):
@@ -79,30 +85,19 @@ def create_app(searcher):
 
     @app.exception_handler(OptionError)
     def refused(request, exc):
-        return error(400, str(exc))
+        return error(400, exc.worded())  # in the library's words, which name no command-line flag
 
     @app.exception_handler(Exception)
     def failed(request, exc):
         traceback.print_exception(exc, file=sys.stderr)  # for whoever runs the server, not for the client
         return error(500, "the server could not answer this request (its log says why)")
 
-    def record(photo_id):
-        found = searcher.library.photo(photo_id)
-        if found is None:
-            raise HTTPException(404, f"no photo {photo_id} in this library")
-        return found
 
-    def readable_path(photo_id):
-        """The photo's file, when it is still there and lies under the library's folders (links resolved)."""
-        path = record(photo_id)["path"]
-        if not (path and inside(path, searcher.library.roots()) and os.path.isfile(path)):
-            raise HTTPException(404, f"photo {photo_id}'s file is not there any more")
-        return path
-
-    @functools.lru_cache(maxsize=512)
-    def cached_map(photo_id, epoch):
-        thumbnail = searcher.library.thumbnail(photo_id)
-        return thumbnail_map(record(photo_id), thumbnail)
+def add_search(app, searcher):
+    """The page and /api/search."""
+    from fastapi import Query
+    from fastapi.responses import HTMLResponse
+    from starlette.exceptions import HTTPException
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
@@ -131,6 +126,33 @@ def create_app(searcher):
             "reranked": bool(rerank),
             "results": results,
         }
+
+
+def add_photos(app, searcher):
+    """/api/photos/{id} and its pictures: thumbnail, map, view, file."""
+    from fastapi import Path
+    from fastapi.responses import FileResponse, Response
+    from starlette.exceptions import HTTPException
+
+    PhotoId = Annotated[int, Path(ge=1, le=MAX_ID, description="a photo's id, as a search answers it")]
+
+    def record(photo_id):
+        found = searcher.library.photo(photo_id)
+        if found is None:
+            raise HTTPException(404, f"no photo {photo_id} in this library")
+        return found
+
+    def readable_path(photo_id):
+        """The photo's file, when it is still there and lies under the library's folders (links resolved)."""
+        path = record(photo_id)["path"]
+        if not (path and inside(path, searcher.library.roots()) and os.path.isfile(path)):
+            raise HTTPException(404, f"photo {photo_id}'s file is not there any more")
+        return path
+
+    @functools.lru_cache(maxsize=512)
+    def cached_map(photo_id, epoch):
+        thumbnail = searcher.library.thumbnail(photo_id)
+        return thumbnail_map(record(photo_id), thumbnail)
 
     @app.get("/api/photos/{photo_id}")
     def photo(photo_id: PhotoId):
@@ -174,8 +196,6 @@ def create_app(searcher):
         return FileResponse(
             path, media_type=MEDIA_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
         )
-
-    return app
 
 
 def inside(path, roots):

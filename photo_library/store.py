@@ -97,10 +97,14 @@ class Library:
         return library
 
     @classmethod
-    def open(cls, folder, writable=False, flag="--library"):
+    def open(cls, folder, writable=False):
         path = os.path.join(folder, DATABASE)
         if not os.path.isfile(path):
-            raise OptionError(f"{flag} {folder}: not a photo library (no {DATABASE}); make one with index.py")
+            raise OptionError.naming(
+                "{library} {folder}: not a photo library (no {database}); make one with index.py",
+                folder=folder,
+                database=DATABASE,
+            )
         uri = f"file:{path}" + ("" if writable else "?mode=ro")
         try:
             connection = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -176,6 +180,10 @@ class Library:
             (path, size, mtime_ns, digest, photo, reason),
         )
 
+    def forget_file(self, path):
+        """Drop a file's row, whatever photo it showed (a changed file, until its new content is committed)."""
+        self.db.execute("DELETE FROM files WHERE path = ?", (path,))
+
     def forget_files(self, paths, generation):
         """Drop these files; their photos go when no other file shows them (recorded as removed at `generation`)."""
         photos = set()
@@ -225,6 +233,17 @@ class Library:
 
     def count(self):
         return self.db.execute("SELECT COUNT(*) FROM photos").fetchone()[0]
+
+    def photo_ids(self):
+        """Every photo's id, in order."""
+        return [row[0] for row in self.db.execute("SELECT id FROM photos ORDER BY id")]
+
+    def set_embedding(self, photo, embedding, region_scores, generation):
+        """A photo's new vector and attention scores (index.py --rebuild), written at `generation`."""
+        self.db.execute(
+            "UPDATE photos SET embedding = ?, region_scores = ?, generation = ? WHERE id = ?",
+            (blob(embedding, np.float32), blob(region_scores, np.float32), generation, photo),
+        )
 
     # ---- vectors
 

@@ -21,12 +21,16 @@ history) or whose file is damaged is rebuilt from the records.
 import json
 import logging
 import math
+import os
 import struct
+import sys
+import time
 
 import numpy as np
 
 from utils.atomic import atomic_write
 from utils.errors import DataError, OptionError, first_line
+from utils.text import plural
 
 INDEX_FILE = "index.faiss"  # in the library's folder
 KINDS = ("flat", "hnsw", "ivfpq")
@@ -38,6 +42,7 @@ TRAINING_POINTS = 160_000  # ivfpq's k-means trains on at most this many vectors
 REFINE = 50  # ivfpq: candidates re-scored exactly per result wanted (500 record reads, ~2.5 ms, for k = 10)
 MAGIC = b"VSRN-LIBRARY-INDEX-1\n"
 RECALL_QUERIES = 200
+HNSW_REBUILD_SHARE = 0.1  # rebuild an HNSW index once this share of its nodes are deleted photos
 
 
 def import_faiss():
@@ -109,7 +114,9 @@ class VectorIndex:
         elif kind == "ivfpq":
             lists, code_bytes, bits = ivfpq_settings(count, dim, memory_bytes)
             if count < 39 * 2:
-                raise OptionError(f"--index ivfpq: {count} photos are too few to train it; use --index flat or hnsw")
+                raise OptionError.naming(
+                    "{index} ivfpq: {count} photos are too few to train it; use {index} flat or hnsw", count=count
+                )
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFPQ(quantizer, dim, lists, code_bytes, bits, faiss.METRIC_INNER_PRODUCT)
             quantizer.this.disown()
@@ -117,7 +124,9 @@ class VectorIndex:
             sample = np.random.default_rng(0).choice(count, min(count, TRAINING_POINTS), replace=False)
             index.train(vectors[np.sort(sample)])
         else:
-            raise OptionError(f"--index {kind}: expected auto or one of {', '.join(KINDS)}")
+            raise OptionError.naming(
+                "{index} {kind}: expected auto or one of {kinds}", kind=kind, kinds=", ".join(KINDS)
+            )
         if count:
             index.add_with_ids(vectors, ids)
         return cls(index, {"kind": kind, "generation": generation, "epoch": epoch, "dim": dim, "hidden": []})
@@ -207,3 +216,50 @@ class VectorIndex:
         if index.ntotal != header.get("count") or header.get("kind") not in KINDS:
             raise DataError(f"{path}: damaged vector index (its header does not describe it)")
         return cls(index, header)
+
+
+def update_index(library, folder, asked, memory_bytes):
+    """Bring the library's index.faiss to its records, of the kind `asked` (auto: choose_kind's choice within
+    `memory_bytes`): caught up when it can be, rebuilt when it cannot (another kind asked for, a new epoch,
+    pruned history, a damaged file, an HNSW graph a tenth of whose nodes are deleted photos); the recall of an
+    approximate index is printed when it is built. The kind it is ("no" for a library without vectors yet)."""
+    path = os.path.join(folder, INDEX_FILE)
+    count, dim = library.count(), library.meta("embedding_dim")
+    if dim is None:
+        return "no"
+    kind = choose_kind(count, dim, memory_bytes) if asked == "auto" else asked
+    index = None
+    try:
+        index = VectorIndex.load(path)
+    except DataError as e:
+        if os.path.exists(path):
+            print(f"{e}: rebuilt from the records", file=sys.stderr)
+    if index is not None and index.kind == kind:
+        before = index.generation
+        caught_up = index.catch_up(library)
+        worn = kind == "hnsw" and len(index.hidden) > HNSW_REBUILD_SHARE * max(1, index.index.ntotal)
+        if caught_up and not worn:
+            if index.generation != before:
+                index.save(path)
+            _written(library, index.generation, asked)
+            return kind
+    start = time.perf_counter()
+    ids, vectors = library.embeddings(dim=dim)
+    generation = library.meta("generation")
+    index = VectorIndex.build(kind, ids, vectors, generation, library.meta("epoch"), memory_bytes)
+    if kind != "flat":
+        recall = index.recall_at_10(ids, vectors)
+        print(
+            f"{kind} index of {plural(count, 'photo')} built in {time.perf_counter() - start:.1f} s; recall@10 "
+            f"against exact search {recall:.3f} (over the library's own vectors as queries)"
+        )
+    index.save(path)
+    _written(library, generation, asked)
+    return kind
+
+
+def _written(library, generation, asked):
+    """The records after index.faiss is written at `generation`: the removals it holds forgotten, the kind kept."""
+    with library.transaction():
+        library.forget_removals(generation)
+        library.set_meta(index_kind=asked)

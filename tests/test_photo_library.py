@@ -25,7 +25,7 @@ from evaluation import average_similarity
 from inference import encode_images, encode_text, load_models
 from photo_library import indexer as indexer_module
 from photo_library import scan as scan_module
-from photo_library.indexer import LibraryLock
+from photo_library.lock import LibraryLock
 from photo_library.searcher import Searcher
 from photo_library.store import Library
 from photo_library.vectors import VectorIndex
@@ -225,7 +225,9 @@ def test_new_changed_moved_copied_and_removed_photos(world, tmp_path, monkeypatc
     seen = []
     batch = pipeline.extract_regions_batch
     monkeypatch.setattr(
-        pipeline, "extract_regions_batch", lambda det, images, **k: (seen.extend(images), batch(det, images, **k))[1]
+        pipeline,
+        "extract_regions_batch",
+        lambda det, images, settings: (seen.extend(images), batch(det, images, settings))[1],
     )
     folder = tmp_path / "photos"
     paths = photo_folder(world, folder, 5)
@@ -264,9 +266,9 @@ def test_new_changed_moved_copied_and_removed_photos(world, tmp_path, monkeypatc
 
 
 SLOW = (
-    "import sys, time; sys.path.insert(0, sys.argv.pop(1)); from photo_library import indexer; "
+    "import sys, time; sys.path.insert(0, sys.argv.pop(1)); from photo_library import indexer, photos; "
     "indexer.COMMIT_EVERY = 2; "
-    "vectors = indexer.image_vectors; indexer.image_vectors = lambda *a: (time.sleep(0.2), vectors(*a))[1]; "
+    "vectors = photos.image_vectors; photos.image_vectors = lambda *a: (time.sleep(0.2), vectors(*a))[1]; "
     "import index; sys.exit(index.main(sys.argv[1:]))"
 )
 
