@@ -34,11 +34,11 @@ import argparse
 import sys
 
 from lxmert.loading import DEFAULT_MODEL, MODES
-from lxmert.pictures import DEFAULT_SCORES, match_pictures
-from lxmert.splits import evaluate
+from lxmert.pictures import DEFAULT_SCORES, PicturesRequest, match_pictures
+from lxmert.splits import SplitRequest, evaluate
 from utils.device import check_device
 from utils.errors import OptionError, run_job
-from utils.options import ScriptHelpFormatter
+from utils.options import ScriptHelpFormatter, request_from
 
 
 def main(argv=None):
@@ -126,21 +126,7 @@ def run(args, parser):
     check_device(args.device)
     if args.images is not None:
         check_pictures_arguments(args, parser)
-        match_pictures(
-            args.images,
-            args.captions,
-            args.detector,
-            model_path=args.model,
-            mode=args.mode,
-            detector_config=args.detector_config,
-            policy=args.policy,
-            batch_size=args.batch_size,
-            device=args.device,
-            amp=args.amp,
-            tokenizer_path=args.tokenizer,
-            save_scores=args.save_scores or [DEFAULT_SCORES],
-            top=args.top,
-        )
+        match_pictures(request_from(PicturesRequest, args, save_scores=args.save_scores or [DEFAULT_SCORES]))
     else:
         if args.data_path is None or args.data_name is None:
             raise OptionError(
@@ -148,24 +134,9 @@ def run(args, parser):
                 "--images DIR --captions FILE --detector WEIGHTS"
             )
         save_scores = args.save_scores or [None]
-        if len(save_scores) > 1 or (save_scores[0] and not save_scores[0].endswith(".npy")):
+        if len(save_scores) > 1:
             raise OptionError(f"--save_scores {' '.join(save_scores)}: a split's scores are saved as one PATH.npy")
-        evaluate(
-            args.model,
-            args.data_path,
-            args.data_name,
-            args.split,
-            mode=args.mode,
-            vsrn=args.vsrn,
-            topk=args.topk,
-            alpha=args.alpha,
-            batch_size=args.batch_size,
-            device=args.device,
-            amp=args.amp,
-            tokenizer_path=args.tokenizer,
-            vocab_path=args.vocab_path,
-            save_scores=save_scores[0],
-        )
+        evaluate(request_from(SplitRequest, args, save_scores=save_scores[0]))
 
 
 def check_pictures_arguments(args, parser):

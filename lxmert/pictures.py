@@ -4,12 +4,15 @@ every pair scored, rankings printed, the score matrix saved."""
 import csv
 import json
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from detection.settings import FIXED_BOXES, RegionSettings
 from evaluation import metrics_dict, print_recall, ranks_i2t, ranks_t2i, recall_metrics
-from lxmert.loading import DEFAULT_MODEL, MODES, load_lxmert
+from lxmert.loading import load_lxmert
+from lxmert.request import LxmertRequest
 from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes
 from utils.atomic import atomic_write
 from utils.captions import numbered_lines
@@ -20,7 +23,7 @@ from utils.images import list_images
 from utils.text import plural
 
 DEFAULT_SCORES = "lxmert_scores.csv"
-LXMERT_BOXES = 36  # regions per picture, as LXMERT's obj36 features
+SCORE_FORMATS = (".csv", ".json")
 
 
 def read_pictures_captions(path):
@@ -62,14 +65,18 @@ class RegionSet:
         self.ids = list(ids)
         width = regions[0]["features"].shape[1]
         if width != visual_feat_dim:
-            raise DataError(
-                f"--detector {detector}: its regions have {width} dims; "
-                f"the LXMERT model's visual_feat_dim is {visual_feat_dim}"
+            raise DataError.naming(
+                "{detector} {path}: its regions have {width} dims; the LXMERT model's visual_feat_dim is {dim}",
+                path=detector,
+                width=width,
+                dim=visual_feat_dim,
             )
         self.features = np.stack([r["features"] for r in regions]).astype(np.float32)
         bad = np.flatnonzero(~np.isfinite(self.features).reshape(len(self.ids), -1).all(1))
         if len(bad):
-            raise DataError(f"{paths[bad[0]]}: NaN or Inf in its region features (--detector {detector})")
+            raise DataError.naming(
+                "{path}: NaN or Inf in its region features ({detector} {weights})", path=paths[bad[0]], weights=detector
+            )
         sizes = [(r["img_h"], r["img_w"]) for r in regions]
         self.boxes = normalised_boxes(np.stack([r["boxes"] for r in regions]), sizes, list(paths))
 
@@ -118,75 +125,78 @@ def save_score_matrix(path, scores, image_ids, captions, mode, model_path):
             )
 
 
-def check_scores_paths(paths, formats):
-    for path in paths:
-        if os.path.splitext(path)[1].lower() not in formats:
-            raise OptionError(f"--save_scores {path}: expected a {' or '.join(formats)} file")
+@dataclass(frozen=True, kw_only=True)
+class PicturesRequest(LxmertRequest):
+    """LXMERT's scores of your own pictures and captions, in one step (LxmertRequest's fields, and these).
+
+    images: a folder or picture files (a list); captions: a file of one caption per line, or of
+    `image_id<TAB>caption` lines, which add recall (evaluation.py's, against those ground truths);
+    detector, detector_config: the detector's weights and config.yaml (None: its published values);
+    policy: its region selection; save_scores: .csv and/or .json paths for the (pictures, captions) matrix;
+    top: the pictures printed per caption and captions per picture (0: all).
+    """
+
+    images: tuple
+    captions: str
+    detector: str
+    detector_config: str | None = None
+    policy: str = "caffe"
+    save_scores: tuple = (DEFAULT_SCORES,)
+    top: int = 5
+    regions: RegionSettings = field(init=False)  # 36 per picture with the policy, as LXMERT's obj36 features
+
+    def __post_init__(self):
+        super().__post_init__()
+        images = [self.images] if isinstance(self.images, (str, os.PathLike)) else list(self.images)
+        object.__setattr__(self, "images", tuple(images))
+        for path in self.save_scores:
+            if os.path.splitext(path)[1].lower() not in SCORE_FORMATS:
+                raise OptionError.naming(
+                    "{save_scores} {path}: expected a {formats} file", path=path, formats=" or ".join(SCORE_FORMATS)
+                )
+        object.__setattr__(self, "regions", RegionSettings(policy=self.policy, boxes=FIXED_BOXES))
 
 
-def match_pictures(
-    images,
-    captions_path,
-    detector,
-    model_path=DEFAULT_MODEL,
-    mode="matched",
-    detector_config=None,
-    policy="caffe",
-    batch_size=64,
-    device=None,
-    amp=False,
-    tokenizer_path=None,
-    save_scores=(DEFAULT_SCORES,),
-    top=5,
-):
-    """LXMERT's (pictures, captions) scores of your own pictures and captions, in one step.
+def match_pictures(request):
+    """LXMERT's (pictures, captions) scores of your own pictures and captions (a PicturesRequest), in one step.
 
-    images: a folder or picture files (a list); captions_path: one caption per line, or
-    `image_id<TAB>caption` lines, which add recall (evaluation.py's, against those ground
-    truths). Regions: the detector's, through the region cache (detection.cache), extracted
-    before LXMERT is loaded, so that the two are never in memory together. Prints the rankings
-    (`top` per query; 0: all) and writes the matrix to each of `save_scores` (.csv, .json).
-    Returns (scores (pictures, captions) float64, picture ids, captions, recall dict or None).
+    Regions: the detector's, through the region cache (detection.cache), extracted before LXMERT is loaded,
+    so that the two are never in memory together. Prints the rankings and writes the matrix to each of
+    `save_scores`. Returns (scores (pictures, captions) float64, picture ids, captions, recall dict or None).
     """
     from detection.cache import photo_regions  # the detector needs torchvision
 
-    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    check_scores_paths(save_scores, (".csv", ".json"))
-    if batch_size < 1:
-        raise OptionError(f"--batch_size {batch_size}: must be at least 1")
-    if mode not in MODES:
-        raise OptionError(f"--mode {mode}: expected one of {', '.join(MODES)}")
-    captions, truth_ids = read_pictures_captions(captions_path)
-    paths = dict(list_images(images))
+    captions, truth_ids = read_pictures_captions(request.captions)
+    paths = dict(list_images(request.images))
     unknown = sorted(set(truth_ids or ()) - set(paths))
     if unknown:
-        raise DataError(
-            f"{captions_path}: image id {unknown[0]!r} is not a picture of --images ({len(unknown)} unknown ids)"
+        raise DataError.naming(
+            "{path}: image id {name} is not a picture of {images} ({count} unknown ids)",
+            path=request.captions,
+            name=repr(unknown[0]),
+            count=len(unknown),
         )
-    if not os.path.isfile(detector):
-        raise OptionError(f"--detector {detector}: detector weights not found (see docs/regions.md)")
-    device = check_device(device)
-    hub_unavailable(model_path, "--model")  # a --model that cannot be found is said before the extraction
+    if not os.path.isfile(request.detector):
+        raise OptionError.naming(
+            "{detector} {path}: detector weights not found (see docs/regions.md)", path=request.detector
+        )
+    device = check_device(request.device)
+    hub_unavailable(request.model, "model")  # a model that cannot be found is said before the extraction
     # One picture per detector pass: batch_size is LXMERT's pairs, and a detector batch of B pictures
     # holds about 0.5 GB each on the CPU (measured at 480x640) for no speed a CPU would gain.
-    ids, picture_paths, regions = photo_regions(images, detector, detector_config, policy, LXMERT_BOXES, device)
-    model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
-    pictures = RegionSet(ids, picture_paths, regions, model.config.visual_feat_dim, detector)
+    ids, picture_paths, regions = photo_regions(
+        request.images, request.detector, request.detector_config, request.regions, device
+    )
+    model, tokenizer = load_lxmert(request.model, request.mode, request.tokenizer)
+    pictures = RegionSet(ids, picture_paths, regions, model.config.visual_feat_dim, request.detector)
     input_ids, mask = caption_tokens(tokenizer, captions)
     pairs = torch.ones(len(pictures.ids), len(captions), dtype=torch.bool)
+    scorer = PairScorer(model, request.mode, device, amp=request.amp and device.type == "cuda")
     with torch.inference_mode():
-        scores = lxmert_scores(
-            PairScorer(model, mode, device, amp=amp and device.type == "cuda"),
-            pictures,
-            input_ids,
-            mask,
-            pairs,
-            batch_size,
-            f"LXMERT {mode}",
-        )
-    print_rankings(scores, pictures.ids, captions, top)
-    for path in save_scores:
-        save_score_matrix(path, scores, pictures.ids, captions, mode, model_path)
+        scores = lxmert_scores(scorer, pictures, input_ids, mask, pairs, request.batch_size, f"LXMERT {request.mode}")
+    print_rankings(scores, pictures.ids, captions, request.top)
+    for path in request.save_scores:
+        save_score_matrix(path, scores, pictures.ids, captions, request.mode, request.model)
         print(f"Scores of {plural(len(pictures.ids), 'picture')} x {plural(len(captions), 'caption')} saved to {path}")
     recall = None if truth_ids is None else pictures_recall(scores, pictures.ids, truth_ids)
     return scores, pictures.ids, captions, recall

@@ -2,6 +2,7 @@
 evaluation.py's ranking code."""
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from evaluation import (
 )
 from inference import load_models, split_loader
 from lxmert.loading import load_lxmert
+from lxmert.request import LxmertRequest
 from lxmert.rerank import rerank, top_candidates
 from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes
 from utils.atomic import atomic_write
@@ -96,71 +98,64 @@ def recall_of(i2t_scores, t2i_scores, name="the scores"):
     return metrics, r, ri
 
 
-def evaluate(
-    model_path,
-    data_path,
-    data_name,
-    split,
-    mode="matched",
-    vsrn=None,
-    topk=20,
-    alpha=1.0,
-    batch_size=64,
-    device=None,
-    amp=False,
-    tokenizer_path=None,
-    vocab_path=None,
-    save_scores=None,
-):
-    """Recall of LXMERT image-text matching on a split: dict r1 r5 r10 medr meanr r1i ... meanri rsum.
+@dataclass(frozen=True, kw_only=True)
+class SplitRequest(LxmertRequest):
+    """LXMERT's recall on a split of precomputed features (LxmertRequest's fields, and these).
 
-    mode: 'matched' (the matching head's probability) or 'cosine' (see the module's docstring).
-    vsrn: None scores every pair; VSRN checkpoint path(s) (several: an ensemble) or an
-      (num_images, num_captions) first-stage score matrix make it two-stage: LXMERT rescores each
-      query's `topk` best targets by VSRN, which rank above the rest in VSRN's order.
-    alpha: candidates rank by alpha * LXMERT + (1 - alpha) * VSRN (two-stage only).
-    save_scores: .npy path for LXMERT's (num_images, num_captions) float64 scores (NaN where not scored).
+    data_path, data_name, split: the split, as evaluate_models.py names it (it needs the boxes and image
+    sizes utils.tsv_to_precomp writes). vsrn: None scores every pair; VSRN checkpoint path(s) (several: an
+    ensemble) or an (num_images, num_captions) first-stage score matrix make it two-stage: LXMERT rescores
+    each query's `topk` best targets by VSRN, which rank above the rest in VSRN's order. alpha: candidates
+    rank by alpha * LXMERT + (1 - alpha) * VSRN (two-stage only). vocab_path: the VSRN checkpoint's
+    vocabulary folder, when not the recorded one. save_scores: a .npy path for LXMERT's (num_images,
+    num_captions) float64 scores (NaN where not scored).
     """
-    if topk < 1:
-        raise OptionError(f"--topk {topk}: must be at least 1")
-    if not 0 <= alpha <= 1:
-        raise OptionError(f"--alpha {alpha}: must lie in [0, 1]")
-    if alpha != 1 and vsrn is None:
-        raise OptionError(f"--alpha {alpha}: mixes VSRN's scores in, so it needs --vsrn")
-    if batch_size < 1:
-        raise OptionError(f"--batch_size {batch_size}: must be at least 1")
-    device = check_device(device)
-    model, tokenizer = load_lxmert(model_path, mode, tokenizer_path)
-    data = Split(data_path, data_name, split, model.config.visual_feat_dim)
-    num_images, num_captions = data.num_images, len(data.captions)
-    print(f"LXMERT {mode} on {data_name} {split}: {num_images} images, {num_captions} captions")
 
-    first_stage = None
-    if vsrn is not None:
-        if isinstance(vsrn, (str, os.PathLike)):
-            vsrn = [vsrn]
-        if isinstance(vsrn, (list, tuple)):
-            first_stage = vsrn_similarity([os.fspath(p) for p in vsrn], data_path, data_name, split, vocab_path)
-        else:
-            first_stage = torch.as_tensor(np.asarray(vsrn), dtype=torch.float32)
-            check_finite(first_stage, "the first-stage scores")
-        if tuple(first_stage.shape) != (num_images, num_captions):
-            raise DataError(
-                f"VSRN's scores are {tuple(first_stage.shape)}; "
-                f"the {split} split has {num_images} images and {num_captions} captions"
+    data_path: str
+    data_name: str
+    split: str = "test"
+    vsrn: object = None
+    topk: int = 20
+    alpha: float = 1.0
+    vocab_path: str | None = None
+    save_scores: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.topk < 1:
+            raise OptionError.naming("{topk} {value}: must be at least 1", value=self.topk)
+        if not 0 <= self.alpha <= 1:
+            raise OptionError.naming("{alpha} {value}: must lie in [0, 1]", value=self.alpha)
+        if self.alpha != 1 and self.vsrn is None:
+            raise OptionError.naming("{alpha} {value}: mixes VSRN's scores in, so it needs {vsrn}", value=self.alpha)
+        if self.save_scores and not self.save_scores.endswith(".npy"):
+            raise OptionError.naming(
+                "{save_scores} {path}: a split's scores are saved as one PATH.npy", path=self.save_scores
             )
-        i2t_candidates = top_candidates(first_stage, topk, dim=1)
-        t2i_candidates = top_candidates(first_stage, topk, dim=0)
-        pairs = i2t_candidates | t2i_candidates
-        desc = f"LXMERT {mode}, VSRN top-{topk}"
-    else:
+
+
+def evaluate(request):
+    """Recall of LXMERT image-text matching on a split (a SplitRequest): dict r1 r5 r10 medr meanr r1i ...
+    meanri rsum."""
+    device = check_device(request.device)
+    model, tokenizer = load_lxmert(request.model, request.mode, request.tokenizer)
+    data = Split(request.data_path, request.data_name, request.split, model.config.visual_feat_dim)
+    num_images, num_captions = data.num_images, len(data.captions)
+    print(f"LXMERT {request.mode} on {request.data_name} {request.split}: {num_images} images, {num_captions} captions")
+    first_stage = first_stage_scores(request, num_images, num_captions)
+    if first_stage is None:
         pairs = torch.ones(num_images, num_captions, dtype=torch.bool)
-        desc = f"LXMERT {mode}, all pairs"
+        desc = f"LXMERT {request.mode}, all pairs"
+    else:
+        i2t_candidates = top_candidates(first_stage, request.topk, dim=1)
+        t2i_candidates = top_candidates(first_stage, request.topk, dim=0)
+        pairs = i2t_candidates | t2i_candidates
+        desc = f"LXMERT {request.mode}, VSRN top-{request.topk}"
 
     input_ids, mask = caption_tokens(tokenizer, data.captions)
-    scorer = PairScorer(model, mode, device, amp=amp and device.type == "cuda")
+    scorer = PairScorer(model, request.mode, device, amp=request.amp and device.type == "cuda")
     with torch.inference_mode():
-        scores = lxmert_scores(scorer, data, input_ids, mask, pairs, batch_size, desc)
+        scores = lxmert_scores(scorer, data, input_ids, mask, pairs, request.batch_size, desc)
 
     if first_stage is None:
         metrics, r, ri = recall_of(scores, scores, "LXMERT's scores")
@@ -168,14 +163,36 @@ def evaluate(
         _, vr, vri = recall_of(first_stage, first_stage, "VSRN's scores")
         print("VSRN (first stage):")
         print_recall(vr, vri)
-        i2t_scores = rerank(first_stage, scores, i2t_candidates, alpha)
-        t2i_scores = rerank(first_stage.T, scores.T, t2i_candidates.T, alpha).T
+        i2t_scores = rerank(first_stage, scores, i2t_candidates, request.alpha)
+        t2i_scores = rerank(first_stage.T, scores.T, t2i_candidates.T, request.alpha).T
         metrics, r, ri = recall_of(i2t_scores, t2i_scores, "the reranked scores")
-        fusion = f", alpha {alpha:g}" if alpha != 1 else ""
-        print(f"LXMERT {mode} reranking VSRN's top-{topk}{fusion}:")
+        fusion = f", alpha {request.alpha:g}" if request.alpha != 1 else ""
+        print(f"LXMERT {request.mode} reranking VSRN's top-{request.topk}{fusion}:")
     print_recall(r, ri)
-    if save_scores:
-        with atomic_write(save_scores, "wb") as f:
+    if request.save_scores:
+        with atomic_write(request.save_scores, "wb") as f:
             np.save(f, scores.numpy())
-        print(f"LXMERT scores saved to {save_scores}")
+        print(f"LXMERT scores saved to {request.save_scores}")
     return metrics
+
+
+def first_stage_scores(request, num_images, num_captions):
+    """VSRN's (num_images, num_captions) scores of a two-stage request (its checkpoints' similarity, or the
+    matrix it gives), or None for every pair."""
+    vsrn = request.vsrn
+    if vsrn is None:
+        return None
+    if isinstance(vsrn, (str, os.PathLike)):
+        vsrn = [vsrn]
+    if isinstance(vsrn, (list, tuple)):
+        paths = [os.fspath(p) for p in vsrn]
+        scores = vsrn_similarity(paths, request.data_path, request.data_name, request.split, request.vocab_path)
+    else:
+        scores = torch.as_tensor(np.asarray(vsrn), dtype=torch.float32)
+        check_finite(scores, "the first-stage scores")
+    if tuple(scores.shape) != (num_images, num_captions):
+        raise DataError(
+            f"VSRN's scores are {tuple(scores.shape)}; "
+            f"the {request.split} split has {num_images} images and {num_captions} captions"
+        )
+    return scores

@@ -17,12 +17,13 @@ from lxmert import scoring  # noqa: E402
 from lxmert.loading import import_transformers, load_lxmert, load_tokenizer  # noqa: E402
 from lxmert.rerank import rerank, top_candidates  # noqa: E402
 from lxmert.scoring import PairScorer, caption_tokens, lxmert_scores, normalised_boxes, pair_blocks  # noqa: E402
-from lxmert.splits import Split, evaluate  # noqa: E402
+from lxmert.splits import Split, SplitRequest  # noqa: E402
+from lxmert import splits  # noqa: E402
 from lxmert_match import main  # noqa: E402
 from utils import hub  # noqa: E402
 from utils.hub import hub_reachable  # noqa: E402
 from test_reliability import error_line  # noqa: E402
-from utils.errors import CheckpointError, DataError, ScoreError, VSRNError  # noqa: E402
+from utils.errors import CheckpointError, DataError, ScoreError, VSRNError, as_flag  # noqa: E402
 
 NAME = "lx_precomp"
 IMAGES, REGIONS, FEAT_DIM = 8, 36, 12
@@ -49,6 +50,11 @@ WORDS = [
 ]
 VOCAB = SPECIAL + WORDS
 HEIGHT_WIDTH = (300, 500)
+
+
+def evaluate(model, data_path, data_name, split, **fields):
+    """lxmert.splits.evaluate of the request of these fields."""
+    return splits.evaluate(SplitRequest(model=model, data_path=data_path, data_name=data_name, split=split, **fields))
 
 
 def tiny_config(feat_dim=FEAT_DIM):
@@ -296,7 +302,7 @@ def test_missing_tokenizer_is_one_line_error(setup, tmp_path):
     with pytest.raises(CheckpointError, match=r"no tokenizer \(vocab\.txt or tokenizer\.json\)"):
         evaluate(no_vocab, data_path, NAME, "test")
     with pytest.raises(CheckpointError, match="tokenizer"):
-        evaluate(no_vocab, data_path, NAME, "test", tokenizer_path=str(tmp_path / "absent"))
+        evaluate(no_vocab, data_path, NAME, "test", tokenizer=str(tmp_path / "absent"))
 
 
 def test_feature_dimension_other_than_visual_feat_dim_is_one_line_error(setup, tmp_path):
@@ -315,6 +321,38 @@ def test_non_finite_features_are_one_line_error(setup, tmp_path):
     np.save(folder / "test_ims.npy", features)
     with pytest.raises(DataError, match=r"test_ims\.npy: NaN or Inf in the features of image 5"):
         evaluate(model_dir, str(tmp_path / "data"), NAME, "test", mode="cosine")
+
+
+@pytest.mark.parametrize(
+    "fields, library, flags",
+    [
+        ({"topk": 0}, "topk 0: must be at least 1", "--topk 0: must be at least 1"),
+        ({"alpha": 1.5}, "alpha 1.5: must lie in [0, 1]", "--alpha 1.5: must lie in [0, 1]"),
+        (
+            {"alpha": 0.5},
+            "alpha 0.5: mixes VSRN's scores in, so it needs vsrn",
+            "--alpha 0.5: mixes VSRN's scores in, so it needs --vsrn",
+        ),
+        ({"batch_size": 0}, "batch_size 0: must be at least 1", "--batch_size 0: must be at least 1"),
+        ({"mode": "dot"}, "mode dot: expected one of matched, cosine", None),
+        (
+            {"save_scores": "s.csv"},
+            "save_scores s.csv: a split's scores are saved as one PATH.npy",
+            "--save_scores s.csv: a split",
+        ),
+    ],
+)
+def test_a_request_is_refused_when_made_in_the_library_words_and_the_script_names_its_flags(
+    setup, fields, library, flags, capsys
+):
+    data_path, model_dir, _ = setup
+    with pytest.raises(VSRNError) as refused:
+        SplitRequest(model=model_dir, data_path=data_path, data_name=NAME, **fields)
+    assert str(refused.value) == library and "--" not in str(refused.value)
+    if flags:
+        args = [f"--{name}={value}" for name, value in fields.items()]
+        assert main(["--model", model_dir, "--data_path", data_path, "--data_name", NAME, *args]) == 2
+        assert error_line(capsys).startswith(f"error: {flags}")
 
 
 def test_command_line_prints_recall_and_saves_scores(setup, tmp_path, capsys):
@@ -617,8 +655,9 @@ def test_model_of_another_type_is_refused(setup, tmp_path):
     BertConfig(
         vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     ).save_pretrained(tmp_path / "bert")
-    with pytest.raises(CheckpointError, match=r"^--model .*/bert: a bert model \(config\.json\), not LXMERT$"):
+    with pytest.raises(CheckpointError, match=r"^model .*/bert: a bert model \(config\.json\), not LXMERT$") as refused:
         evaluate(str(tmp_path / "bert"), data_path, NAME, "test")
+    assert refused.value.worded(as_flag).startswith(f"--model {tmp_path / 'bert'}: a bert model")  # the script's words
     untyped = tmp_path / "untyped"
     untyped.mkdir()
     (untyped / "config.json").write_text('{"architectures": ["BertForMaskedLM"], "hidden_size": 16}')
@@ -673,7 +712,7 @@ def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
     monkeypatch.setattr(
         pipeline,
         "extract_regions_batch",
-        lambda net, images, **k: (extracted.extend(images), batch(net, images, **k))[1],
+        lambda net, images, settings: (extracted.extend(images), batch(net, images, settings))[1],
     )
     csv_path, json_path = tmp_path / "out" / "scores.csv", tmp_path / "scores.json"
     args = [
@@ -693,7 +732,7 @@ def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
     assert main(args + ["--save_scores", str(csv_path), str(json_path)]) == 0
     out = capsys.readouterr().out
     assert len(extracted) == 3
-    cache_path = cache.regions_cache_path(weights, None, "caffe", 36)
+    cache_path = cache.regions_cache_path(weights)
     assert f"Regions of 3 pictures extracted (caffe policy, 36 boxes) and cached in {cache_path}\n" in out
     assert cache_path.startswith(os.environ["VSRN_CACHE"])
 
@@ -717,7 +756,7 @@ def test_one_step_demo_scores_every_picture_caption_pair_and_caches_the_regions(
     assert np.array_equal(np.array([[float(v) for v in row[1:]] for row in table[1:]]), scores)
 
     # LxmertForPreTraining itself on the cached regions (boxes divided by the picture's size) and the captions.
-    regions = cache.cached_regions([str(photos / f"{i}.png") for i in record["images"]], weights, num_boxes=36)
+    regions = cache.cached_regions([str(photos / f"{i}.png") for i in record["images"]], weights)
     assert len(extracted) == 3
     model = LxmertForPreTraining.from_pretrained(model_dir).eval()
     tokenizer = load_tokenizer(model_dir, len(VOCAB))
