@@ -399,7 +399,7 @@ class TrainingForward(nn.Module):
 
     def forward(self, images, captions, lengths, labels, masks, steps, batch_size):
         img_emb, cap_emb, regions = self.vsrn.forward_emb(images, captions, lengths)
-        with self.vsrn._autocast():
+        with self.vsrn.autocast():
             caption_loss = self.caption_model.loss(regions, labels, masks, steps, batch_size)
         return img_emb, cap_emb, caption_loss
 
@@ -500,14 +500,15 @@ class VSRN:
         for module in self.modules():
             module.eval()
 
-    def _autocast(self):
+    def autocast(self):
+        """The forward pass's autocast: bfloat16 on CUDA with --amp, else float32 as it is."""
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def forward_emb(self, images, captions, lengths):
         """-> (image embeddings, caption embeddings, GCN region features)."""
         images = images.to(self.device, non_blocking=True)
         captions = captions.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             cap_emb = self.txt_enc(captions, lengths)
             img_emb, regions = self.img_enc(images)
         return img_emb.float(), cap_emb.float(), regions

@@ -31,35 +31,8 @@ from utils.device import configure_backends
 from utils.distributed import SINGLE_PROCESS, holds_sync_batchnorm, init_world
 from utils.errors import CheckpointError, OptionError, VSRNError, first_line, report
 from utils.meters import AverageMeter, LogCollector
-from utils.options import RESUME_OVERRIDABLE, build_parser, explicit_options
+from utils.options import DEMO_PRESET, RESUME_OVERRIDABLE, build_parser, explicit_options
 from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
-
-# Small enough to learn the toy dataset quickly on two CPU cores (docs/training.md, The demo: how long). No gradient
-# clipping: the demo's sum-of-hinges loss has gradient norms of 200 to 10,000 at batch 128,
-# and clipping them to 2.0 leaves the caption branch writing nearly the same caption for
-# every image.
-DEMO_PRESET = dict(
-    data_path="data",
-    data_name="toy_precomp",
-    vocab_path="vocab",
-    logger_name="runs/demo",
-    img_dim=128,
-    embed_size=128,
-    dim_vid=128,
-    word_dim=64,
-    dim_hidden=64,
-    dim_word=64,
-    max_len=24,
-    batch_size=128,
-    num_epochs=6,
-    learning_rate=0.004,
-    lr_update=10,
-    grad_clip=0,
-    workers=0,
-    log_step=10,
-    val_step=10**9,
-    seed=0,
-)
 
 
 class StopRequest:

@@ -17,7 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.reference_caption import caption_inference  # noqa: E402
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from reference_caption import caption_inference  # noqa: E402  (the tests' reference implementation)
 from model import END_ID, CaptionDecoder, CaptionEncoder, CaptionModel  # noqa: E402
 
 

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' reference implementations
 from evaluation import i2t, similarity, t2i  # noqa: E402
 from reference_ranking import loop_i2t, loop_t2i  # noqa: E402
 

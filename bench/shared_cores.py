@@ -47,9 +47,8 @@ def train_steps(batch_size, steps, warmup, signals):
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from model import VSRN
-    from train import DEMO_PRESET
     from train_step import synthetic_batch
-    from utils.options import build_parser
+    from utils.options import DEMO_PRESET, build_parser
 
     parser = build_parser()
     parser.set_defaults(**DEMO_PRESET)

@@ -19,11 +19,12 @@ import time
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import utils.threads  # noqa: E402,F401  (before torch: its threads wait as in train.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import reference_caption  # noqa: E402
+import reference_caption  # noqa: E402  (the tests' reference implementation)
 from data import caption_branch_target, collate_fn  # noqa: E402
 from machine import GEMM_SIZE, describe, gemm_product, print_table  # noqa: E402
 from model import VSRN, caption_steps  # noqa: E402
@@ -96,7 +97,7 @@ def timed(fns, steps, warmup, sync):
 def reference_train_step(model, images, captions, lengths, labels, masks):
     """train_emb with the caption loss from reference_caption."""
     img_emb, cap_emb, regions = model.forward_emb(images, captions, lengths)
-    with model._autocast():
+    with model.autocast():
         caption_loss = reference_caption.caption_loss(model.caption_model, regions, labels, masks)
     loss = model.criterion(img_emb, cap_emb) + caption_loss
     model.optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import caption
 import captioning
-from bench import reference_caption
+import reference_caption
 from conftest import make_opt
 from data import PrecompDataset
 from model import END_ID, PAD_ID, START_ID, VSRN, beam_search

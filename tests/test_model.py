@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench import reference_caption
+import reference_caption
 from conftest import make_opt, shared_file
 from data import caption_branch_target, collate_fn
 from model import VSRN, ContrastiveLoss, caption_steps, order_sim

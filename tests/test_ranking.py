@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import evaluation
-from bench.reference_ranking import dot_scores, loop_i2t, loop_t2i
+from reference_ranking import dot_scores, loop_i2t, loop_t2i
 from evaluation import i2t, order_sim, ranks_i2t, ranks_t2i, recall_metrics, similarity, t2i
 
 
