@@ -8,12 +8,14 @@ import zipfile
 import pytest
 import torch
 
-from conftest import CreatesFile, make_opt, shared_file
-from test_reliability import error_line
+from conftest import CreatesFile, error_line, make_opt, shared_file
 from inference import load_checkpoint_vocab
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
+from inference import load_models
+import shutil
+from inference import vocabulary_folder
 
 
 def test_original_release_checkpoint_loads_safely_with_defaults_filled_in():
@@ -225,3 +227,21 @@ def test_every_script_names_a_bad_checkpoint_in_one_line(tmp_path, capsys, monke
     expected = {"random": "not a PyTorch checkpoint", "truncated": "truncated PyTorch checkpoint"}[damage]
     assert importlib.import_module(script).main([*flags, str(path)]) == 2
     assert error_line(capsys).startswith(f"error: {path}: {expected}")
+
+
+def test_a_checkpoints_relative_vocabulary_is_found_from_any_folder(own_photos, tmp_path, monkeypatch):
+    _, _, checkpoint, root = own_photos
+    monkeypatch.chdir(tmp_path)  # neither the project's folder nor the run's
+    opt, vocab, _ = load_models([checkpoint], need_data=False)
+    assert vocab.path == str(root / "project" / "vocab" / "mine_precomp_vocab.json")
+    # A copy of the run elsewhere: found from the checkpoint's folder upward.
+    moved = tmp_path / "elsewhere" / "deep"
+    shutil.copytree(root / "project" / "runs" / "mine", moved / "run")
+    shutil.copytree(root / "project" / "vocab", tmp_path / "elsewhere" / "vocab")
+    copied = str(moved / "run" / "checkpoint.pth.tar")
+    assert vocabulary_folder(opt, copied) == str(tmp_path / "elsewhere" / "vocab")
+    shutil.rmtree(tmp_path / "elsewhere" / "vocab")
+    with pytest.raises(
+        Exception, match="vocabulary not found, from here nor from the checkpoint's folder; pass --vocab_path"
+    ):
+        load_models([copied], need_data=False)

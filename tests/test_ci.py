@@ -4,6 +4,9 @@ import os
 import re
 
 from conftest import ROOT
+import shutil
+import subprocess
+import sys
 
 
 def readme_command(comment):
@@ -30,3 +33,15 @@ def test_the_readmes_install_takes_torch_and_torchvision_as_one_pair():
     # torchvision's compiled operators load only into the torch build they were made for.
     for comment in ("install and run the demo", "install and run the tests"):
         assert re.search(r"\btorch==\S+ torchvision==\S+ ", readme_command(comment))
+
+
+def test_pytest_shows_why_tests_skip(tmp_path):
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path)
+    (tmp_path / "test_skips.py").write_text('import pytest\n\n\ndef test_it():\n    pytest.skip("the reason")\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_skips.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "SKIPPED [1] test_skips.py:5: the reason" in done.stdout, done.stdout

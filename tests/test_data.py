@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import data
-from conftest import ROOT, make_opt
+from conftest import ROOT, drop_last_caption, error_line, make_opt, replace_line
 from data import EpochShuffleSampler, PrecompDataset, caption_branch_target, collate_fn, load_caption_ids
 from utils.errors import DataError
 from vocab import vocabulary_from_words
+import train
+from toy_training import train_args
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "café", "."]
 
@@ -257,3 +259,44 @@ print("a batch", flush=True)
         [sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90
     )
     assert done.returncode == 0 and done.stdout == "a batch\n", done.stderr
+
+
+@pytest.mark.parametrize(
+    "corrupt,expected",
+    [
+        (lambda f: os.remove(f"{f}/train_ims.npy"), "train_ims.npy: not found; expected the precomputed layout"),
+        (lambda f: drop_last_caption(f"{f}/train_caps.txt"), "train_caps.txt: 399 captions for the 80 images"),
+        (
+            lambda f: np.save(f"{f}/train_ims.npy", np.zeros((80, 32), np.float32)),
+            "expected 3-D (num_images, regions, img_dim)",
+        ),
+        (
+            lambda f: np.save(f"{f}/train_ims.npy", np.zeros((80, 36, 16), np.float32)),
+            "16 dims per region; --img_dim is 32",
+        ),
+        (lambda f: replace_line(f"{f}/train_caps.txt", 7, b"a caf\xe9"), "train_caps.txt: line 7 is not UTF-8 text"),
+    ],
+    ids=["missing-split", "caption-count", "feature-rank", "img-dim", "not-utf8"],
+)
+def test_bad_data_is_one_line_with_exit_code_2(toy_copy, tmp_path, capsys, corrupt, expected):
+    data_path, vocab_path, folder = toy_copy
+    corrupt(folder)
+    assert train.main(train_args(data_path, vocab_path, tmp_path / "run", "--num_epochs", "1")) == 2
+    assert expected in error_line(capsys)
+
+
+def test_nan_features_in_a_worker_name_split_and_index(toy_copy, tmp_path, capsys):
+    data_path, vocab_path, folder = toy_copy
+    features = np.load(f"{folder}/train_ims.npy")
+    features[17, 3, 5] = np.inf
+    np.save(f"{folder}/train_ims.npy", features)
+    assert train.main(train_args(data_path, vocab_path, tmp_path / "run", "--num_epochs", "1", "--workers", "1")) == 2
+    line = error_line(capsys)
+    assert "train_ims.npy: NaN or Inf in the features of image 17 (train split, caption index 8" in line
+
+
+def test_empty_caption_lines_warn_and_training_goes_on(toy_copy, tmp_path):
+    data_path, vocab_path, folder = toy_copy
+    replace_line(f"{folder}/train_caps.txt", 3, b"")
+    with pytest.warns(UserWarning, match="1 empty caption line"):
+        assert train.main(train_args(data_path, vocab_path, tmp_path / "run", "--num_epochs", "1")) == 0

@@ -1,17 +1,14 @@
 """The README's demos as shipped: `python3 train.py --demo` learns to retrieve and to caption, and
 `python3 search.py --demo` searches the toy world's pictures with what it learnt."""
 
-import contextlib
-import io
 import json
-import os
 import re
+
 
 import pytest
 
 import caption
 import captioning
-import train
 from utils.make_toy_data import CONCEPTS
 
 
@@ -28,21 +25,9 @@ def concept_precision_recall(generated, references):
     return right / sum(map(len, named)), right / sum(map(len, shown))
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """(the folder the demo ran in, what it printed): `python3 train.py --demo`, run once for the tests below."""
-    folder, printed, start = tmp_path_factory.mktemp("demo"), io.StringIO(), os.getcwd()
-    os.chdir(folder)
-    try:
-        with contextlib.redirect_stdout(printed):
-            assert train.main(["--demo"]) == 0
-    finally:
-        os.chdir(start)
-    return folder, printed.getvalue()
-
-
-def test_the_demo_learns_to_retrieve_and_to_caption(demo, monkeypatch, no_java):
-    tmp_path, printed = demo
+@pytest.mark.slow
+def test_the_demo_learns_to_retrieve_and_to_caption(demo_run, monkeypatch, no_java):
+    tmp_path, printed = demo_run
     monkeypatch.chdir(tmp_path)
     for direction in ("Image to text", "Text to image"):
         r1 = float(re.search(rf"^{direction}: ([\d.]+)", printed, re.M).group(1))
@@ -66,13 +51,14 @@ def test_the_demo_learns_to_retrieve_and_to_caption(demo, monkeypatch, no_java):
     assert max(concept_precision_recall(shuffled, references)) < 0.3
 
 
-def test_the_search_demo_answers_queries_about_the_toy_objects(demo, monkeypatch, capsys):
+@pytest.mark.slow
+def test_the_search_demo_answers_queries_about_the_toy_objects(demo_run, monkeypatch, capsys):
     """`python3 search.py --demo` on the demo's trained checkpoint: the toy world's 1,200 pictures indexed
     from their rows, and the example queries' best photos show the objects they name."""
     import search
     from photo_library import server
 
-    monkeypatch.chdir(demo[0])
+    monkeypatch.chdir(demo_run[0])
     served = []
     monkeypatch.setattr(
         server, "serve", lambda searcher, host, port: served.append((searcher.library.count(), host, port))

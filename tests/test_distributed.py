@@ -1,7 +1,6 @@
 """Data-parallel training (gloo, 2 processes spawned here) against one process on the same global batches."""
 
 import os
-import signal
 import socket
 import sys
 
@@ -13,11 +12,11 @@ import train
 from conftest import make_opt
 from data import EpochShuffleSampler, GlobalBatchShareSampler, share_sizes
 from model import VSRN
-from test_train import SMALL, final_state
+from toy_training import SMALL, final_state
 from utils import distributed
 from utils.device import configure_backends
 from utils.errors import OptionError
-from utils.optim import CaptionRepeatingAdam
+from toy_training import install_probes
 
 # 81 images, 405 captions: 25 global batches of 16 and a last one of 5, split 3 + 2.
 TRAIN_IMAGES = 81
@@ -59,46 +58,6 @@ def run_args(odd_toy, run, *extra):
     ]
 
 
-def install_probes(setattr, records, frozen_bn, stop_at=None):
-    """Record each step's logged losses, the first step's gradients before clipping and the
-    checkpoint writes; freeze BatchNorm; send this process SIGTERM after step `stop_at`."""
-    records.update(losses=[], grads=None, saves=0)
-    train_emb, train_start, clip = VSRN.train_emb, VSRN.train_start, CaptionRepeatingAdam.clip_grad_norm_
-    save_checkpoint = train.save_checkpoint
-
-    def probed_train_emb(self, *batch):
-        result = train_emb(self, *batch)
-        records["losses"].append(result)
-        if self.Eiters == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    def probed_train_start(self):
-        train_start(self)
-        if frozen_bn:
-            # Eval-mode BatchNorm normalises with its running statistics, which then stay at
-            # their initial values in every process; trained, it cancels the GCN convolutions'
-            # biases, whose Adam steps on rounding noise would not compare to 1e-5.
-            for module in self.modules():
-                for layer in module.modules():
-                    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                        layer.eval()
-
-    def probed_clip(optimizer, max_norm):
-        if records["grads"] is None:
-            records["grads"] = [p.grad.detach().clone() for p in optimizer.retrieval_params + optimizer.caption_params]
-        return clip(optimizer, max_norm)
-
-    def probed_save(*args, **kwargs):
-        records["saves"] += 1
-        return save_checkpoint(*args, **kwargs)
-
-    setattr(VSRN, "train_emb", probed_train_emb)
-    setattr(VSRN, "train_start", probed_train_start)
-    setattr(CaptionRepeatingAdam, "clip_grad_norm_", probed_clip)
-    setattr(train, "save_checkpoint", probed_save)
-
-
 def _worker(rank, world_size, port, args, out, frozen_bn, stop_rank, stop_at):
     """One process of the job, launched as torchrun would: the environment, then train.main."""
     os.environ.update(
@@ -136,15 +95,6 @@ def spawn(args, out, world_size=2, frozen_bn=True, stop_rank=None, stop_at=None)
         start_method="spawn",
     )
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-
-
-@pytest.fixture
-def one_thread():
-    # Like the spawned processes: a loaded two-core machine runs small steps faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_losses_close(actual, expected):

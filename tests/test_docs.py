@@ -5,6 +5,8 @@ import os
 import re
 
 from conftest import ROOT
+import pytest
+import subprocess
 
 FENCE = re.compile(r"^\s*```")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -71,3 +73,19 @@ def test_every_relative_link_leads_to_a_file_and_heading():
                 broken.append(f"{name}: {target} (no such heading)")
     assert checked > 50  # the search finds the pages' links
     assert not broken, "\n".join(broken)
+
+
+def test_readme_commands_never_write_over_files_of_the_repository():
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"{ROOT} is not a git checkout: its shipped files are unknown")
+    shipped = set(listed.stdout.split())
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    text = "".join(open(page, encoding="utf-8").read() for page in pages)
+    commands = " ".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
+    outputs = re.findall(r"--(?:out|save_scores|logger_name) (\S+(?: [^-#\s]\S*)*)", commands)
+    outputs = [path for paths in outputs for path in paths.split()]
+    assert "map.png" in outputs  # the search finds the visualize.py commands of docs/visualize.md
+    assert "scores.json" in outputs  # and every path of a flag that takes several
+    for path in outputs:
+        assert os.path.normpath(path) not in shipped, path

@@ -4,11 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_opt, shared_file
+from conftest import drop_last_caption, error_line, make_opt, shared_file
 from data import get_test_loader
 from evaluation import encode_data, evalrank, evaluate_embeddings, i2t, similarity, t2i
 from model import VSRN
 from vocab import load_vocab, load_vocab_by_name
+from toy_training import SMALL, train_args
+import evaluate_models
+from inference import load_models
+from vocab import save_vocab
+import train
+from vocab import vocabulary_from_words
 
 
 def test_encode_data_equals_encoding_every_caption_row(toy_data):
@@ -148,3 +154,81 @@ def test_ensemble_with_a_diverged_model_is_one_line(tmp_path, toy_data, capsys):
     assert evaluate_models.main(["--data_path", data_path, "--split", "test", paths[1]]) == 2
     assert capsys.readouterr().err.startswith("error: VSRN's similarity: 2,000 of the 2,000 scores are NaN")
     assert not (tmp_path / "ranks.pth.tar").exists()
+
+
+def test_checkpoint_vocabulary_mismatch(toy_data, trained_toy, tmp_path, capsys):
+    # Same size, words in another order: the case that size checks cannot catch.
+    data_path, vocab_path = toy_data
+    words = load_vocab(os.path.join(vocab_path, "toy_precomp_vocab.json")).idx2word
+    permuted = [words[i] for i in range(4)] + [words[i] for i in reversed(range(4, len(words)))]
+    other = tmp_path / "vocab"
+    save_vocab(vocabulary_from_words(permuted), str(other / "toy_precomp_vocab.json"))
+    assert evaluate_models.main(["--data_path", data_path, "--vocab_path", str(other), trained_toy]) == 2
+    line = error_line(capsys)
+    assert f"{trained_toy}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
+    resume = ("--resume", trained_toy)
+    assert train.main(train_args(data_path, str(other), tmp_path / "run", "--num_epochs", "2", *resume)) == 2
+    line = error_line(capsys)
+    assert f"{trained_toy}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
+
+
+def test_evaluate_models_blocks_honour_their_vocab_path(toy_data, trained_toy, tmp_path, capsys, monkeypatch):
+    data_path, vocab_path = toy_data
+    words = load_vocab(os.path.join(vocab_path, "toy_precomp_vocab.json")).idx2word
+    other = tmp_path / "vocab"
+    save_vocab(
+        vocabulary_from_words([words[i] for i in range(4)] + [words[i] for i in reversed(range(4, len(words)))]),
+        str(other / "toy_precomp_vocab.json"),
+    )
+    block = dict(model_paths=(trained_toy,), data_path=data_path, vocab_path=str(other), split="test", fold5=False)
+    monkeypatch.setattr(evaluate_models, "RUN", [block])
+    assert evaluate_models.main([]) == 2  # the block's vocabulary is read, and it is not the checkpoint's
+    line = error_line(capsys)
+    assert f"{trained_toy}: trained with another vocabulary" in line and str(other / "toy_precomp_vocab.json") in line
+    assert evaluate_models.main(["--vocab_path", vocab_path]) == 0  # the flag overrides the block
+    assert "rsum:" in capsys.readouterr().out
+    monkeypatch.setattr(evaluate_models, "RUN", [dict(block, vocab=vocab_path)])
+    assert evaluate_models.main([]) == 2
+    assert error_line(capsys) == (
+        "error: evaluate_models.py: a block has the unknown key(s) vocab; "
+        "its keys are model_paths, data_path, vocab_path, split, fold5"
+    )
+
+
+def test_evaluation_split_checks(toy_copy, trained_toy, capsys):
+    data_path, vocab_path, folder = toy_copy
+    assert (
+        evaluate_models.main(
+            ["--data_path", data_path, "--vocab_path", vocab_path, "--fold5", "--split", "test", trained_toy]
+        )
+        == 2
+    )
+    assert "fold5 needs 5 folds of 5000 captions; the test split of toy_precomp has 100" in error_line(capsys)
+    np.save(f"{folder}/test_ims.npy", np.load(f"{folder}/test_ims.npy")[:19])
+    drop_last_caption(f"{folder}/test_caps.txt")
+    lines = open(f"{folder}/test_caps.txt").read().splitlines()
+    open(f"{folder}/test_caps.txt", "w").write("\n".join(lines[:19]) + "\n")
+    assert (
+        evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test", trained_toy])
+        == 2
+    )
+    assert "test split of toy_precomp: 19 captions, not a multiple of 5" in error_line(capsys)
+
+
+def test_evaluation_points_at_the_path_flags(toy_data, tmp_path, capsys, monkeypatch):
+    data_path, vocab_path = toy_data
+    run = tmp_path / "run"
+    relative = os.path.relpath(data_path, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["--data_path", relative, "--vocab_path", vocab_path, "--logger_name", str(run), *SMALL, "--num_epochs", "1"]
+    assert train.main(args) == 0
+    monkeypatch.chdir(run)  # the checkpoint's relative data_path no longer resolves
+    assert evaluate_models.main([str(run / "model_best.pth.tar")]) == 2
+    line = error_line(capsys)
+    assert f"{relative}/toy_precomp: dataset folder not found" in line and "pass --data_path" in line
+    assert evaluate_models.main([]) == 2  # the editable blocks point at checkpoints users may not have
+    line = error_line(capsys)
+    assert "pretrain_model/flickr/model_fliker_1.pth.tar: checkpoint not found" in line
+    assert "python3 evaluate_models.py --data_path DATA --split test CHECKPOINT" in line
+    _, _, models = load_models([str(run / "model_best.pth.tar")], data_path, vocab_path)
+    assert models[0].optimizer is None  # evaluation builds no optimizer

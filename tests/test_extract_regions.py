@@ -18,12 +18,13 @@ import extract_regions
 from detection import cache, extract, pipeline
 from detection.settings import REGIONS_VERSION, RegionSettings
 from detection.weights import load_detector
-from conftest import ROOT
+from conftest import ROOT, make_opt, one_line
 from utils import obj36, tsv_to_precomp
 from utils.distributed import SINGLE_PROCESS
 from tiny_detector import tiny_detector_state_dict
 from utils.errors import OptionError, as_flag
 from utils.images import read_image
+import visualize
 
 # Small network inputs and 10 boxes: a fraction of a second per picture with the tiny detector.
 FAST = ["--boxes", "10", "--min_size", "128", "--max_size", "200"]
@@ -571,3 +572,39 @@ def test_detect_pictures_finishes_each_share_with_its_pictures(detector, tmp_pat
     made = [item for step in steps for item in step]
     assert [index for index, *_ in made] == [0, 1, 2, 3, 4]
     assert all(shape == (height, width) for _, shape, height, width in made)
+
+
+def test_ctrl_c_during_the_extraction_says_what_the_cache_kept(own_photos, monkeypatch, capsys):
+    photos, weights, checkpoint, _ = own_photos
+    detect_share, calls = pipeline.detect_share, []
+
+    def stopped_at_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return detect_share(*args)
+
+    monkeypatch.setattr(pipeline, "detect_share", stopped_at_the_second)
+    args = ["--checkpoint", checkpoint, "--images", str(photos), "--detector", weights, "--query", "a dog"]
+    assert visualize.main(args) == 130
+    path = cache.regions_cache_path(weights)
+    assert one_line(capsys) == (
+        f"error: interrupted; the regions of the 1 picture extracted before the stop are kept in {path}; "
+        "rerun the same command to continue"
+    )
+    monkeypatch.setattr(pipeline, "detect_share", detect_share)
+    calls.clear()
+    assert visualize.main([*args, "--out", str(photos.parent / "g.png")]) == 0
+    assert "Regions of 2 pictures extracted (caffe policy, 36 boxes) and cached in" in capsys.readouterr().out
+
+
+def test_the_region_cache_leaves_no_lock_files_nor_empty_tables(own_photos, tmp_path, capsys):
+    photos, weights, _, _ = own_photos
+    not_a_detector = tmp_path / "vsrn.bin"
+    torch.save({"model": [{}], "opt": make_opt()}, not_a_detector)
+    with pytest.raises(Exception, match="not the detector's weights"):
+        cache.cached_regions([str(photos / "p0.png")], str(not_a_detector), settings=RegionSettings(boxes=10))
+    cache.cached_regions([str(photos / "p0.png")], weights, settings=RegionSettings(boxes=10))
+    folder = os.path.join(os.environ["VSRN_CACHE"], "regions")
+    expected = os.path.basename(cache.regions_cache_path(weights, settings=RegionSettings(boxes=10)))
+    assert [name for name in os.listdir(folder)] == [expected]

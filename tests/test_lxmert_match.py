@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel  # noqa: E402
 
-from conftest import make_opt  # noqa: E402
+from conftest import error_line, make_opt  # noqa: E402
 from evaluation import i2t, recall_metrics, t2i  # noqa: E402
 from lxmert import scoring  # noqa: E402
 from lxmert.loading import import_transformers, load_lxmert, load_tokenizer  # noqa: E402
@@ -22,8 +22,8 @@ from lxmert import splits  # noqa: E402
 from lxmert_match import main  # noqa: E402
 from utils import hub  # noqa: E402
 from utils.hub import hub_reachable  # noqa: E402
-from test_reliability import error_line  # noqa: E402
 from utils.errors import CheckpointError, DataError, ScoreError, VSRNError, as_flag  # noqa: E402
+from detection import pipeline
 
 NAME = "lx_precomp"
 IMAGES, REGIONS, FEAT_DIM = 8, 36, 12
@@ -899,3 +899,73 @@ def test_a_bad_vsrn_checkpoint_is_one_line(setup, tmp_path, capsys):
         error_line(capsys) == f"error: {path}: not a PyTorch checkpoint "
         "(torch.save writes a zip archive or, before PyTorch 1.6, its legacy pickle format)"
     )
+
+
+def test_a_caption_file_names_its_real_problem_and_counts_blank_lines(tmp_path, capsys):
+    from lxmert.pictures import read_pictures_captions
+
+    path = tmp_path / "captions.txt"
+    path.write_text("000123\ta dog\n\n000456\t\n")
+    with pytest.raises(Exception, match=r"line 3: image 000456 has an empty caption after the tab$"):
+        read_pictures_captions(str(path))
+    path.write_text("\ta dog\n")
+    with pytest.raises(Exception, match=r"line 1: no image id before the tab"):
+        read_pictures_captions(str(path))
+    path.write_text("a dog on a bench\n\n  \na cat\n")
+    assert read_pictures_captions(str(path)) == (["a dog on a bench", "a cat"], None)
+    assert capsys.readouterr().out == f"{path}: 2 blank lines skipped\n"
+    path.write_text("7\ta dog\n8\ta cat")
+    assert read_pictures_captions(str(path)) == (["a dog", "a cat"], ["7", "8"])
+    assert capsys.readouterr().out == ""
+
+
+def test_lxmert_says_it_cached_regions_only_once_they_are(own_photos, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import lxmert_match
+
+    photos, _, checkpoint, _ = own_photos
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog\n")
+    (tmp_path / "lxmert").mkdir()
+    args = [
+        "--images",
+        str(photos),
+        "--captions",
+        str(captions),
+        "--detector",
+        checkpoint,
+        "--model",
+        str(tmp_path / "lxmert"),
+    ]
+    assert lxmert_match.main(args) == 2
+    out, err = capsys.readouterr()
+    assert "Regions of" not in out and "a VSRN checkpoint" in err and err.count("\n") == 1
+
+
+def test_lxmert_extracts_one_picture_per_detector_pass_whatever_its_batch_size(own_photos, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import lxmert_match
+
+    photos, weights, _, _ = own_photos
+    passes = []
+
+    def detect_share(detector, share, paths, pictures, settings):
+        passes.append(len(share))
+        raise KeyboardInterrupt  # enough: the pass was seen
+
+    monkeypatch.setattr(pipeline, "detect_share", detect_share)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog\n")
+    (tmp_path / "lxmert").mkdir()
+    args = [
+        "--images",
+        str(photos),
+        "--captions",
+        str(captions),
+        "--detector",
+        weights,
+        "--model",
+        str(tmp_path / "lxmert"),
+    ]
+    assert lxmert_match.main([*args, "--batch_size", "64"]) == 130
+    assert passes == [1]  # 0.5 GB a picture on the CPU: LXMERT's batch of pairs is no detector batch

@@ -12,9 +12,7 @@ import pytest
 import train
 from conftest import ROOT
 from data import GlobalBatchShareSampler, PrecompDataset
-from test_distributed import install_probes, one_thread  # noqa: F401  (fixture)
-from test_reliability import toy_copy, wait_for  # noqa: F401  (toy_copy: fixture)
-from test_train import SMALL, final_state
+from toy_training import SMALL, final_state, install_probes, wait_for
 from utils.checkpoint import load_checkpoint
 from vocab import load_vocab_by_name
 
@@ -85,7 +83,7 @@ def test_sigterm_to_torchrun_stops_both_at_one_step_and_one_process_resumes(
     toy_data,
     tmp_path,
     monkeypatch,
-    one_thread,  # noqa: F811
+    one_thread,
 ):
     data_path, vocab_path = toy_data
     run = tmp_path / "run"

@@ -12,35 +12,15 @@ from evaluation import evalrank
 from model import VSRN
 from utils.checkpoint import load_checkpoint
 from vocab import load_vocab_by_name, vocab_digest
-
-SMALL = [
-    "--data_name",
-    "toy_precomp",
-    "--img_dim",
-    "32",
-    "--embed_size",
-    "32",
-    "--dim_vid",
-    "32",
-    "--word_dim",
-    "16",
-    "--dim_hidden",
-    "16",
-    "--dim_word",
-    "16",
-    "--max_len",
-    "20",
-    "--batch_size",
-    "16",
-    "--workers",
-    "0",
-    "--learning_rate",
-    "0.002",
-    "--log_step",
-    "5",
-    "--seed",
-    "1",
-]
+from model import ContrastiveLoss
+from conftest import ROOT, error_line
+from toy_training import SMALL, assert_same_weights, final_state, train_args, wait_for
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
 
 
 @pytest.fixture
@@ -61,17 +41,6 @@ def toy_run(toy_data, tmp_path):
         ]
 
     return args
-
-
-def final_state(folder):
-    return load_checkpoint(os.path.join(folder, "checkpoint.pth.tar"))
-
-
-def assert_same_weights(a, b):
-    for part_a, part_b in zip(a["model"], b["model"]):
-        assert part_a.keys() == part_b.keys()
-        for key in part_a:
-            assert torch.equal(part_a[key], part_b[key]), key
 
 
 @pytest.fixture
@@ -271,3 +240,283 @@ def test_demo_generates_data_and_vocabulary(tmp_path, monkeypatch, capsys):
     assert os.path.isfile(tmp_path / "vocab" / "toy_precomp_vocab.json")
     out = capsys.readouterr().out
     assert "Image to text:" in out and "Text to image:" in out and "rsum:" in out
+
+
+def start_training(args, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", VSRN_CACHE=str(tmp_path / "cache"))
+    log = open(tmp_path / "train.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    return process, tmp_path / "train.log"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signum):
+    data_path, vocab_path = toy_data
+    run = tmp_path / "run"
+    process, log = start_training(
+        train_args(data_path, vocab_path, run, "--num_epochs", "2", "--workers", "1"), tmp_path
+    )
+    wait_for(log, "Epoch: [0][9/25]", process)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum
+    text = log.read_text()
+    name = signal.Signals(signum).name
+    assert f"{name} received" in text and f"Stopped by {name} before the last epoch ended" in text
+    hint = text.splitlines()[-1].strip()
+    assert hint == f"python3 train.py --resume {run}/checkpoint.pth.tar" and "Traceback" not in text
+    stopped = final_state(str(run))
+    assert stopped["Eiters"] >= 10 and (stopped["next_epoch"], stopped["next_batch"]) != (0, 0)
+    assert train.main(hint.split()[2:]) == 0
+    assert final_state(str(run))["Eiters"] == 50
+
+
+def test_kill_9_then_resume_reaches_the_uninterrupted_result(toy_data, tmp_path):
+    data_path, vocab_path = toy_data
+    args = ("--num_epochs", "2", "--val_step", "10")
+    assert train.main(train_args(data_path, vocab_path, tmp_path / "full", *args)) == 0
+    run = tmp_path / "killed"
+    process, log = start_training(train_args(data_path, vocab_path, run, *args), tmp_path)
+    wait_for(log, "Epoch: [0][14/25]", process)
+    process.kill()
+    process.wait()
+    survived = load_checkpoint(str(run / "checkpoint.pth.tar"))  # complete despite the kill
+    assert survived["Eiters"] in (10, 20, 25)
+    resume = ("--resume", str(run / "checkpoint.pth.tar"))
+    assert train.main(train_args(data_path, vocab_path, run, *args, *resume)) == 0
+    resumed, full = final_state(str(run)), final_state(str(tmp_path / "full"))
+    assert resumed["Eiters"] == full["Eiters"] == 50
+    assert_same_weights(resumed, full)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_data, tmp_path, monkeypatch, capsys):
+    data_path, vocab_path = toy_data
+    run = tmp_path / "run"
+    original = ContrastiveLoss.forward
+    calls = []
+
+    def forward(self, im, s):
+        calls.append(1)
+        loss = original(self, im, s)
+        return loss * float("nan") if len(calls) == 12 else loss
+
+    monkeypatch.setattr(ContrastiveLoss, "forward", forward)
+    checkpoint = run / "checkpoint.pth.tar"
+    saved = {}
+    original_save = train.Trainer.save
+
+    def save(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        saved["bytes"] = checkpoint.read_bytes()
+
+    monkeypatch.setattr(train.Trainer, "save", save)
+    assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "1", "--val_step", "10")) == 1
+    line = error_line(capsys)
+    assert "training stopped: loss is not finite at iteration 12" in line and "is untouched" in line
+    assert checkpoint.read_bytes() == saved["bytes"]
+    assert load_checkpoint(str(checkpoint))["Eiters"] == 10
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (("--dim_vid", "16"), "--dim_vid 16 must equal --embed_size 32"),
+        (("--data_name", "f30k"), "--data_name f30k: only precomputed features"),
+        (("--data_name", "coco_precomp"), "/coco_precomp: dataset folder not found; expected coco_precomp/"),
+        (
+            ("--vocab_path", "/no/vocab"),
+            "/no/vocab/toy_precomp_vocab.json: vocabulary not found (nor .pkl); build it with: python3 vocab.py",
+        ),
+        (("--resume", "nowhere.pth.tar"), "nowhere.pth.tar: checkpoint not found"),
+        (("--device", "gpu"), "--device gpu: expected cpu or cuda"),
+    ],
+    ids=["dim-vid", "raw-images", "no-data", "no-vocab", "no-checkpoint", "device"],
+)
+def test_bad_flags_are_one_line_with_exit_code_2(toy_data, tmp_path, capsys, extra, expected):
+    data_path, vocab_path = toy_data
+    assert train.main(train_args(data_path, vocab_path, tmp_path / "run", "--num_epochs", "1", *extra)) == 2
+    assert expected in error_line(capsys)
+
+
+def test_unwritable_logger_folder_is_one_line(toy_data, tmp_path, capsys):
+    data_path, vocab_path = toy_data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert train.main(train_args(data_path, vocab_path, blocker / "run", "--num_epochs", "1")) == 1
+    assert "file/run" in error_line(capsys)
+
+
+def stop_at_iteration(monkeypatch, iteration):
+    """Make the run stop as a SIGTERM would, right after iteration `iteration`."""
+    original = train.Trainer.train_epoch
+
+    def train_epoch(self, epoch, start_batch):
+        original_emb = self.model.train_emb
+
+        def train_emb(*batch):
+            result = original_emb(*batch)
+            if self.model.Eiters == iteration:
+                self.stop.signal_name = "SIGTERM"
+            return result
+
+        self.model.train_emb = train_emb
+        return original(self, epoch, start_batch)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", train_epoch)
+    return lambda: monkeypatch.setattr(train.Trainer, "train_epoch", original)
+
+
+DEMO_SMALL = [
+    "--img_dim",
+    "32",
+    "--embed_size",
+    "32",
+    "--dim_vid",
+    "32",
+    "--word_dim",
+    "16",
+    "--dim_hidden",
+    "16",
+    "--dim_word",
+    "16",
+    "--max_len",
+    "20",
+]
+
+
+def test_a_stop_in_the_last_epoch_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    restore = stop_at_iteration(monkeypatch, 10)  # the demo's toy train split has 40 batches per epoch
+    assert train.main(["--demo", "--num_epochs", "1", *DEMO_SMALL]) == 143
+    restore()
+    captured = capsys.readouterr()
+    assert "Demo: recall" not in captured.out  # no evaluation of a stale model_best
+    assert "Stopped by SIGTERM before the last epoch ended; the run is not complete" in captured.err
+    hint = captured.err.strip().splitlines()[-1].strip()
+    assert hint == "python3 train.py --resume runs/demo/checkpoint.pth.tar"
+    assert train.main(shlex.split(hint)[2:]) == 0
+    assert "Demo: recall of runs/demo/model_best.pth.tar" in capsys.readouterr().out
+    assert final_state("runs/demo")["Eiters"] == 40
+
+
+def test_resume_refuses_contradicting_flags_and_accepts_safe_ones(toy_data, tmp_path, monkeypatch, capsys):
+    data_path, vocab_path = toy_data
+    run = tmp_path / "run"
+    restore = stop_at_iteration(monkeypatch, 3)
+    assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "1")) == 143
+    restore()
+    checkpoint = str(run / "checkpoint.pth.tar")
+    for flags, expected in (
+        (["--embed_size", "64"], f"--embed_size 64 contradicts the checkpoint's 32 ({checkpoint})"),
+        (["--seed", "7"], "--seed 7 contradicts the checkpoint's 1"),
+        (["--max_violation"], "--max_violation True contradicts the checkpoint's False"),
+    ):
+        assert train.main(["--resume", checkpoint, *flags]) == 2
+        assert expected in error_line(capsys)
+    # Same values as recorded are fine; so are the safe overrides.
+    opt, _ = train.parse_options(["--resume", checkpoint, "--embed_size", "32", "--num_epochs", "3", "--workers", "1"])
+    assert (opt.embed_size, opt.num_epochs, opt.workers, opt.logger_name) == (32, 3, 1, str(run))
+    assert opt.data_path == data_path and opt.seed == 1 and opt.resume == checkpoint
+
+
+def test_demo_resume_of_another_run_writes_into_that_run(toy_data, tmp_path, monkeypatch):
+    data_path, vocab_path = toy_data
+    other = tmp_path / "other"
+    restore = stop_at_iteration(monkeypatch, 3)
+    assert train.main(train_args(data_path, vocab_path, other, "--num_epochs", "1")) == 143
+    restore()
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--resume", str(other / "checkpoint.pth.tar"), "--demo"]) == 2  # not a demo run
+    assert train.main(["--resume", str(other / "checkpoint.pth.tar")]) == 0
+    assert not (tmp_path / "runs").exists() and final_state(str(other))["Eiters"] == 25
+
+
+def test_a_new_run_never_overwrites_a_folder_holding_a_run(toy_data, tmp_path, capsys, monkeypatch):
+    data_path, vocab_path = toy_data
+    run = tmp_path / "run"
+    assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "1")) == 0
+    before = (run / "checkpoint.pth.tar").read_bytes()
+    assert train.main(train_args(data_path, vocab_path, run, "--num_epochs", "1")) == 2
+    assert (
+        f"{run} already holds a run; continue it with `python3 train.py --resume {run}/checkpoint.pth.tar`"
+        in error_line(capsys)
+    )
+    assert (run / "checkpoint.pth.tar").read_bytes() == before
+    # Resuming a checkpoint into a folder that holds another run is refused too.
+    assert train.main(train_args(data_path, vocab_path, tmp_path / "b", "--num_epochs", "1")) == 0
+    assert train.main(["--resume", str(tmp_path / "b" / "checkpoint.pth.tar"), "--logger_name", str(run)]) == 2
+    assert "holds another run's checkpoint.pth.tar" in error_line(capsys)
+    # The demo, which users rerun as is, moves on to the next free folder instead.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model_best.pth.tar").write_bytes(b"an earlier demo")
+    opt, _ = train.parse_options(["--demo"])
+    assert opt.logger_name == "runs/demo_2"
+
+
+@contextlib.contextmanager
+def umask(mask):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def test_written_files_follow_the_umask(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VSRN_CACHE", str(cache))
+    with umask(0o027):
+        assert train.main(["--demo", "--num_epochs", "1", *DEMO_SMALL]) == 0
+    written = [
+        "runs/demo/checkpoint.pth.tar",
+        "runs/demo/model_best.pth.tar",
+        "runs/demo/ranks.pth.tar",
+        "vocab/toy_precomp_vocab.json",
+        "data/toy_precomp/train_ims.npy",
+        "data/toy_precomp/test_caps.txt",
+    ] + [str(p) for p in cache.iterdir()]
+    assert len(written) > 6
+    for path in written:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, path
+
+
+def test_a_missing_data_folder_is_named_before_the_vocabulary(tmp_path, capsys, monkeypatch):
+    assert (
+        train.main(
+            [
+                "--data_path",
+                str(tmp_path / "nowhere"),
+                "--data_name",
+                "f30k_precomp",
+                "--logger_name",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
+    line = error_line(capsys)
+    assert f"{tmp_path}/nowhere/f30k_precomp: dataset folder not found" in line and "--data_path" in line
+    monkeypatch.chdir(tmp_path)
+    opt, _ = train.parse_options(["--demo", "--data_path", str(tmp_path / "elsewhere"), "--num_epochs", "1"])
+    with pytest.MonkeyPatch.context() as patch:
+        messages = []
+        patch.setattr(train.logging, "info", lambda msg, *args: messages.append(msg % args))
+        train.prepare_demo(opt)
+    assert f"Writing the toy dataset to {tmp_path}/elsewhere/toy_precomp" in messages
+
+
+def test_the_demo_on_other_data_names_that_data(toy_data, tmp_path, monkeypatch, capsys):
+    data_path, vocab_path = toy_data
+    shutil.copytree(os.path.join(data_path, "toy_precomp"), tmp_path / "data" / "mine_precomp")
+    shutil.copy(os.path.join(vocab_path, "toy_precomp_vocab.json"), tmp_path / "mine_precomp_vocab.json")
+    monkeypatch.chdir(tmp_path)
+    assert (
+        train.main(["--demo", "--data_name", "mine_precomp", "--vocab_path", ".", "--num_epochs", "1", *DEMO_SMALL])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "Demo: recall of runs/demo/model_best.pth.tar on the test split of data/mine_precomp\n" in out
+    assert "toy" not in out

@@ -19,6 +19,9 @@ from utils.tsv_to_precomp import convert
 from attention import region_attention_map, region_ranks, render_attention
 from visualize import main
 from vocab import build_vocab, save_vocab, vocab_digest
+from utils.errors import OptionError
+from inference import encode_query
+from inference import load_models
 
 
 def test_ranks_are_descending_with_ties_in_region_order():
@@ -419,3 +422,16 @@ def test_images_flags_and_a_mismatched_detector_are_one_line(photo_run, toy_run,
     skipped, error = capsys.readouterr().err.strip().splitlines()  # the broken picture, then the mismatch
     assert skipped.endswith("broken.jpg: not a picture file Pillow can read")
     assert error.endswith("gives 64-d region features, but the checkpoint's image encoder takes 32-d (img_dim)")
+
+
+def test_a_query_names_its_unknown_words_and_one_of_only_unknown_words_is_refused(own_photos):
+    _, _, checkpoint, _ = own_photos
+    _, vocab, models = load_models([checkpoint], vocab_path=str(own_photos[3] / "project" / "vocab"), need_data=False)
+    query, _ = encode_query(models, vocab, "a kayak on a bench")
+    assert query.unknown == ["kayak"] and query.notice() == "'kayak' is not in the vocabulary: read as <unk>"
+    assert encode_query(models, vocab, "a dog . ")[0].notice() is None
+    assert "'kayaks', 'paddles' are not" in encode_query(models, vocab, "a dog kayaks paddles")[0].notice()
+    with pytest.raises(OptionError, match=r"none of its words is in the model's vocabulary \('kayak', 'paddle'\)"):
+        encode_query(models, vocab, "Kayak paddle")
+    with pytest.raises(OptionError, match="has no words"):
+        encode_query(models, vocab, "   ")
