@@ -395,10 +395,11 @@ def warn_if_saved_mid_epoch(path, epoch, iterations, batches_per_epoch):
 def validate(opt, val_loader, model, writer):
     """Recall in both directions on the dev split; returns r1 + r5 + r1i + r5i (the original's score)."""
     img_embs, cap_embs = encode_data(model, val_loader)
-    sims = similarity(img_embs, cap_embs, opt.measure)
-    r1, r5, r10, medr, meanr = i2t(img_embs, cap_embs, sims=sims)
+    caption_images = val_loader.dataset.caption_images  # None: 5 per image
+    sims = similarity(img_embs, cap_embs, opt.measure, caption_images)
+    r1, r5, r10, medr, meanr = i2t(img_embs, cap_embs, sims=sims, caption_images=caption_images)
     logging.info("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f", r1, r5, r10, medr, meanr)
-    r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, sims=sims)
+    r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, sims=sims, caption_images=caption_images)
     logging.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f", r1i, r5i, r10i, medri, meanri)
     rsum = r1 + r5 + r1i + r5i
     metrics = dict(
