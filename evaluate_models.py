@@ -3,6 +3,7 @@
     python3 evaluate_models.py                                   # the blocks below
     python3 evaluate_models.py --data_path DATA --split test m1.pth.tar [m2.pth.tar ...] [--fold5]
     python3 evaluate_models.py --data_path DATA --split testall --eccv coco1.pth.tar [coco2.pth.tar]
+    python3 evaluate_models.py --data_path DATA --data_name mine_precomp --split test f30k.pth.tar  # on other data
 
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """
@@ -36,7 +37,7 @@ FLICKR30K = dict(
 )
 RUN = [FLICKR30K]  # the blocks run without flags, e.g. [COCO, FLICKR30K]
 
-BLOCK_KEYS = ("model_paths", "data_path", "vocab_path", "split", "fold5")
+BLOCK_KEYS = ("model_paths", "data_path", "data_name", "vocab_path", "split", "fold5")
 
 
 def block_arguments(block, vocab_path=None):
@@ -56,6 +57,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     parser.add_argument("model_paths", nargs="*", help="checkpoints; several form an ensemble")
     parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
+    parser.add_argument(
+        "--data_name",
+        default=None,
+        help="evaluate on this dataset under the data path instead of the checkpoint's (e.g. a trained model on "
+        "your own data before fine-tuning; its captions read with the checkpoint's vocabulary)",
+    )
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
     parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path (and the blocks')")
@@ -64,7 +71,15 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     blocks = (
-        [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)]
+        [
+            dict(
+                model_paths=args.model_paths,
+                data_path=args.data_path,
+                data_name=args.data_name,
+                split=args.split,
+                fold5=args.fold5,
+            )
+        ]
         if args.model_paths
         else RUN
     )
