@@ -103,10 +103,11 @@ def detect_format(path):
         head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf")
     first = head.lstrip()[:1]
     if first in (b"{", b"["):
+        line, newline, rest = head.lstrip().partition(b"\n")
+        if newline and rest.strip() and _is_json_object(line):
+            return "imagefolder", None  # a JSON object a line
         document = _json_document(path)
-        if document is not None:
-            return _json_format(path, document), document
-        return "imagefolder", None  # several JSON values: one a line
+        return _json_format(path, document), document
     line = head.split(b"\n", 1)[0].decode("utf-8", "replace")
     name, tab, _ = line.partition("\t")
     if tab and "#" in name and name.rsplit("#", 1)[1].strip().isdigit():
@@ -116,14 +117,19 @@ def detect_format(path):
     raise DataError(f"{path}: empty annotation file")
 
 
+def _is_json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def _json_document(path):
-    """The file's JSON value, or None when it holds several (JSON lines); DataError when it is not JSON."""
+    """The file's JSON value; DataError when it is not one JSON document."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
-            return None
         raise DataError(f"{path}: not a readable JSON file ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -148,7 +154,7 @@ def _json_format(path, document):
 # ---- the readers
 
 
-def read_karpathy(path, document, reading, split=None):
+def read_karpathy(path, document, reading):
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
         raise DataError(f"{path}: not Karpathy's dataset_*.json (expected an object with an images list)")
@@ -166,7 +172,7 @@ def read_karpathy(path, document, reading, split=None):
             continue
         name = os.path.join(image["filepath"], image["filename"]) if image.get("filepath") else image["filename"]
         ids = (str(image["cocoid"]),) if "cocoid" in image else ()
-        record = Record(name, where, split=split or ("train" if given == "restval" else SPLIT_NAMES[given]), ids=ids)
+        record = Record(name, where, split="train" if given == "restval" else SPLIT_NAMES[given], ids=ids)
         sentences = image.get("sentences")
         if not isinstance(sentences, list):
             reading.skip(where, "no sentences list")
@@ -244,8 +250,8 @@ def read_imagefolder(path, reading, split=None):
 def read_csv(path, reading, columns=None, split=None):
     numbers = []
 
-    def decoded():
-        for number, text in _lines(path, reading):
+    def decoded():  # with their line ends: a quoted field may hold one
+        for number, text in _lines(path, reading, keep_ends=True):
             numbers.append(number)
             yield text
 
@@ -273,8 +279,7 @@ def read_csv(path, reading, columns=None, split=None):
             reading.skip(where, str(e))
             continue
         reading.caption(record, values[caption_column], f"{where}: {caption_column}")
-        if record.captions:
-            reading.add(record)
+        reading.add(record)
 
 
 def read_folder(root, reading, split=None, exclude=()):
@@ -329,14 +334,16 @@ def read_flickr30k(path, reading, split=None):
 # ---- helpers of the readers
 
 
-def _lines(path, reading):
-    """(number, text) of each line of a text file; a line that is not UTF-8 is skipped (one line, counted)."""
+def _lines(path, reading, keep_ends=False):
+    """(number, text) of each line of a text file (its line end kept or not); a line that is not UTF-8 is
+    skipped (one line, counted)."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                text = raw.decode("utf-8")
+                yield number, text if keep_ends else text.rstrip("\r\n")
             except UnicodeDecodeError as e:
                 reading.skip(f"{path}:{number}", f"not UTF-8 text ({e.reason} at byte {e.start})")
 
@@ -392,20 +399,18 @@ def read_annotation(path, reading, fmt="auto", columns=None, split=None, exclude
     """Add the records of one annotation file (or folder) to `reading`; returns its format.
     `split`: the split all its pictures belong to (an annotation given as SPLIT=FILE)."""
     found, document = detect_format(path) if fmt == "auto" else (fmt, None)
-    if found in ("karpathy", "coco", "lavis") and document is None:
-        document = _json_document(path)
-        if document is None:
-            raise DataError(f"{path}: holds several JSON values; --format {found} reads one JSON document")
     if found == "folder" and not os.path.isdir(path):
         raise OptionError(f"--format folder: {path} is not a folder")
     if found != "folder" and not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found")
+    if found in ("karpathy", "coco", "lavis") and document is None:
+        document = _json_document(path)
     if split and found == "karpathy":
         raise OptionError(f"{split}={path}: Karpathy's files give each picture its split; name the file alone")
     if columns and found != "csv":
         raise OptionError(f"--columns names CSV columns; {path} is read as {found}")
     if found == "karpathy":
-        read_karpathy(path, document, reading, split)
+        read_karpathy(path, document, reading)
     elif found == "coco":
         read_coco(path, document, reading, split)
     elif found == "lavis":
