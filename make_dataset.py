@@ -105,7 +105,7 @@ def build_parser():
     regions = p.add_argument_group("regions (one source)")
     regions.add_argument("--detector", default=None, metavar="WEIGHTS", help="the detector's pytorch_model.bin")
     regions.add_argument("--detector_config", default=None, help="its config.yaml (None: the published values)")
-    regions.add_argument("--regions", nargs="+", default=[], metavar="ROWS.tsv", help="published obj36 rows")
+    regions.add_argument("--regions", nargs="+", metavar="ROWS.tsv", help="published obj36 or generate_tsv.py rows")
     regions.add_argument("--library", default=None, metavar="LIB", help="a photo library's folder (index.py)")
     regions.add_argument("--min_size", type=int, default=None, help="detector input's shortest side (None: 600)")
     regions.add_argument("--max_size", type=int, default=None, help="detector input's longest side (None: 1000)")

@@ -8,7 +8,7 @@ its split when the annotation gives one.
     imagefolder  Hugging Face imagefolder metadata.jsonl: a JSON object a line, file_name and text (or caption)
     csv          CSV or TSV with a header: open_clip's filepath and title columns (others with --columns)
     folder       a folder where cat.jpg has cat.txt, one caption a line
-    flickr30k    Flickr30K's results_20130124.token: `1000092795.jpg#0<TAB>caption` lines
+    flickr30k    Flickr30K's results_20130124.token: `1000092795.jpg#0<TAB>caption` lines (or without #0)
 
 A record that cannot be read is one line on stderr naming the file and its line (or its index in the
 JSON), skipped and counted; a file that cannot be read at all (not JSON, no picture column) is a DataError.
@@ -110,8 +110,9 @@ def detect_format(path):
         return _json_format(path, document), document
     line = head.split(b"\n", 1)[0].decode("utf-8", "replace")
     name, tab, _ = line.partition("\t")
-    if tab and "#" in name and name.rsplit("#", 1)[1].strip().isdigit():
-        return "flickr30k", None
+    _, hash_sign, number = name.strip().rpartition("#")
+    if tab and (hash_sign and number.isdigit() or name.strip().lower().endswith(IMAGE_EXTENSIONS)):
+        return "flickr30k", None  # picture.jpg#N<TAB>caption, or picture.jpg<TAB>caption
     if head.strip():
         return "csv", None
     raise DataError(f"{path}: empty annotation file")

@@ -64,10 +64,17 @@ def draw_pictures(out, count):
             with atomic_write(os.path.join(out, "images", f"{image_id}.png"), "wb") as f:
                 draw(rectangles).save(f, format="PNG")
             rows.write(obj36_line(image_id, region_boxes(rng, owners[i], rectangles), features[i], owners[i]))
-            for template in rng.choice(TEMPLATES, size=rng.randint(1, 6), replace=False):
-                x, y, z = (CONCEPTS[c] for c in rng.permutation(concepts))
-                writer.writerow([f"images/{image_id}.png", template.format(x=x, y=y, z=z)])
+            writer.writerows([f"images/{image_id}.png", caption] for caption in demo_captions(rng, concepts))
     return captions_path, regions_path
+
+
+def demo_captions(rng, concepts):
+    """1 to 5 captions of a picture showing three `concepts` (ids), in the demo's other wording (TEMPLATES)."""
+    captions = []
+    for template in rng.choice(TEMPLATES, size=rng.randint(1, 6), replace=False):
+        x, y, z = (CONCEPTS[c] for c in rng.permutation(concepts))
+        captions.append(template.format(x=x, y=y, z=z))
+    return captions
 
 
 def train(arguments, what):

@@ -3,8 +3,9 @@ precomputed layout, its vocabulary by vocab.py's rules), then the commands that 
 
 The steps: the annotations read (dataset_maker.annotations), the pictures gathered, read and each kept once
 by content, split (dataset_maker.pictures), their regions found or extracted (dataset_maker.regions), the
-splits written (dataset_maker.layout). Nothing is written before the annotations, pictures and vocabulary
-are known to be usable; the layout's files appear only whole; the extracted regions are kept as they come.
+splits written (dataset_maker.layout). Nothing of the dataset is written before the annotations, pictures,
+regions and vocabulary are known to be usable; the layout's files appear only whole; the regions the
+detector extracts are kept as they come (the resume point).
 """
 
 import contextlib
@@ -61,7 +62,7 @@ class DatasetRequest:
     device: str = None
     batch_size: int = 1
     workers: int = 4
-    regions: list = field(default_factory=list)
+    regions: list = None  # published rows
     library: str = None
 
 
@@ -111,7 +112,7 @@ def picture_root(request, sources):
             raise OptionError(f"--images {request.images}: no such folder")
         return request.images
     path = sources[0][1]
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
 def region_source(request):
@@ -136,7 +137,7 @@ def region_source(request):
         )
         detector = dict(weights=request.detector, config=request.detector_config, device=request.device)
         return dict(detector={**detector, "settings": settings}, batch_size=request.batch_size, workers=request.workers)
-    for path in request.regions:
+    for path in request.regions or ():
         if not os.path.isfile(path):
             raise OptionError(f"--regions {path}: file not found")
     return dict(rows=list(request.regions)) if request.regions else dict(library=request.library)
@@ -226,7 +227,6 @@ def make_dataset(request, world=SINGLE_PROCESS):
             problems = Problems()
             plan = plan_pictures(request, ratios, folder, problems)
             splits = plan.splits
-            vocab, vocab_file = dataset_vocab(request, splits)
             pictures = [picture for split in SPLITS for picture in splits[split]]
         regions = dataset_regions(pictures, folder, world, **source)
         world.close()
@@ -243,6 +243,7 @@ def make_dataset(request, world=SINGLE_PROCESS):
         usable = [picture for split in SPLITS for picture in splits[split]]
         if not usable:
             raise DataError(f"none of the {plural(len(pictures), 'picture')} has regions (see the lines above)")
+        vocab, vocab_file = dataset_vocab(request, splits)
         first = regions.regions(usable[0])
         shape = (len(first["boxes"]), first["features"].shape[1])
         for split in SPLITS:

@@ -203,3 +203,20 @@ def test_an_unreadable_annotation_file_is_one_line(tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"error: {tmp_path / path}: {message}")
     assert not (tmp_path / "data" / "mine_precomp" / "test_ims.npy").exists()
+
+
+def test_picture_tab_caption_lines_without_a_number_read_as_flickr30k(tmp_path, capsys):
+    rows = make_pictures(tmp_path / "pics", CAPTIONS)
+    lines = "".join(f"{n}.png\t{' '.join(c.split())}\n" for n, caps in CAPTIONS.items() for c in caps)
+    (tmp_path / "pics" / "captions.txt").write_text(lines)
+    argv = [
+        "--annotations",
+        f"test={tmp_path / 'pics' / 'captions.txt'}",
+        "--regions",
+        rows,
+        "--vocab_path",
+        str(tmp_path),
+    ]
+    code, out, err = run([*argv, "--data_path", str(tmp_path / "data"), "--data_name", "mine_precomp"], capsys)
+    assert code == 0, err
+    assert "4 pictures and 11 captions" in out

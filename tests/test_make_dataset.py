@@ -21,6 +21,7 @@ from conftest import ROOT
 from own_data import make_pictures
 from photo_world import make_world
 from tiny_detector import tiny_detector_state_dict
+from vocab import build_dataset_vocab, load_vocab, vocab_digest
 
 FAST = ["--min_size", "128", "--max_size", "200"]  # the tiny detector on small inputs: ~0.1 s a picture
 SLOWED = (
@@ -88,12 +89,18 @@ def test_the_detectors_dataset_trains_and_evaluates_with_the_commands_it_prints(
     import train
 
     annotations = make_collection(tmp_path / "pics", 10)
+    (tmp_path / "pics" / "broken.png").write_text("not a picture")
+    write_csv(annotations, list(csv.reader(open(annotations)))[1:] + [["broken.png", "a zebra"]])
     vocab = tmp_path / "vocab"
     argv = arguments([annotations], tmp_path / "data", "--detector", detector, *FAST, "--splits", "0.6,0.2,0.2")
     code, out, err = run([*argv, "--vocab_path", str(vocab), "--threshold", "1"], capsys)
     assert code == 0, err
     folder = tmp_path / "data" / "mine_precomp"
     assert "10 pictures and" in out and "(pictures / captions: train 6 /" in out
+    # The vocabulary is vocab.py's of the captions written (the left-out picture's "zebra" is not in it).
+    written = load_vocab(str(vocab / "mine_precomp_vocab.json"))
+    assert vocab_digest(written) == vocab_digest(build_dataset_vocab(str(tmp_path / "data"), "mine_precomp", 1))
+    assert "zebra" not in written.word2idx
     assert np.load(folder / "train_ims.npy").shape == (6, 36, 64)  # the tiny detector's 64-d regions
     assert (folder / "train_caption_images.npy").exists() and (folder / "regions_obj36.tsv").exists()
     commands = [line.strip() for line in out.splitlines() if line.strip().startswith("python3 ")]
