@@ -37,7 +37,7 @@ FLICKR30K = dict(
 )
 RUN = [FLICKR30K]  # the blocks run without flags, e.g. [COCO, FLICKR30K]
 
-BLOCK_KEYS = ("model_paths", "data_path", "data_name", "vocab_path", "split", "fold5")
+BLOCK_KEYS = ("model_paths", "data_path", "vocab_path", "split", "fold5")
 
 
 def block_arguments(block, vocab_path=None):
@@ -61,7 +61,7 @@ def main(argv=None):
         "--data_name",
         default=None,
         help="evaluate on this dataset under the data path instead of the checkpoint's (e.g. a trained model on "
-        "your own data before fine-tuning; its captions read with the checkpoint's vocabulary)",
+        "your own data before fine-tuning; its captions read with the checkpoint's vocabulary); also the blocks'",
     )
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
@@ -71,15 +71,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     blocks = (
-        [
-            dict(
-                model_paths=args.model_paths,
-                data_path=args.data_path,
-                data_name=args.data_name,
-                split=args.split,
-                fold5=args.fold5,
-            )
-        ]
+        [dict(model_paths=args.model_paths, data_path=args.data_path, split=args.split, fold5=args.fold5)]
         if args.model_paths
         else RUN
     )
@@ -99,7 +91,7 @@ def evaluate(blocks, args):
                 "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
             )
     for model_paths, keywords in runs:
-        evalrank(*model_paths, **keywords, eccv=args.eccv)
+        evalrank(*model_paths, **keywords, eccv=args.eccv, data_name=args.data_name)
 
 
 if __name__ == "__main__":

@@ -501,6 +501,8 @@ def evalrank(
     num_captions = len(loader.dataset)
     caption_images = getattr(loader.dataset, "caption_images", None)  # None: 5 per image
     num_images = num_captions // 5 if caption_images is None else len(first_caption_rows(caption_images))
+    if fold5 and caption_images is None and num_captions < 25 * FOLD_IMAGES:
+        raise DataError(f"fold5 needs 5 folds of 5000 captions; the {split} split of {data_name} has {num_captions}")
     if fold5 and num_images < 5 * FOLD_IMAGES:
         raise DataError(
             f"fold5 needs 5 folds of {FOLD_IMAGES} images; the {split} split of {data_name} has {num_images}"

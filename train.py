@@ -568,6 +568,10 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
             vocab = load_checkpoint_vocab(checkpoint, opt.resume, opt.vocab_path, opt.data_name, opt.data_path)
         elif checkpoint is not None:
             vocab, base_vocab_size = fine_tuning_vocab(opt, checkpoint)
+            # The run's own vocabulary, beside its checkpoints, is the one they record: not the data's file.
+            opt.vocab_path = opt.logger_name
+            if world.is_main:
+                save_vocab(vocab, os.path.join(opt.logger_name, f"{opt.data_name}_vocab.json"))
         else:
             vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
         opt.vocab_size = len(vocab)

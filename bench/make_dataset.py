@@ -14,6 +14,7 @@ detector. Then the bytes a picture takes: its row in the resume TSV, its feature
 
 import argparse
 import csv
+import importlib.util
 import os
 import sys
 import tempfile
@@ -31,7 +32,6 @@ from PIL import Image  # noqa: E402
 from dataset_maker.make import DatasetRequest, make_dataset  # noqa: E402
 from detection.network import PUBLISHED_ARCH, BottomUpDetector  # noqa: E402
 from detection.weights import load_detector  # noqa: E402
-from extract_regions import load_recipe  # noqa: E402  (bench/extract_regions.py)
 from machine import describe, gemm_rate, print_table  # noqa: E402
 from utils.obj36 import format_obj36_line  # noqa: E402
 
@@ -73,6 +73,17 @@ def write_rows(path, count, seed=0):
             f.write(format_obj36_line(f"photo{i:06d}", regions))
 
 
+def recipe_state_dict(recipe_path):
+    """The published architecture's state dict with the recipe's deterministic random weights."""
+    if not os.path.isfile(recipe_path):
+        sys.exit(f"error: {recipe_path}: weights recipe not found (pass --recipe)")
+    spec = importlib.util.spec_from_file_location("weights_recipe", recipe_path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    template = {k: tuple(v.shape) for k, v in BottomUpDetector(PUBLISHED_ARCH).state_dict().items()}
+    return recipe.make_state_dict(template, seed=0)
+
+
 def timed_make(request):
     start = time.perf_counter()
     summary = make_dataset(request)
@@ -101,8 +112,7 @@ def main():
 
     weights = os.path.join(work, "frcnn_random.bin")
     if not os.path.isfile(weights):
-        template = {k: tuple(v.shape) for k, v in BottomUpDetector(PUBLISHED_ARCH).state_dict().items()}
-        torch.save(load_recipe(args.recipe).make_state_dict(template, seed=0), weights)
+        torch.save(recipe_state_dict(args.recipe), weights)
     start = time.perf_counter()
     load_detector(weights, device=args.device)
     load_seconds = time.perf_counter() - start

@@ -73,7 +73,9 @@ class Reading:
 
     def caption(self, record, text, where):
         """Add `text` to the record's captions, or skip it (one line) when it is not a caption."""
-        if not isinstance(text, str):
+        if text is None:
+            self.skip(where, "no caption")
+        elif not isinstance(text, str):
             self.skip(where, f"caption is {type(text).__name__}, not text")
         elif not text.split():
             self.skip(where, "empty caption")
@@ -354,8 +356,6 @@ def _captions(reading, record, value, where):
     if isinstance(value, list):
         for number, text in enumerate(value):
             reading.caption(record, text, f"{where}[{number}]")
-    elif value is None:
-        reading.skip(where, "no caption")
     else:
         reading.caption(record, value, where)
 

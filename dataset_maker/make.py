@@ -173,6 +173,7 @@ class Plan:
     """The dataset to write: what reading the annotations gave, the pictures of each split."""
 
     reading: Reading
+    formats: list  # each annotation's format, as read
     splits: dict  # split -> pictures
     splits_given: bool  # by the annotations, else drawn by the seed
     merged: int  # files that held a picture already named
@@ -183,8 +184,10 @@ def plan_pictures(request, ratios, folder, problems):
     sources = annotation_sources(request)
     root = picture_root(request, sources)
     reading = Reading(request.use_restval)
-    for split, path in sources:
+    formats = [
         read_annotation(path, reading, request.format, request.columns, split, exclude=[folder])
+        for split, path in sources
+    ]
     if not reading.records:
         raise DataError(
             f"{', '.join(path for _, path in sources)}: no picture with a readable record (see the lines above)"
@@ -194,7 +197,7 @@ def plan_pictures(request, ratios, folder, problems):
     if not pictures:
         raise DataError(f"none of the pictures named in {sources[0][1]} can be used (see the lines above)")
     splits, given = assign_splits(pictures, ratios, request.seed)
-    return Plan(reading, splits, given, merged)
+    return Plan(reading, formats, splits, given, merged)
 
 
 def dataset_vocab(request, splits):
@@ -269,8 +272,10 @@ def write_record(folder, request, source, plan, shape, ratios):
     """make_dataset.json: what made the folder (the annotations, how it was split, where the regions came from)."""
     splits = plan.splits
     record = {
-        "annotations": [[split, os.path.abspath(path)] for split, path in annotation_sources(request)],
-        "format": request.format,
+        "annotations": [
+            {"split": split, "path": os.path.abspath(path), "format": fmt}
+            for (split, path), fmt in zip(annotation_sources(request), plan.formats)
+        ],
         "splits": "the annotations'" if plan.splits_given else {"shares": ratios, "seed": request.seed},
         "pictures": {split: len(splits[split]) for split in SPLITS},
         "regions": (

@@ -107,7 +107,10 @@ def test_the_model_options_come_from_the_checkpoint(domains, tmp_path, capsys):
 
 def test_a_fine_tuned_run_resumes_and_evaluates_without_a_vocabulary_file(domains, tmp_path, capsys):
     assert fine_tune(domains, tmp_path) == 0
+    run_vocab = load_vocab(str(tmp_path / "b_run" / "b_precomp_vocab.json"))  # beside its checkpoints
+    assert vocab_digest(run_vocab) == load_checkpoint(str(tmp_path / "b_run" / "model_best.pth.tar"))["vocab_digest"]
     shutil.rmtree(domains[1])  # the recorded words are all it needs
+    os.remove(tmp_path / "b_run" / "b_precomp_vocab.json")
     assert train.main(["--resume", str(tmp_path / "b_run" / "checkpoint.pth.tar"), "--num_epochs", "2"]) == 0
     capsys.readouterr()
     best = str(tmp_path / "b_run" / "model_best.pth.tar")
