@@ -260,9 +260,12 @@ def test_evaluation_split_checks(toy_copy, trained, capsys):
     np.save(f"{folder}/test_ims.npy", np.load(f"{folder}/test_ims.npy")[:19])
     _drop_last_caption(f"{folder}/test_caps.txt")
     lines = open(f"{folder}/test_caps.txt").read().splitlines()
-    open(f"{folder}/test_caps.txt", "w").write("\n".join(lines[:19]) + "\n")
+    # 19 images of one caption each are ranked (each against its own); 20 captions for 19 images are refused.
+    open(f"{folder}/test_caps.txt", "w").write("\n".join(lines[:20]) + "\n")
     assert evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test", trained]) == 2
-    assert "test split of toy_precomp: 19 captions, not a multiple of 5" in error_line(capsys)
+    assert "test_caps.txt: 20 captions for the 19 images of test_ims.npy; expected 5 captions per image" in error_line(
+        capsys
+    )
 
 
 def test_unwritable_logger_folder_is_one_line(toy_data, tmp_path, capsys):
