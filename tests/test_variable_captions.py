@@ -87,8 +87,9 @@ def test_an_image_is_found_by_any_of_its_captions():
 
 def test_five_per_image_given_as_a_map_equals_the_five_per_image_evaluation(capsys):
     images, captions, caption_images = variable_embeddings(np.full(5000, 5), dim=6, seed=3, noise=1.6)
-    five, (rt, rti) = evaluate_embeddings([(images, captions)])
-    mapped, (mrt, mrti) = evaluate_embeddings([(images, captions)], caption_images=caption_images)
+    first = slice(0, 5000)  # 1000 images
+    five, (rt, rti) = evaluate_embeddings([(images[first], captions[first])])
+    mapped, (mrt, mrti) = evaluate_embeddings([(images[first], captions[first])], caption_images=caption_images[first])
     assert mapped == pytest.approx(five, abs=1e-6)
     np.testing.assert_array_equal(rt, mrt)
     np.testing.assert_array_equal(rti, mrti)
