@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import read_image_ids, read_region_boxes
+from data import caption_images_of, read_image_ids, read_region_boxes
 from inference import encode_regions
 from utils.captions import read_captions
 from utils.errors import DataError, OptionError
@@ -173,12 +173,14 @@ def attention_tile(model, features, pictures, index, lam=50.0, top_boxes=3, side
 
 
 def first_caption(folder, split, index, num_images):
-    """Image `index`'s first caption (a split has five captions per image, or one), or None without a caption file."""
+    """Image `index`'s first caption (five captions per image, one, or as SPLIT_caption_images.npy says),
+    or None without a caption file."""
     path = os.path.join(folder, f"{split}_caps.txt")
     if not os.path.isfile(path):
         return None
     captions = read_captions(path)
-    return captions[index * max(1, len(captions) // num_images)]
+    caption_images, _ = caption_images_of(folder, split, len(captions), num_images)
+    return captions[int(np.searchsorted(caption_images, index))]
 
 
 def gallery_figure(title, model, features, pictures, scores, top, lam=50.0, top_boxes=3):

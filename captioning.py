@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import torch
 
-from data import open_features, read_image_ids
+from data import caption_images_of, open_features, read_image_ids
 from inference import load_models
 from model import END_ID, PAD_ID
 from utils.captions import read_captions
@@ -114,13 +114,13 @@ def evaluate_captions(references, generated):
 
 
 def split_references(folder, split, num_images):
-    """The split's reference captions grouped per image (5 per image, or 1)."""
-    path = os.path.join(folder, f"{split}_caps.txt")
-    captions = read_captions(path)
-    if len(captions) not in (num_images, 5 * num_images):
-        raise DataError(f"{path}: {len(captions)} captions for {num_images} images; expected 5 per image (or 1)")
-    per_image = len(captions) // num_images
-    return [captions[i * per_image : (i + 1) * per_image] for i in range(num_images)]
+    """The split's reference captions grouped per image (5 per image, 1, or as SPLIT_caption_images.npy says)."""
+    captions = read_captions(os.path.join(folder, f"{split}_caps.txt"))
+    caption_images, _ = caption_images_of(folder, split, len(captions), num_images)
+    references = [[] for _ in range(num_images)]
+    for caption, image in zip(captions, caption_images.tolist()):
+        references[image].append(caption)
+    return references
 
 
 def coco_image_ids(folder, split, num_images):
@@ -156,17 +156,19 @@ def caption_split(checkpoint, data_path=None, split="test", beam_size=1, out=Non
     for image_id, caption in list(zip(image_ids, generated))[:3]:
         print(f"  {image_id}: {caption}")
     scores = evaluate_captions(references, generated)
-    print_scores(scores, len(references[0]))
+    print_scores(scores, sorted({len(r) for r in references}))
     return scores
 
 
 def print_scores(scores, references_per_image):
+    """`references_per_image`: the counts of reference captions the images have (sorted)."""
     if not java_available():
         print(
             "java not found on PATH: METEOR skipped; "
             "tokenized with NLTK's Treebank tokenizer, not Stanford's PTBTokenizer"
         )
-    print(f"Caption scores (x100) against {references_per_image} reference(s) per image; SPICE not run:")
+    counts = f"{references_per_image[0]}" + (f"-{references_per_image[-1]}" if len(references_per_image) > 1 else "")
+    print(f"Caption scores (x100) against {counts} reference(s) per image; SPICE not run:")
     print("  " + "  ".join(f"{name} {100 * value:.1f}" for name, value in scores.items()))
 
 
@@ -177,7 +179,7 @@ def log_generated_captions(writer, model, dataset, step, count=3):
     generated = generate_captions(model, images)
     lines = []
     for i, ids in enumerate(generated):
-        reference = caption_text(dataset.vocab, dataset.caption(i * dataset.im_div)[1:])
+        reference = caption_text(dataset.vocab, dataset.caption(dataset.captions_of(i)[0])[1:])
         lines.append(f"{i}: **{caption_text(dataset.vocab, ids)}** (reference: {reference})")
     writer.add_text("captions", "  \n".join(lines), step)
 

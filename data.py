@@ -3,11 +3,13 @@
     DATA/NAME/{split}_ims.npy   (num_images, regions, img_dim) float32
     DATA/NAME/{split}_caps.txt  one UTF-8 caption per line, 5 per image (or 1 per image)
 
-and, optionally (utils.tsv_to_precomp writes them; SCAN's release has none):
+and, optionally (utils.tsv_to_precomp and make_dataset.py write them; SCAN's release has none):
 
-    DATA/NAME/{split}_boxes.npy        (num_images, regions, 4) float32 x1 y1 x2 y2 in pixels
-    DATA/NAME/{split}_image_sizes.npy  (num_images, 2) int (height, width)
-    DATA/NAME/{split}_image_ids.txt    one image id per line
+    DATA/NAME/{split}_boxes.npy           (num_images, regions, 4) float32 x1 y1 x2 y2 in pixels
+    DATA/NAME/{split}_image_sizes.npy     (num_images, 2) int (height, width)
+    DATA/NAME/{split}_image_ids.txt       one image id per line
+    DATA/NAME/{split}_caption_images.npy  (num_captions,) int64: the image of each caption, for any
+                                          number of captions per image (grouped by image, in image order)
 
 Features are read one image at a time, so RAM does not grow with the dataset; captions
 are tokenized once and cached on disk, keyed by the file's content and the vocabulary.
@@ -85,9 +87,68 @@ def caption_branch_target(caption, max_len):
     return label, mask
 
 
+def caption_images_of(folder, split, num_captions, num_images):
+    """(the image of each caption (num_captions,) int64, captions per image: 5, 1 or None when they vary).
+
+    From SPLIT_caption_images.npy when the folder has one (any number of captions per image,
+    grouped by image in image order, every image with at least one), else 5 consecutive
+    captions per image, or 1; any other count is a DataError naming the files. A map that gives
+    every image 5 captions (or 1) is that layout: evaluated as the original evaluates it.
+    """
+    caps_path = os.path.join(folder, f"{split}_caps.txt")
+    map_path = os.path.join(folder, f"{split}_caption_images.npy")
+    given = None
+    if os.path.isfile(map_path):
+        given = check_caption_images(_load_array(map_path), num_captions, num_images, map_path)
+    for per_image in (5, 1):
+        if num_captions == per_image * num_images:
+            uniform = np.arange(num_captions, dtype=np.int64) // per_image
+            if given is None or np.array_equal(given, uniform):
+                return uniform, per_image
+    if given is not None:
+        return given, None
+    raise DataError(
+        f"{caps_path}: {num_captions} captions for the {num_images} images of {split}_ims.npy; "
+        f"expected 5 captions per image (or 1), or {split}_caption_images.npy saying which image each one describes"
+    )
+
+
+def check_caption_images(images, num_captions, num_images, path):
+    """`images` as int64 when it maps each of `num_captions` captions to its image, grouped by image in
+    image order with none left out (0, 0, 1, 2, 2, 2, ...); a DataError naming `path` otherwise."""
+    if images.ndim != 1 or not np.issubdtype(images.dtype, np.integer):
+        raise DataError(f"{path}: holds {images.dtype} of shape {images.shape}; expected one integer per caption")
+    if len(images) != num_captions:
+        raise DataError(f"{path}: {len(images)} entries for {num_captions} captions; expected one per caption")
+    images = images.astype(np.int64)
+    steps = np.diff(images)
+    bad = np.flatnonzero((steps < 0) | (steps > 1))
+    if num_captions and (images[0] != 0 or len(bad) or images[-1] != num_images - 1):
+        if len(bad):
+            at = bad[0] + 1
+            where = f"entry {at} (0-based) goes from image {images[at - 1]} to {images[at]}"
+        else:
+            where = f"the entries run from image {images[0]} to {images[-1]}"
+        raise DataError(
+            f"{path}: {where}; expected the captions grouped by image in image order, "
+            f"every one of the {num_images} images with at least one (0, 0, 1, 2, 2, ...)"
+        )
+    return images
+
+
+def whole_images_prefix(caption_images, limit):
+    """How many leading captions to keep so that at most `limit` are kept and no image loses some
+    of its captions (at least the first image's)."""
+    if len(caption_images) <= limit:
+        return len(caption_images)
+    cut = int(np.searchsorted(caption_images, caption_images[limit], side="left"))
+    return cut or int(np.searchsorted(caption_images, caption_images[0], side="right"))
+
+
 class PrecompDataset(Dataset):
     """Item: (image (regions, img_dim), caption ids <start>..<end>, index, image index,
-    caption-branch label, caption-branch mask). Five captions per image share its features."""
+    caption-branch label, caption-branch mask). Each caption is an item; the captions of an
+    image (5, 1, or any number with SPLIT_caption_images.npy) share its features."""
 
     def __init__(self, data_path, data_split, vocab, max_len, img_dim):
         self.split = data_split
@@ -110,19 +171,25 @@ class PrecompDataset(Dataset):
                 f"{caps_path}: {len(empty_lines)} empty caption line(s) (first: line {empty_lines[0]}); "
                 "kept as <start> <end>, as the original"
             )
-        if num_captions == num_images:
-            self.im_div = 1
-        elif num_captions == 5 * num_images:
-            self.im_div = 5
-        else:
-            raise DataError(
-                f"{caps_path}: {num_captions} captions for the {num_images} images of {self.ims_path}; "
-                "expected 5 captions per image (or 1)"
-            )
-        self.length = min(num_captions, DEV_CAPTION_LIMIT) if data_split == "dev" else num_captions
+        # im_div: captions per image when all images have 5 (or 1), None when the number varies.
+        self.image_of, self.im_div = caption_images_of(data_path, data_split, num_captions, num_images)
+        # The original validates on the first 5000 dev captions (1000 images); with a varying
+        # number per image, on the whole images within them.
+        self.length = whole_images_prefix(self.image_of, DEV_CAPTION_LIMIT) if data_split == "dev" else num_captions
 
     def __len__(self):
         return self.length
+
+    @property
+    def caption_images(self):
+        """The image of each of the len(self) captions, or None when captions 5i..5i+4 describe
+        image i (the layout evaluation.py assumes when given none)."""
+        return None if self.im_div == 5 else self.image_of[: self.length]
+
+    def captions_of(self, image):
+        """The indices (a range) of the captions of image `image` (of the split: some may be beyond len(self))."""
+        first, end = np.searchsorted(self.image_of, [image, image + 1], side="left")
+        return range(int(first), int(end))
 
     def caption(self, index):
         words = self.caption_ids[self.offsets[index] : self.offsets[index + 1]]
@@ -132,7 +199,7 @@ class PrecompDataset(Dataset):
         return caption
 
     def __getitem__(self, index):
-        img_id = index // self.im_div
+        img_id = int(self.image_of[index])
         features = self.images[img_id]
         if not np.isfinite(features).all():
             raise DataError(

@@ -3,6 +3,7 @@
     python3 evaluate_models.py                                   # the blocks below
     python3 evaluate_models.py --data_path DATA --split test m1.pth.tar [m2.pth.tar ...] [--fold5]
     python3 evaluate_models.py --data_path DATA --split testall --eccv coco1.pth.tar [coco2.pth.tar]
+    python3 evaluate_models.py --data_path DATA --data_name mine_precomp --split test f30k.pth.tar  # on other data
 
 Several checkpoints are evaluated as an ensemble (their similarity matrices averaged).
 """
@@ -56,6 +57,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
     parser.add_argument("model_paths", nargs="*", help="checkpoints; several form an ensemble")
     parser.add_argument("--data_path", default=None, help="overrides the checkpoint's data_path")
+    parser.add_argument(
+        "--data_name",
+        default=None,
+        help="evaluate on this dataset under the data path instead of the checkpoint's (e.g. a trained model on "
+        "your own data before fine-tuning; its captions read with the checkpoint's vocabulary); also the blocks'",
+    )
     parser.add_argument("--split", default="test", help="dev, test or testall (COCO)")
     parser.add_argument("--fold5", action="store_true", help="COCO 1K: average over 5 folds of 1000 images")
     parser.add_argument("--vocab_path", default=None, help="overrides the checkpoint's vocab_path (and the blocks')")
@@ -84,7 +91,7 @@ def evaluate(blocks, args):
                 "checkpoints: python3 evaluate_models.py --data_path DATA --split test CHECKPOINT [CHECKPOINT ...]"
             )
     for model_paths, keywords in runs:
-        evalrank(*model_paths, **keywords, eccv=args.eccv)
+        evalrank(*model_paths, **keywords, eccv=args.eccv, data_name=args.data_name)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Image-text retrieval metrics of VSE++/VSRN: Recall@1/5/10, median and mean rank.
 
 Embeddings come as the encoder produces them: `images` is (5N, K) with each image repeated
-once per caption, `captions` is (5N, K), and captions 5i..5i+4 describe image i.
+once per caption, `captions` is (5N, K), and captions 5i..5i+4 describe image i. With any other
+number of captions per image, `caption_images` gives the image of each caption (grouped by
+image, as data.PrecompDataset.caption_images); image-to-text recall then counts an image as
+found at K when any of its captions is within the top K, text-to-image recall is per caption
+(the convention of LAVIS, ALBEF and BLIP). With five per image both ways give the same figures.
 
 Ranks are counted rather than sorted: the rank of a query is the number of targets scoring
 strictly above its ground truth. A target that ties the ground truth therefore does not count
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import check_data_folder
 from inference import load_models, split_loader
 from model import order_sim
 from utils.atomic import atomic_write
@@ -32,11 +37,22 @@ CHUNK_ELEMENTS = 1 << 24
 MEASURES = ("cosine", "order")
 
 
-def similarity(images, captions, measure="cosine"):
-    """Scores of every image (one row in five of `images`) against every caption: (N, 5N) float32."""
+def first_caption_rows(caption_images):
+    """The row of each image's first caption (its row of `images`), for images 0..n-1 that all have one."""
+    caption_images = np.asarray(caption_images)
+    images, first = np.unique(caption_images, return_index=True)
+    if len(images) and (images[0] != 0 or images[-1] != len(images) - 1):
+        raise ValueError("caption_images must name images 0..n-1, each with at least one caption")
+    return first
+
+
+def similarity(images, captions, measure="cosine", caption_images=None):
+    """Scores of every image (one row in five of `images`, or each image's first row by
+    `caption_images`) against every caption: (N, captions) float32."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
-    ims = torch.as_tensor(images[::5], dtype=torch.float32)
+    rows = slice(None, None, 5) if caption_images is None else first_caption_rows(caption_images)
+    ims = torch.as_tensor(images[rows], dtype=torch.float32)
     caps = torch.as_tensor(captions, dtype=torch.float32)
     sims = torch.empty(len(ims), len(caps))
     elements_per_row = len(caps) * (caps.shape[1] if measure == "order" else 1)
@@ -140,14 +156,32 @@ def recall_metrics(ranks):
     return tuple(float(metric) for metric in (r1, r5, r10, medr, meanr))
 
 
-def i2t(images, captions, npts=None, measure="cosine", return_ranks=False, sims=None, name="the similarity"):
+def i2t(
+    images,
+    captions,
+    npts=None,
+    measure="cosine",
+    return_ranks=False,
+    sims=None,
+    name="the similarity",
+    caption_images=None,
+):
     """Caption retrieval for the first `npts` images (default: all) among all captions.
 
     `sims`, an (n_images, n_captions) numpy or torch score matrix such as the average of two
     models' `similarity`, replaces the one computed from the embeddings; `npts` then defaults
     to its number of rows. Non-finite scores are refused in one line naming `name`.
+    `caption_images`: the image of each caption when they are not 5 per image (every image is
+    then ranked: `npts` must be None); an image's rank is its best caption's.
     Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also (ranks, top1).
     """
+    if caption_images is not None:
+        _check_no_npts(npts)
+        if sims is None:
+            sims = similarity(images, captions, measure, caption_images)
+        ranks, top1 = ranks_i2t(torch.as_tensor(sims), name, caption_images=caption_images)
+        metrics = recall_metrics(ranks)
+        return (metrics, (ranks, top1)) if return_ranks else metrics
     if npts is None:
         npts = images.shape[0] // 5 if sims is None else len(sims)
     if sims is None:
@@ -157,12 +191,28 @@ def i2t(images, captions, npts=None, measure="cosine", return_ranks=False, sims=
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
 
-def t2i(images, captions, npts=None, measure="cosine", return_ranks=False, sims=None, name="the similarity"):
+def t2i(
+    images,
+    captions,
+    npts=None,
+    measure="cosine",
+    return_ranks=False,
+    sims=None,
+    name="the similarity",
+    caption_images=None,
+):
     """Image retrieval for the captions of the first `npts` images (default: all) among all images.
 
-    `sims` and `name` are as for `i2t`. Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also
-    (ranks, top1), one entry per caption.
+    `sims`, `name` and `caption_images` are as for `i2t`. Returns (r1, r5, r10, medr, meanr), or with
+    `return_ranks` also (ranks, top1), one entry per caption.
     """
+    if caption_images is not None:
+        _check_no_npts(npts)
+        if sims is None:
+            sims = similarity(images, captions, measure, caption_images)
+        ranks, top1 = ranks_t2i(torch.as_tensor(sims), name, caption_images=caption_images)
+        metrics = recall_metrics(ranks)
+        return (metrics, (ranks, top1)) if return_ranks else metrics
     if npts is None:
         npts = images.shape[0] // 5 if sims is None else len(sims)
     if sims is None:
@@ -170,6 +220,11 @@ def t2i(images, captions, npts=None, measure="cosine", return_ranks=False, sims=
     ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, : 5 * npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
+
+
+def _check_no_npts(npts):
+    if npts is not None:
+        raise ValueError("npts takes the first images of 5 captions each; with caption_images every image is ranked")
 
 
 def _rows_per_chunk(elements_per_row):
@@ -198,7 +253,7 @@ def encode_data(model, data_loader):
         for images, captions, lengths, ids, _, _ in tqdm(
             data_loader, desc="encoding", unit="batch", leave=False, disable=None
         ):
-            image_ids = [index // dataset.im_div for index in ids]
+            image_ids = [int(dataset.image_of[index]) for index in ids]
             first_row = {image_id: row for row, image_id in reversed(list(enumerate(image_ids)))}
             unique_ids = list(first_row)
             img_emb, cap_emb, _ = model.forward_emb(images[[first_row[i] for i in unique_ids]], captions, lengths)
@@ -230,10 +285,11 @@ def metrics_dict(values):
     return metrics
 
 
-def average_similarity(embeddings, measure="cosine", rows=slice(None)):
+def average_similarity(embeddings, measure="cosine", rows=slice(None), caption_images=None):
     """The (images, captions) score matrix of one model's (img_embs, cap_embs), or the average
-    of several models' (an ensemble), over the caption rows `rows`."""
-    return sum(similarity(img[rows], cap[rows], measure) for img, cap in embeddings) / len(embeddings)
+    of several models' (an ensemble), over the caption rows `rows` (`caption_images`: the image
+    of each of those rows, when they are not 5 per image)."""
+    return sum(similarity(img[rows], cap[rows], measure, caption_images) for img, cap in embeddings) / len(embeddings)
 
 
 def similarity_name(num_models):
@@ -241,33 +297,50 @@ def similarity_name(num_models):
     return "VSRN's similarity" if num_models == 1 else f"the {num_models}-model ensemble's averaged similarity"
 
 
-def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None):
+FOLD_IMAGES = 1000  # COCO 1K: five folds of 1000 images
+
+
+def fold_rows(fold, caption_images=None):
+    """(caption rows, their images counted within the fold or None) of fold `fold` of the COCO 1K
+    protocol: the captions of images 1000 * fold .. 1000 * fold + 999 (rows 5000 * fold .. with 5 per image)."""
+    if caption_images is None:
+        return slice(fold * 5 * FOLD_IMAGES, (fold + 1) * 5 * FOLD_IMAGES), None
+    caption_images = np.asarray(caption_images)
+    first, end = np.searchsorted(caption_images, [fold * FOLD_IMAGES, (fold + 1) * FOLD_IMAGES], side="left")
+    return slice(int(first), int(end)), caption_images[first:end] - fold * FOLD_IMAGES
+
+
+def evaluate_embeddings(embeddings, measure="cosine", fold5=False, sims=None, caption_images=None):
     """Recall of one model's (img_embs, cap_embs), or of several averaged as an ensemble.
 
     `sims`: their `average_similarity` over the whole split when the caller has it already
-    (not used for fold5). Prints the original's lines; returns (metrics dict, (rt, rti))
-    with the ranks of the whole split, or of the first fold for fold5 (as the original saved them).
+    (not used for fold5). `caption_images`: the image of each caption (grouped by image) when
+    they are not 5 per image; fold5's folds are then the captions of 1000 images each.
+    Prints the original's lines; returns (metrics dict, (rt, rti)) with the ranks of the whole
+    split, or of the first fold for fold5 (as the original saved them).
     """
     num_captions = len(embeddings[0][1])
     name = similarity_name(len(embeddings))
 
-    def evaluate(rows, rows_sims=None, name=name):
+    def evaluate(rows, rows_sims=None, name=name, rows_images=None):
         if rows_sims is None:
-            rows_sims = average_similarity(embeddings, measure, rows)
+            rows_sims = average_similarity(embeddings, measure, rows, rows_images)
         img, cap = embeddings[0][0][rows], embeddings[0][1][rows]
-        r, rt = i2t(img, cap, measure=measure, return_ranks=True, sims=rows_sims, name=name)
-        ri, rti = t2i(img, cap, measure=measure, return_ranks=True, sims=rows_sims, name=name)
+        keywords = dict(measure=measure, return_ranks=True, sims=rows_sims, name=name, caption_images=rows_images)
+        r, rt = i2t(img, cap, **keywords)
+        ri, rti = t2i(img, cap, **keywords)
         return r, ri, rt, rti
 
     if not fold5:
-        r, ri, rt, rti = evaluate(slice(0, num_captions), sims)
+        r, ri, rt, rti = evaluate(slice(0, num_captions), sims, rows_images=caption_images)
         print_recall(r, ri)
         metrics = metrics_dict(r + ri)
     else:
         results = []
         for fold in range(5):
+            rows, rows_images = fold_rows(fold, caption_images)
             r, ri, rt_fold, rti_fold = evaluate(
-                slice(fold * 5000, (fold + 1) * 5000), name=f"{name}, fold {fold + 1} of 5 (counted within the fold)"
+                rows, name=f"{name}, fold {fold + 1} of 5 (counted within the fold)", rows_images=rows_images
             )
             if fold == 0:
                 rt, rti = rt_fold, rti_fold
@@ -387,12 +460,24 @@ def print_eccv_metrics(scores):
         print(f"  {label:<18} {i2t_values:>18} | {t2i_values}")
 
 
-def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=None, ranks_path=None, eccv=False):
+def evalrank(
+    *model_paths,
+    data_path=None,
+    split="dev",
+    fold5=False,
+    vocab_path=None,
+    ranks_path=None,
+    eccv=False,
+    data_name=None,
+):
     """Recall of one checkpoint, or of several as an ensemble (their similarity matrices averaged).
 
     fold5: the original's COCO 1K protocol, five folds of 1000 images averaged.
     eccv: also ECCV Caption / CxC / COCO metrics (`eccv_caption_metrics`; COCO `testall` only),
     printed after the table and added to the result as NAME_i2t and NAME_t2i.
+    data_name: another dataset under the data path than the checkpoint's (e.g. a trained model on
+    new data before fine-tuning: its captions read with the checkpoint's vocabulary, unknown words
+    as <unk>). Any number of captions per image is ranked (see the module's docstring).
     Returns a dict of r1, r5, r10, medr, meanr, r1i, ..., meanri and rsum; saves the
     per-query ranks to `ranks_path` (default: ranks.pth.tar next to the first checkpoint).
     """
@@ -404,30 +489,37 @@ def evalrank(*model_paths, data_path=None, split="dev", fold5=False, vocab_path=
             raise OptionError(
                 f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; use --split testall, not {split}"
             )
-    opt, vocab, models = load_models(model_paths, data_path, vocab_path)
-    if eccv and not opt.data_name.startswith("coco"):
-        raise OptionError(
-            f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; the checkpoint is for {opt.data_name}"
-        )
+    opt, vocab, models = load_models(model_paths, data_path, vocab_path, need_data=data_name is None)
+    data_name = data_name or opt.data_name
+    if data_name != opt.data_name:
+        check_data_folder(opt.data_path, data_name, "check --data_path and --data_name")
+    if eccv and not data_name.startswith("coco"):
+        whose = "the checkpoint is for" if data_name == opt.data_name else "the data is"
+        raise OptionError(f"--eccv: ECCV Caption and CxC annotate COCO's 5K test images; {whose} {data_name}")
     print("Loading dataset")
-    loader = split_loader(opt, vocab, split)
+    loader = split_loader(opt, vocab, split, data_name)
     num_captions = len(loader.dataset)
-    if num_captions % 5:
-        raise DataError(f"{split} split of {opt.data_name}: {num_captions} captions, not a multiple of 5 (5 per image)")
-    if fold5 and num_captions < 25000:
+    caption_images = getattr(loader.dataset, "caption_images", None)  # None: 5 per image
+    num_images = num_captions // 5 if caption_images is None else len(first_caption_rows(caption_images))
+    if fold5 and caption_images is None and num_captions < 25 * FOLD_IMAGES:
+        raise DataError(f"fold5 needs 5 folds of 5000 captions; the {split} split of {data_name} has {num_captions}")
+    if fold5 and num_images < 5 * FOLD_IMAGES:
         raise DataError(
-            f"fold5 needs 5 folds of 5000 captions; the {split} split of {opt.data_name} has {num_captions}"
+            f"fold5 needs 5 folds of {FOLD_IMAGES} images; the {split} split of {data_name} has {num_images}"
         )
-    if eccv and num_captions != 25000:
+    if eccv and (caption_images is not None or num_captions != 25000):
         raise DataError(
-            "--eccv needs COCO's 5K test split (25000 captions); "
-            f"the {split} split of {opt.data_name} has {num_captions}"
+            "--eccv needs COCO's 5K test split (5000 images of 5 captions); "
+            f"the {split} split of {data_name} has {num_images} images and {num_captions} captions"
         )
     print("Computing results...")
     embeddings = [encode_data(model, loader) for model in models]
-    print("Images: %d, Captions: %d" % (num_captions // 5, num_captions))
+    print("Images: %d, Captions: %d" % (num_images, num_captions))
     sims = average_similarity(embeddings, opt.measure) if eccv else None
-    metrics, (rt, rti) = evaluate_embeddings(embeddings, opt.measure, fold5, sims=sims)
+    if caption_images is None:  # five per image: the original's evaluation
+        metrics, (rt, rti) = evaluate_embeddings(embeddings, opt.measure, fold5, sims=sims)
+    else:
+        metrics, (rt, rti) = evaluate_embeddings(embeddings, opt.measure, fold5, caption_images=caption_images)
     if eccv:
         scores = eccv_caption_metrics(None, None, sims=sims)
         print_eccv_metrics(scores)

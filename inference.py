@@ -17,18 +17,48 @@ from data import check_data_folder, get_test_loader
 from model import VSRN, cosine_sim, order_sim
 from utils.checkpoint import is_original_release, load_checkpoint
 from utils.errors import CheckpointError, OptionError, VocabularyError
-from vocab import END, START, load_vocab_by_name, load_vocab_with_digest, tokenize, vocab_digest, vocab_files
+from vocab import (
+    END,
+    SPECIAL_TOKENS,
+    START,
+    load_vocab_by_name,
+    load_vocab_with_digest,
+    tokenize,
+    vocab_digest,
+    vocab_files,
+    vocabulary_from_words,
+)
 
 ENCODE_BATCH = 128
 
 
+def recorded_vocab(checkpoint, path):
+    """The vocabulary a checkpoint records word by word (this port's since they do), or None."""
+    words = checkpoint.get("vocab_words")
+    if words is None:
+        return None
+    if not (isinstance(words, (list, tuple)) and all(isinstance(w, str) for w in words)):
+        raise CheckpointError(f"{path}: its 'vocab_words' is not a list of words")
+    vocab = vocabulary_from_words(words)
+    if len(vocab) != len(words) or any(token not in vocab.word2idx for token in SPECIAL_TOKENS):
+        raise CheckpointError(f"{path}: its 'vocab_words' repeat a word or lack the special tokens")
+    if checkpoint.get("vocab_digest", vocab_digest(vocab)) != vocab_digest(vocab):
+        raise CheckpointError(f"{path}: its 'vocab_words' do not match its vocabulary digest")
+    vocab.path = f"the vocabulary recorded in {path}"
+    return vocab
+
+
 def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None):
-    """The vocabulary the checkpoint at `path` was trained with, from DIR/NAME_vocab.{json,pkl}.
+    """The vocabulary the checkpoint at `path` was trained with, from DIR/NAME_vocab.{json,pkl}, else,
+    when DIR holds neither, the one the checkpoint records (`recorded_vocab`).
 
     Ours record its digest (refused when neither file matches); without one, the original
     release's are taken to use the .pkl (the only vocabularies it shipped), ours the .json,
     and the file used is printed.
     """
+    recorded = recorded_vocab(checkpoint, path)
+    if recorded is not None and not vocab_files(vocab_dir, data_name):
+        return recorded
     digest = checkpoint.get("vocab_digest")
     if digest is not None:
         return load_vocab_with_digest(vocab_dir, data_name, digest, path, data_path)
@@ -37,6 +67,23 @@ def load_checkpoint_vocab(checkpoint, path, vocab_dir, data_name, data_path=None
     )
     print(f"{path} records no vocabulary digest: using the vocabulary {vocab.path}", file=sys.stderr)
     return vocab
+
+
+def starting_vocab(checkpoint, path, vocab_dir):
+    """The vocabulary of a checkpoint to fine-tune (`train.py --init_from`): its data_name's
+    NAME_vocab.{json,pkl} in `vocab_dir` (the new run's --vocab_path) or where the checkpoint says
+    (`vocabulary_folder`), else the one it records."""
+    saved = checkpoint["opt"]
+    for folder in (vocab_dir, vocabulary_folder(saved, path)):
+        if folder and vocab_files(folder, saved.data_name):
+            return load_checkpoint_vocab(checkpoint, path, folder, saved.data_name)
+    recorded = recorded_vocab(checkpoint, path)
+    if recorded is not None:
+        return recorded
+    raise VocabularyError(
+        f"{path}: its vocabulary {saved.data_name}_vocab.json (or .pkl) is neither in --vocab_path {vocab_dir} "
+        f"nor in the folder it records ('{saved.vocab_path}'); put the vocabulary it was trained with in --vocab_path"
+    )
 
 
 def vocabulary_folder(opt, checkpoint_path):
@@ -88,16 +135,18 @@ def load_models(
             opt.data_name,
             "check --data_path" if data_path else f"pass --data_path (the checkpoint records '{opt.data_path}')",
         )
+    if vocab is None and vocab_path is None:
+        vocab_path = vocabulary_folder(opt, model_paths[0])
+        if vocab_path is None:
+            vocab = recorded_vocab(checkpoints[0], model_paths[0])
     if vocab is not None:
         vocab_path = vocab.path
     elif vocab_path is None:
-        vocab_path = vocabulary_folder(opt, model_paths[0])
-        if vocab_path is None:
-            raise VocabularyError(
-                f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found, "
-                "from here nor from the checkpoint's folder; "
-                f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
-            )
+        raise VocabularyError(
+            f"{os.path.join(opt.vocab_path, opt.data_name)}_vocab.json (or .pkl): vocabulary not found, "
+            "from here nor from the checkpoint's folder; "
+            f"pass --vocab_path (the checkpoint records '{opt.vocab_path}')"
+        )
     if vocab is None:
         vocab = load_checkpoint_vocab(checkpoints[0], model_paths[0], vocab_path, opt.data_name, opt.data_path)
     models = []

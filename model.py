@@ -420,6 +420,19 @@ def check_options(opt):
         raise OptionError(f"--max_len {opt.max_len}: must be at least 2 (<start> and <end>)")
 
 
+def image_encoder_data_name(opt):
+    """The data_name that chose the image encoder's variant (Flickr30K's has a final BatchNorm): the run's
+    own, or for a fine-tuned model the one of the checkpoint it started from (`opt.encoder_data_name`)."""
+    return getattr(opt, "encoder_data_name", None) or opt.data_name
+
+
+# Parameters with one row per vocabulary word, by module: a larger vocabulary adds rows at their end.
+VOCABULARY_ROWS = {
+    "txt_enc": ("embed.weight",),
+    "caption_model": ("decoder.embedding.weight", "decoder.out.weight", "decoder.out.bias"),
+}
+
+
 class VSRN:
     """The image encoder, text encoder and caption branch, their loss and their optimizer."""
 
@@ -430,7 +443,9 @@ class VSRN:
         self.grad_clip = opt.grad_clip
         self.max_len = opt.max_len
         self.amp = bool(getattr(opt, "amp", False)) and self.device.type == "cuda"
-        self.img_enc = EncoderImagePrecompAttn(opt.img_dim, opt.embed_size, opt.data_name, opt.use_abs, opt.no_imgnorm)
+        self.img_enc = EncoderImagePrecompAttn(
+            opt.img_dim, opt.embed_size, image_encoder_data_name(opt), opt.use_abs, opt.no_imgnorm
+        )
         self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size, opt.num_layers, opt.use_abs)
         encoder = CaptionEncoder(opt.dim_vid, opt.dim_hidden, opt.input_dropout_p, bool(opt.bidirectional))
         decoder = CaptionDecoder(
@@ -491,6 +506,33 @@ class VSRN:
                         )
                     )
             module.load_state_dict(state)
+
+    def start_from(self, state_dict, base_vocab_size, source="checkpoint"):
+        """Take a trained model's weights ([img_enc, txt_enc] or with the caption branch) as the start
+        of a run whose vocabulary extends theirs (of `base_vocab_size` words; vocab.extend_vocab): every
+        weight is theirs, the rows of the words they lack keep this model's initialisation (the
+        original's), and a caption branch they lack (the original release saved none) stays initialised."""
+        if not isinstance(state_dict, (list, tuple)) or len(state_dict) not in (2, 3):
+            raise CheckpointError(f"{source}: 'model' must be a list of 2 or 3 state dicts")
+        names = ("img_enc", "txt_enc", "caption_model")
+        merged = []
+        for name, module, state in zip(names, self.modules(), state_dict):
+            own = module.state_dict()
+            state = dict(state)
+            for key in VOCABULARY_ROWS.get(name, ()):
+                if key not in state or key not in own:
+                    continue  # named by load_state_dict's check below
+                rows = state[key]
+                if rows.shape[0] != base_vocab_size or tuple(rows.shape[1:]) != tuple(own[key].shape[1:]):
+                    raise CheckpointError(
+                        f"{source}: {name}.{key} has shape {tuple(rows.shape)}; its vocabulary of "
+                        f"{base_vocab_size} words and this model expect {(base_vocab_size, *own[key].shape[1:])}"
+                    )
+                state[key] = torch.cat([rows.to(own[key].dtype), own[key][base_vocab_size:]])
+            merged.append(state)
+        if len(merged) == 2:
+            merged.append(self.caption_model.state_dict())
+        self.load_state_dict(merged, source)
 
     def train_start(self):
         for module in self.modules():

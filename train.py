@@ -3,6 +3,7 @@
 python3 train.py --data_path DATA --data_name f30k_precomp --logger_name runs/f30k --max_violation
 python3 train.py --demo          # toy dataset: about 80 s on an idle 2-core AVX-512 CPU (docs/performance.md)
 python3 train.py --resume runs/f30k/checkpoint.pth.tar   # continue exactly where it stopped
+python3 train.py --data_path DATA --data_name mine_precomp --init_from runs/f30k/model_best.pth.tar   # fine-tune
 torchrun --standalone --nproc_per_node=4 train.py ...     # data-parallel, same global batch
 """
 
@@ -24,15 +25,23 @@ import data
 from captioning import log_generated_captions, print_examples
 from data import check_data_folder, usable_workers
 from evaluation import encode_data, evalrank, i2t, similarity, t2i
-from inference import load_checkpoint_vocab
-from model import VSRN, check_options
+from inference import load_checkpoint_vocab, starting_vocab
+from model import VSRN, check_options, image_encoder_data_name
 from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from utils.device import configure_backends
 from utils.distributed import SINGLE_PROCESS, holds_sync_batchnorm, init_world
 from utils.errors import CheckpointError, OptionError, VSRNError, first_line, report
 from utils.meters import AverageMeter, LogCollector
 from utils.options import DEMO_PRESET, RESUME_OVERRIDABLE, build_parser, explicit_options
-from vocab import build_dataset_vocab, load_vocab_by_name, save_vocab, vocab_digest, vocab_file
+from vocab import (
+    build_dataset_vocab,
+    extend_vocab,
+    load_vocab_by_name,
+    save_vocab,
+    vocab_digest,
+    vocab_file,
+    vocab_files,
+)
 
 
 class StopRequest:
@@ -55,11 +64,29 @@ class StopRequest:
         return self.signal_name is not None
 
 
+# The options that shape a model's weights or the meaning of its embeddings: a fine-tuned model keeps its checkpoint's.
+MODEL_OPTIONS = (
+    "img_dim",
+    "embed_size",
+    "word_dim",
+    "num_layers",
+    "dim_vid",
+    "dim_hidden",
+    "dim_word",
+    "bidirectional",
+    "rnn_type",
+    "use_abs",
+    "no_imgnorm",
+    "measure",
+)
+
+
 def parse_options(argv=None):
-    """-> (options, the checkpoint to resume or None).
+    """-> (options, the checkpoint to resume, or with --init_from the one to start from, or None).
 
     A resumed run takes its options from the checkpoint; explicit flags may change only
-    RESUME_OVERRIDABLE ones, and any other flag must agree with the checkpoint.
+    RESUME_OVERRIDABLE ones, and any other flag must agree with the checkpoint. A run started
+    from a checkpoint (--init_from) takes its MODEL_OPTIONS from it, the others from the flags.
     """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -68,9 +95,16 @@ def parse_options(argv=None):
     opt = parser.parse_args(argv)
     given = explicit_options(argv)
     checkpoint = None
+    if opt.resume and "init_from" in given:
+        raise OptionError(
+            "--init_from starts a new run from a checkpoint's weights, --resume continues a run: give one of them"
+        )
     if opt.resume:
         checkpoint = load_checkpoint(opt.resume)
         opt = resumed_options(checkpoint["opt"], opt, given, opt.resume)
+    elif opt.init_from:
+        checkpoint = load_checkpoint(opt.init_from)
+        fine_tuning_options(opt, checkpoint["opt"], given, opt.init_from)
     elif opt.demo and "logger_name" not in given:
         opt.logger_name = first_free_folder(opt.logger_name)
     if opt.seed is None:
@@ -92,6 +126,41 @@ def resumed_options(saved, command_line, given, path):
             )
     opt.resume = path
     return opt
+
+
+def fine_tuning_options(opt, saved, given, path):
+    """Give `opt` the MODEL_OPTIONS of the checkpoint at `path` (its options `saved`); an explicit flag
+    that differs is refused. The image encoder keeps the variant of the checkpoint's data_name."""
+    for name in MODEL_OPTIONS:
+        recorded = getattr(saved, name)
+        if name in given and getattr(opt, name) != recorded:
+            raise OptionError(
+                f"--{name} {getattr(opt, name)} contradicts the {recorded} of {path}, which --init_from starts "
+                "from; a fine-tuned model keeps its checkpoint's model options"
+            )
+        setattr(opt, name, recorded)
+    opt.encoder_data_name = image_encoder_data_name(saved)
+
+
+def fine_tuning_vocab(opt, checkpoint):
+    """The vocabulary of a run started from `checkpoint` (--init_from): the checkpoint's, then the words of
+    the new data's vocabulary (DIR/NAME_vocab.json or .pkl in --vocab_path, else built from its train and
+    dev captions by vocab.py's rules) that it lacks."""
+    base = starting_vocab(checkpoint, opt.init_from, opt.vocab_path)
+    if vocab_files(opt.vocab_path, opt.data_name):
+        new = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
+    else:
+        new = build_dataset_vocab(opt.data_path, opt.data_name)
+    vocab = extend_vocab(base, new)
+    logging.info(
+        "--init_from %s: its vocabulary of %d words (%s), %d words of %s appended",
+        opt.init_from,
+        len(base),
+        base.path,
+        len(vocab) - len(base),
+        new.path or f"the {opt.data_name} captions",
+    )
+    return vocab, len(base)
 
 
 def first_free_folder(folder):
@@ -183,6 +252,7 @@ class Trainer:
     def __init__(self, opt, model, train_loader, val_loader, writer, vocab):
         self.opt, self.model, self.writer = opt, model, writer
         self.vocab_digest = vocab_digest(vocab)
+        self.vocab_words = [vocab.idx2word[i] for i in range(len(vocab))]
         self.train_loader, self.val_loader = train_loader, val_loader
         self.world = model.world
         self.best_rsum = 0.0
@@ -252,6 +322,7 @@ class Trainer:
             "rng": rng_ranks[0],
             **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
             "vocab_digest": self.vocab_digest,
+            "vocab_words": self.vocab_words,
         }
 
     def save(self, epoch, next_epoch, next_batch, is_best=False):
@@ -368,10 +439,11 @@ def warn_if_saved_mid_epoch(path, epoch, iterations, batches_per_epoch):
 def validate(opt, val_loader, model, writer):
     """Recall in both directions on the dev split; returns r1 + r5 + r1i + r5i (the original's score)."""
     img_embs, cap_embs = encode_data(model, val_loader)
-    sims = similarity(img_embs, cap_embs, opt.measure)
-    r1, r5, r10, medr, meanr = i2t(img_embs, cap_embs, sims=sims)
+    caption_images = val_loader.dataset.caption_images  # None: 5 per image
+    sims = similarity(img_embs, cap_embs, opt.measure, caption_images)
+    r1, r5, r10, medr, meanr = i2t(img_embs, cap_embs, sims=sims, caption_images=caption_images)
     logging.info("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f", r1, r5, r10, medr, meanr)
-    r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, sims=sims)
+    r1i, r5i, r10i, medri, meanri = t2i(img_embs, cap_embs, sims=sims, caption_images=caption_images)
     logging.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f", r1i, r5i, r10i, medri, meanri)
     rsum = r1 + r5 + r1i + r5i
     metrics = dict(
@@ -465,8 +537,14 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
         if opt.demo:
             prepare_demo(opt)
         check_data_folder(opt.data_path, opt.data_name)
-        if checkpoint is not None:
+        if opt.resume:
             vocab = load_checkpoint_vocab(checkpoint, opt.resume, opt.vocab_path, opt.data_name, opt.data_path)
+        elif checkpoint is not None:
+            vocab, base_vocab_size = fine_tuning_vocab(opt, checkpoint)
+            # The run's own vocabulary, beside its checkpoints, is the one they record: not the data's file.
+            opt.vocab_path = opt.logger_name
+            if world.is_main:
+                save_vocab(vocab, os.path.join(opt.logger_name, f"{opt.data_name}_vocab.json"))
         else:
             vocab = load_vocab_by_name(opt.vocab_path, opt.data_name, opt.data_path)
         opt.vocab_size = len(vocab)
@@ -485,6 +563,9 @@ def run(opt, checkpoint=None, world=SINGLE_PROCESS):
     if world.is_main:
         print(opt)
     model = VSRN(opt)
+    if checkpoint is not None and not opt.resume:
+        model.start_from(checkpoint["model"], base_vocab_size, opt.init_from)
+        checkpoint = None  # a new run: its optimizer, schedule and counters start afresh
     if usable_workers(opt.workers) < opt.workers:
         logging.info("--workers %d capped at this machine's %d cores", opt.workers, usable_workers(opt.workers))
     model.distribute(world)

@@ -95,12 +95,13 @@ def show_captions(args, opt, vocab, model, folder):
     loader = split_loader(opt, vocab, args.split)
     dataset = loader.dataset
     image_embs, caption_embs = encode_data(model, loader)
-    row = args.index * dataset.im_div
-    if row >= len(dataset):
+    own = dataset.captions_of(args.index)
+    if not own or own[-1] >= len(dataset):
         raise OptionError(
             f"--index {args.index}: the first {len(dataset)} captions of the {args.split} split cover only "
-            f"{len(dataset) // dataset.im_div} images"
+            f"{int(dataset.image_of[len(dataset) - 1]) + 1} images"
         )
+    row = own[0]
     scores = scores_against(torch.from_numpy(image_embs[row : row + 1]), torch.from_numpy(caption_embs), opt.measure)[0]
     top = torch.argsort(scores, descending=True, stable=True)[: args.top].tolist()
     captions = read_captions(os.path.join(folder, f"{args.split}_caps.txt"))
@@ -108,7 +109,7 @@ def show_captions(args, opt, vocab, model, folder):
     name = f"image {args.index}" + (f" ({ids[args.index]})" if ids else "")
     print(f"top-{len(top)} captions for {name}, {args.split} split (* = a ground-truth caption of this image):")
     for place, index in enumerate(top, start=1):
-        mark = "*" if index // dataset.im_div == args.index else " "
+        mark = "*" if index in own else " "
         print(f"  {place}. {mark} {scores[index]:.4f}  {captions[index]}")
 
 

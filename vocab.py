@@ -106,6 +106,15 @@ def vocabulary_from_words(words):
     return vocab
 
 
+def extend_vocab(base, extra):
+    """`base`'s words with their ids, then the words of `extra` that `base` lacks, in `extra`'s order:
+    a model of `base` reads every word it knows by the same id."""
+    words = [base.idx2word[i] for i in range(len(base))]
+    known = set(words)
+    added = [extra.idx2word[i] for i in range(len(extra)) if extra.idx2word[i] not in known]
+    return vocabulary_from_words(words + added)
+
+
 def build_vocab(captions, threshold=4):
     """Specials first, then every word seen at least `threshold` times, most frequent first."""
     counter = Counter()

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import DEV_CAPTION_LIMIT, FeatureFile, read_image_ids, read_region_boxes
+from data import (
+    DEV_CAPTION_LIMIT,
+    FeatureFile,
+    caption_images_of,
+    read_image_ids,
+    read_region_boxes,
+    whole_images_prefix,
+)
 from evaluation import (
     average_similarity,
     check_finite,
@@ -31,7 +38,8 @@ from utils.errors import DataError, OptionError
 
 
 class Split:
-    """A split's images (features and normalised boxes) and captions, 5 per image."""
+    """A split's images (features and normalised boxes) and captions: 5 per image, 1, or any number with
+    SPLIT_caption_images.npy (`caption_images`: the image of each caption, None for 5 per image)."""
 
     def __init__(self, data_path, data_name, split, visual_feat_dim):
         folder = os.path.join(data_path, data_name)
@@ -54,16 +62,12 @@ class Split:
             )
         boxes, sizes = read_region_boxes(folder, split, needed_by="LXMERT (lxmert_match.py)")
         captions = read_captions(os.path.join(folder, f"{split}_caps.txt"))
-        if len(captions) != 5 * len(self.features):
-            raise DataError(
-                f"{folder}/{split}_caps.txt: {len(captions)} captions for the {len(self.features)} images of "
-                f"{split}_ims.npy; evaluation needs 5 per image"
-            )
-        # As evaluation.py: validation (dev) uses the first 5000 captions, hence 1000 images.
-        if split == "dev":
-            captions = captions[:DEV_CAPTION_LIMIT]
-        self.captions = captions
-        self.num_images = len(captions) // 5
+        image_of, per_image = caption_images_of(folder, split, len(captions), len(self.features))
+        # As evaluation.py: validation (dev) uses the whole images within the first 5000 captions.
+        kept = whole_images_prefix(image_of, DEV_CAPTION_LIMIT) if split == "dev" else len(captions)
+        self.captions = captions[:kept]
+        self.caption_images = None if per_image == 5 else torch.from_numpy(image_of[:kept])
+        self.num_images = int(image_of[kept - 1]) + 1 if kept else 0
         ids = read_image_ids(folder, split)
         names = [
             f"{folder}/{split}_boxes.npy, image " + (f"{ids[i]} (row {i})" if ids else str(i))
@@ -85,15 +89,16 @@ def vsrn_similarity(checkpoints, data_path, data_name, split, vocab_path=None):
     opt, vocab, models = load_models(checkpoints, data_path, vocab_path)
     loader = split_loader(opt, vocab, split, data_name)
     embeddings = [encode_data(model, loader) for model in models]
-    sims = average_similarity(embeddings, opt.measure)
+    sims = average_similarity(embeddings, opt.measure, caption_images=loader.dataset.caption_images)
     check_finite(sims, similarity_name(len(embeddings)))
     return sims
 
 
-def recall_of(i2t_scores, t2i_scores, name="the scores"):
-    """evaluation.py's metrics: image-to-text ranks from one score matrix, text-to-image from another."""
-    r = recall_metrics(ranks_i2t(i2t_scores, name)[0])
-    ri = recall_metrics(ranks_t2i(t2i_scores, name)[0])
+def recall_of(i2t_scores, t2i_scores, name="the scores", caption_images=None):
+    """evaluation.py's metrics: image-to-text ranks from one score matrix, text-to-image from another
+    (`caption_images`: the image of each caption, None for 5 per image)."""
+    r = recall_metrics(ranks_i2t(i2t_scores, name, caption_images=caption_images)[0])
+    ri = recall_metrics(ranks_t2i(t2i_scores, name, caption_images=caption_images)[0])
     metrics = metrics_dict(r + ri)
     return metrics, r, ri
 
@@ -158,14 +163,14 @@ def evaluate(request):
         scores = lxmert_scores(scorer, data, input_ids, mask, pairs, request.batch_size, desc)
 
     if first_stage is None:
-        metrics, r, ri = recall_of(scores, scores, "LXMERT's scores")
+        metrics, r, ri = recall_of(scores, scores, "LXMERT's scores", data.caption_images)
     else:
-        _, vr, vri = recall_of(first_stage, first_stage, "VSRN's scores")
+        _, vr, vri = recall_of(first_stage, first_stage, "VSRN's scores", data.caption_images)
         print("VSRN (first stage):")
         print_recall(vr, vri)
         i2t_scores = rerank(first_stage, scores, i2t_candidates, request.alpha)
         t2i_scores = rerank(first_stage.T, scores.T, t2i_candidates.T, request.alpha).T
-        metrics, r, ri = recall_of(i2t_scores, t2i_scores, "the reranked scores")
+        metrics, r, ri = recall_of(i2t_scores, t2i_scores, "the reranked scores", data.caption_images)
         fusion = f", alpha {request.alpha:g}" if request.alpha != 1 else ""
         print(f"LXMERT {request.mode} reranking VSRN's top-{request.topk}{fusion}:")
     print_recall(r, ri)

@@ -207,12 +207,14 @@ def test_evaluation_split_checks(toy_copy, trained_toy, capsys):
     np.save(f"{folder}/test_ims.npy", np.load(f"{folder}/test_ims.npy")[:19])
     drop_last_caption(f"{folder}/test_caps.txt")
     lines = open(f"{folder}/test_caps.txt").read().splitlines()
-    open(f"{folder}/test_caps.txt", "w").write("\n".join(lines[:19]) + "\n")
+    # 19 images of one caption each are ranked (each against its own); 20 captions for 19 images are refused.
+    open(f"{folder}/test_caps.txt", "w").write("\n".join(lines[:20]) + "\n")
     assert (
         evaluate_models.main(["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test", trained_toy])
         == 2
     )
-    assert "test split of toy_precomp: 19 captions, not a multiple of 5" in error_line(capsys)
+    expected = "test_caps.txt: 20 captions for the 19 images of test_ims.npy; expected 5 captions per image"
+    assert expected in error_line(capsys)
 
 
 def test_evaluation_points_at_the_path_flags(toy_data, tmp_path, capsys, monkeypatch):

@@ -7,7 +7,7 @@ import re
 
 from conftest import ROOT
 
-LIBRARY = ("detection", "lxmert", "photo_library", "utils", "GCN_lib")
+LIBRARY = ("dataset_maker", "detection", "lxmert", "photo_library", "utils", "GCN_lib")
 MODULES = ("attention", "captioning", "data", "evaluation", "inference", "model", "vocab")
 MAX_LINES, MAX_PARAMETERS = 80, 11
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE)\b.*\b(FROM|INTO|SET|WHERE)\b")

@@ -355,6 +355,29 @@ def test_a_request_is_refused_when_made_in_the_library_words_and_the_script_name
         assert error_line(capsys).startswith(f"error: {flags}")
 
 
+def test_a_split_of_any_number_of_captions_per_image_is_ranked_by_its_caption_map(setup, tmp_path):
+    """As evaluation.py ranks it: an image is found at K when any of its captions is, each caption on its own."""
+    data_path, model_dir, captions = setup
+    folder = tmp_path / "data" / NAME
+    shutil.copytree(os.path.join(data_path, NAME), folder)
+    counts = [1, 3, 5, 2, 4, 1, 6, 2]  # captions of each of the 8 images
+    caption_images = np.repeat(np.arange(IMAGES), counts)
+    (folder / "test_caps.txt").write_text("\n".join(captions[: len(caption_images)]) + "\n")
+    np.save(folder / "test_caption_images.npy", caption_images)
+    metrics = evaluate(
+        model_dir, str(tmp_path / "data"), NAME, "test", batch_size=16, save_scores=str(tmp_path / "s.npy")
+    )
+    scores = np.load(tmp_path / "s.npy")
+    assert scores.shape == (IMAGES, len(caption_images))
+    i2t_ranks = [
+        min(int((scores[i] > scores[i, j]).sum()) for j in np.flatnonzero(caption_images == i)) for i in range(IMAGES)
+    ]
+    t2i_ranks = [int((scores[:, j] > scores[caption_images[j], j]).sum()) for j in range(len(caption_images))]
+    for direction, ranks in (("", i2t_ranks), ("i", t2i_ranks)):
+        for k in (1, 5, 10):
+            assert metrics[f"r{k}{direction}"] == pytest.approx(100.0 * np.mean(np.array(ranks) < k))
+
+
 def test_command_line_prints_recall_and_saves_scores(setup, tmp_path, capsys):
     data_path, model_dir, _ = setup
     scores_path = tmp_path / "out" / "scores.npy"

@@ -40,3 +40,17 @@ def atomic_copy(src, dst):
     with open(src, "rb") as fin, atomic_write(dst, "wb") as fout:
         while chunk := fin.read(1 << 22):
             fout.write(chunk)
+
+
+def remove_leftovers(path):
+    """Remove the temporary files that atomic_write(path) left behind when its process was killed mid-write
+    (call it only where no other process is writing `path`); their count."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed

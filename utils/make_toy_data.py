@@ -43,15 +43,17 @@ def make_prototypes(rng, img_dim):
     return np.maximum(rng.normal(0.0, 1.0, size=(len(CONCEPTS), img_dim)), 0.0) * 2.0
 
 
-def make_split(rng, prototypes, num_images):
+def make_split(rng, prototypes, num_images, concepts=None):
     """Features (num_images, REGIONS, img_dim), 5 captions per image, and each region's
-    concept (num_images, REGIONS), -1 for background clutter."""
+    concept (num_images, REGIONS), -1 for background clutter. `concepts`: the concept ids
+    the images may show (None: all of them)."""
     num_concepts, img_dim = prototypes.shape
+    pool = num_concepts if concepts is None else np.asarray(concepts)
     features = np.empty((num_images, REGIONS, img_dim), dtype=np.float32)
     owners_of_images = np.empty((num_images, REGIONS), dtype=np.int64)
     captions = []
     for i in range(num_images):
-        chosen = rng.choice(num_concepts, size=3, replace=False)
+        chosen = rng.choice(pool, size=3, replace=False)
         # Most regions show one of the three concepts; a few are background clutter.
         owners = rng.choice(np.append(chosen, -1), size=REGIONS, p=[0.3, 0.3, 0.3, 0.1])
         owners_of_images[i] = owners

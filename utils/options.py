@@ -147,6 +147,14 @@ def add_port_flags(add):
         "(a float32 GEMM of 150-160 GFLOP/s), longer on slower cores or beside other jobs "
         "(a preset: see docs/training.md, The demo; explicit flags override it)",
     )
+    add(
+        "--init_from",
+        default="",
+        metavar="CHECKPOINT",
+        help="start a new run from a trained checkpoint's weights (the original release's or this port's): its "
+        "model options, its vocabulary with the new data's words appended, a fresh optimizer and schedule "
+        "(see docs/training.md, Fine-tuning)",
+    )
     add("--amp", action="store_true", help="bfloat16 autocast on CUDA (faster, not bit-faithful)")
     add("--tf32", action="store_true", help="allow TF32 matrix products on CUDA (faster, not bit-faithful)")
     add(
