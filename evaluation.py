@@ -176,17 +176,13 @@ def i2t(
     Returns (r1, r5, r10, medr, meanr), or with `return_ranks` also (ranks, top1).
     """
     if caption_images is not None:
-        _check_no_npts(npts)
+        ranks, top1 = _ranks_of_every_image(ranks_i2t, images, captions, npts, measure, sims, name, caption_images)
+    else:
+        if npts is None:
+            npts = images.shape[0] // 5 if sims is None else len(sims)
         if sims is None:
-            sims = similarity(images, captions, measure, caption_images)
-        ranks, top1 = ranks_i2t(torch.as_tensor(sims), name, caption_images=caption_images)
-        metrics = recall_metrics(ranks)
-        return (metrics, (ranks, top1)) if return_ranks else metrics
-    if npts is None:
-        npts = images.shape[0] // 5 if sims is None else len(sims)
-    if sims is None:
-        sims = similarity(images[: 5 * npts], captions, measure)
-    ranks, top1 = ranks_i2t(torch.as_tensor(sims)[:npts], name)
+            sims = similarity(images[: 5 * npts], captions, measure)
+        ranks, top1 = ranks_i2t(torch.as_tensor(sims)[:npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
@@ -207,24 +203,24 @@ def t2i(
     `return_ranks` also (ranks, top1), one entry per caption.
     """
     if caption_images is not None:
-        _check_no_npts(npts)
+        ranks, top1 = _ranks_of_every_image(ranks_t2i, images, captions, npts, measure, sims, name, caption_images)
+    else:
+        if npts is None:
+            npts = images.shape[0] // 5 if sims is None else len(sims)
         if sims is None:
-            sims = similarity(images, captions, measure, caption_images)
-        ranks, top1 = ranks_t2i(torch.as_tensor(sims), name, caption_images=caption_images)
-        metrics = recall_metrics(ranks)
-        return (metrics, (ranks, top1)) if return_ranks else metrics
-    if npts is None:
-        npts = images.shape[0] // 5 if sims is None else len(sims)
-    if sims is None:
-        sims = similarity(images, captions[: 5 * npts], measure)
-    ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, : 5 * npts], name)
+            sims = similarity(images, captions[: 5 * npts], measure)
+        ranks, top1 = ranks_t2i(torch.as_tensor(sims)[:, : 5 * npts], name)
     metrics = recall_metrics(ranks)
     return (metrics, (ranks, top1)) if return_ranks else metrics
 
 
-def _check_no_npts(npts):
+def _ranks_of_every_image(rank, images, captions, npts, measure, sims, name, caption_images):
+    """`rank` (ranks_i2t or ranks_t2i) of every image and caption, mapped by `caption_images`."""
     if npts is not None:
         raise ValueError("npts takes the first images of 5 captions each; with caption_images every image is ranked")
+    if sims is None:
+        sims = similarity(images, captions, measure, caption_images)
+    return rank(torch.as_tensor(sims), name, caption_images=caption_images)
 
 
 def _rows_per_chunk(elements_per_row):
