@@ -10,7 +10,7 @@
 vectors: synthetic 2048-d unit vectors around 2,000 random centres (photo embeddings cluster by
   content; uniform random vectors, which have no neighbours worth the name, would be the worst case
   of every approximate index), queries drawn the same way, made a chunk at a time into a file (a
-  million are 8 GB) that the indexes are built from in chunks. Per size and index kind: build time,
+  million are 8 GB) that the indexes are built from. Per size and index kind: build time,
   bytes per photo, the search's latency p50/p99, the end-to-end latency p50 of a query (a distinct
   12-word sentence through a VSRN text encoder of the released models' size, random weights, in
   float32 and on search.py's int8 path, then the search, timed together), and recall@10 against
@@ -136,20 +136,9 @@ def exact_top10(vectors, probes, chunk=50_000):
     return [set(row.tolist()) for row in best_ids]
 
 
-def build_in_chunks(kind, vectors, memory_gb, chunk=200_000):
-    """A VectorIndex of `kind` over the vectors (a file), built from its first chunk and grown a chunk at a time."""
+def bench_vectors(sizes, queries, memory_gb):
     from photo_library.vectors import VectorIndex
 
-    first = np.asarray(vectors[:chunk])
-    index = VectorIndex.build(kind, np.arange(1, len(first) + 1), first, 1, 0, memory_bytes=int(memory_gb * 2**30))
-    del first
-    for start in range(chunk, len(vectors), chunk):
-        part = np.asarray(vectors[start : start + chunk])
-        index.add(np.arange(start + 1, start + 1 + len(part)), part)
-    return index
-
-
-def bench_vectors(sizes, queries, memory_gb):
     encoders = sentence_encoders(queries)
     encode_ms = {
         path: statistics.median(timed(lambda: encode(n)) for n in range(50)) * 1e3 for path, encode in encoders.items()
@@ -175,7 +164,8 @@ def bench_vectors(sizes, queries, memory_gb):
         exact = exact_top10(vectors, probes)
         for kind in ["flat", "hnsw", "ivfpq"]:
             start = time.perf_counter()
-            index = build_in_chunks(kind, vectors, memory_gb)
+            # From the file: FAISS reads its pages as it adds them (the page cache, which the system can reclaim).
+            index = VectorIndex.build(kind, np.arange(1, count + 1), vectors, 1, 0, memory_bytes=int(memory_gb * 2**30))
             built = time.perf_counter() - start
 
             def lookup(wanted, vectors=vectors):  # the records' exact vectors
