@@ -113,7 +113,9 @@ def ranks_t2i(sims, name="the scores", caption_images=None):
     scores = _as_array(sims)
     n_images, n_captions = scores.shape
     captions = np.arange(n_captions)
-    caption_images = captions // 5 if caption_images is None else np.asarray(caption_images, dtype=np.int64)
+    caption_images = (
+        captions // 5 if caption_images is None else _as_array(torch.as_tensor(caption_images)).astype(np.int64)
+    )
     truth = scores[caption_images, captions]
     ranks, top1, best = np.zeros(n_captions, dtype=np.int64), np.zeros(n_captions, dtype=np.int64), None
     step = _rows_per_chunk(n_captions, RANK_CHUNK_ELEMENTS)

@@ -20,8 +20,8 @@ from photo_library.searcher import Searcher
 from photo_world import make_world
 
 QUERY = "a dog next to a bench and a kite"
-# The pinned tolerances: what torch 2.x's fbgemm int8 GRU gives at the released size (300 -> 2048)
-# is a cosine of 0.99998 and more to float32 and entries within 3e-4 (docs/search.md).
+# The pinned tolerances: torch 2.14's fbgemm int8 GRU at the released size (300 -> 2048) with random
+# weights gives a cosine of 0.99998 and more to float32 and entries within 3e-4 (docs/search.md).
 MIN_COSINE, MAX_DIFFERENCE = 0.9999, 1e-3
 
 
