@@ -43,8 +43,8 @@ def build_parser():
         "--text_encoder",
         choices=("int8", "float32"),
         default="int8",
-        help="how the sentence is encoded on a CPU: int8, the text encoder's GRU with int8 weights (about 4x "
-        "faster, the same top 10; docs/search.md), or float32, the model's own (a GPU always runs float32)",
+        help="how the sentence is encoded on a CPU: int8, the text encoder's GRU with int8 weights (2.4-4.3x "
+        "faster, the same top 10 to 0.99; docs/search.md), or float32, the model's own (a GPU runs float32)",
     )
     p.add_argument("--serve", action="store_true", help="serve the page and the API")
     p.add_argument(

@@ -54,8 +54,8 @@ class Epoch:
 
 class Searcher:
     """Searches of the library in `folder` with the checkpoints that made it (`checkpoints`: the same
-    files elsewhere, checked by their digest). `text_path`: how sentences are encoded (inference.TEXT_PATHS;
-    search.py's default is int8, the library's own float32)."""
+    files elsewhere, checked by their digest). `text_path`: how sentences are encoded (inference.TEXT_PATHS:
+    float32 here, the models' own; search.py's default is int8)."""
 
     def __init__(self, folder, checkpoints=None, device=None, text_path="float32"):
         from utils.device import check_device
