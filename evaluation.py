@@ -33,6 +33,8 @@ from utils.errors import DataError, OptionError, ScoreError
 # then needs little beyond its 500 MB similarity matrix, and order_sim's few (rows, targets, K)
 # temporaries stay within a few hundred MB.
 CHUNK_ELEMENTS = 1 << 24
+# Scores ranked at once by t2i (256K: 1 MB of float32), which stay in a core's cache through their passes.
+RANK_CHUNK_ELEMENTS = 1 << 18
 
 MEASURES = ("cosine", "order")
 
@@ -97,24 +99,23 @@ def ranks_i2t(sims, name="the scores", caption_images=None):
     image needs one.
     """
     sims = torch.as_tensor(sims)
+    scores = _as_array(sims)
     if caption_images is not None:
         caption_images = torch.as_tensor(caption_images, dtype=torch.int64)
         own = sims[caption_images, torch.arange(sims.shape[1])]
         truths = torch.full((len(sims),), -math.inf, dtype=sims.dtype).scatter_reduce(0, caption_images, own, "amax")
-    step = _rows_per_chunk(sims.shape[1])
-    ranks, top1 = [], []
-    for start in range(0, len(sims), step):
-        rows = sims[start : start + step]
-        if not torch.isfinite(rows).all():
-            check_finite(sims, name)
-        if caption_images is None:
-            own_captions = 5 * torch.arange(start, start + len(rows))[:, None] + torch.arange(5)
-            truth = rows.gather(1, own_captions).amax(1)
-        else:
-            truth = truths[start : start + len(rows)]
-        ranks.append(_count_above(rows, truth[:, None], dim=1))
-        top1.append(rows.argmax(1))
-    return _as_float_arrays(ranks, top1)
+        truths = _as_array(truths)
+    ranks, top1 = np.empty(len(scores)), np.empty(len(scores))
+    above = np.empty(scores.shape[1], dtype=bool)
+    finite = FiniteScores(sims, name)
+    # A row at a time: its four passes (sum, comparison, count, argmax) find it in the core's
+    # cache, and numpy counts a flat row of booleans many times faster than a sum along an axis.
+    for image, row in enumerate(scores):
+        finite.check(row)
+        truth = row[5 * image : 5 * image + 5].max() if caption_images is None else truths[image]
+        ranks[image] = np.count_nonzero(np.greater(row, truth, out=above))
+        top1[image] = row.argmax()  # the first of equal best scores
+    return ranks, top1
 
 
 def ranks_t2i(sims, name="the scores", caption_images=None):
@@ -125,26 +126,34 @@ def ranks_t2i(sims, name="the scores", caption_images=None):
     each caption describes, when it is not j // 5.
     """
     sims = torch.as_tensor(sims)
+    scores = _as_array(sims)
+    n_images, n_captions = scores.shape
+    captions = np.arange(n_captions)
     caption_images = (
-        torch.arange(sims.shape[1]) // 5
-        if caption_images is None
-        else torch.as_tensor(caption_images, dtype=torch.int64)
+        captions // 5 if caption_images is None else _as_array(torch.as_tensor(caption_images)).astype(np.int64)
     )
-    n_images = len(sims)
-    images = torch.arange(n_images, dtype=torch.int32)[:, None]
-    step = _rows_per_chunk(n_images)
-    ranks, top1 = [], []
-    for start in range(0, sims.shape[1], step):
-        columns = sims[:, start : start + step]
-        if not torch.isfinite(columns).all():
-            check_finite(sims, name)
-        captions = torch.arange(start, start + columns.shape[1])
-        ranks.append(_count_above(columns, columns[caption_images[captions], captions - start], dim=0))
-        # The first image holding the column maximum: on CPU, argmax along dim 0 runs several
-        # times slower than these elementwise passes and an int32 amin.
-        is_best = columns == columns.amax(0)
-        top1.append(torch.where(is_best, images, n_images).amin(0))
-    return _as_float_arrays(ranks, top1)
+    truth = scores[caption_images, captions]
+    ranks, top1, best = np.zeros(n_captions, dtype=np.int64), np.zeros(n_captions, dtype=np.int64), None
+    step = _rows_per_chunk(n_captions, RANK_CHUNK_ELEMENTS)
+    above = np.empty((min(step, n_images), n_captions), dtype=bool)
+    finite = FiniteScores(sims, name)
+    # Blocks of whole rows, which the matrix holds contiguously (a column is scattered over all of
+    # it): each caption's count and best image so far are carried from one block to the next.
+    for start in range(0, n_images, step):
+        block = scores[start : start + step]
+        finite.check(block)
+        is_above = np.greater(block, truth, out=above[: len(block)])
+        ranks += np.add.reduce(is_above.view(np.uint8), axis=0, dtype=np.int32)
+        block_best = block.max(0)
+        if best is None:
+            best, better, candidates = block_best, captions, block
+        else:
+            # Only a strictly better score moves a caption's top image: the first of equal best images stays.
+            better = np.flatnonzero(block_best > best)
+            candidates = block[:, better]
+            best[better] = block_best[better]
+        top1[better] = start + (candidates == best[better]).argmax(0)
+    return ranks.astype(float), top1.astype(float)
 
 
 def recall_metrics(ranks):
@@ -223,17 +232,32 @@ def _ranks_of_every_image(rank, images, captions, npts, measure, sims, name, cap
     return rank(torch.as_tensor(sims), name, caption_images=caption_images)
 
 
-def _rows_per_chunk(elements_per_row):
-    return max(1, CHUNK_ELEMENTS // max(1, elements_per_row))
+def _rows_per_chunk(elements_per_row, chunk_elements=None):
+    return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, elements_per_row))
 
 
-def _count_above(scores, truth, dim):
-    # On CPU, int32 sums of booleans run about twice as fast as the default int64 ones.
-    return (scores > truth).sum(dim, dtype=torch.int32)
+def _as_array(scores):
+    """A numpy view of a CPU tensor (a copy from another device, and float32 for bfloat16, which numpy lacks)."""
+    scores = scores.detach().cpu()
+    return (scores.float() if scores.dtype == torch.bfloat16 else scores).numpy()
 
 
-def _as_float_arrays(ranks, top1):
-    return torch.cat(ranks).numpy().astype(float), torch.cat(top1).numpy().astype(float)
+class FiniteScores:
+    """Refuses non-finite scores as `check_finite` does, from the sum of each part ranked: a sum is
+    finite only when its terms are. A sum that overflows (huge finite scores) sends the whole matrix
+    to `check_finite` once."""
+
+    def __init__(self, sims, name):
+        self.sims, self.name, self.checked = sims, name, False
+
+    def check(self, part):
+        if self.checked:
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(part.sum())
+        if not finite:
+            check_finite(self.sims, self.name)  # raises, naming the first; returns when the sum only overflowed
+            self.checked = True
 
 
 def encode_data(model, data_loader):

@@ -4,19 +4,23 @@ encoded, and scored as the model scores them.
     opt, vocab, models = load_models(["runs/f30k/model_best.pth.tar"], need_data=False)
     query, embeddings = encode_query(models, vocab, "a dog on a bench")  # unknown words named, all-unknown refused
     images, region_scores = encode_regions(models[0], features)  # features (B, regions, img_dim)
+    encoder = text_encoder(models[0], "int8")  # the sentence path of search.py: int8 GRU weights on a CPU
+    embeddings = encode_token_lists(models[0], vocab, [query.tokens], encoder)
 """
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from data import check_data_folder, get_test_loader
 from model import VSRN, cosine_sim, order_sim
 from utils.checkpoint import is_original_release, load_checkpoint
-from utils.errors import CheckpointError, OptionError, VocabularyError
+from utils.errors import CheckpointError, OptionError, VocabularyError, first_line
 from vocab import (
     END,
     SPECIAL_TOKENS,
@@ -30,6 +34,13 @@ from vocab import (
 )
 
 ENCODE_BATCH = 128
+# How search.py encodes a query's sentence: "int8", VSRN's text encoder with its GRU's weights in
+# int8 (on a CPU), or "float32", the model itself (the reference). docs/search.md says why int8.
+TEXT_PATHS = ("int8", "float32")
+# An int8 encoder whose embedding of the probe sentence is further than this from float32's (cosine)
+# is not used. A released-size model measured 0.99989 and more over 1,000 sentences
+# (docs/search.md#the-sentences-encoding).
+INT8_MIN_COSINE = 0.999
 
 
 def recorded_vocab(checkpoint, path):
@@ -219,15 +230,69 @@ def encode_text(model, vocab, text):
 
 
 @torch.no_grad()
-def encode_token_lists(model, vocab, token_lists):
-    """The caption embeddings (B, D), on the CPU, of tokenized sentences, encoded as one batch."""
+def encode_token_lists(model, vocab, token_lists, encoder=None):
+    """The caption embeddings (B, D), on the CPU, of tokenized sentences, encoded as one batch by
+    `encoder` (a `text_encoder` of the model; None: the model's own, float32)."""
     ids = [[vocab(START)] + [vocab(w) for w in tokens] + [vocab(END)] for tokens in token_lists]
     lengths = [len(words) for words in ids]
     captions = torch.zeros(len(ids), max(lengths), dtype=torch.int64)
     for row, words in enumerate(ids):
         captions[row, : len(words)] = torch.tensor(words)
     model.val_start()
-    return model.txt_enc(captions.to(model.device), lengths).float().cpu()
+    return (encoder or model.txt_enc)(captions.to(model.device), lengths).float().cpu()
+
+
+def text_encoder(model, path="int8"):
+    """The module that encodes sentences on `path` (TEXT_PATHS): the model's own text encoder for
+    float32, and on a GPU, whose memory serves its weights fast enough; for int8 on a CPU,
+    `int8_text_encoder`'s copy of it. Where the int8 copy cannot be made (torch's dynamic
+    quantization is deprecated: a release may drop it) or strays from float32 on a probe sentence,
+    one line on stderr says so and the float32 encoder answers."""
+    if path not in TEXT_PATHS:
+        raise OptionError(f"--text_encoder {path}: expected one of {', '.join(TEXT_PATHS)}")
+    reference = model.txt_enc
+    if path == "float32" or model.device.type != "cpu":
+        return reference
+    try:
+        encoder = int8_text_encoder(reference)
+        cosine = probe_cosine(reference, encoder)
+    except Exception as e:  # noqa: BLE001  (whatever a torch release does to a deprecated API, float32 answers)
+        print(
+            f"the int8 text encoder is not available ({first_line(e, 200)}): sentences are encoded in float32",
+            file=sys.stderr,
+        )
+        return reference
+    if not cosine >= INT8_MIN_COSINE:
+        print(
+            f"the int8 text encoder strays from float32 (cosine {cosine:.6f} on a probe sentence, below "
+            f"{INT8_MIN_COSINE}): sentences are encoded in float32",
+            file=sys.stderr,
+        )
+        return reference
+    return encoder
+
+
+@torch.no_grad()
+def int8_text_encoder(encoder):
+    """A copy of VSRN's text encoder (model.EncoderText) whose GRU keeps its weights in int8 and
+    multiplies them with int8 activations quantized at each step (torch's dynamic quantization,
+    fbgemm's x86 kernels): the released models' recurrent weights, read once per word, take 12.6 MB
+    instead of 50 MB and stay in the CPU's cache. The word embeddings, the final normalisation and
+    everything else are the float32 encoder's."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # Its deprecation notices: tests/test_fast_text.py pins what it does, text_encoder falls back without it.
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(encoder, {nn.GRU}, dtype=torch.qint8).eval()
+
+
+@torch.no_grad()
+def probe_cosine(reference, encoder, words=12, seed=0):
+    """The cosine of two text encoders' embeddings of one sentence of random words (fixed seed)."""
+    vocab_size = reference.embed.num_embeddings
+    ids = torch.randint(min(4, vocab_size - 1), vocab_size, (1, words), generator=torch.Generator().manual_seed(seed))
+    return float((reference(ids, [words]) * encoder(ids, [words])).sum())
 
 
 @dataclass

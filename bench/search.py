@@ -2,21 +2,28 @@
 
     python3 bench/search.py --part vectors [--sizes 10000,100000,1000000] [--queries 200]
     python3 bench/search.py --part library [--photos 10000] [--clients 16] [--seconds 20]
+    python3 bench/search.py --part text [--checkpoint M] [--agreement-queries 1000]
     python3 bench/search.py --part disk
     python3 bench/search.py --part extract [--device cuda] [--extract-photos 3]
     python3 bench/search.py --smoke      # every part at toy sizes, in seconds
 
 vectors: synthetic 2048-d unit vectors around 2,000 random centres (photo embeddings cluster by
   content; uniform random vectors, which have no neighbours worth the name, would be the worst case
-  of every approximate index), queries drawn the same way. Per size and index kind: build time,
-  bytes per photo, query latency p50/p99 (a query sentence through a VSRN text encoder of the
-  released models' size, random weights, plus the search), and recall@10 against exact search.
-  The memory bandwidth measured here explains exact search's cost: it reads every vector per query.
+  of every approximate index), queries drawn the same way, made a chunk at a time into a file (a
+  million are 8 GB) that the indexes are built from. Per size and index kind: build time,
+  bytes per photo, the search's latency p50/p99, the end-to-end latency p50 of a query (a distinct
+  12-word sentence through a VSRN text encoder of the released models' size, random weights, in
+  float32 and on search.py's int8 path, then the search, timed together), and recall@10 against
+  exact search. The memory bandwidth measured here explains exact search's cost: it reads every
+  vector per query.
 library: a library of toy pictures with 2048-d embeddings (a 128-d toy feature checkpoint of
-  embedding size 2048, random weights) made by index.py; a rerun of index.py over it unchanged
-  (wall time, a fresh process); search.py --serve under N concurrent clients for a while: queries/s,
-  p50/p99, errors, and the server's memory before and after; and the time to read the embeddings
-  an ivfpq query re-scores from the records.
+  embedding size 2048 and 300-d words, random weights) made by index.py; a rerun of index.py over it
+  unchanged (wall time, a fresh process); search.py --serve under N concurrent clients for a while,
+  each asking distinct sentences, with each --text_encoder: queries/s, p50/p99, errors, and the
+  server's memory before and after; a sentence asked again (its vector kept); and the time to read
+  the embeddings an ivfpq query re-scores from the records.
+text: the ways to encode a sentence faster than float32 and their top-10 agreement with it
+  (bench/fast_text.py: with --checkpoint, a released-size model's photos and sentences).
 disk: the bytes per photo of a library of 2048-d regions (the detector's), float32 and float16
   region features, and the largest score difference float16's rounding makes.
 extract: photos/s of index.py's detector path with the published detector's architecture (random
@@ -71,11 +78,11 @@ def timed(run):
     return time.perf_counter() - start
 
 
-def clustered(count, seed, centres, chunk=50_000):
+def clustered(count, seed, centres, chunk=50_000, out=None):
     """`count` unit vectors near random centres (noise of a third of a centre's norm), float32, made a
-    chunk at a time (a million of them are 8 GB)."""
+    chunk at a time (a million of them are 8 GB) into `out` (an array or a memory-mapped file) or a new array."""
     rng = np.random.default_rng(seed)
-    vectors = np.empty((count, DIM), dtype=np.float32)
+    vectors = np.empty((count, DIM), dtype=np.float32) if out is None else out
     for start in range(0, count, chunk):
         part = vectors[start : start + chunk]
         part[:] = centres[rng.integers(0, len(centres), len(part))]
@@ -95,25 +102,54 @@ def index_bytes(index, folder):
     return size
 
 
-def text_encoder():
-    """A VSRN text encoder of the released models' size (300-d words, 2048-d GRU, 8,481 words), random weights."""
+def sentence_encoders(count):
+    """{text path: encode(n), which encodes the n-th of `count` distinct 12-word sentences} for a VSRN text
+    encoder of the released models' size (300-d words, 2048-d GRU, 8,481 words), random weights: float32
+    and search.py's int8 path (inference.text_encoder)."""
+    from inference import text_encoder
     from model import EncoderText
 
-    encoder = EncoderText(8481, 300, DIM, 1).eval()
-    ids = torch.randint(4, 8481, (1, len(QUERY_WORDS) + 2))
-    return lambda: encoder(ids, [ids.shape[1]])
+    torch.manual_seed(0)
+    model = argparse.Namespace(txt_enc=EncoderText(8481, 300, DIM, 1).eval(), device=torch.device("cpu"))
+    sentences = torch.randint(4, 8481, (count, len(QUERY_WORDS) + 2), generator=torch.Generator().manual_seed(1))
+    encoders = {path: text_encoder(model, path) for path in ("float32", "int8")}
+
+    def encoding(encoder):
+        def encode(n):
+            with torch.no_grad():
+                return encoder(sentences[n % count : n % count + 1], [sentences.shape[1]])
+
+        return encode
+
+    return {path: encoding(encoder) for path, encoder in encoders.items()}
+
+
+def exact_top10(vectors, probes, chunk=50_000):
+    """Each probe's 10 best ids (1-based) by exact inner products, reading the vectors a chunk at a time."""
+    best = torch.full((len(probes), 10), -math.inf)
+    best_ids = torch.zeros((len(probes), 10), dtype=torch.int64)
+    for start in range(0, len(vectors), chunk):
+        top = torch.from_numpy(probes @ np.asarray(vectors[start : start + chunk]).T).topk(10, dim=1)
+        scores, ids = torch.cat([best, top.values], 1), torch.cat([best_ids, top.indices + start + 1], 1)
+        order = scores.topk(10, dim=1).indices
+        best, best_ids = scores.gather(1, order), ids.gather(1, order)
+    return [set(row.tolist()) for row in best_ids]
 
 
 def bench_vectors(sizes, queries, memory_gb):
     from photo_library.vectors import VectorIndex
 
-    encode = text_encoder()
-    with torch.no_grad():
-        encode_s = statistics.median(timed(encode) for _ in range(50))
+    encoders = sentence_encoders(queries)
+    encode_ms = {
+        path: statistics.median(timed(lambda: encode(n)) for n in range(50)) * 1e3 for path, encode in encoders.items()
+    }
     bandwidth = memory_bandwidth()
     print_table(
         [
-            ("text encoding", f"{encode_s * 1e3:.2f} ms per query (median of 50)"),
+            (
+                "text encoding",
+                ", ".join(f"{path} {ms:.2f} ms" for path, ms in encode_ms.items()) + " per sentence (median of 50)",
+            ),
             ("memory bandwidth", f"{bandwidth:.1f} GB/s (reading a 1 GB float32 array)"),
         ],
         "per query, before any search",
@@ -122,46 +158,56 @@ def bench_vectors(sizes, queries, memory_gb):
     scratch = tempfile.mkdtemp(prefix="vsrn-vectors-bench-")
     rows = []
     for count in sizes:
-        vectors = clustered(count, 1, centres)
-        ids = np.arange(1, count + 1, dtype=np.int64)
+        vectors = np.lib.format.open_memmap(os.path.join(scratch, "vectors.npy"), "w+", np.float32, (count, DIM))
+        clustered(count, 1, centres, out=vectors)
         probes = clustered(queries, 2, centres)
-        exact = {}
-        kinds = ["flat", "hnsw", "ivfpq"]
-        for kind in kinds:
+        exact = exact_top10(vectors, probes)
+        for kind in ["flat", "hnsw", "ivfpq"]:
             start = time.perf_counter()
-            index = VectorIndex.build(kind, ids, vectors, 1, 0, memory_bytes=int(memory_gb * 2**30))
+            # From the file: FAISS reads its pages as it adds them (the page cache, which the system can reclaim).
+            index = VectorIndex.build(kind, np.arange(1, count + 1), vectors, 1, 0, memory_bytes=int(memory_gb * 2**30))
             built = time.perf_counter() - start
 
             def lookup(wanted, vectors=vectors):  # the records' exact vectors
-                return {i: vectors[i - 1] for i in wanted}
+                return {i: np.asarray(vectors[i - 1]) for i in wanted}
 
             index.search(probes[:2], 10, lookup)
-            latencies, found = [], []
-            for probe in probes[: queries if kind != "flat" or count <= 100_000 else max(20, queries // 10)]:
+            asked = queries if kind != "flat" or count <= 100_000 else max(20, queries // 10)
+            searches, found = [], []
+            for probe in probes[:asked]:
                 start = time.perf_counter()
                 _, result = index.search(probe, 10, lookup)
-                latencies.append(time.perf_counter() - start + encode_s)
+                searches.append(time.perf_counter() - start)
                 found.append(result[0])
-            if kind == "flat":
-                exact = {n: set(r.tolist()) for n, r in enumerate(found)}
-            recall = np.mean([len(exact[n] & set(r.tolist())) / 10 for n, r in enumerate(found) if n in exact])
+            end_to_end = {}
+            for path, encode in encoders.items():
+                end_to_end[path] = []
+                for n, probe in enumerate(probes[:asked]):
+                    start = time.perf_counter()
+                    encode(n)
+                    index.search(probe, 10, lookup)
+                    end_to_end[path].append(time.perf_counter() - start)
+            recall = np.mean([len(exact[n] & set(r.tolist())) / 10 for n, r in enumerate(found)])
             size = index_bytes(index.index, scratch)
             rows.append(
                 (
                     f"{count:>9,} {kind:<5}",
                     f"build {built:7.1f} s, {size / count:8.0f} B/photo, search p50 "
-                    f"{(percentile(latencies, 0.5) - encode_s) * 1e3:7.2f} ms, p99 "
-                    f"{(percentile(latencies, 0.99) - encode_s) * 1e3:7.2f} ms; with the text encoding p50 "
-                    f"{percentile(latencies, 0.5) * 1e3:7.2f} ms; recall@10 {recall:.3f} ({len(latencies)} queries)",
+                    f"{percentile(searches, 0.5) * 1e3:7.2f} ms, p99 {percentile(searches, 0.99) * 1e3:7.2f} ms; "
+                    "with the sentence p50 "
+                    + ", ".join(f"{path} {percentile(times, 0.5) * 1e3:7.2f} ms" for path, times in end_to_end.items())
+                    + f"; recall@10 {recall:.3f} ({len(searches)} queries)",
                 )
             )
             print(rows[-1][0], rows[-1][1], flush=True)
             del index
         del vectors
+        os.remove(os.path.join(scratch, "vectors.npy"))
     shutil.rmtree(scratch, ignore_errors=True)
     print_table(
         rows,
-        "build time, index bytes per photo, query latency (the search; with the text encoding), recall@10 vs exact",
+        "build time, index bytes per photo, the search's latency, a query's end to end (the sentence's encoding "
+        "and the search, timed together), recall@10 vs exact",
     )
     print(
         f"exact search reads {DIM * 4} bytes per photo per query: at {bandwidth:.1f} GB/s, "
@@ -192,11 +238,13 @@ def run_index(*args):
 
 
 def make_toy_library(folder, photos):
-    """A library of `photos` toy pictures, 128-d regions, a checkpoint of embedding size 2048 (random weights)."""
+    """A library of `photos` toy pictures, 128-d regions, a checkpoint of embedding size 2048 and 300-d words
+    (random weights)."""
     from utils.make_toy_images import make_toy_images
 
     toy = make_toy_images(os.path.join(folder, "toy"), img_dim=128, sizes={"train": photos})
-    model = toy_checkpoint(folder, os.path.join(toy, "train_captions.txt"), 128, embed_size=DIM, dim_vid=DIM)
+    captions = os.path.join(toy, "train_captions.txt")
+    model = toy_checkpoint(folder, captions, 128, embed_size=DIM, dim_vid=DIM, word_dim=300)
     library = os.path.join(folder, "library")
     regions = os.path.join(toy, "train_obj36.tsv")
     made = run_index(
@@ -226,55 +274,101 @@ def record_reads(library, repeats=50):
         records.close()
 
 
+def toy_sentences(count, seed=0):
+    """Distinct sentences of the toy world's words (bench/fast_text.py's)."""
+    from fast_text import toy_sentences as sentences
+
+    return sentences(count, seed)
+
+
+def serve(library, text_path, port):
+    """search.py --serve on `library` with `text_path`, answering: (the process, the URL of a search for q)."""
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "search.py"), "--library", library, "--serve", "--port", str(port)]
+        + ["--text_encoder", text_path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def url(q):
+        return f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": q, "k": 20})
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url(" ".join(QUERY_WORDS)), timeout=5).read()
+            break
+        except OSError:
+            time.sleep(0.5)
+    return server, url
+
+
+def ask_together(url, sentences, clients, seconds):
+    """`clients` closed-loop clients, each asking the next of `sentences` (none asked twice) until `seconds`
+    pass: (latencies of the answers with results, errors, elapsed seconds)."""
+    latencies, errors, stop = [], [], time.time() + seconds
+    following = iter(sentences)
+    lock = threading.Lock()
+
+    def client():
+        while time.time() < stop:
+            with lock:
+                sentence = next(following)
+            start = time.perf_counter()
+            try:
+                with urllib.request.urlopen(url(sentence), timeout=30) as answer:
+                    ok = answer.status == 200 and bool(json.loads(answer.read())["results"])
+            except OSError as e:
+                errors.append(e)
+                continue
+            if ok:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors.append("an answer without results")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors, time.perf_counter() - began
+
+
+def bench_serving(library, clients, seconds, port=8765):
+    """Rows of search.py --serve's figures under `clients` clients, for each text path."""
+    pool = int(clients * seconds * 50) + 100  # more than the clients can ask: none is asked twice
+    sentences, rows = toy_sentences(2 * pool), []
+    for text_path, mine in (("float32", sentences[:pool]), ("int8", sentences[pool:])):
+        server, url = serve(library, text_path, port)
+        for sentence in mine[:20]:  # warm
+            urllib.request.urlopen(url(sentence)).read()
+        before = rss_mb(server.pid)
+        latencies, errors, elapsed = ask_together(url, mine[20:], clients, seconds)
+        after = rss_mb(server.pid)
+        again = [timed(lambda: urllib.request.urlopen(url(mine[0])).read()) for _ in range(50)]
+        server.terminate()
+        server.wait()
+        rows += [
+            (
+                f"serving, {text_path}",
+                f"{clients} clients for {elapsed:.0f} s, distinct sentences: {len(latencies) / elapsed:.1f} queries/s, "
+                f"p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms, "
+                f"{len(errors)} errors; a sentence asked again, alone: p50 {statistics.median(again) * 1e3:.1f} ms",
+            ),
+            (f"server memory, {text_path}", f"{before:.0f} MB before, {after:.0f} MB after"),
+        ]
+        print(*rows[-2], flush=True)
+    return rows
+
+
 def bench_library(photos, clients, seconds):
     folder = tempfile.mkdtemp(prefix="vsrn-library-bench-")
     try:
         library, made = make_toy_library(folder, photos)
         rerun = [run_index("--library", library) for _ in range(3)]
         reads = record_reads(library)
-        port = 8765
-        server = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "search.py"), "--library", library, "--serve", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": " ".join(QUERY_WORDS), "k": 20})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(url, timeout=5).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        for _ in range(20):
-            urllib.request.urlopen(url).read()
-        before = rss_mb(server.pid)
-        latencies, errors, stop = [], [], time.time() + seconds
-
-        def client():
-            while time.time() < stop:
-                start = time.perf_counter()
-                try:
-                    with urllib.request.urlopen(url, timeout=30) as answer:
-                        ok = answer.status == 200 and bool(json.loads(answer.read())["results"])
-                except OSError as e:
-                    errors.append(e)
-                    continue
-                if ok:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors.append("an answer without results")
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        began = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
-        after = rss_mb(server.pid)
-        server.terminate()
-        server.wait()
+        serving = bench_serving(library, clients, seconds)
         print_table(
             [
                 (
@@ -286,13 +380,7 @@ def bench_library(photos, clients, seconds):
                     "unchanged rerun",
                     f"median {statistics.median(rerun):.2f} s of 3 (index.py --library, a fresh process each)",
                 ),
-                (
-                    "serving",
-                    f"{clients} clients for {elapsed:.0f} s: {len(latencies) / elapsed:.1f} queries/s, p50 "
-                    f"{percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms, "
-                    f"{len(errors)} errors",
-                ),
-                ("server memory", f"{before:.0f} MB before, {after:.0f} MB after"),
+                *serving,
                 (
                     "record reads",
                     f"{REFINE * 10} embeddings (an ivfpq query's re-scoring at k = 10): p50 {reads * 1e3:.2f} ms",
@@ -419,7 +507,7 @@ def bench_extract(photos, device, recipe_path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("vectors", "library", "disk", "extract"), action="append")
+    parser.add_argument("--part", choices=("vectors", "library", "disk", "extract", "text"), action="append")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--index-memory", type=float, default=4.0, help="GB the approximate indexes may take")
@@ -431,15 +519,22 @@ def main():
     parser.add_argument(
         "--recipe", default=os.path.join(os.path.dirname(ROOT), "shared", "frcnn_reference", "weights_recipe.py")
     )
+    parser.add_argument("--checkpoint", help="text: a VSRN checkpoint of the released size (bench/fast_text.py)")
+    parser.add_argument("--agreement-queries", type=int, default=1000, help="text: distinct sentences")
     parser.add_argument("--smoke", action="store_true", help="every part at toy sizes")
     args = parser.parse_args()
-    parts = args.part or ["vectors", "library", "disk", "extract"]
+    parts = args.part or ["vectors", "library", "disk", "extract", "text"]
     # The machine's float32 GEMM rate places it among others (the detector's and encoders' work scales with it).
     gemm = gemm_rate(torch, "cpu")
     print_table(describe(torch) + [("float32 GEMM", f"{gemm / 1e9:.0f} GFLOP/s (torch.mm, 2048^3)")], "machine")
     if args.smoke:
         args.sizes, args.queries, args.photos, args.seconds = "2000", 20, 200, 3.0
+        args.agreement_queries = 40
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    if "text" in parts:
+        from fast_text import compare
+
+        compare(args.checkpoint, args.agreement_queries, 200 if args.smoke else 2000, 5000 if args.smoke else 100_000)
     if "vectors" in parts:
         bench_vectors([int(n) for n in args.sizes.split(",")], args.queries, args.index_memory)
     if "library" in parts:

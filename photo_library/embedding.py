@@ -7,6 +7,7 @@ one inner product: sum_m (i_m / sqrt(n)) . (c_m / sqrt(n)) = (1/n) sum_m i_m . c
 index over the concatenated image vectors ranks photos exactly as the ensemble does.
 """
 
+import collections
 import concurrent.futures
 import math
 import queue
@@ -68,20 +69,55 @@ def image_vectors(models, features):
     return torch.cat(embeddings, dim=1).numpy(), torch.stack(scores, dim=1).numpy()
 
 
-def text_vectors(models, vocab, token_lists):
-    """The vectors (B, sum of D) float32 of tokenized sentences, encoded as one batch by each model."""
+def text_vectors(models, vocab, token_lists, encoders=None):
+    """The vectors (B, sum of D) float32 of tokenized sentences, encoded as one batch by each model, or
+    by `encoders`, one `inference.text_encoder` per model (None: the models' own, float32)."""
     scale = 1.0 / math.sqrt(len(models))
-    return torch.cat([encode_token_lists(model, vocab, token_lists) * scale for model in models], dim=1).numpy()
+    encoders = encoders or [None] * len(models)
+    return torch.cat(
+        [encode_token_lists(model, vocab, token_lists, encoder) * scale for model, encoder in zip(models, encoders)],
+        dim=1,
+    ).numpy()
+
+
+class RecentQueries:
+    """The vectors of the most recent `most` sentences, by a key that names what encoded them (the
+    checkpoints' digests and the text path) and the sentence's tokens: typing a query again costs no
+    encoding, and a library's new checkpoints (index.py --rebuild) make new keys, so no vector of the
+    old ones is served for them. The vectors are read-only. Threads share it."""
+
+    def __init__(self, most=1024):
+        self.most = most
+        self.vectors = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            vector = self.vectors.get(key)
+            if vector is not None:
+                self.vectors.move_to_end(key)
+            return vector
+
+    def put(self, key, vector):
+        vector = vector.copy()
+        vector.flags.writeable = False
+        with self.lock:
+            self.vectors[key] = vector
+            self.vectors.move_to_end(key)
+            while len(self.vectors) > self.most:
+                self.vectors.popitem(last=False)
+        return vector
 
 
 class QueryBatcher:
     """Sentences that arrive while the text encoder is busy are encoded together, in one batch.
 
     A query's cost is its text encoder's recurrent weights, read once per word (50 MB for the
-    released models: memory bandwidth, not arithmetic, is the limit), so a batch of queries costs
-    about what one does. A lone query waits for nothing: it is encoded at once.
+    released models in float32, 12.6 MB in int8), so a batch of queries costs little more than one
+    does. A lone query waits for nothing: it is encoded at once.
     `encode(encoders, token_lists)`: the vectors of sentences by one set of encoders (queries begun
-    before and after a library's new checkpoints are encoded each by their own).
+    before and after a library's new checkpoints are encoded each by their own). The searcher batches
+    its index searches the same way: `encode(epoch, requests)` answers each request in order.
     """
 
     def __init__(self, encode, most=32):

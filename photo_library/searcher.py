@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference import read_query
+from inference import read_query, text_encoder
 from photo_library import recipe
-from photo_library.embedding import QueryBatcher, image_vectors, load_library_models, text_vectors
+from photo_library.embedding import QueryBatcher, RecentQueries, image_vectors, load_library_models, text_vectors
 from photo_library.store import Library
 from photo_library.vectors import INDEX_FILE, VectorIndex
 from utils.errors import DataError, OptionError
@@ -41,23 +41,28 @@ class Reranking:
 @dataclass(frozen=True)
 class Epoch:
     """What a query uses, from one epoch of the library: the VSRN models (their checkpoints' digests) and
-    vocabulary that embedded its photos, and the vector index of their vectors."""
+    vocabulary that embedded its photos, the vector index of their vectors, and the models' text encoders
+    on the searcher's text path (`inference.text_encoder`)."""
 
     digests: tuple
     vocab: object
     models: list
     index: VectorIndex
+    encoders: list
 
 
 class Searcher:
     """Searches of the library in `folder` with the checkpoints that made it (`checkpoints`: the same
-    files elsewhere, checked by their digest)."""
+    files elsewhere, checked by their digest). `text_path`: how sentences are encoded (inference.TEXT_PATHS:
+    float32 here, the models' own; search.py's default is int8)."""
 
-    def __init__(self, folder, checkpoints=None, device=None):
+    def __init__(self, folder, checkpoints=None, device=None, text_path="float32"):
         from utils.device import check_device
 
         self.folder = folder
         self.device = check_device(device)
+        self.text_path = text_path
+        self.recent = RecentQueries()
         self._local = threading.local()
         recorded = self.library.meta("checkpoints")
         if not recorded:
@@ -68,6 +73,7 @@ class Searcher:
         self.epoch = self.load_epoch(recipe.checkpoint_records(checkpoints, recorded, folder))
         self.reranking = None
         self.encode_tokens = encode_alone
+        self.search_index = self.search_alone
 
     def load_epoch(self, records, previous=None):
         """The Epoch of the records now: the checkpoints of `records` loaded (kept from the `previous` Epoch
@@ -77,15 +83,41 @@ class Searcher:
             paths = [record["path"] for record in records]
             loaded = load_library_models(paths, self.library.meta("vocab_words"), self.folder, device=self.device)
             vocab, models = loaded.vocab, loaded.models
+            encoders = [text_encoder(model, self.text_path) for model in models]
         else:
-            vocab, models = previous.vocab, previous.models
-        return Epoch(digests, vocab, models, self.load_index())
+            vocab, models, encoders = previous.vocab, previous.models, previous.encoders
+        return Epoch(digests, vocab, models, self.load_index(), encoders)
 
     def batch_queries(self):
-        """Encode the sentences of concurrent queries together (a server's many clients)."""
+        """Encode the sentences of concurrent queries together, and search the index for their vectors
+        together (a server's many clients): one read of the text encoder's weights, and of a flat index's
+        vectors, serves them all."""
         self.encode_tokens = QueryBatcher(
-            lambda epoch, token_lists: text_vectors(epoch.models, epoch.vocab, token_lists)
+            lambda epoch, token_lists: text_vectors(epoch.models, epoch.vocab, token_lists, epoch.encoders)
         )
+        self.search_index = QueryBatcher(self.search_together)
+
+    def search_alone(self, epoch, request):
+        """(scores, ids, photos in the index) of the `wanted` best photos for one (vector, wanted) request."""
+        vector, wanted = request
+        with self.lock:
+            scores, ids = epoch.index.search(vector, wanted, self.library.embedding_of)
+            return scores[0], ids[0], epoch.index.index.ntotal
+
+    def search_together(self, epoch, requests):
+        """search_alone's answers to several requests, each group asking the same number searched at once."""
+        answers = [None] * len(requests)
+        by_wanted = {}
+        for position, (_, wanted) in enumerate(requests):
+            by_wanted.setdefault(wanted, []).append(position)
+        with self.lock:
+            total = epoch.index.index.ntotal
+            for wanted, positions in by_wanted.items():
+                vectors = np.stack([requests[p][0] for p in positions])
+                scores, ids = epoch.index.search(vectors, wanted, self.library.embedding_of)
+                for row, p in enumerate(positions):
+                    answers[p] = (scores[row], ids[row], total)
+        return answers
 
     @property
     def library(self):
@@ -131,7 +163,7 @@ class Searcher:
         """(hits, the Query: its unknown words) of a sentence. rerank: LXMERT rescores the top candidates."""
         epoch = self.current()
         query = read_query(epoch.vocab, text)
-        vector = self.encode_tokens(epoch, query.tokens)
+        vector = self.sentence_vector(epoch, query.tokens)
         wanted = max(k, self.reranking.candidates) if rerank and self.reranking else k
         hits = self.nearest(epoch, vector, wanted)
         if rerank:
@@ -139,6 +171,15 @@ class Searcher:
                 raise OptionError.naming("{rerank} needs LXMERT: this searcher has no reranker")
             hits = self.rerank(text, hits)
         return hits[:k], query
+
+    def sentence_vector(self, epoch, tokens):
+        """The vector of a tokenized sentence by the text encoders of `epoch`: a recent query's is kept, by
+        the checkpoints' digests, the text path and the tokens (a --rebuild's new checkpoints are new keys)."""
+        key = (epoch.digests, self.text_path, tuple(tokens))
+        vector = self.recent.get(key)
+        if vector is None:
+            vector = self.recent.put(key, self.encode_tokens(epoch, tokens))
+        return vector
 
     def like(self, path, k=10):
         """Hits of the photos most like the photo at `path` (VSRN's image embedding; the photo itself left
@@ -185,11 +226,9 @@ class Searcher:
         library = self.library
         wanted = k
         while True:
-            with self.lock:
-                scores, ids = epoch.index.search(vector, wanted, library.embedding_of)
-                total = epoch.index.index.ntotal
+            scores, ids, total = self.search_index(epoch, (vector, wanted))
             hits = []
-            for score, photo in zip(scores[0], ids[0]):
+            for score, photo in zip(scores, ids):
                 record = library.photo(int(photo)) if photo >= 0 else None
                 if record is not None:
                     hits.append(hit(record, float(score), len(hits) + 1))
@@ -257,7 +296,7 @@ class Searcher:
 
 
 def encode_alone(epoch, tokens):
-    return text_vectors(epoch.models, epoch.vocab, [tokens])[0]
+    return text_vectors(epoch.models, epoch.vocab, [tokens], epoch.encoders)[0]
 
 
 def hit(record, score, rank):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import evaluation
+from reference_counting import counted_i2t, counted_t2i
 from reference_ranking import dot_scores, loop_i2t, loop_t2i
 from evaluation import i2t, order_sim, ranks_i2t, ranks_t2i, recall_metrics, similarity, t2i
 
@@ -234,3 +235,68 @@ def test_ranks_with_caption_images_of_any_layout_match_loop():
     five = torch.from_numpy(rng.normal(size=(3, 15)))
     for rank in (ranks_i2t, ranks_t2i):
         np.testing.assert_array_equal(rank(five, caption_images=np.arange(15) // 5)[0], rank(five)[0])
+
+
+def tied_scores(rng, n_images, n_captions, dtype):
+    """Scores from a handful of values: most rows and columns hold ties, of ground truths and of best scores."""
+    return rng.integers(-3, 4, (n_images, n_captions)).astype(dtype) / 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("rank_chunk", [1, 23, 1 << 18])
+def test_ranks_equal_the_counted_reference_with_ties(monkeypatch, dtype, rank_chunk):
+    """Ranks and top-1 equal the previous torch implementation's (tests/reference_counting.py) to the
+    last entry, ties everywhere, in blocks of one row up to one block of the whole matrix."""
+    monkeypatch.setattr(evaluation, "RANK_CHUNK_ELEMENTS", rank_chunk)
+    rng = np.random.default_rng(4)
+    for n_images in (1, 2, 7, 30):
+        sims = tied_scores(rng, n_images, 5 * n_images, dtype)
+        for fast, reference in ((ranks_i2t, counted_i2t), (ranks_t2i, counted_t2i)):
+            for scores in (sims, torch.from_numpy(sims)):
+                ranks, top1 = fast(scores)
+                expected_ranks, expected_top1 = reference(sims)
+                assert ranks.dtype == top1.dtype == np.float64
+                np.testing.assert_array_equal(ranks, expected_ranks)
+                np.testing.assert_array_equal(top1, expected_top1)
+
+
+@pytest.mark.parametrize("rank_chunk", [1, 10, 1 << 18])
+def test_ranks_with_caption_images_equal_the_counted_reference(monkeypatch, rank_chunk):
+    """The variable-captions form (captions in any order and number per image, some images without
+    any for t2i), with ties, equals the previous implementation's."""
+    monkeypatch.setattr(evaluation, "RANK_CHUNK_ELEMENTS", rank_chunk)
+    rng = np.random.default_rng(5)
+    for n_images, n_captions in ((1, 3), (4, 9), (12, 40)):
+        sims = torch.from_numpy(tied_scores(rng, n_images, n_captions, np.float32))
+        caption_images = rng.permutation(np.arange(n_captions) % n_images)
+        for fast, reference in ((ranks_i2t, counted_i2t), (ranks_t2i, counted_t2i)):
+            for layout in (caption_images, caption_images.tolist(), torch.from_numpy(caption_images)):
+                ranks, top1 = fast(sims, caption_images=layout)
+                expected_ranks, expected_top1 = reference(sims, caption_images=caption_images)
+                np.testing.assert_array_equal(ranks, expected_ranks)
+                np.testing.assert_array_equal(top1, expected_top1)
+        described = np.arange(n_captions) % max(1, n_images - 1)  # the last image has no caption
+        np.testing.assert_array_equal(
+            ranks_t2i(sims, caption_images=described)[0], counted_t2i(sims, caption_images=described)[0]
+        )
+
+
+def test_metrics_equal_the_counted_reference_on_continuous_scores():
+    """Recalls, medians and means of i2t and t2i from one shared matrix, as evalrank calls them."""
+    rng = np.random.default_rng(6)
+    sims = torch.from_numpy(rng.normal(size=(50, 250)).astype(np.float32))
+    sims[:, ::5] += 1.5  # ground truths above the crowd, so that the recalls are not all near zero
+    for fast, ranks, reference in ((i2t, ranks_i2t, counted_i2t), (t2i, ranks_t2i, counted_t2i)):
+        metrics, (fast_ranks, fast_top1) = fast(None, None, sims=sims, return_ranks=True)
+        expected_ranks, expected_top1 = reference(sims)
+        assert metrics == recall_metrics(expected_ranks)
+        np.testing.assert_array_equal(fast_ranks, expected_ranks)
+        np.testing.assert_array_equal(fast_top1, expected_top1)
+
+
+def test_huge_finite_scores_are_ranked_not_refused():
+    """Scores whose sum overflows are finite: they are ranked (the exact check says so, once)."""
+    sims = np.full((3, 15), np.finfo(np.float32).max / 2, dtype=np.float32)
+    sims[:, 0] = 0
+    np.testing.assert_array_equal(ranks_i2t(sims)[0], counted_i2t(sims)[0])
+    np.testing.assert_array_equal(ranks_t2i(sims)[0], counted_t2i(sims)[0])

@@ -251,6 +251,13 @@ def start_training(args, tmp_path):
     return process, tmp_path / "train.log"
 
 
+def lines_of_train_py(log_text):
+    """The log less the warnings of multiprocessing's resource tracker (both lines of each name it): a
+    process of its own that shares train.py's stderr and, on a loaded machine, can write after
+    train.py's last line (seen once in CI, Python 3.11, after SIGINT)."""
+    return [line for line in log_text.splitlines() if "resource_tracker" not in line]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signum):
     data_path, vocab_path = toy_data
@@ -264,7 +271,7 @@ def test_signal_finishes_the_step_saves_and_exits_zero(toy_data, tmp_path, signu
     text = log.read_text()
     name = signal.Signals(signum).name
     assert f"{name} received" in text and f"Stopped by {name} before the last epoch ended" in text
-    hint = text.splitlines()[-1].strip()
+    hint = lines_of_train_py(text)[-1].strip()
     assert hint == f"python3 train.py --resume {run}/checkpoint.pth.tar" and "Traceback" not in text
     stopped = final_state(str(run))
     assert stopped["Eiters"] >= 10 and (stopped["next_epoch"], stopped["next_batch"]) != (0, 0)
