@@ -55,9 +55,10 @@ def check_records(library, report):
     path = library.path
     problems = library.quick_check()
     if problems != ["ok"]:
-        for problem in [line for line in problems if not line.startswith("*** ")][:SHOWN]:
-            report.say(f"{path}: {problem}", problem=True)
-        report.say(f"{path}: SQLite finds it damaged: restore it from a backup, or make the library again")
+        lines = [line for row in problems for line in row.splitlines() if line and not line.startswith("*** ")]
+        for problem in lines[:SHOWN]:
+            report.say(f"{path}: {problem}")
+        report.say(f"{path}: SQLite finds it damaged: restore it from a backup, or make the library again", True)
         return
     damaged = {}
     for photo, what in library.damaged_photos():

@@ -468,3 +468,20 @@ def test_the_fault_injection_bench_in_short(tmp_path):
     assert set(outcomes) <= {"detected", "harmless"}, found["damages"]
     index_damages = [damage for damage in found["damages"] if damage["file"] == "index.faiss"]
     assert all(damage["outcome"] == "detected" and damage["repaired"] for damage in index_damages)
+
+
+def test_check_reports_a_damaged_page_of_the_records(world, tmp_path, capsys):
+    lib = made(world, world.images, tmp_path / "lib")
+    path = os.path.join(lib, "library.sqlite3")
+    db = sqlite3.connect(path)
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files_digest'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as f:  # an index's page of the records, its cells overwritten
+        f.seek((root - 1) * page_size + 8)
+        f.write(b"\xff" * 64)
+    capsys.readouterr()
+    assert index.main(["--library", lib, "--check"]) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{path}: SQLite finds it damaged: restore it from a backup, or make the library again" in lines
+    assert lines[0].startswith(f"{path}: ") and "SQLite" not in lines[0]  # what quick_check found, first
