@@ -115,6 +115,53 @@ def commands(world, folder, lib):
     }
 
 
+def request_of(args):
+    """The IndexRequest of index.py's arguments as `commands` writes them (a rerun in this process)."""
+    from photo_library.indexer import IndexRequest
+
+    named, key = {}, None
+    for arg in args:
+        if arg.startswith("--"):
+            key = arg[2:]
+            named.setdefault(key, [])
+        else:
+            named[key].append(arg)
+    return IndexRequest(
+        library=named["library"][0],
+        images=named.get("images"),
+        checkpoints=named.get("checkpoint"),
+        regions=named.get("regions", []),
+        rebuild="rebuild" in named,
+    )
+
+
+def index_here(args):
+    """index.py's work in this process, as the script reports it: (exit code 0, 2 or 3, what it said)."""
+    from photo_library.indexer import Indexer
+    from photo_library.store import database_errors
+    from utils.errors import VSRNError
+
+    try:
+        with database_errors(request_of(args).library):
+            indexer = Indexer(request_of(args))
+            line, said = quietly(indexer.run)
+    except VSRNError as e:
+        return 2, str(e)
+    return (3 if indexer.summary.held else 0), said + line
+
+
+def check_here(lib):
+    """index.py --check in this process: (exit code 0, 2 or 3, its lines)."""
+    from photo_library.check import check_library
+    from utils.errors import VSRNError
+
+    try:
+        report = check_library(lib)
+    except VSRNError as e:
+        return 2, str(e)
+    return (3 if report.problems else 0), "\n".join(report.lines)
+
+
 def run_index(args):
     """index.py in a process of its own (as a user runs it): (exit code, seconds)."""
     start = time.perf_counter()
@@ -219,13 +266,11 @@ def kill_trial(world, folder, trees, clean, phase, delay, work):
 
 def survives(lib):
     """None when a killed library opens, answers every photo it holds, and its check finds nothing; else why."""
-    import index
-
     if not os.path.exists(os.path.join(lib, "library.sqlite3")):
         return None  # killed before the library was made: the rerun makes it
     try:
         quietly(answers, lib)
-        code, printed = quietly(index.main, ["--library", lib, "--check"])
+        code, printed = check_here(lib)
     except Exception as e:  # noqa: BLE001  (whatever it is, it is the finding)
         return f"{type(e).__name__}: {e}"
     return None if code == 0 else f"--check: {printed.strip()}"
@@ -233,10 +278,8 @@ def survives(lib):
 
 def finishes(lib, args, folder, expected):
     """None when the same command, run again, ends with the clean library's files and answers; else why."""
-    import index
-
     try:
-        code, printed = quietly(index.main, args)
+        code, printed = index_here(args)
         if code != 0:
             return f"the rerun exited with {code}: {printed.strip()[-300:]}"
         files = recorded_files(lib)
@@ -254,8 +297,6 @@ def finishes(lib, args, folder, expected):
 
 def damage_trial(clean_lib, expected, target, rng, work):
     """One damage of `target` in a copy of the clean library: {file, offset, bytes, outcome, said, repaired}."""
-    import index
-
     lib = os.path.join(work, "damaged")
     shutil.rmtree(lib, ignore_errors=True)
     shutil.copytree(clean_lib, lib)
@@ -267,8 +308,8 @@ def damage_trial(clean_lib, expected, target, rng, work):
     trial = {"file": target, "offset": offset, "bytes": length}
     try:
         found, said, refused = attempt(answers, lib)
-        checked, report = quietly(index.main, ["--library", lib, "--check"])
-        repaired, _ = quietly(index.main, ["--library", lib])
+        checked, report = check_here(lib)
+        repaired, _ = index_here(["--library", lib])
         after = attempt(answers, lib)[0] if repaired == 0 else None
     except Exception as e:  # noqa: BLE001
         return {**trial, "outcome": "crashed", "said": f"{type(e).__name__}: {e}"}
