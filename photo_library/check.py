@@ -1,8 +1,8 @@
 """index.py --check: the records, the vector index and the photo files looked at, nothing changed.
 
 - The records: SQLite's quick_check of library.sqlite3 (its pages and b-trees), every photo's row,
-  region features and thumbnail against their checksums, and each photo with its features and
-  thumbnail, each file with its photo.
+  region features and thumbnail, every file's row and every value of what made the library against
+  their checksums, and each photo with its features and thumbnail, each file with its photo.
 - The vector index: its checksum, whether it belongs to these records (its commit's token), and, when
   it is up to date with them, that it holds exactly their photos.
 - The files: each recorded file is there with the size and modification time recorded.
@@ -73,6 +73,15 @@ def check_records(library, report):
         )
     if len(damaged) > SHOWN:
         report.say(f"{path}: {len(damaged) - SHOWN} more photos damaged", problem=True)
+    keys, files = library.damaged_settings()
+    if keys:
+        report.say(
+            f"{path}: its record of {', '.join(keys)} damaged (checksums do not match): restore library.sqlite3 "
+            "from a backup, or make the library again",
+            problem=True,
+        )
+    if files:
+        report.say(f"{path}: {plural(files, 'file record')} damaged: the next index.py run reads those files again")
     incomplete, dangling = library.unmatched()
     if incomplete or dangling:
         report.say(
@@ -80,7 +89,7 @@ def check_records(library, report):
             f"{plural(dangling, 'file')} naming a photo it lacks",
             problem=True,
         )
-    if not damaged and not incomplete and not dangling:
+    if not damaged and not incomplete and not dangling and not keys and not files:
         report.say(
             f"{path}: ok (quick_check; {plural(library.count(), 'photo')}, their rows, features and thumbnails "
             "as their checksums say)"

@@ -14,8 +14,10 @@ known, however their generations compare. It catches up from the photos written 
 Photo ids are not reused while the records go forward (records restored from a backup give the next
 ids again: the index is then rebuilt, as its token tells).
 
-Each photo's row, its features and its thumbnail carry a CRC-32 checksum of their content, checked
-whenever they are read: a damaged one is a DamagedRecord, never a wrong score. Libraries made before
+Each photo's row, its features and its thumbnail, each file's row and each value of `meta` carry a
+CRC-32 checksum of their content, checked whenever they are read: a damaged photo is a DamagedRecord,
+never a wrong score; a damaged file row is read as a file that changed (the next run reads the file
+again), and a damaged value of what made the library is a DataError. Libraries made before
 the checksums and tokens existed get their tables and columns when index.py next opens them (their
 old rows have no checksum: they are read as they are).
 """
@@ -36,7 +38,7 @@ DATABASE = "library.sqlite3"
 FORMAT = 1
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL, checksum INTEGER);
 CREATE TABLE IF NOT EXISTS roots (path TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -59,14 +61,16 @@ CREATE TABLE IF NOT EXISTS files (
     mtime_ns INTEGER NOT NULL,
     digest TEXT,
     photo INTEGER,
-    reason TEXT
+    reason TEXT,
+    checksum INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_photo ON files (photo);
 CREATE INDEX IF NOT EXISTS files_digest ON files (digest);
 CREATE TABLE IF NOT EXISTS removed (photo INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS commits (generation INTEGER PRIMARY KEY, token TEXT NOT NULL);
 """
-CHECKSUMMED = ("photos", "features", "thumbnails")  # tables whose rows carry a checksum (added to older libraries)
+CHECKSUMMED = ("photos", "features", "thumbnails", "files", "meta")  # rows with a checksum (added to older libraries)
+FILE_COLUMNS = "path, size, mtime_ns, digest, photo, reason, checksum"
 PHOTO_COLUMNS = "id, digest, width, height, boxes, objects, region_scores, embedding, checksum"
 
 
@@ -125,6 +129,15 @@ class Library:
     def __init__(self, folder, connection, immutable=False):
         self.folder, self.db = folder, connection
         self.immutable = immutable  # opened as a file nobody changes (the folder cannot be written)
+        self.checksummed = self.tables_with_checksums()
+
+    def tables_with_checksums(self):
+        """The tables whose rows carry checksums (all, but in a library made before them and not yet upgraded)."""
+        return {
+            table
+            for table in CHECKSUMMED
+            if "checksum" in [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
+        }
 
     @property
     def path(self):
@@ -182,10 +195,9 @@ class Library:
     def upgrade(self):
         """The tables and columns added since the library was made (commits' tokens, checksums)."""
         self.db.execute("CREATE TABLE IF NOT EXISTS commits (generation INTEGER PRIMARY KEY, token TEXT NOT NULL)")
-        for table in CHECKSUMMED:
-            columns = [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
-            if "checksum" not in columns:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN checksum INTEGER")
+        for table in set(CHECKSUMMED) - self.checksummed:
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN checksum INTEGER")
+        self.checksummed = set(CHECKSUMMED)
         if self.token(self.meta("generation")) is None:
             with self.transaction():
                 self.commit_generation(self.meta("generation"))
@@ -258,9 +270,12 @@ class Library:
     # ---- what made the library
 
     def meta(self, key, default=None):
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        columns = "value, checksum" if "meta" in self.checksummed else "value"
+        row = self.db.execute(f"SELECT {columns} FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             return default
+        if len(row) > 1 and row[1] is not None and row[1] != checksum(key, row[0]):
+            raise DataError(f"{self.path}: its record of {key} is damaged (it does not match its checksum)")
         try:
             return json.loads(row[0])
         except ValueError:
@@ -268,7 +283,14 @@ class Library:
 
     def set_meta(self, **values):
         for key, value in values.items():
-            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            text = json.dumps(value)
+            if "meta" in self.checksummed:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value, checksum) VALUES (?, ?, ?)",
+                    (key, text, checksum(key, text)),
+                )
+            else:  # the records of a library being made, before its tables are upgraded
+                self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text))
 
     def roots(self):
         return [row[0] for row in self.db.execute("SELECT path FROM roots ORDER BY path")]
@@ -278,10 +300,17 @@ class Library:
 
     # ---- files and photos
 
+    def file_rows(self, where="", arguments=()):
+        """The rows (path, size, mtime_ns, digest, photo, reason) of the files `where` says, each one whose
+        checksum does not match as (path, None, None, None, None, None): a file to read again."""
+        checked = "files" in self.checksummed
+        columns = FILE_COLUMNS if checked else FILE_COLUMNS.replace(", checksum", ", NULL")
+        for *row, crc in self.db.execute(f"SELECT {columns} FROM files {where}", arguments):
+            yield tuple(row) if crc is None or crc == checksum(*row) else (row[0], None, None, None, None, None)
+
     def files(self):
         """{path: (size, mtime_ns, digest, photo, reason)} of every file the library knows."""
-        rows = self.db.execute("SELECT path, size, mtime_ns, digest, photo, reason FROM files")
-        return {path: rest for path, *rest in rows}
+        return {path: tuple(rest) for path, *rest in self.file_rows()}
 
     def files_under(self, path):
         """The recorded files at `path` or under it (a folder), by path."""
@@ -293,9 +322,9 @@ class Library:
         return [row[0] for row in rows]
 
     def files_of(self, photo):
-        """(path, size, mtime_ns) of each file that shows the photo, by path."""
-        rows = self.db.execute("SELECT path, size, mtime_ns FROM files WHERE photo = ? ORDER BY path", (photo,))
-        return rows.fetchall()
+        """(path, size, mtime_ns) of each file that shows the photo, by path (damaged rows left out)."""
+        rows = self.file_rows("WHERE photo = ? ORDER BY path", (photo,))
+        return [(path, size, mtime_ns) for path, size, mtime_ns, _, shown, _ in rows if shown == photo]
 
     def remove_roots(self, paths):
         self.db.executemany("DELETE FROM roots WHERE path = ?", [(path,) for path in paths])
@@ -310,9 +339,9 @@ class Library:
         return row[0] if row else None
 
     def set_file(self, path, size, mtime_ns, digest, photo=None, reason=None):
+        row = (path, size, mtime_ns, digest, photo, reason)
         self.db.execute(
-            "INSERT OR REPLACE INTO files (path, size, mtime_ns, digest, photo, reason) VALUES (?, ?, ?, ?, ?, ?)",
-            (path, size, mtime_ns, digest, photo, reason),
+            f"INSERT OR REPLACE INTO files ({FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, checksum(*row))
         )
 
     def forget_file(self, path):
@@ -430,7 +459,7 @@ class Library:
             return None
         if row[8] is not None and row[8] != checksum(*row[1:8]):
             raise self.damaged(photo, "record")
-        path = self.db.execute("SELECT path FROM files WHERE photo = ? ORDER BY path LIMIT 1", (photo,)).fetchone()
+        path = next(iter(self.files_of(photo)), None)
         models = self.meta("models")
         return {
             "id": row[0],
@@ -469,11 +498,11 @@ class Library:
     def photo_of_path(self, path):
         """The photo the file at `path` shows, when the records hold it as it is now (same size and
         modification time); None otherwise."""
-        row = self.db.execute("SELECT size, mtime_ns, photo FROM files WHERE path = ?", (path,)).fetchone()
-        if row is None or row[2] is None:
+        row = next(self.file_rows("WHERE path = ?", (path,)), None)
+        if row is None or row[4] is None:
             return None
         status = os.stat(path)
-        return row[2] if (row[0], row[1]) == (status.st_size, status.st_mtime_ns) else None
+        return row[4] if (row[1], row[2]) == (status.st_size, status.st_mtime_ns) else None
 
     # ---- index.py --check
 
@@ -488,6 +517,14 @@ class Library:
             for row in self.db.execute(f"SELECT {columns} FROM {table} ORDER BY 1"):
                 if row[-1] is not None and row[-1] != checksum(*row[1:-1]):
                     yield row[0], what
+
+    def damaged_settings(self):
+        """(the keys of `meta` whose values do not match their checksums, the number of damaged file rows)."""
+        rows = (
+            self.db.execute("SELECT key, value, checksum FROM meta ORDER BY key") if "meta" in self.checksummed else []
+        )
+        keys = [key for key, value, crc in rows if crc is not None and crc != checksum(key, value)]
+        return keys, sum(row[1] is None for row in self.file_rows())
 
     def unmatched(self):
         """(photos without their features or thumbnail, files that name a photo the records lack)."""

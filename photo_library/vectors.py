@@ -13,12 +13,13 @@ Three kinds (`index.py --index`):
 
 The index file (index.faiss) carries a header: the generation, its commit's token and the embedding
 epoch of the records it holds, its photo count, and the photos it hides (HNSW cannot delete); and a
-CRC-32 of the header and FAISS's bytes, checked before FAISS reads them (about 0.5 s per GB: 4 to 5 s
-for the 8.2 GB of a million photos' flat index). An index belongs to the records whose commit at its
-generation has its token: records restored from a backup, or rolled back by a lost -wal file, do not
-have it (whatever their generation), and the index is rebuilt from them. An index that belongs catches
-up from the photos written and removed after its generation; one that cannot (another epoch, pruned
-history), whose photo count is not the records', or whose file is damaged is rebuilt from the records.
+CRC-32 of the header and FAISS's bytes, checked before FAISS reads them (0.6 to 1 s per GB measured on a
+busy 2-core machine: 5 to 8 s for the 8.2 GB of a million photos' flat index). An index belongs to the
+records whose commit at its generation has its token: records restored from a backup, or rolled back by
+a lost -wal file, do not have it (whatever their generation), and the index is rebuilt from them. An
+index that belongs catches up from the photos written and removed after its generation; one that cannot
+(another epoch, pruned history), whose photo count is not the records', or whose file is damaged is
+rebuilt from the records.
 """
 
 import json

@@ -485,3 +485,30 @@ def test_check_reports_a_damaged_page_of_the_records(world, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert f"{path}: SQLite finds it damaged: restore it from a backup, or make the library again" in lines
     assert lines[0].startswith(f"{path}: ") and "SQLite" not in lines[0]  # what quick_check found, first
+
+
+def test_a_damaged_file_row_is_read_again_and_a_damaged_setting_is_named(world, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    paths = photo_folder(world, folder)
+    lib = made(world, folder, tmp_path / "lib")
+    records = Library.open(lib)
+    first, second = records.photo_of_path(paths[0]), records.photo_of_path(paths[1])
+    db_path = os.path.join(lib, "library.sqlite3")
+    with sqlite3.connect(db_path) as db:  # the first file's row now names the second photo, its checksum unchanged
+        db.execute("UPDATE files SET photo = ? WHERE path = ?", (second, paths[0]))
+    assert Library.open(lib).photo(second)["path"] == paths[1]  # the damaged row is not taken as the photo's file
+    assert Library.open(lib).files_of(first) == []
+    capsys.readouterr()
+    assert index.main(["--library", lib, "--check"]) == 0
+    assert f"{db_path}: 1 file record damaged: the next index.py run reads those files again" in capsys.readouterr().out
+    assert index.main(["--library", lib]) == 0
+    assert last_line(capsys.readouterr().out).startswith(f"{lib}: 0 photos added, 1 moved, renamed or copied")
+    assert Library.open(lib).photo_of_path(paths[0]) == first
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE meta SET value = '33' WHERE key = 'feature_dim'")
+    assert index.main(["--library", lib, "--check"]) == 3
+    assert f"{db_path}: its record of feature_dim damaged (checksums do not match)" in capsys.readouterr().out
+    assert index.main(["--library", lib, "--rebuild"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {db_path}: its record of feature_dim is damaged (it does not match its checksum)\n"
+    )
