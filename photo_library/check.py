@@ -101,6 +101,9 @@ def check_index(library, report):
     if library.meta("embedding_dim") is None:
         report.say(f"{path}: none yet (the library holds no photos)")
         return
+    if not os.path.exists(path):
+        report.say(f"{path}: not written yet (index.py writes it; a search builds it in memory from the records)")
+        return
     try:
         index = VectorIndex.load(path)
     except DataError as e:

@@ -250,7 +250,8 @@ class VectorIndex:
                 header = json.loads(f.read(length).decode("utf-8"))
                 index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
         except (OSError, ValueError, RuntimeError, struct.error, UnicodeDecodeError, MemoryError) as e:
-            raise DataError(f"{path}: missing or damaged vector index ({first_line(e, 120)})") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 120)
+            raise DataError(f"{path}: missing or damaged vector index ({reason})") from None
         if not isinstance(header, dict) or index.ntotal != header.get("count") or header.get("kind") not in KINDS:
             raise DataError(f"{path}: damaged vector index (its header does not describe it)")
         return cls(index, header)

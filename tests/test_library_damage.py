@@ -281,6 +281,11 @@ def test_check_reports_records_index_and_files(world, tmp_path, capsys):
     )
     assert index.main(["--library", lib, "--check", "--rebuild"]) == 2
     assert capsys.readouterr().err == "error: --check looks at the library as it is; it takes no --rebuild\n"
+    os.remove(os.path.join(lib, "index.faiss"))  # killed before its first index was written: no damage
+    assert index.main(["--library", lib, "--check"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"{lib}/index.faiss: not written yet (index.py writes it; a search builds it in memory from the records)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
