@@ -8,9 +8,10 @@ a query in flight finishes on the index it began on. After `index.py --rebuild` 
 the library's new checkpoints with the new index: a query takes the models and the index of one epoch
 together; checkpoints it cannot load make every query a LibraryUnavailable, until they can be loaded.
 
-Each hit's score is the inner product of the query with the photo's vector as the records hold it,
-checked against its checksum: a photo whose record is damaged is left out (said once), and an index
-whose score of a photo is not the record's is rebuilt from the records (said) before the query goes on.
+Each hit's score, the index's exact inner product of the query with the photo's vector, is checked
+against the vector the records hold (itself checked against its checksum): a photo whose record is
+damaged is left out (said once), and an index whose score of a photo is not the record's is rebuilt from
+the records (said) before the query goes on.
 """
 
 import dataclasses
@@ -237,8 +238,8 @@ class Searcher:
 
     def nearest(self, epoch, vector, k):
         """The k photos of highest inner product with `vector` in the index of `epoch`, as hits (dicts) best
-        first, scored from their records. Photos removed since the index last caught up, or whose records are
-        damaged, are skipped, and more are fetched in their place."""
+        first, each score checked against the photo's record. Photos removed since the index last caught up, or
+        whose records are damaged, are skipped, and more are fetched in their place."""
         wanted = k
         while True:
             with self.lock:
@@ -254,7 +255,7 @@ class Searcher:
                     "from_records"
                 ):
                     return self.nearest(self.rebuilt(epoch, int(photo)), vector, k)
-                hits.append(hit(record, exact, len(hits) + 1))
+                hits.append(hit(record, float(score), len(hits) + 1))
             if len(hits) >= k or wanted >= total:
                 return hits[:k]
             wanted *= 2

@@ -89,7 +89,7 @@ def read_image(path, like_opencv=False, reduce_to=None):
     decoded at 1/2, 1/4 or 1/8 of its size, other formats are reduced as soon as they are decoded."""
     PIL = pillow()
     Image, ImageOps = PIL.Image, PIL.ImageOps
-    name = getattr(path, "name", path)
+    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path)  # an open file's path
     # Pillow only warns of pictures between its limit and twice it (above, it refuses them): the limit
     # is checked here instead, alike in every thread (warning filters are the process's, and
     # catch_warnings around a read races with another thread's), and its warning kept quiet.
