@@ -154,7 +154,11 @@ def add_guards(app, hosts, page_policy):
     async def guard(request, call_next):
         host = request.headers.get("host", "")
         if hosts.accepts(host):
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # noqa: BLE001  (answered here, so that it gets the headers too)
+                traceback.print_exception(exc, file=sys.stderr)
+                response = error(500, "the server could not answer this request (its log says why)")
         else:
             response = error(400, f"this server does not answer to the name {host[:100]!r} (it answers to {hosts})")
         response.headers.update(HEADERS)

@@ -300,7 +300,7 @@ def test_a_host_header_that_does_not_name_the_server_is_refused(client):
     assert not served_names("192.168.1.20").accepts("localhost")
 
 
-def test_answers_carry_headers_that_keep_other_sites_out(client):
+def test_answers_carry_headers_that_keep_other_sites_out(client, monkeypatch):
     import base64
     import hashlib
     import re
@@ -313,6 +313,11 @@ def test_answers_carry_headers_that_keep_other_sites_out(client):
         assert answer.headers["x-frame-options"] == "DENY" and answer.headers["cross-origin-resource-policy"] == (
             "same-origin"
         )
+    monkeypatch.setattr(Library, "thumbnail", lambda self, photo: 1 / 0)  # any failure: a 500 has them too
+    answer = api.get("/api/photos/1/thumbnail")
+    monkeypatch.undo()
+    assert answer.status_code == 500 and answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.json() == {"error": "the server could not answer this request (its log says why)"}
     page = api.get("/")
     policy = page.headers["content-security-policy"]
     script = re.search(r"<script>(.*?)</script>", page.text, flags=re.S).group(1)
