@@ -3,7 +3,7 @@
     python3 search.py --library LIB "a dog running on the beach" [-k 10] [--json] [--maps DIR]
     python3 search.py --library LIB "a dog on a bench" --rerank lxmert --model LXMERT_DIR [--rerank_k 50]
     python3 search.py --library LIB --like PHOTO          # photos like this one
-    python3 search.py --library LIB --serve [--host 127.0.0.1 --port 8000]   # the page, and the API at /docs
+    python3 search.py --library LIB --serve [--host 127.0.0.1 --port 8000]   # the page and its API
     python3 search.py --demo                              # the toy world's library, made and served
 
 The sentence goes through the library's VSRN text encoder(s); words outside the vocabulary are
@@ -52,6 +52,13 @@ def build_parser():
     )
     p.add_argument("--port", type=int, default=8000, help="with --serve: the port")
     p.add_argument(
+        "--allow_host",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="with --serve: other names the server answers to (a reverse proxy's); any other Host is refused",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="make the toy world's library (training the demo first if needed) and serve it",
@@ -64,7 +71,9 @@ def check(args):
         args.serve = True
     elif not args.library:
         raise OptionError("--library LIB: the library to search (make one with index.py), or --demo")
-    if not args.demo and not args.serve and bool(args.query) == bool(args.like):
+    if args.query and args.like:
+        raise OptionError(f"a sentence ({args.query!r}) and --like {args.like}: search by one of them at a time")
+    if not args.demo and not args.serve and not (args.query or args.like):
         raise OptionError('give a sentence to search for ("a dog on a bench"), or --like PHOTO, or --serve')
     if args.k < 1 or args.rerank_k < 1:
         raise OptionError("-k and --rerank_k: expected at least 1")
@@ -116,8 +125,12 @@ def search(args):
     if args.serve:
         from photo_library.server import serve
 
-        return serve(searcher, args.host, args.port)
+        return serve(searcher, args.host, args.port, args.allow_host)
     count = searcher.library.count()
+    if not count:
+        raise OptionError.naming(
+            "{library} {folder}: holds no photos yet; index some with index.py", folder=args.library
+        )
     if args.like:
         hits, query = searcher.like(args.like, args.k), None
         heading = f"The {len(hits)} photos of {count} most like {args.like}:"

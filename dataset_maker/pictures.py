@@ -6,7 +6,6 @@ without captions. The same picture in two splits the annotations give is refused
 """
 
 import concurrent.futures
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -14,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from utils.digest import file_digest
 from utils.errors import DataError, OptionError
 
 SPLITS = ("train", "dev", "test")
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -65,14 +64,6 @@ def gather_pictures(records, root):
             picture.captions.extend(record.captions)
         picture.ids.extend(i for i in record.ids if i not in picture.ids)
     return list(pictures.values())
-
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _digest_or_problem(path):

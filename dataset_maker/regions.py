@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from dataset_maker.pictures import file_digest
+from utils.digest import file_digest
 from detection.pipeline import Counts, extract_to_tsv
 from detection.weights import load_detector
 from utils.atomic import atomic_write

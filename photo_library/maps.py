@@ -7,7 +7,7 @@ import os
 from attention import SCALE_NOTE, open_picture, render_attention
 from photo_library.searcher import region_names
 from utils.figures import compose, save_png
-from utils.images import pillow
+from utils.images import pillow, read_image
 
 THUMBNAIL_MAP_BOXES, VIEW_BOXES, VIEW_SIDE = 3, 5, 960
 
@@ -39,9 +39,10 @@ def thumbnail_map(record, thumbnail_jpeg):
     return jpeg(map_tile(record, picture, max(picture.size), THUMBNAIL_MAP_BOXES))
 
 
-def photo_view(record):
-    """JPEG: the photo itself (read from its file, upright) at up to 960 pixels with its map and top 5 boxes."""
-    picture = open_picture(record["path"])
+def photo_view(record, file):
+    """JPEG: the photo itself (read from its open `file`, upright, decoded no larger than needed) at up to 960
+    pixels with its map and top 5 boxes."""
+    picture = pillow().Image.fromarray(read_image(file, reduce_to=VIEW_SIDE), "RGB")
     return jpeg(map_tile(record, picture, min(VIEW_SIDE, max(picture.size)), VIEW_BOXES))
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from detection.settings import RegionSettings
-from photo_library.scan import content_digest
+from utils.digest import file_digest
 from utils.errors import OptionError
 from vocab import vocab_digest
 
@@ -28,7 +28,7 @@ def file_record(path, known=None):
     for record in known or ():
         if (record["path"], record["size"], record["mtime_ns"]) == (path, status.st_size, status.st_mtime_ns):
             return dict(record)
-    return {"path": path, "size": status.st_size, "mtime_ns": status.st_mtime_ns, "digest": content_digest(path)}
+    return {"path": path, "size": status.st_size, "mtime_ns": status.st_mtime_ns, "digest": file_digest(path)}
 
 
 def short(record):
@@ -129,10 +129,12 @@ class Recipe:
 
 def check_recipe(request, library=None):
     """This run's Recipe: the request's (an IndexRequest) checkpoints, detector and region settings, checked
-    against those `library` records (None: a new library), or the recorded ones where the request gives none."""
+    against those `library` records (None: a new library), or the recorded ones where the request gives none.
+    A library that holds no photos yet takes the request's whatever it recorded."""
     folder = request.library
     recorded = (lambda key: library.meta(key)) if library is not None else (lambda key: None)
-    checkpoints = checkpoint_records(request.checkpoints, recorded("checkpoints"), folder, request.rebuild)
+    holds = library is not None and library.count() > 0  # a library without photos takes any recipe
+    checkpoints = checkpoint_records(request.checkpoints, recorded("checkpoints"), folder, request.rebuild or not holds)
     recorded_detector = recorded("detector")
     detector = recorded_detector
     if request.detector:
@@ -155,7 +157,7 @@ def check_recipe(request, library=None):
         settings=settings,
         features_dtype=request.features_dtype or recorded("features_dtype") or "float32",
     )
-    if library is not None:
+    if holds:
         hint = "regions of other settings cannot share this library; make a new one"
         if request.detector and recorded_detector:  # the same weights elsewhere are the same detector
             check_same(folder, "the detector", recorded_detector, detector, hint)

@@ -1,13 +1,20 @@
 """Queries of a library: a sentence through VSRN's text encoder, or a photo through its image encoder,
 against the library's vector index; optionally the top candidates rescored by LXMERT.
 
-A Searcher reads the records read-only and stays current: before a query it looks at the records'
-generation (one small read) and, when index.py has committed since, catches its index up (or
-reloads it) under a lock that queries share, so a query in flight finishes on the index it began on.
-After `index.py --rebuild` (a new epoch) it loads the library's new checkpoints with the new index:
-a query takes the models and the index of one epoch together.
+A Searcher reads the records read-only (immutable where the library's folder cannot be written) and
+stays current: before a query it looks at the records' generation and its token (small reads) and, when
+index.py has committed since, catches its index up (or reloads it) under a lock that queries share, so
+a query in flight finishes on the index it began on. After `index.py --rebuild` (a new epoch) it loads
+the library's new checkpoints with the new index: a query takes the models and the index of one epoch
+together; checkpoints it cannot load make every query a LibraryUnavailable, until they can be loaded.
+
+Each hit's score, the index's exact inner product of the query with the photo's vector, is checked
+against the vector the records hold (itself checked against its checksum): a photo whose record is
+damaged is left out (said once), and an index whose score of a photo is not the record's is rebuilt from
+the records (said) before the query goes on.
 """
 
+import dataclasses
 import os
 import sys
 import threading
@@ -22,10 +29,15 @@ from photo_library import recipe
 from photo_library.embedding import QueryBatcher, RecentQueries, image_vectors, load_library_models, text_vectors
 from photo_library.store import Library
 from photo_library.vectors import INDEX_FILE, VectorIndex
-from utils.errors import DataError, OptionError
+from utils.errors import DataError, OptionError, VSRNError, one_line, without_path
 from utils.genome import object_name
 
 REFRESH_EVERY_S = 1.0
+SCORE_TOLERANCE = 1e-4  # relative: an index's score and the record's differ by rounding alone
+
+
+class LibraryUnavailable(DataError):
+    """The library changed into a state this searcher cannot answer from (checkpoints it cannot load)."""
 
 
 @dataclass
@@ -70,6 +82,8 @@ class Searcher:
         self.lock = threading.Lock()
         self.reloading = threading.Lock()
         self.checked_at = 0.0
+        self.unavailable = None  # a LibraryUnavailable while the library's checkpoints cannot be loaded
+        self.damaged = set()  # photos whose damaged records were said
         self.epoch = self.load_epoch(recipe.checkpoint_records(checkpoints, recorded, folder))
         self.reranking = None
         self.encode_tokens = encode_alone
@@ -127,18 +141,33 @@ class Searcher:
         return self._local.library
 
     def load_index(self):
-        """index.faiss caught up with the records; rebuilt in memory from them when it is missing or damaged."""
+        """index.faiss caught up with the records, when it belongs to them; else rebuilt in memory from them (said,
+        unless the library holds no photos or the file is only of an earlier epoch)."""
+        library, path = self.library, os.path.join(self.folder, INDEX_FILE)
+        problem = None
+        if os.path.exists(path):
+            try:
+                index = VectorIndex.load(path)
+                if index.catch_up(library):
+                    return index
+                problem = index.problem and f"{path}: {index.problem}"
+            except DataError as e:
+                problem = str(e)
+        elif library.count():
+            problem = f"{path}: not there"
+        if problem:
+            print(f"{problem}: rebuilt from the records for this search (index.py writes it again)", file=sys.stderr)
+        return self.index_from_records()
+
+    def index_from_records(self):
+        """An exact index of the records' vectors, in memory."""
         library = self.library
-        try:
-            index = VectorIndex.load(os.path.join(self.folder, INDEX_FILE))
-            if index.catch_up(library):
-                return index
-        except DataError as e:
-            print(f"{e}: rebuilt from the records for this search (index.py writes it again)", file=sys.stderr)
         with library.snapshot():
             ids, vectors = library.embeddings()
-            generation, epoch = library.meta("generation"), library.meta("epoch")
-        return VectorIndex.build("flat", ids, vectors, generation, epoch, memory_bytes=0)
+            state, epoch = library.state(), library.meta("epoch")
+        index = VectorIndex.build("flat", ids, vectors, state[0], epoch, memory_bytes=0, token=state[1])
+        index.header["from_records"] = True
+        return index
 
     def current(self):
         """The Epoch to query, caught up with what index.py committed since the last look (looked at most
@@ -147,15 +176,36 @@ class Searcher:
         if now - self.checked_at >= REFRESH_EVERY_S:
             self.checked_at = now
             epoch, library = self.epoch, self.library
-            if library.meta("epoch") != epoch.index.header["epoch"]:
+            if library.meta("epoch") != epoch.index.header["epoch"] or self.unavailable:
                 with self.reloading:
-                    if library.meta("epoch") != self.epoch.index.header["epoch"]:
-                        self.epoch = self.load_epoch(library.meta("checkpoints"), previous=self.epoch)
-            elif library.meta("generation") != epoch.index.generation:
+                    if library.meta("epoch") != self.epoch.index.header["epoch"] or self.unavailable:
+                        self.reload_epoch()
+            elif library.state() != (epoch.index.generation, epoch.index.header.get("token")):
                 with self.lock:
                     if not epoch.index.catch_up(library):
                         self.epoch = self.load_epoch(library.meta("checkpoints"), previous=epoch)
+        if self.unavailable:
+            raise self.unavailable
         return self.epoch
+
+    def reload_epoch(self):
+        """The Epoch of the library's new checkpoints; when they cannot be loaded (moved after the --rebuild
+        that recorded them), queries are LibraryUnavailable until they can, and the reason is said once."""
+        try:
+            records = self.library.meta("checkpoints")
+            if tuple(record["digest"] for record in records) != self.epoch.digests:
+                records = recipe.checkpoint_records(None, records, self.folder)
+            self.epoch = self.load_epoch(records, previous=self.epoch)
+            self.unavailable = None
+        except VSRNError as e:
+            line = one_line(e.worded(lambda field: f"--{field}"))
+            if self.unavailable is None or self.unavailable.reason != line:
+                print(f"error: {line}", file=sys.stderr)
+            self.unavailable = LibraryUnavailable(
+                "the library was re-embedded with checkpoints this server cannot load (its log says why); "
+                "restart it once they can be"
+            )
+            self.unavailable.reason, self.unavailable.public = line, str(self.unavailable)
 
     # ---- queries
 
@@ -191,19 +241,22 @@ class Searcher:
 
     def photo_vector(self, epoch, path):
         """(the library's vector of the photo at `path`, its id or None)."""
-        from photo_library.scan import content_digest
+        from utils.digest import file_digest
 
+        if os.path.isdir(path):
+            raise OptionError.naming("{like} {path}: a folder; give one photo", path=path)
         if not os.path.isfile(path):
             raise OptionError.naming("{like} {path}: file not found", path=path)
         library = self.library
-        photo = library.photo_of_path(os.path.abspath(path)) or library.photo_of_digest(content_digest(path))
+        photo = library.photo_of_path(os.path.abspath(path)) or library.photo_of_digest(file_digest(path))
         if photo is not None:
-            return library.embedding_of([photo])[photo], photo
+            return library.photo(photo)["embedding"], photo
         return self.extracted_vector(epoch, path), None
 
     def extracted_vector(self, epoch, path):
         from detection.cache import cached_regions
         from detection.settings import RegionSettings
+        from utils.images import ImageError, read_image
 
         library = self.library
         detector = library.meta("detector")
@@ -212,6 +265,10 @@ class Searcher:
                 "{like} {path}: not in the library, and the library's detector weights are not there to extract it",
                 path=path,
             )
+        try:
+            read_image(path)  # a file that is no picture is said before the detector is loaded
+        except ImageError as e:
+            raise OptionError.naming("{like} {path}: {reason}", path=path, reason=without_path(str(e), path)) from None
         settings = RegionSettings.from_record(library.meta("settings"))
         config = library.meta("detector_config")
         regions = cached_regions([path], detector["path"], config, settings, device=str(self.device))
@@ -222,19 +279,48 @@ class Searcher:
 
     def nearest(self, epoch, vector, k):
         """The k photos of highest inner product with `vector` in the index of `epoch`, as hits (dicts) best
-        first. Photos removed since the index last caught up are skipped, and more are fetched in their place."""
-        library = self.library
+        first, each score checked against the photo's record. Photos removed since the index last caught up, or
+        whose records are damaged, are skipped, and more are fetched in their place."""
         wanted = k
         while True:
             scores, ids, total = self.search_index(epoch, (vector, wanted))
+            records = self.records(ids[ids >= 0])
             hits = []
             for score, photo in zip(scores, ids):
-                record = library.photo(int(photo)) if photo >= 0 else None
-                if record is not None:
-                    hits.append(hit(record, float(score), len(hits) + 1))
+                record = records.get(int(photo))
+                if record is None:
+                    continue
+                exact = float(np.dot(record["embedding"], np.ravel(vector)))
+                if abs(exact - score) > SCORE_TOLERANCE * max(1.0, abs(exact)) and not epoch.index.header.get(
+                    "from_records"
+                ):
+                    return self.nearest(self.rebuilt(epoch, int(photo)), vector, k)
+                hits.append(hit(record, float(score), len(hits) + 1))
             if len(hits) >= k or wanted >= total:
                 return hits[:k]
             wanted *= 2
+
+    def records(self, photos):
+        """{id: record} of those of `photos` that are there and whole; a damaged one is said once."""
+        found = self.library.photos(photos)
+        for photo, error in found.damaged.items():
+            if photo not in self.damaged:
+                self.damaged.add(photo)
+                print(f"warning: {error}; left out of the answers", file=sys.stderr)
+        return found.records
+
+    def rebuilt(self, epoch, photo):
+        """`epoch` with its index rebuilt from the records, whose vector of `photo` the index did not hold."""
+        print(
+            f"{os.path.join(self.folder, INDEX_FILE)}: its vector of photo {photo} is not the records': "
+            "rebuilt from the records for this search (index.py writes it again)",
+            file=sys.stderr,
+        )
+        with self.lock:
+            fixed = dataclasses.replace(epoch, index=self.index_from_records())
+            if self.epoch is epoch:
+                self.epoch = fixed
+        return fixed
 
     # ---- LXMERT
 

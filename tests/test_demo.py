@@ -61,7 +61,7 @@ def test_the_search_demo_answers_queries_about_the_toy_objects(demo_run, monkeyp
     monkeypatch.chdir(demo_run[0])
     served = []
     monkeypatch.setattr(
-        server, "serve", lambda searcher, host, port: served.append((searcher.library.count(), host, port))
+        server, "serve", lambda searcher, host, port, allowed: served.append((searcher.library.count(), host, port))
     )
     assert search.main(["--demo"]) == 0
     assert served == [(1200, "127.0.0.1", 8000)]

@@ -89,6 +89,22 @@ def test_scores_are_the_models_similarity_and_the_ranking_is_brute_force(world, 
     assert [hit["name"] for hit in top5] == brute[:5] and [hit["rank"] for hit in top5] == [1, 2, 3, 4, 5]
 
 
+def test_the_records_of_a_searchs_hits_are_read_together(library):
+    records = Library.open(library)
+    ids, vectors = records.embeddings()
+    gone = int(ids.max()) + 1
+    statements = []
+    records.db.set_trace_callback(statements.append)
+    found = records.photos([*ids.tolist(), gone])
+    records.db.set_trace_callback(None)
+    assert len(statements) == 3  # the photos' rows, their files, the number of models: not three a photo
+    assert sorted(found.records) == ids.tolist() and found.damaged == {}
+    for photo, vector in zip(ids.tolist(), vectors):
+        record = found.records[photo]
+        np.testing.assert_array_equal(record["embedding"], vector)
+        assert record["path"] == records.files_of(photo)[0][0] and record["id"] == photo
+
+
 def test_an_ensemble_scores_as_evaluation_averages_its_models(world, tmp_path):
     lib = str(tmp_path / "ensemble")
     assert (
@@ -214,8 +230,8 @@ def test_an_unchanged_rerun_reads_no_file_and_loads_no_model(library, monkeypatc
     def never(*args, **kwargs):
         raise AssertionError("read or loaded on an unchanged rerun")
 
-    monkeypatch.setattr(scan_module, "content_digest", never)
-    monkeypatch.setattr("photo_library.recipe.content_digest", never)
+    monkeypatch.setattr(scan_module, "file_digest", never)
+    monkeypatch.setattr("photo_library.recipe.file_digest", never)
     monkeypatch.setattr("inference.load_models", never)
     assert index.main(["--library", library]) == 0
     assert out_line(capsys) == f"{library}: 0 photos added, 18 unchanged (not read); it holds 18 photos (flat index)"
@@ -576,7 +592,7 @@ def test_a_failing_database_is_one_line_naming_it(library, monkeypatch, capsys):
     monkeypatch.setattr(Library, "add_roots", full)
     assert index.main(["--library", library]) == 2
     assert capsys.readouterr().err == f"error: {library}/library.sqlite3: database or disk is full\n"
-    monkeypatch.setattr(Library, "photo", full)
+    monkeypatch.setattr(Library, "photos", full)  # the records of the hits
     assert search.main(["--library", library, QUERY]) == 2
     assert capsys.readouterr().err == f"error: {library}/library.sqlite3: database or disk is full\n"
 

@@ -135,6 +135,12 @@ def test_type_a_query_see_the_photos_their_maps_and_one_opened(served, browser):
         "const v = document.getElementById('view'); return document.getElementById('viewer').classList.contains('open')"
         " && v.complete && v.naturalWidth > 0",
     )
+    overlap = browser.execute_script(  # the Close button lies beside the picture, not over its map's labels
+        "const a = document.getElementById('close').getBoundingClientRect(),"
+        " b = document.getElementById('view').getBoundingClientRect();"
+        "return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;"
+    )
+    assert overlap is False
     about = browser.find_element(By.ID, "about").text
     first = browser.find_elements(By.CSS_SELECTOR, ".tile .name")[0].text
     assert about.startswith(first) and f"score {scores[0]:.4f}" in about
@@ -143,3 +149,28 @@ def test_type_a_query_see_the_photos_their_maps_and_one_opened(served, browser):
     if screenshot:
         browser.find_element(By.ID, "close").click()
         browser.save_screenshot(screenshot)
+
+
+def test_the_page_opens_with_the_library_its_examples_and_shows_errors_as_errors(served, browser):
+    from selenium.webdriver.common.by import By
+
+    url, photos = served
+    browser.get(url)
+    size = wait_for(browser, "const t = document.getElementById('size').textContent; return t.includes('try') && t")
+    assert size.startswith(f"{photos} photos · the model knows ") and size.endswith(" words · try:")
+    examples = browser.find_elements(By.CSS_SELECTOR, "#examples button")
+    assert len(examples) == 3 and browser.find_element(By.ID, "readonly").get_attribute("hidden")
+    examples[0].click()  # an example fills the box and searches
+    assert wait_for(browser, LOADED.replace("{part}", "/thumbnail") + ".length > 0 ? 1 : 0") == 1
+    assert browser.find_element(By.ID, "q").get_attribute("value") == examples[0].text
+    box = browser.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys("zzyzx qwerty")  # no word the model knows: refused by the server
+    browser.find_element(By.ID, "go").click()
+    error = wait_for(browser, "const e = document.getElementById('error'); return !e.hidden && e.textContent")
+    assert error.startswith("the query 'zzyzx qwerty': none of its words is in the model's vocabulary")
+    shown = browser.find_element(By.ID, "error")
+    assert shown.get_attribute("role") == "alert" and shown.value_of_css_property("color") == "rgba(139, 26, 26, 1)"
+    assert browser.find_elements(By.CSS_SELECTOR, ".tile") == []
+    logs = [entry for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
+    assert logs == []  # the page's own script and style run under its policy

@@ -2,6 +2,8 @@
 bad queries), read-only records, and a server that picks up index.py's updates without a restart."""
 
 import os
+import re
+import socket
 import sqlite3
 import threading
 import time
@@ -14,12 +16,15 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import index  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from photo_library import searcher as searcher_module  # noqa: E402
 from photo_library import server  # noqa: E402
+from photo_library.hosts import loopback, served_names  # noqa: E402
 from photo_library.searcher import Searcher  # noqa: E402
 from photo_library.searcher import encode_alone  # noqa: E402
 from photo_library.store import Library  # noqa: E402
 from photo_world import TOY_DIM, checkpoint, make_world  # noqa: E402
+from utils.errors import OptionError  # noqa: E402
 
 QUERY = "a dog next to a bench and a kite"
 
@@ -39,7 +44,13 @@ def client(world, tmp_path_factory):
         == 0
     )
     searcher = Searcher(lib)
-    return TestClient(server.create_app(searcher), raise_server_exceptions=False), searcher
+    return served(searcher), searcher
+
+
+def served(searcher, **hosts):
+    """A test client of the app, asking as a browser on this machine does (Host: 127.0.0.1:8000)."""
+    app = server.create_app(searcher, **hosts)
+    return TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
 
 
 def test_search_answers_json_with_links_by_id_only(client):
@@ -103,8 +114,9 @@ def test_photos_and_their_pictures(client, world):
     with open(os.path.join(world.images, photo["name"]), "rb") as f:
         assert api.get("/api/photos/1/file").content == f.read()
     page = api.get("/")
-    assert page.status_code == 200 and "VSRN photo search" in page.text and "const RERANK = false;" in page.text
-    assert "/api/search" in api.get("/openapi.json").json()["paths"] and api.get("/docs").status_code == 200
+    assert page.status_code == 200 and "VSRN photo search" in page.text
+    assert "/api/search" in api.get("/openapi.json").json()["paths"]
+    assert api.get("/docs").status_code == 404  # Swagger's page loads its scripts from a CDN: not served
 
 
 @pytest.mark.parametrize(
@@ -182,7 +194,7 @@ def test_an_update_is_picked_up_without_a_restart_and_without_failing_a_query(wo
         )
         == 0
     )
-    api = TestClient(server.create_app(Searcher(lib)), raise_server_exceptions=False)
+    api = served(Searcher(lib))
     assert api.get("/api/search", params={"q": QUERY, "k": 100}).json()["photos"] == 12
     statuses, stop = [], threading.Event()
 
@@ -213,7 +225,7 @@ def test_a_rebuild_with_other_checkpoints_is_picked_up_with_their_models(world, 
     assert (
         index.main(["--images", world.images, "--checkpoint", first, "--regions", *world.rows, "--library", lib]) == 0
     )
-    api = TestClient(server.create_app(Searcher(lib)), raise_server_exceptions=False)
+    api = served(Searcher(lib))
     assert api.get("/api/search", params={"q": QUERY, "k": 18}).status_code == 200
     # An ensemble of the first model and a wider one: vectors of 16 + 24 dims, a new text encoder.
     wide = checkpoint(os.path.join(world.root, "run_wide"), world.vocab, TOY_DIM, 5, embed_size=24, dim_vid=24)
@@ -230,12 +242,12 @@ def test_a_rebuild_with_other_checkpoints_is_picked_up_with_their_models(world, 
 def test_exposed_servers_warn(client, monkeypatch, capsys):
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: None)
-    server.serve(client[1], "127.0.0.1", 8123)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: sockets[0].close())
+    server.serve(client[1], "127.0.0.1", 0)
     assert capsys.readouterr().err == ""
-    server.serve(client[1], "0.0.0.0", 8123)
+    server.serve(client[1], "0.0.0.0", 0)
     assert capsys.readouterr().err.startswith("warning: --host 0.0.0.0: the library is served to other machines too;")
-    assert server.loopback("::1") and server.loopback("localhost") and not server.loopback("192.168.1.20")
+    assert loopback("::1") and loopback("localhost") and not loopback("192.168.1.20")
 
 
 def test_concurrent_queries_are_encoded_together_as_each_alone(client):
@@ -267,3 +279,167 @@ def test_concurrent_queries_are_encoded_together_as_each_alone(client):
     assert batches == [1, 31]  # those that waited went together
     for text, vector in answers.items():
         np.testing.assert_allclose(vector, alone[text], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a hostile page, an odd file system or a moved file meets
+
+
+def test_a_host_header_that_does_not_name_the_server_is_refused(client):
+    api, searcher = client
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "", "[::1"):
+        answer = api.get("/api/photos/1/file", headers={"Host": host})
+        assert answer.status_code == 400, host
+        assert answer.json()["error"].startswith("this server does not answer to the name")
+    for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000"):
+        assert api.get("/api/photos/1/file", headers={"Host": host}).status_code == 200, host
+    proxied = served(searcher, hosts=served_names("127.0.0.1", ["photos.home"]))
+    assert proxied.get("/api/library", headers={"Host": "photos.home"}).status_code == 200
+    every = served_names("0.0.0.0")
+    assert every.accepts("192.168.1.20:8000") and every.accepts("[fe80::1]") and not every.accepts("evil.example")
+    assert not served_names("192.168.1.20").accepts("localhost")
+
+
+def test_answers_carry_headers_that_keep_other_sites_out(client, monkeypatch):
+    import base64
+    import hashlib
+    import re
+
+    api, _ = client
+    for url in ("/", "/api/library", "/api/photos/1/thumbnail", "/api/photos/1/file", "/api/photos/999"):
+        answer = api.get(url)
+        assert answer.headers["x-content-type-options"] == "nosniff", url
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], url
+        assert answer.headers["x-frame-options"] == "DENY" and answer.headers["cross-origin-resource-policy"] == (
+            "same-origin"
+        )
+    monkeypatch.setattr(Library, "thumbnail", lambda self, photo: 1 / 0)  # any failure: a 500 has them too
+    answer = api.get("/api/photos/1/thumbnail")
+    monkeypatch.undo()
+    assert answer.status_code == 500 and answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.json() == {"error": "the server could not answer this request (its log says why)"}
+    page = api.get("/")
+    policy = page.headers["content-security-policy"]
+    script = re.search(r"<script>(.*?)</script>", page.text, flags=re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in policy and "default-src 'none'" in policy
+    assert "unsafe-inline" not in policy and " style=" not in page.text and "https:" not in page.text
+
+
+def test_the_library_answer_opens_the_page(client, world):
+    answer = client[0].get("/api/library").json()
+    assert answer["photos"] == 18 and answer["read_only"] is False and answer["rerank"] is False
+    assert answer["words"] == len(world.vocab) and len(answer["examples"]) == 3
+    for example in answer["examples"]:
+        assert all(word in world.vocab.word2idx for word in example.split()), example
+    assert answer["examples"][0].startswith("a ") and " next to a " in answer["examples"][0]
+
+
+def test_file_serves_only_the_file_recorded(world, tmp_path):
+    import shutil
+
+    from photo_world import photo_folder
+
+    folder = tmp_path / "photos"
+    paths = photo_folder(world, folder, 6)
+    os.symlink(paths[1], folder / "a_link_to_one.png")  # links are not indexed: the original is served
+    lib = str(tmp_path / "lib")
+    args = ["--images", str(folder), "--checkpoint", world.checkpoints[0], "--regions", *world.rows]
+    assert index.main([*args, "--library", lib]) == 0
+    searcher = Searcher(lib)
+    api = served(searcher)
+    assert len(searcher.library.files()) == 6
+
+    def served_file(path):
+        return api.get(f"/api/photos/{searcher.library.photo_of_path(path)}/file")
+
+    with open(paths[1], "rb") as f:
+        assert served_file(paths[1]).content == f.read()
+    photo = searcher.library.photo_of_path(paths[0])
+    hidden = folder / ".hidden.png"
+    shutil.copy(paths[2], hidden)
+    os.remove(paths[0])
+    os.symlink(hidden, paths[0])  # a photo swapped for a link to a hidden file inside the folder
+    for part in ("file", "view"):
+        answer = api.get(f"/api/photos/{photo}/{part}")
+        assert answer.status_code == 404 and answer.json() == {"error": f"photo {photo}'s file is not there any more"}
+    before = searcher.library.photo_of_path(paths[3])
+    with open(paths[3], "ab") as f:  # changed since it was indexed: not the photo any more
+        f.write(b"more")
+    assert api.get(f"/api/photos/{before}/file").status_code == 404
+    copy = folder / "zz_copy.png"  # a copy: the photo is served from whichever of its files is as recorded
+    shutil.copy(paths[4], folder / "aa_copy.png")
+    shutil.copy(paths[4], copy)
+    assert index.main(["--library", lib]) == 0
+    os.remove(folder / "aa_copy.png")
+    with open(paths[4], "rb") as f:
+        assert api.get(f"/api/photos/{searcher.library.photo_of_path(str(copy))}/file").content == f.read()
+
+
+def test_a_checkpoint_moved_after_a_rebuild_is_one_line_until_it_is_back(world, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(searcher_module, "REFRESH_EVERY_S", 0.0)
+    lib = str(tmp_path / "lib")
+    args = ["--images", world.images, "--checkpoint", world.checkpoints[0], "--regions", *world.rows]
+    assert index.main([*args, "--library", lib]) == 0
+    api = served(Searcher(lib))
+    new = str(tmp_path / "new.pth.tar")
+    shutil.copy(checkpoint(os.path.join(world.root, "run_moved"), world.vocab, TOY_DIM, 9), new)
+    assert index.main(["--library", lib, "--checkpoint", new, "--rebuild"]) == 0
+    os.rename(new, new + ".moved")
+    capsys.readouterr()
+    for _ in range(3):
+        answer = api.get("/api/search", params={"q": QUERY})
+        assert answer.status_code == 503 and answer.json()["error"].startswith(
+            "the library was re-embedded with checkpoints this server cannot load"
+        )
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith(f"error: {lib}: its checkpoint {new} is not there any more")
+    os.rename(new + ".moved", new)
+    assert api.get("/api/search", params={"q": QUERY}).status_code == 200
+
+
+def test_an_empty_library_answers_with_a_notice(world, tmp_path):
+    from photo_world import photo_folder
+
+    folder = tmp_path / "photos"
+    paths = photo_folder(world, folder, 2)
+    lib = str(tmp_path / "lib")
+    args = ["--images", str(folder), "--checkpoint", world.checkpoints[0], "--regions", *world.rows]
+    assert index.main([*args, "--library", lib]) == 0
+    for path in paths:
+        os.remove(path)
+    assert index.main(["--library", lib, "--forget", str(folder)]) == 0
+    api = served(Searcher(lib))
+    answer = api.get("/api/search", params={"q": QUERY}).json()
+    assert answer["results"] == [] and answer["photos"] == 0 and answer["notice"].startswith("this library holds no")
+    assert api.get("/api/library").json()["photos"] == 0
+
+
+def test_serving_on_every_ipv6_address_prints_a_url(client, monkeypatch, capsys):
+    import uvicorn
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: sockets[0].close())
+    try:
+        server.serve(client[1], "::", 0)
+    except OptionError:
+        pytest.skip("IPv6 cannot be listened on here")
+    assert re.search(r"at http://\[::\]:\d+/ ", capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_concurrent_views_of_a_large_photo_stay_in_bounded_memory(tmp_path):
+    """16 clients view one 8000 x 8000 JPEG at once (bench/library_views.py): the server's peak memory grows by
+    less than 300 MB (it grew by 13.5 GB when each view decoded the whole picture)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("library_views", os.path.join(ROOT, "bench", "library_views.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lib = bench.make_library(str(tmp_path), 8000, 1, "jpeg")
+    found = bench.concurrent_views(lib, clients=16, photos=1)
+    assert found["statuses"] == ["200"], found
+    assert found["growth_mb"] < 300, found

@@ -5,6 +5,7 @@ cache.py       `cache_dir`: where recomputable things are kept (VSRN_CACHE)
 captions.py    caption files (UTF-8, one caption per line)
 checkpoint.py  safe checkpoint reading and writing, ours and the original release's
 device.py      `check_device`, `configure_backends` (float32 on CUDA unless --tf32)
+digest.py      `file_digest`: SHA-256 of a file, read a megabyte at a time
 distributed.py data-parallel training under torchrun: process group, gathered embeddings, agreements
 errors.py      the one-line errors (in the library's words, worded as each script's flags) and the Ctrl-C line
 figures.py     pictures laid out to be read: dimming, numbered boxes, titled tiles, PNG with its title

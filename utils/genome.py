@@ -14,6 +14,12 @@ def _object_synonyms():
         return [line.strip().split(",") for line in f if line.strip()]
 
 
+@functools.cache
+def object_names():
+    """Every name (synonyms included) of the detector's 1600 objects."""
+    return frozenset(name for names in _object_synonyms() for name in names)
+
+
 def object_name(object_id):
     """The name of a detector object id; None for no id (-1: regions without object ids) or an unknown one."""
     synonyms = _object_synonyms()

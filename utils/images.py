@@ -78,14 +78,18 @@ def _opencv_cmyk(picture):
     return pillow().Image.fromarray(rgb.astype(np.uint8), mode="RGB")
 
 
-def read_image(path, like_opencv=False):
-    """The picture at `path` as an upright (H, W, 3) uint8 RGB array; ImageError when it cannot be read.
+def read_image(path, like_opencv=False, reduce_to=None):
+    """The picture at `path` (or an open binary file) as an upright (H, W, 3) uint8 RGB array; ImageError when
+    it cannot be read.
 
     like_opencv: the pixels `cv2.imread(path)` gives (in RGB order): transparent pictures keep their
     stored colours, CMYK JPEGs get OpenCV's conversion; grayscale, palette and 16-bit pictures and
-    EXIF orientation are read the same either way."""
+    EXIF orientation are read the same either way.
+    reduce_to: a picture for display, about `reduce_to` pixels or more on its longer side: a JPEG is
+    decoded at 1/2, 1/4 or 1/8 of its size, other formats are reduced as soon as they are decoded."""
     PIL = pillow()
     Image, ImageOps = PIL.Image, PIL.ImageOps
+    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path)  # an open file's path
     # Pillow only warns of pictures between its limit and twice it (above, it refuses them): the limit
     # is checked here instead, alike in every thread (warning filters are the process's, and
     # catch_warnings around a read races with another thread's), and its warning kept quiet.
@@ -94,20 +98,23 @@ def read_image(path, like_opencv=False):
         with Image.open(path) as picture:
             if Image.MAX_IMAGE_PIXELS and picture.width * picture.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{picture.width * picture.height} pixels")
+            if reduce_to:
+                picture.draft(picture.mode, _reduced_size(picture.size, reduce_to))
             picture.load()
-            upright = ImageOps.exif_transpose(picture)
+            reduced = _reduce(picture, reduce_to) if reduce_to else picture
+            upright = ImageOps.exif_transpose(reduced)
             array = np.asarray(_to_rgb(upright, like_opencv), dtype=np.uint8)
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
+        raise ImageError(f"{name}: file not found") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: a folder, not a picture") from None
+        raise ImageError(f"{name}: a folder, not a picture") from None
     except Image.DecompressionBombError:
         raise ImageError(
-            f"{path}: more than {Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit "
+            f"{name}: more than {Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit "
             "(PIL.Image.MAX_IMAGE_PIXELS)"
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not a picture file Pillow can read") from None
+        raise ImageError(f"{name}: not a picture file Pillow can read") from None
     # Besides OSError, what Pillow can raise on damaged files.
     except (
         OSError,
@@ -120,8 +127,26 @@ def read_image(path, like_opencv=False):
         struct.error,
         MemoryError,
     ) as e:
-        raise ImageError(f"{path}: unreadable or truncated picture ({first_line(e)})") from None
+        raise ImageError(f"{name}: unreadable or truncated picture ({first_line(e)})") from None
     return np.ascontiguousarray(array)
+
+
+def _reduced_size(size, side):
+    """The size (width, height) of a picture of `size` whose longer side is `side`."""
+    scale = side / max(size)
+    return max(1, int(size[0] * scale)), max(1, int(size[1] * scale))
+
+
+def _reduce(picture, side):
+    """The decoded picture reduced by a whole factor to no less than `side` pixels on its longer side (modes
+    Pillow cannot reduce are kept as they are)."""
+    factor = max(picture.size) // side
+    if factor < 2:
+        return picture
+    try:
+        return picture.reduce(factor)
+    except ValueError:
+        return picture
 
 
 def list_images(sources, flag="--images"):
