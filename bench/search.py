@@ -1,6 +1,6 @@
 """The photo library's speed and size: queries, index builds, serving, reruns and indexing.
 
-    python3 bench/search.py --part vectors [--sizes 10000,100000,1000000] [--queries 200]
+    python3 bench/search.py --part vectors [--sizes 10000,100000,1000000] [--kinds flat,hnsw,ivfpq] [--queries 200]
     python3 bench/search.py --part library [--photos 10000] [--clients 16] [--seconds 20]
     python3 bench/search.py --part text [--checkpoint M] [--agreement-queries 1000]
     python3 bench/search.py --part disk
@@ -136,7 +136,7 @@ def exact_top10(vectors, probes, chunk=50_000):
     return [set(row.tolist()) for row in best_ids]
 
 
-def bench_vectors(sizes, queries, memory_gb):
+def bench_vectors(sizes, queries, memory_gb, kinds=("flat", "hnsw", "ivfpq")):
     from photo_library.vectors import VectorIndex
 
     encoders = sentence_encoders(queries)
@@ -162,7 +162,7 @@ def bench_vectors(sizes, queries, memory_gb):
         clustered(count, 1, centres, out=vectors)
         probes = clustered(queries, 2, centres)
         exact = exact_top10(vectors, probes)
-        for kind in ["flat", "hnsw", "ivfpq"]:
+        for kind in kinds:
             start = time.perf_counter()
             # From the file: FAISS reads its pages as it adds them (the page cache, which the system can reclaim).
             index = VectorIndex.build(kind, np.arange(1, count + 1), vectors, 1, 0, memory_bytes=int(memory_gb * 2**30))
@@ -509,6 +509,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("vectors", "library", "disk", "extract", "text"), action="append")
     parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--kinds", default="flat,hnsw,ivfpq", help="vectors: the index kinds measured at each size")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--index-memory", type=float, default=4.0, help="GB the approximate indexes may take")
     parser.add_argument("--photos", type=int, default=10000)
@@ -536,7 +537,7 @@ def main():
 
         compare(args.checkpoint, args.agreement_queries, 200 if args.smoke else 2000, 5000 if args.smoke else 100_000)
     if "vectors" in parts:
-        bench_vectors([int(n) for n in args.sizes.split(",")], args.queries, args.index_memory)
+        bench_vectors([int(n) for n in args.sizes.split(",")], args.queries, args.index_memory, args.kinds.split(","))
     if "library" in parts:
         bench_library(args.photos, args.clients, args.seconds)
     if "disk" in parts:

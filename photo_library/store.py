@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS commits (generation INTEGER PRIMARY KEY, token TEXT N
 CHECKSUMMED = ("photos", "features", "thumbnails", "files", "meta")  # rows with a checksum (added to older libraries)
 FILE_COLUMNS = "path, size, mtime_ns, digest, photo, reason, checksum"
 PHOTO_COLUMNS = "id, digest, width, height, boxes, objects, region_scores, embedding, checksum"
+ID_CHUNK = 900  # under SQLite's oldest limit on a statement's parameters (999)
 
 
 @contextlib.contextmanager
@@ -98,6 +99,12 @@ def checksum(*parts):
 
 class DamagedRecord(DataError):
     """A photo's row, features or thumbnail whose content does not match its checksum."""
+
+
+def id_chunks(ids):
+    """`ids` without repeats, as ints, in lists of at most ID_CHUNK: the parameters of one `IN (...)`."""
+    ids = list(dict.fromkeys(int(photo) for photo in ids))
+    return [ids[start : start + ID_CHUNK] for start in range(0, len(ids), ID_CHUNK)]
 
 
 @dataclass
@@ -469,43 +476,42 @@ class Library:
         return found.records.get(photo)
 
     def photos(self, ids):
-        """The records of the photos among `ids` that are there, read together (a search's hits: two
-        queries, not three a photo), as Records: {id: record} and {id: DamagedRecord}."""
-        ids = list(dict.fromkeys(int(photo) for photo in ids))
+        """The records of the photos among `ids` that are there, read together (a search's hits: three
+        queries for up to ID_CHUNK photos, not three a photo), as Records: {id: record} and {id: DamagedRecord}."""
         found = Records({}, {})
-        if not ids:
-            return found
-        marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT {PHOTO_COLUMNS} FROM photos WHERE id IN ({marks})", ids).fetchall()
-        first_paths = {}
-        for path, _, _, _, shown, _ in self.file_rows(f"WHERE photo IN ({marks}) ORDER BY path", ids):
-            if shown is not None:
-                first_paths.setdefault(shown, path)
-        models = len(self.meta("models"))
-        for row in rows:
-            if row[8] is not None and row[8] != checksum(*row[1:8]):
-                found.damaged[row[0]] = self.damaged(row[0], "record")
-                continue
-            found.records[row[0]] = {
-                "id": row[0],
-                "digest": row[1],
-                "path": first_paths.get(row[0]),
-                "width": row[2],
-                "height": row[3],
-                "boxes": np.frombuffer(row[4], dtype=np.float32).reshape(-1, 4),
-                "objects": np.frombuffer(row[5], dtype=np.int64),
-                "region_scores": np.frombuffer(row[6], dtype=np.float32).reshape(models, -1),
-                "embedding": np.frombuffer(row[7], dtype=np.float32),
-            }
+        models = len(self.meta("models", []))
+        for chunk in id_chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(f"SELECT {PHOTO_COLUMNS} FROM photos WHERE id IN ({marks})", chunk).fetchall()
+            first_paths = {}
+            for path, _, _, _, shown, _ in self.file_rows(f"WHERE photo IN ({marks}) ORDER BY path", chunk):
+                if shown is not None:
+                    first_paths.setdefault(shown, path)
+            for row in rows:
+                if row[8] is not None and row[8] != checksum(*row[1:8]):
+                    found.damaged[row[0]] = self.damaged(row[0], "record")
+                    continue
+                found.records[row[0]] = {
+                    "id": row[0],
+                    "digest": row[1],
+                    "path": first_paths.get(row[0]),
+                    "width": row[2],
+                    "height": row[3],
+                    "boxes": np.frombuffer(row[4], dtype=np.float32).reshape(-1, 4),
+                    "objects": np.frombuffer(row[5], dtype=np.int64),
+                    "region_scores": np.frombuffer(row[6], dtype=np.float32).reshape(models, -1),
+                    "embedding": np.frombuffer(row[7], dtype=np.float32),
+                }
         return found
 
     def embedding_of(self, photos):
         """{id: vector} of the photos that still exist."""
-        marks = ",".join("?" * len(photos))
-        rows = (
-            self.db.execute(f"SELECT id, embedding FROM photos WHERE id IN ({marks})", list(photos)) if photos else []
-        )
-        return {photo: np.frombuffer(data, dtype=np.float32) for photo, data in rows}
+        found = {}
+        for chunk in id_chunks(photos):
+            marks = ",".join("?" * len(chunk))
+            for photo, data in self.db.execute(f"SELECT id, embedding FROM photos WHERE id IN ({marks})", chunk):
+                found[photo] = np.frombuffer(data, dtype=np.float32)
+        return found
 
     def features(self, photo):
         """The kept region features (R, F) float32 of a photo."""

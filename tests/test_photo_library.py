@@ -25,6 +25,7 @@ from evaluation import average_similarity
 from inference import encode_images, encode_text, load_models
 from photo_library import indexer as indexer_module
 from photo_library import scan as scan_module
+from photo_library import store as store_module
 from photo_library.lock import LibraryLock
 from photo_library.searcher import Searcher
 from photo_library.store import Library
@@ -89,20 +90,23 @@ def test_scores_are_the_models_similarity_and_the_ranking_is_brute_force(world, 
     assert [hit["name"] for hit in top5] == brute[:5] and [hit["rank"] for hit in top5] == [1, 2, 3, 4, 5]
 
 
-def test_the_records_of_a_searchs_hits_are_read_together(library):
+def test_the_records_of_a_searchs_hits_are_read_together(library, monkeypatch):
     records = Library.open(library)
     ids, vectors = records.embeddings()
-    gone = int(ids.max()) + 1
-    statements = []
-    records.db.set_trace_callback(statements.append)
-    found = records.photos([*ids.tolist(), gone])
-    records.db.set_trace_callback(None)
-    assert len(statements) == 3  # the photos' rows, their files, the number of models: not three a photo
-    assert sorted(found.records) == ids.tolist() and found.damaged == {}
-    for photo, vector in zip(ids.tolist(), vectors):
-        record = found.records[photo]
-        np.testing.assert_array_equal(record["embedding"], vector)
-        assert record["path"] == records.files_of(photo)[0][0] and record["id"] == photo
+    asked = [*ids.tolist(), int(ids.max()) + 1, int(ids[0])]  # one gone, one twice
+    for chunk, reads in ((store_module.ID_CHUNK, 1), (4, 5)):  # 19 distinct ids in parameter lists of 4: 5 reads
+        monkeypatch.setattr(store_module, "ID_CHUNK", chunk)
+        statements = []
+        records.db.set_trace_callback(statements.append)
+        found = records.photos(asked)
+        records.db.set_trace_callback(None)
+        assert len(statements) == 1 + 2 * reads  # the number of models, then rows and files: not three a photo
+        assert sorted(found.records) == ids.tolist() and found.damaged == {}
+        for photo, vector in zip(ids.tolist(), vectors):
+            record = found.records[photo]
+            np.testing.assert_array_equal(record["embedding"], vector)
+            assert record["path"] == records.files_of(photo)[0][0] and record["id"] == photo
+        assert sorted(records.embedding_of(asked)) == ids.tolist()
 
 
 def test_an_ensemble_scores_as_evaluation_averages_its_models(world, tmp_path):
