@@ -19,9 +19,10 @@ vectors: synthetic 2048-d unit vectors around 2,000 random centres (photo embedd
 library: a library of toy pictures with 2048-d embeddings (a 128-d toy feature checkpoint of
   embedding size 2048 and 300-d words, random weights) made by index.py; a rerun of index.py over it
   unchanged (wall time, a fresh process); search.py --serve under N concurrent clients for a while,
-  each asking distinct sentences, with each --text_encoder: queries/s, p50/p99, errors, and the
-  server's memory before and after; a sentence asked again (its vector kept); and the time to read
-  the embeddings an ivfpq query re-scores from the records.
+  each asking distinct sentences, with each --text_encoder: queries/s, p50/p99, errors, the server's
+  CPU a query, and its memory before and after; a sentence asked again (its vector kept); the same
+  searcher in this process under as many threads (what serving costs without HTTP); and the time to
+  read the embeddings an ivfpq query re-scores from the records.
 text: the ways to encode a sentence faster than float32 and their top-10 agreement with it
   (bench/fast_text.py: with --checkpoint, a released-size model's photos and sentences).
 disk: the bytes per photo of a library of 2048-d regions (the detector's), float32 and float16
@@ -303,12 +304,17 @@ def serve(library, text_path, port):
     return server, url
 
 
-def ask_together(url, sentences, clients, seconds):
+def ask_together(url, sentences, clients, seconds, ask=None):
     """`clients` closed-loop clients, each asking the next of `sentences` (none asked twice) until `seconds`
-    pass: (latencies of the answers with results, errors, elapsed seconds)."""
+    pass, over HTTP, or through `ask(sentence)` -> whether it found photos: (latencies of the answers with
+    results, errors, elapsed seconds)."""
     latencies, errors, stop = [], [], time.time() + seconds
     following = iter(sentences)
     lock = threading.Lock()
+
+    def over_http(sentence):
+        with urllib.request.urlopen(url(sentence), timeout=30) as answer:
+            return answer.status == 200 and bool(json.loads(answer.read())["results"])
 
     def client():
         while time.time() < stop:
@@ -316,8 +322,7 @@ def ask_together(url, sentences, clients, seconds):
                 sentence = next(following)
             start = time.perf_counter()
             try:
-                with urllib.request.urlopen(url(sentence), timeout=30) as answer:
-                    ok = answer.status == 200 and bool(json.loads(answer.read())["results"])
+                ok = (ask or over_http)(sentence)
             except OSError as e:
                 errors.append(e)
                 continue
@@ -343,9 +348,9 @@ def bench_serving(library, clients, seconds, port=8765):
         server, url = serve(library, text_path, port)
         for sentence in mine[:20]:  # warm
             urllib.request.urlopen(url(sentence)).read()
-        before = rss_mb(server.pid)
+        before, cpu_before = rss_mb(server.pid), cpu_seconds(server.pid)
         latencies, errors, elapsed = ask_together(url, mine[20:], clients, seconds)
-        after = rss_mb(server.pid)
+        after, cpu = rss_mb(server.pid), cpu_seconds(server.pid) - cpu_before
         again = [timed(lambda: urllib.request.urlopen(url(mine[0])).read()) for _ in range(50)]
         server.terminate()
         server.wait()
@@ -354,12 +359,44 @@ def bench_serving(library, clients, seconds, port=8765):
                 f"serving, {text_path}",
                 f"{clients} clients for {elapsed:.0f} s, distinct sentences: {len(latencies) / elapsed:.1f} queries/s, "
                 f"p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms, "
-                f"{len(errors)} errors; a sentence asked again, alone: p50 {statistics.median(again) * 1e3:.1f} ms",
+                f"{len(errors)} errors; a sentence asked again, alone: p50 {statistics.median(again) * 1e3:.1f} ms; "
+                f"the server's CPU {cpu / max(1, len(latencies)) * 1e3:.1f} ms a query",
             ),
             (f"server memory, {text_path}", f"{before:.0f} MB before, {after:.0f} MB after"),
         ]
         print(*rows[-2], flush=True)
+    rows.append(search_in_process(library, sentences[pool:], clients, seconds))
+    print(*rows[-1], flush=True)
     return rows
+
+
+def search_in_process(library, sentences, clients, seconds):
+    """The row of the server's searcher (int8) under `clients` threads in this process: what serving costs
+    without HTTP."""
+    from photo_library.searcher import Searcher
+
+    searcher = Searcher(library, text_path="int8")
+    searcher.batch_queries()  # as the server does
+    for sentence in sentences[-20:]:  # warm, with sentences the clients do not ask
+        searcher.text(sentence, 20)
+    cpu_before = time.process_time()
+    latencies, errors, elapsed = ask_together(
+        None, sentences, clients, seconds, ask=lambda sentence: bool(searcher.text(sentence, 20)[0])
+    )
+    cpu = time.process_time() - cpu_before
+    return (
+        "in process, int8",
+        f"{clients} threads for {elapsed:.0f} s, no HTTP: {len(latencies) / elapsed:.1f} queries/s, "
+        f"p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms, "
+        f"{len(errors)} errors; CPU {cpu / max(1, len(latencies)) * 1e3:.1f} ms a query",
+    )
+
+
+def cpu_seconds(pid):
+    """User and system CPU seconds a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_library(photos, clients, seconds):
