@@ -349,7 +349,10 @@ class Searcher:
         if not hits:
             return hits
         library, reranking = self.library, self.reranking
-        records = [library.photo(h["id"]) for h in hits]
+        found = library.photos([h["id"] for h in hits])  # read together, as nearest reads them
+        if found.damaged:
+            raise next(iter(found.damaged.values()))
+        records = [found.records[h["id"]] for h in hits]
         features = torch.from_numpy(np.stack([library.features(h["id"]) for h in hits]))
         boxes = normalised_boxes(
             np.stack([r["boxes"] for r in records]),

@@ -476,8 +476,9 @@ class Library:
         return found.records.get(photo)
 
     def photos(self, ids):
-        """The records of the photos among `ids` that are there, read together (a search's hits: three
-        queries for up to ID_CHUNK photos, not three a photo), as Records: {id: record} and {id: DamagedRecord}."""
+        """The records of the photos among `ids` that are there, read together (a search's hits: the number of
+        models, then their rows and their files, ID_CHUNK photos a query; not three queries a photo), as Records:
+        {id: record} and {id: DamagedRecord}."""
         found = Records({}, {})
         models = len(self.meta("models", []))
         for chunk in id_chunks(ids):

@@ -942,24 +942,29 @@ def test_a_caption_file_names_its_real_problem_and_counts_blank_lines(tmp_path, 
     assert capsys.readouterr().out == ""
 
 
-def test_lxmert_says_it_cached_regions_only_once_they_are(own_photos, tmp_path, capsys):
-    pytest.importorskip("transformers")
-    import lxmert_match
-
-    photos, _, checkpoint, _ = own_photos
+def one_step_args(photos, detector, tmp_path):
+    """lxmert_match.py's flags for `photos` and one caption, with `detector` and an empty model folder."""
     captions = tmp_path / "captions.txt"
     captions.write_text("a dog\n")
     (tmp_path / "lxmert").mkdir()
-    args = [
+    return [
         "--images",
         str(photos),
         "--captions",
         str(captions),
         "--detector",
-        checkpoint,
+        detector,
         "--model",
         str(tmp_path / "lxmert"),
     ]
+
+
+def test_lxmert_says_it_cached_regions_only_once_they_are(own_photos, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import lxmert_match
+
+    photos, _, checkpoint, _ = own_photos
+    args = one_step_args(photos, checkpoint, tmp_path)
     assert lxmert_match.main(args) == 2
     out, err = capsys.readouterr()
     assert "Regions of" not in out and "a VSRN checkpoint" in err and err.count("\n") == 1
@@ -977,18 +982,6 @@ def test_lxmert_extracts_one_picture_per_detector_pass_whatever_its_batch_size(o
         raise KeyboardInterrupt  # enough: the pass was seen
 
     monkeypatch.setattr(pipeline, "detect_share", detect_share)
-    captions = tmp_path / "captions.txt"
-    captions.write_text("a dog\n")
-    (tmp_path / "lxmert").mkdir()
-    args = [
-        "--images",
-        str(photos),
-        "--captions",
-        str(captions),
-        "--detector",
-        weights,
-        "--model",
-        str(tmp_path / "lxmert"),
-    ]
+    args = one_step_args(photos, weights, tmp_path)
     assert lxmert_match.main([*args, "--batch_size", "64"]) == 130
     assert passes == [1]  # 0.5 GB a picture on the CPU: LXMERT's batch of pairs is no detector batch

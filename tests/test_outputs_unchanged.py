@@ -82,48 +82,19 @@ def test_tsvs_library_scores_and_lxmert_scores_are_those_of_the_reference(refere
     names = sorted(name[:-4] for name in os.listdir(world.images))
     captions.write_text("".join(f"{name}\ta dog on the grass near {i} cars\n" for i, name in enumerate(names)))
     detector = ["--detector", world.detector]
+
+    def extraction(tsv, *settings):
+        """extract_regions.py's job writing {out}/`tsv` from the toy pictures with `settings`."""
+        return (
+            "extract_regions.py",
+            ["--images", world.images, "--weights", world.detector, "--out", "{out}/" + tsv, *settings, *FAST],
+            None,
+        )
+
     jobs = [
-        (
-            "extract_regions.py",
-            ["--images", world.images, "--weights", world.detector, "--out", "{out}/36.tsv", *FAST],
-            None,
-        ),
-        (
-            "extract_regions.py",
-            [
-                "--images",
-                world.images,
-                "--weights",
-                world.detector,
-                "--out",
-                "{out}/hf.tsv",
-                "--policy",
-                "hf",
-                "--boxes",
-                "8",
-                *FAST,
-            ],
-            None,
-        ),
-        (
-            "extract_regions.py",
-            [
-                "--images",
-                world.images,
-                "--weights",
-                world.detector,
-                "--out",
-                "{out}/var.tsv",
-                "--min_boxes",
-                "2",
-                "--max_boxes",
-                "12",
-                "--conf_thresh",
-                "0.1",
-                *FAST,
-            ],
-            None,
-        ),
+        extraction("36.tsv"),
+        extraction("hf.tsv", "--policy", "hf", "--boxes", "8"),
+        extraction("var.tsv", "--min_boxes", "2", "--max_boxes", "12", "--conf_thresh", "0.1"),
         (
             "index.py",
             [

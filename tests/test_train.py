@@ -14,7 +14,7 @@ from utils.checkpoint import load_checkpoint
 from vocab import load_vocab_by_name, vocab_digest
 from model import ContrastiveLoss
 from conftest import ROOT, error_line
-from toy_training import SMALL, assert_same_weights, final_state, train_args, wait_for
+from toy_training import SMALL, TINY_MODEL, assert_same_weights, final_state, train_args, wait_for
 import shlex
 import shutil
 import signal
@@ -374,28 +374,10 @@ def stop_at_iteration(monkeypatch, iteration):
     return lambda: monkeypatch.setattr(train.Trainer, "train_epoch", original)
 
 
-DEMO_SMALL = [
-    "--img_dim",
-    "32",
-    "--embed_size",
-    "32",
-    "--dim_vid",
-    "32",
-    "--word_dim",
-    "16",
-    "--dim_hidden",
-    "16",
-    "--dim_word",
-    "16",
-    "--max_len",
-    "20",
-]
-
-
 def test_a_stop_in_the_last_epoch_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     restore = stop_at_iteration(monkeypatch, 10)  # the demo's toy train split has 40 batches per epoch
-    assert train.main(["--demo", "--num_epochs", "1", *DEMO_SMALL]) == 143
+    assert train.main(["--demo", "--num_epochs", "1", *TINY_MODEL]) == 143
     restore()
     captured = capsys.readouterr()
     assert "Demo: recall" not in captured.out  # no evaluation of a stale model_best
@@ -476,7 +458,7 @@ def test_written_files_follow_the_umask(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("VSRN_CACHE", str(cache))
     with umask(0o027):
-        assert train.main(["--demo", "--num_epochs", "1", *DEMO_SMALL]) == 0
+        assert train.main(["--demo", "--num_epochs", "1", *TINY_MODEL]) == 0
     written = [
         "runs/demo/checkpoint.pth.tar",
         "runs/demo/model_best.pth.tar",
@@ -521,7 +503,7 @@ def test_the_demo_on_other_data_names_that_data(toy_data, tmp_path, monkeypatch,
     shutil.copy(os.path.join(vocab_path, "toy_precomp_vocab.json"), tmp_path / "mine_precomp_vocab.json")
     monkeypatch.chdir(tmp_path)
     assert (
-        train.main(["--demo", "--data_name", "mine_precomp", "--vocab_path", ".", "--num_epochs", "1", *DEMO_SMALL])
+        train.main(["--demo", "--data_name", "mine_precomp", "--vocab_path", ".", "--num_epochs", "1", *TINY_MODEL])
         == 0
     )
     out = capsys.readouterr().out

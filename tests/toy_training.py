@@ -15,9 +15,8 @@ from utils.checkpoint import load_checkpoint
 from utils.optim import CaptionRepeatingAdam
 
 
-SMALL = [
-    "--data_name",
-    "toy_precomp",
+# The model of the toy runs: small enough that a step takes milliseconds.
+TINY_MODEL = [
     "--img_dim",
     "32",
     "--embed_size",
@@ -32,6 +31,11 @@ SMALL = [
     "16",
     "--max_len",
     "20",
+]
+SMALL = [
+    "--data_name",
+    "toy_precomp",
+    *TINY_MODEL,
     "--batch_size",
     "16",
     "--workers",
